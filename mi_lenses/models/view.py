@@ -1,0 +1,297 @@
+"""ModelView: the one place that knows TransformerBridge vs HookedTransformer, hook names, GQA and decoding.
+
+Everything else in mi_lenses talks to a model through a ``ModelView``. Decoding a residual vector recomputes the
+final norm's statistics from the vector itself, applies the norm's own gain and bias (ones/zeros when folded), then
+``W_U`` and ``b_U`` (and a logit soft-cap where the model has one). This is correct on a raw bridge, where the RMSNorm
+gain is *not* folded into ``W_U``, as well as in compatibility mode.
+
+Example::
+
+    import mi_lenses
+    view = mi_lenses.ModelView(mi_lenses.load_model())
+    tokens = view.to_tokens("The capital of France is")
+    logits, cache = view.model.run_with_cache(tokens)
+    view.decode(cache["blocks.29.hook_resid_post"])   # == logits
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+POINTS = ("resid_pre", "resid_mid", "resid_post")
+
+
+class LensInputError(ValueError):
+    """Bad input to a lens or attribution call; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class ResidualRow:
+    """One row of a lens: a residual-stream state, its label, hook name and tuned-lens layer index.
+
+    ``lens_index`` follows the ``tuned-lens`` package: 0 is the embeddings (``resid_pre`` of block 0), ``l`` is the
+    input of block ``l``; the final output row has ``lens_index == n_layers`` and is never translated.
+    """
+
+    label: str
+    hook_name: str
+    lens_index: int
+    is_final: bool = False
+
+
+class ModelView:
+    """A read-only adapter over a TransformerLens model (``TransformerBridge`` or ``HookedTransformer``)."""
+
+    def __init__(self, model: Any):
+        if isinstance(model, ModelView):
+            model = model.model
+        if not (hasattr(model, "run_with_cache") and hasattr(model, "cfg") and hasattr(model, "W_U")):
+            raise LensInputError(
+                f"expected a TransformerLens model (TransformerBridge or HookedTransformer), got "
+                f"{type(model).__name__}. Load one with mi_lenses.load_model(...)."
+            )
+        self.model = model
+        self.cfg = model.cfg
+
+    # ----------------------------------------------------------------------------------------- structure
+    @property
+    def is_bridge(self) -> bool:
+        return type(self.model).__name__ == "TransformerBridge" or hasattr(self.model, "original_model")
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.cfg, "model_name", None) or type(self.model).__name__)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.cfg.d_model)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.W_U.shape[-1])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.cfg.n_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(getattr(self.cfg, "n_key_value_heads", None) or self.n_heads)
+
+    def kv_head(self, head: int) -> int:
+        """The key/value head that query head ``head`` reads (grouped-query attention)."""
+        return head // (self.n_heads // self.n_kv_heads)
+
+    def expand_kv(self, t: Tensor, dim: int) -> Tensor:
+        """Repeat a per-KV-head tensor along ``dim`` to one slice per query head (no-op when already per head)."""
+        if t.shape[dim] == self.n_heads:
+            return t
+        return t.repeat_interleave(self.n_heads // t.shape[dim], dim=dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_U.device
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.model.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"] | None:
+        b = getattr(self.model, "b_U", None)
+        return None if b is None else b
+
+    def hook_name(self, point: str, layer: int) -> str:
+        """TransformerLens hook name of ``point`` (``resid_pre``/``resid_mid``/``resid_post``) in block ``layer``."""
+        if point not in POINTS:
+            raise LensInputError(f"unknown residual point {point!r}; use one of {POINTS}.")
+        self.check_layer(layer, what="block")
+        return f"blocks.{layer}.hook_{point}"
+
+    def check_layer(self, layer: int, what: str = "layer") -> int:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise LensInputError(f"{what} must be an int, got {layer!r}.")
+        if not -self.n_layers <= layer < self.n_layers:
+            raise LensInputError(
+                f"{what} {layer} is out of range: this model has {self.n_layers} blocks (0..{self.n_layers - 1}, "
+                f"or negative from the end)."
+            )
+        return layer % self.n_layers
+
+    def residual_rows(self, point: str = "resid_pre") -> list[ResidualRow]:
+        """Lens rows from the embedding row to the final output row for a residual ``point``.
+
+        ``resid_pre``: embed, input of blocks 1..L-1, final (L+1 rows). ``resid_post``: the same states labelled as
+        block outputs. ``resid_mid``: embed, the mid-block state of every block, final (L+2 rows).
+        """
+        L = self.n_layers
+        final = ResidualRow("final", f"blocks.{L - 1}.hook_resid_post", L, True)
+        embed = ResidualRow("embed", "blocks.0.hook_resid_pre", 0)
+        if point == "resid_pre":
+            rows = [ResidualRow(f"{l}_pre", f"blocks.{l}.hook_resid_pre", l) for l in range(1, L)]
+        elif point == "resid_post":
+            rows = [ResidualRow(f"{l}_post", f"blocks.{l}.hook_resid_post", l + 1) for l in range(L - 1)]
+        elif point == "resid_mid":
+            rows = [ResidualRow(f"{l}_mid", f"blocks.{l}.hook_resid_mid", l) for l in range(L)]
+        else:
+            raise LensInputError(f"unknown residual point {point!r}; use one of {POINTS}.")
+        return [embed, *rows, final]
+
+    # ----------------------------------------------------------------------------------------- decoding
+    def final_norm(self) -> tuple[str | None, Tensor | None, Tensor | None, float]:
+        """(kind, gain, bias, eps) of the final norm; kind is ``"LN"``, ``"RMS"`` or ``None``.
+
+        The gain and bias are read from the module itself, so a folded norm (ones/zeros or no parameters) and an
+        unfolded one are both handled. Gemma-style RMSNorm (``1 + w``) is honoured via ``cfg.rmsnorm_uses_offset``.
+        """
+        norm_type = getattr(self.cfg, "normalization_type", None)
+        if norm_type is None:
+            return None, None, None, 0.0
+        if norm_type in ("LN", "LNPre"):
+            kind = "LN"
+        elif norm_type in ("RMS", "RMSPre"):
+            kind = "RMS"
+        else:
+            raise LensInputError(f"unsupported final normalization_type {norm_type!r}.")
+        module = getattr(self.model, "ln_final", None)
+        gain = bias = None
+        eps = float(getattr(self.cfg, "eps", 1e-5))
+        if module is not None:
+            for name, p in module.named_parameters():
+                leaf = name.rsplit(".", 1)[-1]
+                if leaf in ("weight", "w"):
+                    gain = p.detach()
+                elif leaf in ("bias", "b"):
+                    bias = p.detach()
+            for sub in module.modules():
+                for attr in ("variance_epsilon", "eps"):
+                    value = getattr(sub, attr, None)
+                    if isinstance(value, float):
+                        eps = value
+                        break
+        if gain is not None and kind == "RMS" and getattr(self.cfg, "rmsnorm_uses_offset", False):
+            gain = 1.0 + gain
+        return kind, gain, bias, eps
+
+    def normalize(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The final norm *without* its gain/bias: centre (LayerNorm) and divide by the RMS, in float32."""
+        kind, _, _, eps = self.final_norm()
+        x = x.float()
+        if kind is None:
+            return x
+        if kind == "LN":
+            x = x - x.mean(-1, keepdim=True)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+    def unembed(self, dtype: torch.dtype = torch.float32) -> tuple[Float[Tensor, "d_model d_vocab"], Tensor | None]:
+        """``(W, b)`` such that ``decode(x) == normalize(x) @ W + b``: the norm's gain and bias folded into W_U."""
+        _, gain, bias, _ = self.final_norm()
+        W = self.W_U.detach().float()
+        b = self.b_U.detach().float() if self.b_U is not None else None
+        if bias is not None:
+            extra = bias.float() @ W
+            b = extra if b is None else b + extra
+        if gain is not None:
+            W = gain.float()[:, None] * W
+        if b is not None and not torch.any(b):
+            b = None
+        return W.to(dtype), (None if b is None else b.to(dtype))
+
+    @property
+    def softcap(self) -> float | None:
+        cap = getattr(self.cfg, "output_logits_soft_cap", None)
+        return float(cap) if cap is not None and cap > 0 else None
+
+    def decode(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        """Logits of residual vectors through the final norm and unembedding (equals the model's logits on the
+        final residual stream)."""
+        W, b = self.unembed()
+        logits = self.normalize(x.to(W.device)) @ W
+        if b is not None:
+            logits = logits + b
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+    # ----------------------------------------------------------------------------------------- tokens
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.model, "tokenizer", None)
+
+    def to_tokens(
+        self, input: str | Sequence[str] | Tensor, prepend_bos: bool | None = None
+    ) -> Int[Tensor, "batch pos"]:
+        """Tokens ``[batch, pos]`` for a prompt, a list of prompts (right-padded) or a token tensor."""
+        if isinstance(input, Tensor):
+            tokens = input
+            if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+                raise LensInputError(f"token tensors must be integer ids, got dtype {tokens.dtype}.")
+            if tokens.ndim == 1:
+                tokens = tokens[None]
+            if tokens.ndim != 2 or tokens.shape[-1] == 0:
+                raise LensInputError(f"expected tokens of shape [batch, pos] with pos >= 1, got {tuple(tokens.shape)}.")
+            if int(tokens.min()) < 0 or int(tokens.max()) >= self.d_vocab:
+                raise LensInputError(f"token ids must lie in 0..{self.d_vocab - 1}.")
+            return tokens.long().to(self.device)
+        prompts = [input] if isinstance(input, str) else list(input)
+        if not prompts:
+            raise LensInputError("no prompt given: pass a non-empty string or a list of them.")
+        for p in prompts:
+            if not isinstance(p, str):
+                raise LensInputError(f"prompts must be strings, got {type(p).__name__}.")
+            if not p.strip() and not (prepend_bos or self._default_bos()):
+                raise LensInputError("empty prompt: pass some text (the lens needs at least one token).")
+        kwargs = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
+        tokens = self.model.to_tokens(prompts if len(prompts) > 1 else prompts[0], **kwargs)
+        if tokens.shape[-1] == 0:
+            raise LensInputError("empty prompt: pass some text (the lens needs at least one token).")
+        return tokens.to(self.device)
+
+    def _default_bos(self) -> bool:
+        return bool(getattr(self.cfg, "default_prepend_bos", True))
+
+    def token_lengths(self, prompts: str | Sequence[str], tokens: Tensor, prepend_bos: bool | None = None) -> list[int]:
+        """Unpadded length of each prompt in a right-padded batch."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if len(prompts) == 1:
+            return [tokens.shape[-1]]
+        kwargs = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
+        return [int(self.model.to_tokens(p, **kwargs).shape[-1]) for p in prompts]
+
+    def to_single_token(self, token: str | int) -> int:
+        """The id of a token given as a string that must be exactly one token, or as an id."""
+        if isinstance(token, bool):
+            raise LensInputError(f"expected a token string or id, got {token!r}.")
+        if isinstance(token, int):
+            if not 0 <= token < self.d_vocab:
+                raise LensInputError(f"token id {token} is out of range 0..{self.d_vocab - 1}.")
+            return token
+        if not isinstance(token, str) or token == "":
+            raise LensInputError(f"expected a non-empty token string or an id, got {token!r}.")
+        ids = self.model.to_tokens(token, prepend_bos=False)[0].tolist()
+        if len(ids) != 1:
+            pieces = [self.id_to_str(i) for i in ids]
+            raise LensInputError(
+                f"{token!r} is not a single token: it splits into {len(ids)} tokens {pieces}. "
+                f"Pass one of those pieces (mind the leading space), or a token id."
+            )
+        return int(ids[0])
+
+    def id_to_str(self, token_id: int) -> str:
+        tok = self.tokenizer
+        if tok is None:
+            return f"<{token_id}>"
+        return tok.decode([int(token_id)])
+
+    def id_to_str_map(self, ids: Tensor) -> dict[int, str]:
+        """Decoded string of each distinct id in ``ids`` (decoded once each)."""
+        return {int(i): self.id_to_str(int(i)) for i in torch.unique(ids.flatten()).tolist()}

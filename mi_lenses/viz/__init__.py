@@ -1,0 +1,1 @@
+"""Rendering: circuitsvis views for notebooks, standalone offline HTML pages, terminal tables."""
