@@ -98,9 +98,30 @@ def test_cli_bad_input_is_a_clear_error(smol, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-def test_cached_load_is_reused(smol, tmp_path):
-    from mi_lenses.models.loading import cache_root, embedded_gguf_path
+def test_converted_model_is_cached(smol):
+    from mi_lenses.models.loading import cache_root, converted_folder, embedded_gguf_path
 
-    folders = [p for p in cache_root().glob(embedded_gguf_path().stem + "-*") if p.is_dir()]
-    assert len(folders) == 1 and (folders[0] / "model.safetensors").is_file()
+    folder = converted_folder(embedded_gguf_path())
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
     assert not list(cache_root().glob(".*"))  # no half-written temp folders left behind
+
+
+def test_gguf_conversion_is_atomic_and_reused(tmp_path, monkeypatch):
+    """A conversion that dies half-way leaves nothing behind; the next one completes and is then reused."""
+    from transformers import PreTrainedModel
+
+    from mi_lenses.models.loading import _converted_gguf, embedded_gguf_path
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(PreTrainedModel, "save_pretrained", boom)
+        with pytest.raises(RuntimeError, match="disk full"):
+            _converted_gguf(embedded_gguf_path(), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    folder, add_bos = _converted_gguf(embedded_gguf_path(), tmp_path)
+    assert add_bos is False and (folder / "model.safetensors").is_file()
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert _converted_gguf(embedded_gguf_path(), tmp_path)[0] == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime

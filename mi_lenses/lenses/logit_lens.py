@@ -291,14 +291,30 @@ def _final_stats(x, W, b, softcap, k, tgt, nxt, keep_logits):
     return FinalDistribution(probs, neg_entropy, top1), stats
 
 
+def _int_list(values: Any) -> list:
+    """Python ints from an int, a sequence, a numpy array or a tensor of integers (other items kept for the error)."""
+    import operator
+
+    if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        values = [values]
+    out = []
+    for v in values:
+        try:
+            out.append(v if isinstance(v, bool) else operator.index(v))
+        except TypeError:
+            out.append(v)
+    return out
+
+
 def _select(rows: list[ResidualRow], layers: Sequence[int] | int | None) -> list[ResidualRow]:
     if layers is None:
         return rows
-    if isinstance(layers, int):
-        layers = [layers]
+    layers = _int_list(layers)
     chosen = []
     for layer in layers:
-        if not isinstance(layer, int) or not -len(rows) <= layer < len(rows):
+        if not isinstance(layer, int) or isinstance(layer, bool) or not -len(rows) <= layer < len(rows):
             raise LensInputError(
                 f"layer {layer!r} is out of range: the lens has {len(rows)} rows, 0 (embed) .. {len(rows) - 1} "
                 f"(final output); negative indices count from the end."
@@ -312,8 +328,7 @@ def _select(rows: list[ResidualRow], layers: Sequence[int] | int | None) -> list
 def _positions(positions: int | Sequence[int] | None, S: int) -> list[int]:
     if positions is None:
         return list(range(S))
-    if isinstance(positions, int):
-        positions = [positions]
+    positions = _int_list(positions)
     out = []
     for p in positions:
         if not isinstance(p, int) or isinstance(p, bool) or not -S <= p < S:

@@ -180,6 +180,16 @@ def _gguf_info(path: Path) -> tuple[str, bool]:
     return str(field("general.architecture", "?")), bool(field("tokenizer.ggml.add_bos_token", False))
 
 
+def converted_folder(path: Path, root: Path | None = None) -> Path:
+    """Cache folder of a GGUF's converted weights, keyed by the file's content (size, first and last MiB)."""
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        digest.update(f.read())
+    return (root or cache_root()) / f"{path.stem}-{digest.hexdigest()[:16]}"
+
+
 def _converted_gguf(path: Path, root: Path) -> tuple[Path, bool]:
     """De-quantise a GGUF into a cached HF folder (once, atomically) and return it with the BOS convention."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
@@ -191,9 +201,7 @@ def _converted_gguf(path: Path, root: Path) -> tuple[Path, bool]:
             f"{path.name} has GGUF architecture {arch!r}, which is not supported. Supported decoder "
             f"architectures: {', '.join(supported)}. Convert the model to a Hugging Face folder instead."
         )
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = root / f"{path.stem}-{key}"
+    target = converted_folder(path, root)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target, add_bos
     from transformers import AutoModelForCausalLM, AutoTokenizer

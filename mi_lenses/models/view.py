@@ -55,6 +55,8 @@ class ModelView:
                 f"expected a TransformerLens model (TransformerBridge or HookedTransformer), got "
                 f"{type(model).__name__}. Load one with mi_lenses.load_model(...)."
             )
+        if getattr(model, "training", False):
+            raise LensInputError("the model is in training mode (dropout would add noise): call model.eval() first.")
         self.model = model
         self.cfg = model.cfg
 
@@ -141,6 +143,11 @@ class ModelView:
         elif point == "resid_post":
             rows = [ResidualRow(f"{l}_post", f"blocks.{l}.hook_resid_post", l + 1) for l in range(L - 1)]
         elif point == "resid_mid":
+            if getattr(self.cfg, "parallel_attn_mlp", False):
+                raise LensInputError(
+                    "this model runs attention and MLP in parallel (cfg.parallel_attn_mlp): its blocks have no "
+                    "resid_mid. Use point='resid_pre' or 'resid_post'."
+                )
             rows = [ResidualRow(f"{l}_mid", f"blocks.{l}.hook_resid_mid", l) for l in range(L)]
         else:
             raise LensInputError(f"unknown residual point {point!r}; use one of {POINTS}.")
@@ -248,16 +255,15 @@ class ModelView:
         for p in prompts:
             if not isinstance(p, str):
                 raise LensInputError(f"prompts must be strings, got {type(p).__name__}.")
-            if not p.strip() and not (prepend_bos or self._default_bos()):
+            if p == "":
                 raise LensInputError("empty prompt: pass some text (the lens needs at least one token).")
         kwargs = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
+        if len(prompts) > 1:
+            kwargs["padding_side"] = "right"  # the valid mask assumes right padding, whatever the tokenizer says
         tokens = self.model.to_tokens(prompts if len(prompts) > 1 else prompts[0], **kwargs)
         if tokens.shape[-1] == 0:
             raise LensInputError("empty prompt: pass some text (the lens needs at least one token).")
         return tokens.to(self.device)
-
-    def _default_bos(self) -> bool:
-        return bool(getattr(self.cfg, "default_prepend_bos", True))
 
     def token_lengths(self, prompts: str | Sequence[str], tokens: Tensor, prepend_bos: bool | None = None) -> list[int]:
         """Unpadded length of each prompt in a right-padded batch."""
