@@ -125,3 +125,15 @@ def test_gguf_conversion_is_atomic_and_reused(tmp_path, monkeypatch):
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
     assert _converted_gguf(embedded_gguf_path(), tmp_path)[0] == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_tutorial_runs(smol, tmp_path, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    import mi_lenses.models.loading as loading
+
+    monkeypatch.setattr(loading, "_boot", lambda *a, **k: smol)  # reuse the loaded model
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(Path(__file__).parents[1] / "tutorials" / "01_logit_lens.py"), run_name="__main__")
+    assert (tmp_path / "logit_lens.html").stat().st_size > 100_000

@@ -91,24 +91,28 @@ def load_model(
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     if name_or_path is None:
         folder, prepend_bos = _converted_gguf(embedded_gguf_path(), root)
+        display = embedded_gguf_path().stem
     else:
         path = Path(os.path.expanduser(str(name_or_path)))
         if path.suffix.lower() == ".gguf":
             if not path.is_file():
                 raise ModelLoadError(f"GGUF file not found: {path}. Check the path.")
             folder, prepend_bos = _converted_gguf(path, root)
+            display = path.stem
         elif path.is_dir():
             if not (path / "config.json").is_file():
                 raise ModelLoadError(
                     f"{path} is a folder but has no config.json, so it is not a Hugging Face model folder. "
                     "Pass the folder that holds config.json and the weights, or a .gguf file."
                 )
-            folder, prepend_bos = path, None
+            folder, prepend_bos, display = path, None, path.name
         elif path.exists():
             raise ModelLoadError(f"{path} is neither a .gguf file nor a model folder.")
         else:
-            folder, prepend_bos = str(name_or_path), None
-    return _boot(folder, device=device, dtype=dtype, compat=compatibility_mode, prepend_bos=prepend_bos)
+            folder, prepend_bos, display = str(name_or_path), None, str(name_or_path)
+    model = _boot(folder, device=device, dtype=dtype, compat=compatibility_mode, prepend_bos=prepend_bos)
+    model.cfg.model_name = display
+    return model
 
 
 def _boot(folder: Path | str, *, device, dtype, compat: bool, prepend_bos: bool | None) -> Any:

@@ -39,7 +39,9 @@ def __getattr__(name: str):
 
 
 def esc(text: str) -> str:
-    """HTML-escape a token, making whitespace visible."""
+    """HTML-escape a token, making whitespace visible (a blank token shows as ␣)."""
+    if text and not text.strip(" "):
+        return "␣" * len(text)
     return html.escape(text).replace("\n", "\\n").replace(" ", "&nbsp;") or "&nbsp;"
 
 
