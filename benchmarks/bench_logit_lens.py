@@ -1,0 +1,539 @@
+"""Benchmark: mi_lenses.logit_lens vs TransformerLens 4.3's tools.analysis.logit_lens on SmolLM2 + WikiText.
+
+Both sides compute the same statistics for every layer row x position of ``--seqs`` x ``--seq-len`` WikiText tokens,
+reading one shared activation cache (so neither pays for the forward pass):
+
+* top-5 token ids,
+* rank of the final row's top-1 token at every layer,
+* KL(final || layer) and entropy (nats).
+
+(a) ours: ``mi_lenses.logit_lens(model, tokens, cache=cache, logits=logits, top_k=5, check=False)`` (one streamed pass);
+    also timed *with* its own forward pass (``cache=None``).
+(b) TL:   ``transformer_lens.tools.analysis.logit_lens`` used as a TL user would: ``top_k=5`` for the top-5;
+    ``targets=<[batch, pos] final top-1 ids>`` (per-row targets) for the rank; ``return_type="log_probs"`` (full
+    vocabulary, ``[layers, batch, pos, vocab]``) from which KL to the final row and entropy are reduced.
+(c) the fp32 matmul roofline: measured throughput of ``[N, d_model] @ [d_model, vocab]`` -> the time the unembedding
+    FLOPs alone would take; ours is reported as roofline_time / our_time.
+(d) ours with ``dtype="bfloat16"`` on a small subset (bf16 matmul has no fast path on AVX2-only CPUs): time ratio and
+    error vs fp32 on the same subset.
+
+Every measured method runs in a fresh subprocess. Inside it, after the model and cache are loaded, each timed call
+resets the RSS high-water mark (``/proc/self/clear_refs`` <- 5), reads VmRSS as the baseline, runs, and reads VmHWM;
+peak extra memory = VmHWM - baseline (max over the repeats). Wall time = median of ``--repeats`` calls after a
+warm-up call on a small input. Process CPU time is recorded too, so contention from other processes on the machine
+shows up as cpu_util < 1 (cpu seconds / (wall seconds x torch threads)).
+
+Usage (from the repo root)::
+
+    python benchmarks/bench_logit_lens.py                       # spec sizes: 8 x 128 tokens, 3 repeats
+    python benchmarks/bench_logit_lens.py --seqs 2 --repeats 1  # quick
+    python benchmarks/bench_logit_lens.py --profile             # + torch.profiler breakdown of ours
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = "../shared/data/wikitext-2/test.txt"  # relative to the repo root
+TARGETS = {"time_ratio_max": 0.5, "mem_ratio_max": 0.25, "roofline_min": 0.70}
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(fn):
+    """Run ``fn()`` once; return (result, wall_s, cpu_s, extra_peak_bytes) with the RSS high-water mark reset first."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = _status_kb("VmRSS")
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn()
+    t1, c1 = time.perf_counter(), time.process_time()
+    hwm = _status_kb("VmHWM")
+    return out, t1 - t0, c1 - c0, (hwm - base) * 1024
+
+
+def timed_repeats(fn, repeats: int) -> tuple[object, dict]:
+    """``repeats`` measured calls; keep the first result. Returns (result, stats)."""
+    first = None
+    walls, cpus, extras = [], [], []
+    for i in range(repeats):
+        out, wall, cpu, extra = measure(fn)
+        if i == 0:
+            first = out
+        del out
+        walls.append(wall)
+        cpus.append(cpu)
+        extras.append(extra)
+    import torch
+
+    threads = torch.get_num_threads()
+    return first, {
+        "wall_s": statistics.median(walls),
+        "wall_all_s": walls,
+        "cpu_s": statistics.median(cpus),
+        "cpu_util": statistics.median(c / (w * threads) for c, w in zip(cpus, walls)),
+        "extra_peak_bytes": max(extras),
+        "extra_all_bytes": extras,
+        "threads": threads,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ data + model
+def load_tokens(tokenizer, data: Path, seqs: int, seq_len: int):
+    """``seqs`` non-overlapping chunks of ``seq_len`` tokens from the start of the WikiText file (no BOS)."""
+    import torch
+
+    need = seqs * seq_len
+    text = data.read_text(encoding="utf-8").strip()
+    n_chars = 8 * need
+    while True:
+        ids = tokenizer(text[:n_chars], add_special_tokens=False)["input_ids"]
+        if len(ids) > need or n_chars >= len(text):
+            break
+        n_chars *= 2
+    if len(ids) < need:
+        raise SystemExit(f"{data} has only {len(ids)} tokens; need {need}.")
+    return torch.tensor(ids[:need], dtype=torch.long).view(seqs, seq_len)
+
+
+def load_everything(cfg: dict, seqs: int | None = None, positions_only: int | None = None):
+    import torch
+
+    import mi_lenses
+
+    t0 = time.perf_counter()
+    model = mi_lenses.load_model()
+    load_s = time.perf_counter() - t0
+    tokens = load_tokens(model.tokenizer, Path(cfg["data"]), cfg["seqs"], cfg["seq_len"])
+    if seqs is not None:
+        tokens = tokens[:seqs]
+    if positions_only is not None:
+        tokens = tokens[:, :positions_only]
+    logits, cache = forward(model, tokens)
+    return model, tokens, logits, cache, load_s
+
+
+def forward(model, tokens):
+    import torch
+
+    keep = lambda n: n.endswith("hook_resid_pre") or n.endswith("hook_resid_post")  # noqa: E731
+    with torch.no_grad():
+        return model.run_with_cache(tokens, names_filter=keep)
+
+
+# ------------------------------------------------------------------------------------------------ the methods
+def ours_op(model, tokens, cache, logits, **kw):
+    import mi_lenses
+
+    return lambda: mi_lenses.logit_lens(model, tokens, cache=cache, logits=logits, top_k=5, check=False, **kw)
+
+
+def ours_fwd_op(model, tokens):
+    import mi_lenses
+
+    return lambda: mi_lenses.logit_lens(model, tokens, top_k=5, check=False)
+
+
+def tl_op(model, cache, chunk_size: int, pieces: dict):
+    """The same statistics through TL 4.3's logit_lens, as a TL user would compute them."""
+    import torch
+    from transformer_lens.tools.analysis import logit_lens as tl_logit_lens
+
+    def run():
+        t = time.perf_counter()
+        # 1. top-5 per (layer, batch, pos)
+        top = tl_logit_lens(model, cache=cache, positions=None, top_k=5, chunk_size=chunk_size)
+        top_ids = top.readout.top_ids  # [L, B, P, 5]
+        t_top = time.perf_counter()
+        # 2. rank of the final top-1 token: per-row targets [B, P], broadcast over layers
+        final_top1 = top_ids[-1, ..., 0]
+        rk = tl_logit_lens(model, cache=cache, positions=None, targets=final_top1, chunk_size=chunk_size)
+        ranks = rk.readout.target_ranks[..., 0]  # [L, B, P]
+        t_rank = time.perf_counter()
+        # 3. full-vocabulary log-probs [L, B, P, V], then KL(final || layer) and entropy as reductions
+        lp_res = tl_logit_lens(model, cache=cache, positions=None, return_type="log_probs", chunk_size=chunk_size)
+        lp = lp_res.values
+        t_lp = time.perf_counter()
+        lp_final = lp[-1]
+        p_final = lp_final.exp()
+        kl = torch.empty(lp.shape[:-1])
+        ent = torch.empty(lp.shape[:-1])
+        # one layer at a time: the vectorised form ((p_final * (lp_final - lp)).sum(-1)) would add two more
+        # [L, B, P, V] temporaries (2 x 6.2 GB at the spec size), which this 23 GB machine cannot afford
+        for layer in range(lp.shape[0]):
+            kl[layer] = (p_final * (lp_final - lp[layer])).sum(-1)
+            ent[layer] = -(lp[layer].exp() * lp[layer]).sum(-1)
+        t_red = time.perf_counter()
+        pieces.setdefault("runs", []).append(
+            {"top_k_call_s": t_top - t, "targets_call_s": t_rank - t_top, "log_probs_call_s": t_lp - t_rank,
+             "reductions_s": t_red - t_lp}
+        )
+        return {"top_ids": top_ids, "rank": ranks, "kl": kl, "entropy": ent,
+                "readout_entropy": lp_res.readout.entropy, "labels": lp_res.labels}
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ workers
+def worker(name: str, cfg: dict, out_dir: Path) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    info: dict = {"method": name}
+    if name == "roofline":
+        return worker_roofline(cfg)
+    if name == "bf16":
+        return worker_bf16(cfg, out_dir)
+    if name == "profile":
+        return worker_profile(cfg)
+
+    model, tokens, logits, cache, load_s = load_everything(cfg)
+    info["model_load_s"] = load_s
+    # warm-up on a small input (first-call kernel/thread-pool setup), then the measured full-size calls
+    wtok = tokens[:1, : cfg["warmup_len"]]
+    wlogits, wcache = forward(model, wtok)
+    if name == "ours":
+        ours_op(model, wtok, wcache, wlogits)()
+        res, stats = timed_repeats(ours_op(model, tokens, cache, logits), cfg["repeats"])
+        torch.save({"top_ids": res.top_ids, "rank": res.final_top1_rank, "kl": res.kl, "entropy": res.entropy,
+                    "final_top1": res.final_top1, "labels": res.labels}, out_dir / "ours.pt")
+    elif name == "ours_fwd":
+        del cache, logits
+        ours_fwd_op(model, wtok)()
+        res, stats = timed_repeats(ours_fwd_op(model, tokens), cfg["repeats"])
+    elif name == "tl":
+        tl_op(model, wcache, cfg["tl_chunk_size"], {})()
+        pieces: dict = {}
+        res, stats = timed_repeats(tl_op(model, cache, cfg["tl_chunk_size"], pieces), cfg["repeats"])
+        stats["pieces_s"] = {k: statistics.median(r[k] for r in pieces["runs"]) for k in pieces["runs"][0]}
+        torch.save({k: v for k, v in res.items()}, out_dir / "tl.pt")
+    else:
+        raise SystemExit(f"unknown worker {name}")
+    info.update(stats)
+    return info
+
+
+def worker_roofline(cfg: dict) -> dict:
+    import torch
+
+    d, V, N = cfg["d_model"], cfg["d_vocab"], cfg["roofline_rows"]
+    out = {"method": "roofline", "rows": N, "d_model": d, "d_vocab": V}
+    for dtype, rows, reps in ((torch.float32, N, cfg["roofline_repeats"]),
+                              (torch.bfloat16, cfg["bf16_matmul_rows"], cfg["bf16_matmul_repeats"])):
+        if rows <= 0:
+            continue
+        x = torch.randn(rows, d).to(dtype)
+        W = torch.randn(d, V).to(dtype)
+        x @ W  # warm-up
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            x @ W
+            ts.append(time.perf_counter() - t)
+        key = str(dtype).replace("torch.", "")
+        out[key] = {"rows": rows, "median_s": statistics.median(ts), "all_s": ts,
+                    "gflops": 2 * rows * d * V / statistics.median(ts) / 1e9,
+                    "gflops_best": 2 * rows * d * V / min(ts) / 1e9}
+    return out
+
+
+def worker_bf16(cfg: dict, out_dir: Path) -> dict:
+    """ours fp32 vs bf16 on the first ``bf16_seqs`` sequences x ``bf16_positions`` positions (all layers)."""
+    import torch
+
+    model, tokens, logits, cache, load_s = load_everything(cfg, seqs=cfg["bf16_seqs"],
+                                                           positions_only=cfg["bf16_positions"])
+    info = {"method": "bf16", "seqs": tokens.shape[0], "positions": tokens.shape[1], "model_load_s": load_s}
+    for dt in ("float32", "bfloat16"):  # warm-up on one position
+        ours_op(model, tokens, cache, logits, dtype=dt, positions=[0])()
+    res = {}
+    for dt in ("float32", "bfloat16"):
+        r, stats = timed_repeats(ours_op(model, tokens, cache, logits, dtype=dt), cfg["bf16_repeats"])
+        res[dt] = r
+        info[dt] = stats
+    a, b = res["float32"], res["bfloat16"]
+    info["time_ratio_bf16_vs_fp32"] = info["bfloat16"]["wall_s"] / info["float32"]["wall_s"]
+    info["kl_max_abs_err"] = float((a.kl - b.kl).abs().max())
+    info["kl_mean_abs_err"] = float((a.kl - b.kl).abs().mean())
+    info["entropy_max_abs_err"] = float((a.entropy - b.entropy).abs().max())
+    info["top1_agreement"] = float((a.top_ids[..., 0] == b.top_ids[..., 0]).float().mean())
+    info["final_top1_rank_agreement"] = float((a.final_top1_rank == b.final_top1_rank).float().mean())
+    return info
+
+
+def worker_profile(cfg: dict) -> dict:
+    """torch.profiler over ours on ``profile_seqs`` sequences: where the time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from mi_lenses.lenses import stream
+
+    model, tokens, logits, cache, _ = load_everything(cfg, seqs=cfg["profile_seqs"])
+    op = ours_op(model, tokens, cache, logits)
+    op()  # warm-up at this size
+    # wrap row_stats so its share is visible as one range
+    orig = stream.row_stats
+
+    def wrapped(*a, **k):
+        with record_function("row_stats"):
+            return orig(*a, **k)
+
+    import mi_lenses.lenses.logit_lens as ll
+
+    ll.row_stats = wrapped
+    try:
+        t = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            op()
+        wall = time.perf_counter() - t
+    finally:
+        ll.row_stats = orig
+    rows = []
+    for e in prof.key_averages():
+        rows.append({"name": e.key, "calls": e.count, "self_cpu_s": e.self_cpu_time_total / 1e6,
+                     "cpu_total_s": e.cpu_time_total / 1e6})
+    rows.sort(key=lambda r: -r["self_cpu_s"])
+    total_self = sum(r["self_cpu_s"] for r in rows)
+    return {"method": "profile", "seqs": tokens.shape[0], "positions": tokens.shape[1], "wall_s": wall,
+            "total_self_cpu_s": total_self, "top_ops": rows[:20]}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def run_worker(name: str, cfg: dict, out_dir: Path, timeout: float) -> dict:
+    """Run one method in a fresh Python process; its result comes back as JSON."""
+    res_file = out_dir / f"{name}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-config",
+           str(out_dir / "config.json"), "--worker-out", str(out_dir)]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, timeout=timeout, capture_output=True, text=True)
+    if proc.returncode != 0 or not res_file.exists():
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"worker {name!r} failed with exit code {proc.returncode}")
+    out = json.loads(res_file.read_text())
+    out["process_s"] = time.perf_counter() - t
+    print(f"  [{name}] done in {out['process_s']:.0f} s", flush=True)
+    return out
+
+
+def compare(out_dir: Path) -> dict:
+    import torch
+
+    a, b = torch.load(out_dir / "ours.pt"), torch.load(out_dir / "tl.pt")
+    assert a["top_ids"].shape == b["top_ids"].shape, (a["top_ids"].shape, b["top_ids"].shape)
+    exact = (a["top_ids"] == b["top_ids"]).all(-1)
+    same_set = (a["top_ids"].sort(-1).values == b["top_ids"].sort(-1).values).all(-1)
+    rank_eq = a["rank"] == b["rank"]
+    return {
+        "rows": len(a["labels"]),
+        "labels_ours": [a["labels"][0], a["labels"][1], a["labels"][-1]],
+        "labels_tl": [b["labels"][0], b["labels"][1], b["labels"][-1]],
+        "final_top1_equal": bool((a["final_top1"] == b["top_ids"][-1, ..., 0]).all()),
+        "top5_exact_agreement": float(exact.float().mean()),
+        "top5_set_agreement": float(same_set.float().mean()),
+        "top1_agreement": float((a["top_ids"][..., 0] == b["top_ids"][..., 0]).float().mean()),
+        "rank_agreement": float(rank_eq.float().mean()),
+        "rank_max_abs_diff": int((a["rank"] - b["rank"]).abs().max()),
+        "kl_max_abs_diff": float((a["kl"] - b["kl"]).abs().max()),
+        "entropy_max_abs_diff": float((a["entropy"] - b["entropy"]).abs().max()),
+        "tl_entropy_reduction_vs_readout_max_abs_diff": float((b["entropy"] - b["readout_entropy"]).abs().max()),
+    }
+
+
+def fmt_mb(b: float) -> str:
+    return f"{b / 2**20:,.0f} MiB" if b < 2**30 else f"{b / 2**30:,.2f} GiB"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=DEFAULT_DATA, help="WikiText text file (relative paths: to the repo root)")
+    p.add_argument("--seqs", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per method (median reported)")
+    p.add_argument("--warmup-len", type=int, default=16, help="tokens of the small warm-up call")
+    p.add_argument("--tl-chunk-size", type=int, default=64, help="TL logit_readout chunk_size (TL default 64)")
+    p.add_argument("--roofline-rows", type=int, default=1024)
+    p.add_argument("--roofline-repeats", type=int, default=5)
+    p.add_argument("--bf16-matmul-rows", type=int, default=16, help="rows of the bf16 matmul probe (0: skip)")
+    p.add_argument("--bf16-matmul-repeats", type=int, default=3)
+    p.add_argument("--bf16-seqs", type=int, default=1, help="sequences for the bf16 comparison (0: skip)")
+    p.add_argument("--bf16-positions", type=int, default=8, help="positions for the bf16 comparison")
+    p.add_argument("--bf16-repeats", type=int, default=3)
+    p.add_argument("--skip-ours-fwd", action="store_true", help="skip ours-with-forward-pass")
+    p.add_argument("--profile", action="store_true", help="also torch.profiler ours")
+    p.add_argument("--profile-seqs", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=1800, help="per-worker timeout (s)")
+    p.add_argument("--json", default="benchmarks/results/logit_lens.json", help="results file (relative: repo)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-config", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.worker:
+        cfg = json.loads(Path(args.worker_config).read_text())
+        out_dir = Path(args.worker_out)
+        res = worker(args.worker, cfg, out_dir)
+        (out_dir / f"{args.worker}.json").write_text(json.dumps(res))
+        return
+
+    data = (REPO / args.data).resolve() if not Path(args.data).is_absolute() else Path(args.data)
+    if not data.is_file():
+        raise SystemExit(f"WikiText file not found: {data} (pass --data)")
+    json_path = (REPO / args.json) if not Path(args.json).is_absolute() else Path(args.json)
+    cfg = {"data": str(data), "seqs": args.seqs, "seq_len": args.seq_len, "repeats": args.repeats,
+           "warmup_len": min(args.warmup_len, args.seq_len), "tl_chunk_size": args.tl_chunk_size,
+           "roofline_rows": args.roofline_rows, "roofline_repeats": args.roofline_repeats,
+           "bf16_matmul_rows": args.bf16_matmul_rows, "bf16_matmul_repeats": args.bf16_matmul_repeats,
+           "bf16_seqs": args.bf16_seqs, "bf16_positions": min(args.bf16_positions, args.seq_len),
+           "bf16_repeats": args.bf16_repeats, "profile_seqs": args.profile_seqs,
+           # SmolLM2-135M; checked against the loaded model in the ours worker's result below
+           "d_model": 576, "d_vocab": 49152, "n_layers": 30}
+    t_start = time.perf_counter()
+    load0 = os.getloadavg()
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench_logit_lens_") as tmp:
+        out_dir = Path(tmp)
+        (out_dir / "config.json").write_text(json.dumps(cfg))
+        names = ["roofline", "ours", "tl"] + ([] if args.skip_ours_fwd else ["ours_fwd"])
+        names += (["bf16"] if args.bf16_seqs > 0 else []) + (["profile"] if args.profile else [])
+        print(f"running {names} on {args.seqs} x {args.seq_len} tokens, {args.repeats} repeats ...", flush=True)
+        for name in names:
+            results[name] = run_worker(name, cfg, out_dir, args.timeout)
+        results["agreement"] = compare(out_dir)
+    load1 = os.getloadavg()
+
+    import torch
+
+    rows = results["agreement"]["rows"]
+    tokens = args.seqs * args.seq_len
+    flops = 2 * rows * tokens * cfg["d_model"] * cfg["d_vocab"]
+    roof = results["roofline"]["float32"]
+    roof_time = flops / (roof["gflops"] * 1e9)
+    ours, tl = results["ours"], results["tl"]
+    summary = {
+        "time_ratio_ours_vs_tl": ours["wall_s"] / tl["wall_s"],
+        "mem_ratio_ours_vs_tl": ours["extra_peak_bytes"] / tl["extra_peak_bytes"],
+        "unembed_flops": flops,
+        "roofline_time_s": roof_time,
+        "roofline_fraction": roof_time / ours["wall_s"],
+    }
+    if "ours_fwd" in results:
+        summary["time_ratio_ours_fwd_vs_tl"] = results["ours_fwd"]["wall_s"] / tl["wall_s"]
+        summary["mem_ratio_ours_fwd_vs_tl"] = results["ours_fwd"]["extra_peak_bytes"] / tl["extra_peak_bytes"]
+    summary["pass"] = {
+        "time_le_0.5x_tl": summary["time_ratio_ours_vs_tl"] <= TARGETS["time_ratio_max"],
+        "mem_le_0.25x_tl": summary["mem_ratio_ours_vs_tl"] <= TARGETS["mem_ratio_max"],
+        "roofline_ge_70pct": summary["roofline_fraction"] >= TARGETS["roofline_min"],
+    }
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformer_lens": _version("transformer_lens"), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_start": load0,
+           "loadavg_end": load1, "total_runtime_s": time.perf_counter() - t_start}
+    report = {"config": cfg, "env": env, "summary": summary, "targets": TARGETS, **results}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2))
+    print(render(report, args))
+    print(f"\nJSON: {json_path}")
+
+
+def _version(mod: str) -> str:
+    from importlib.metadata import version
+
+    try:
+        return version(mod.replace("_", "-"))
+    except Exception:
+        return "?"
+
+
+def render(r: dict, args) -> str:
+    s, ag, ours, tl = r["summary"], r["agreement"], r["ours"], r["tl"]
+    roof = r["roofline"]
+    ok = lambda b: "PASS" if b else "FAIL"  # noqa: E731
+    cfg = r["config"]
+    L = []
+    L.append(f"### logit lens: SmolLM2-135M, {cfg['seqs']} x {cfg['seq_len']} WikiText tokens, {ag['rows']} rows "
+             f"x all positions, top-5 + final-top-1 rank + KL + entropy")
+    L.append(f"(CPU {r['env']['cpu_capability']}, {r['env']['torch_threads']} torch threads, torch "
+             f"{r['env']['torch']}, TL {r['env']['transformer_lens']}; wall = median of {cfg['repeats']} after a "
+             f"warm-up; extra mem = VmHWM - VmRSS baseline in a fresh process; loadavg "
+             f"{r['env']['loadavg_start'][0]:.1f} -> {r['env']['loadavg_end'][0]:.1f})")
+    L.append("")
+    L.append("| method | wall (s) | cpu util | peak extra mem | time vs TL | mem vs TL |")
+    L.append("|---|---:|---:|---:|---:|---:|")
+    def row(name, m):
+        L.append(f"| {name} | {m['wall_s']:.2f} | {m['cpu_util']:.2f} | {fmt_mb(m['extra_peak_bytes'])} | "
+                 f"{m['wall_s'] / tl['wall_s']:.3f}x | {m['extra_peak_bytes'] / tl['extra_peak_bytes']:.4f}x |")
+    row("(a) ours, `logit_lens(cache=...)`", ours)
+    if "ours_fwd" in r:
+        row("(a') ours incl. forward pass", r["ours_fwd"])
+    row("(b) TL 4.3 `tools.analysis.logit_lens` x3 + reductions", tl)
+    pc = tl["pieces_s"]
+    L.append("")
+    L.append(f"TL time split (median): top_k call {pc['top_k_call_s']:.2f} s, targets call "
+             f"{pc['targets_call_s']:.2f} s, log_probs call {pc['log_probs_call_s']:.2f} s, KL+entropy reductions "
+             f"{pc['reductions_s']:.2f} s (entropy is also in TL's readout.entropy; reduction vs readout max |diff| "
+             f"{ag['tl_entropy_reduction_vs_readout_max_abs_diff']:.2e}).")
+    L.append("")
+    L.append("| check / target | value | target | result |")
+    L.append("|---|---:|---:|---|")
+    L.append(f"| time ours / TL | {s['time_ratio_ours_vs_tl']:.3f} | <= 0.5 | "
+             f"{ok(s['pass']['time_le_0.5x_tl'])} |")
+    L.append(f"| peak extra mem ours / TL | {s['mem_ratio_ours_vs_tl']:.4f} | <= 0.25 | "
+             f"{ok(s['pass']['mem_le_0.25x_tl'])} |")
+    f32 = roof["float32"]
+    L.append(f"| roofline fraction (roofline {s['roofline_time_s']:.2f} s / ours) | {s['roofline_fraction']:.3f} | "
+             f">= 0.70 | {ok(s['pass']['roofline_ge_70pct'])} |")
+    L.append(f"| fp32 matmul [{f32['rows']},{roof['d_model']}]@[{roof['d_model']},{roof['d_vocab']}] | "
+             f"{f32['gflops']:.1f} GFLOP/s (best {f32['gflops_best']:.1f}) | | {s['unembed_flops'] / 1e12:.3f} "
+             f"TFLOP unembedding |")
+    if "bfloat16" in roof:
+        b = roof["bfloat16"]
+        L.append(f"| bf16 matmul [{b['rows']},{roof['d_model']}]@[{roof['d_model']},{roof['d_vocab']}] | "
+                 f"{b['gflops']:.2f} GFLOP/s | | {f32['gflops'] / b['gflops']:.0f}x slower than fp32 |")
+    L.append(f"| top-5 ids ours == TL (exact order / same set) | {ag['top5_exact_agreement']:.5f} / "
+             f"{ag['top5_set_agreement']:.5f} | 1 | |")
+    L.append(f"| final-top-1 rank ours == TL | {ag['rank_agreement']:.5f} (max diff {ag['rank_max_abs_diff']}) | 1 | |")
+    L.append(f"| KL / entropy max abs diff ours vs TL (nats) | {ag['kl_max_abs_diff']:.2e} / "
+             f"{ag['entropy_max_abs_diff']:.2e} | | |")
+    if "bf16" in r:
+        b = r["bf16"]
+        L.append(f"| ours bf16 / fp32 time ({b['seqs']} x {b['positions']} tokens, all rows) | "
+                 f"{b['time_ratio_bf16_vs_fp32']:.1f}x ({b['bfloat16']['wall_s']:.2f} s vs "
+                 f"{b['float32']['wall_s']:.2f} s) | | |")
+        L.append(f"| ours bf16 vs fp32: KL max abs err / top-1 agreement | {b['kl_max_abs_err']:.3g} nats / "
+                 f"{b['top1_agreement']:.4f} | | entropy max err {b['entropy_max_abs_err']:.3g}, rank agreement "
+                 f"{b['final_top1_rank_agreement']:.4f} |")
+    if "profile" in r:
+        pr = r["profile"]
+        L.append("")
+        L.append(f"Profile of ours ({pr['seqs']} x {pr['positions']} tokens, wall {pr['wall_s']:.2f} s, "
+                 f"self CPU total {pr['total_self_cpu_s']:.2f} s):")
+        L.append("")
+        L.append("| op | calls | self CPU (s) | share |")
+        L.append("|---|---:|---:|---:|")
+        for o in pr["top_ops"][:12]:
+            L.append(f"| {o['name']} | {o['calls']} | {o['self_cpu_s']:.3f} | "
+                     f"{o['self_cpu_s'] / pr['total_self_cpu_s']:.1%} |")
+    return "\n".join(L)
+
+
+if __name__ == "__main__":
+    main()
