@@ -1,4 +1,4 @@
-"""The ``mi-lenses`` command line.
+"""The ``mi-lenses`` command line: one subcommand per module in ``mi_lenses.commands``.
 
 Example::
 
@@ -8,65 +8,29 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
+import pkgutil
 import sys
-import time
 
-from mi_lenses.lenses.result import VerificationError
-from mi_lenses.models.loading import ModelLoadError
-from mi_lenses.models.view import LensInputError
+import mi_lenses.commands
+from mi_lenses.errors import MiLensesError
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mi-lenses", description="Lens-style interpretability for TransformerLens.")
     sub = parser.add_subparsers(dest="command", required=True)
-    ll = sub.add_parser("logit-lens", help="decode every layer's residual stream of a prompt")
-    ll.add_argument("prompt", help="the prompt text")
-    ll.add_argument("--model", default=None, help="GGUF file, HF folder or hub name (default: embedded SmolLM2)")
-    ll.add_argument("--top-k", type=int, default=5, help="tokens kept per layer and position (default 5)")
-    ll.add_argument("--target", action="append", default=None,
-                    help="a token (exactly one, mind the leading space) whose rank is tracked; repeatable")
-    ll.add_argument("--point", default="resid_pre", choices=["resid_pre", "resid_mid", "resid_post"])
-    ll.add_argument("--value", default="prob", choices=["prob", "rank"], help="what the table cells show")
-    ll.add_argument("--html", default=None, help="write a standalone offline HTML page here")
-    ll.add_argument("--json", default=None, help="write the statistics as JSON here")
-    ll.add_argument("--device", default="cpu")
+    for info in sorted(pkgutil.iter_modules(mi_lenses.commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"mi_lenses.commands.{info.name}").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "logit-lens":
-            return _logit_lens(args)
-    except (LensInputError, ModelLoadError, VerificationError) as err:
+        return args.func(args)
+    except MiLensesError as err:
         print(f"mi-lenses: error: {err}", file=sys.stderr)
         return 2
-    return 1
-
-
-def _logit_lens(args: argparse.Namespace) -> int:
-    from mi_lenses.lenses.logit_lens import logit_lens
-    from mi_lenses.models.loading import load_model
-    from mi_lenses.viz.html import write_atomic
-    from mi_lenses.viz.terminal import print_renderable
-
-    if args.top_k < 1:
-        raise LensInputError(f"--top-k must be at least 1, got {args.top_k}.")
-    t0 = time.perf_counter()
-    model = load_model(args.model, device=args.device)
-    t1 = time.perf_counter()
-    res = logit_lens(model, args.prompt, top_k=args.top_k, targets=args.target, point=args.point)
-    t2 = time.perf_counter()
-    print_renderable(res.table(value=args.value))
-    print(f"model loaded in {t1 - t0:.1f} s, lens in {t2 - t1:.2f} s; final row verified against the model's logits.")
-    if args.json:
-        write_atomic(args.json, json.dumps(res.to_dict(), indent=1))
-        print(f"wrote {args.json}")
-    if args.html:
-        res.to_html(args.html)
-        print(f"wrote {args.html}")
-    return 0
 
 
 if __name__ == "__main__":

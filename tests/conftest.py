@@ -256,3 +256,11 @@ def tiny_pair(request, builder) -> TinyModel:
 @pytest.fixture(scope="session")
 def llama_raw(builder) -> TinyModel:
     return builder.get("llama_gqa", "raw")
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded SmolLM2-135M-Instruct, loaded once per test session (mark its tests ``slow``)."""
+    import mi_lenses
+
+    return mi_lenses.load_model()

@@ -14,11 +14,6 @@ from mi_lenses.cli import main as cli_main
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smol():
-    return mi_lenses.load_model()
-
-
 def test_embedded_model_shape_and_no_bos(smol):
     view = mi_lenses.ModelView(smol)
     assert (view.n_layers, view.d_model, view.d_vocab, view.n_heads, view.n_kv_heads) == (30, 576, 49152, 9, 3)

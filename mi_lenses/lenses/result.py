@@ -15,11 +15,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mi_lenses.errors import VerificationError  # noqa: F401  (re-exported here)
+
 LN2 = math.log(2.0)
-
-
-class VerificationError(AssertionError):
-    """A lens identity does not hold: the numbers must not be trusted."""
 
 
 @dataclass

