@@ -118,8 +118,17 @@ def test_gguf_conversion_is_atomic_and_reused(tmp_path, monkeypatch):
     folder, add_bos = _converted_gguf(embedded_gguf_path(), tmp_path)
     assert add_bos is False and (folder / "model.safetensors").is_file()
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
-    assert _converted_gguf(embedded_gguf_path(), tmp_path)[0] == folder
+    # Warm path: reused as is, and the GGUF header (slow to parse) is not read again.
+    import mi_lenses.models.loading as loading
+
+    with monkeypatch.context() as m:
+        m.setattr(loading, "_gguf_info", boom)
+        assert _converted_gguf(embedded_gguf_path(), tmp_path) == (folder, False)
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    # A cache from an older version (no header record) is still reused, and gets its record.
+    (folder / loading.INFO_FILE).unlink()
+    assert _converted_gguf(embedded_gguf_path(), tmp_path) == (folder, False)
+    assert (folder / loading.INFO_FILE).is_file() and (folder / "model.safetensors").stat().st_mtime_ns == mtime
 
 
 def test_tutorial_runs(smol, tmp_path, monkeypatch):

