@@ -573,6 +573,23 @@ TILE_PROMPTS = ["The quick brown fox", "A city"]
 TILE_POSITIONS = [0, 1, 2, 5, -1]  # 2 prompts x 5 positions = 10 vectors: ragged chunks of 3, 4, ...
 
 
+@pytest.mark.parametrize("vocab_tile,top_k", [(64, 5), (3, 10)], ids=lambda v: str(v))
+def test_fused_reductions_equal_eager(tiny_pair, targets, vocab_tile, top_k):
+    """The torch.compile'd tile reduction (used on large jobs) gives the eager numbers, and both equal brute force."""
+    from mi_lenses.lenses.stream import fused_tile_update
+
+    assert fused_tile_update() is not None, "torch.compile is unavailable: the fast path would silently be off"
+    m = tiny_pair.model
+    kw = dict(positions=TILE_POSITIONS, top_k=top_k, targets=targets, vocab_tile=vocab_tile, position_chunk=3)
+    eager = logit_lens(m, TILE_PROMPTS, fused=False, **kw)
+    fused = logit_lens(m, TILE_PROMPTS, fused=True, return_logits=True, **kw)
+    same_result(fused, eager, f"{tiny_pair.id} fused vs eager, vocab_tile={vocab_tile}")
+    v = fused.valid
+    o = oracle_stats(fused.logits, next_ids_of(m.to_tokens(TILE_PROMPTS), fused.positions))
+    close(fused.kl[:, v], o["kl"][:, v], "fused KL vs brute force")
+    close(fused.entropy[:, v], o["entropy"][:, v], "fused entropy vs brute force")
+
+
 @pytest.mark.parametrize(
     "vocab_tile,position_chunk,top_k",
     [(7, 3, 5), (1, 64, 3), (3, 4, 10), (320, 5, 5), (100_000, 1000, 5), (319, 2, 1)],

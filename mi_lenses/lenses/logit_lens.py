@@ -21,7 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mi_lenses.lenses.result import LensResult
-from mi_lenses.lenses.stream import FinalDistribution, row_stats
+from mi_lenses.lenses.stream import FUSE_MIN_VECTORS, FinalDistribution, row_stats
 from mi_lenses.models.view import LensInputError, ModelView, ResidualRow
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,6 +76,7 @@ def run_lens(
     dtype: torch.dtype | str = torch.float32,
     position_chunk: int = 256,
     vocab_tile: int = 2048,
+    fused: bool | None = None,
     check: bool = True,
 ) -> LensResult:
     """Decode every residual row of ``input`` (or of an existing ``cache``) through ``lens`` and the unembedding.
@@ -94,6 +95,9 @@ def run_lens(
         return_logits: also return the full ``[rows, batch, pos, vocab]`` logits (memory heavy).
         dtype: matmul dtype: ``float32`` (default) or ``bfloat16``/``float16`` (faster only on hardware with fast
             low-precision matmul; statistics are still reduced in float32).
+        fused: reduce each logit tile in one ``torch.compile``d kernel (faster on large jobs, see benchmarks/README.md;
+            compiled once per process, 10-20 s). ``None`` (default): only for jobs of at least
+            ``stream.FUSE_MIN_VECTORS`` decoded vectors; falls back to eager code when no compiler is available.
         check: verify the final row against the model's own logits whenever a forward pass was run.
     """
     view = ModelView(model)
@@ -149,6 +153,7 @@ def run_lens(
     T = len(target_ids)
     out = _Buffers(n_rows, N, k, T, view.d_vocab if return_logits else None)
     tgt = torch.as_tensor(target_ids, dtype=torch.long)
+    use_fused = fused if fused is not None else len(rows_out) * N >= FUSE_MIN_VECTORS
 
     with torch.no_grad():
         hidden = {
@@ -175,7 +180,7 @@ def run_lens(
                 st = row_stats(
                     x, W, b, k=k, final=final, positions_per_row=C,
                     targets=tgt.expand(x.shape[0], T), next_ids=nxt.repeat(len(chunk)),
-                    softcap=softcap, keep_logits=return_logits, vocab_tile=vocab_tile,
+                    softcap=softcap, keep_logits=return_logits, vocab_tile=vocab_tile, fused=use_fused,
                 )
                 for i in range(len(chunk)):
                     part = {key: v[i * C : (i + 1) * C] for key, v in vars(st).items() if v is not None}
