@@ -151,6 +151,68 @@ class ModelView:
             raise LensInputError(f"unknown residual point {point!r}; use one of {POINTS}.")
         return [embed, *rows, final]
 
+    # ----------------------------------------------------------------------------------------- components (DLA)
+    @property
+    def is_compat(self) -> bool:
+        """True when the final norm's gain/bias are folded into ``W_U``/``b_U`` by TransformerLens
+        (a bridge in compatibility mode, or a HookedTransformer with folded LN); False on a raw bridge."""
+        if self.is_bridge:
+            return bool(getattr(self.model, "compatibility_mode", False))
+        return getattr(self.cfg, "normalization_type", None) in ("LNPre", "RMSPre", None)
+
+    @property
+    def has_mlp(self) -> bool:
+        return not getattr(self.cfg, "attn_only", False)
+
+    @property
+    def d_mlp(self) -> int:
+        return int(self.cfg.d_mlp) if self.has_mlp and getattr(self.cfg, "d_mlp", None) else 0
+
+    @property
+    def embed_hooks(self) -> list[tuple[str, str]]:
+        """``(label, hook name)`` of the input embeddings that are added to the residual stream: the token
+        embedding, and the learned positional embedding where the model has one (rotary models have none)."""
+        hooks = [("embed", "hook_embed")]
+        if getattr(self.cfg, "positional_embedding_type", "standard") in ("standard", "learned"):
+            hooks.append(("pos_embed", "hook_pos_embed"))
+        return hooks
+
+    def attn_hook(self, layer: int, name: str) -> str:
+        """Hook inside block ``layer``'s attention: ``z`` (per query head), ``v`` (per KV head on a bridge),
+        ``pattern`` (``[batch, head, query, key]``)."""
+        return f"blocks.{layer}.attn.hook_{name}"
+
+    def mlp_hook(self, layer: int, name: str = "post") -> str:
+        """Hook inside block ``layer``'s MLP: ``post`` is the input of ``W_out`` (post-activation, gated)."""
+        return f"blocks.{layer}.mlp.hook_{name}"
+
+    def out_hook(self, layer: int, sublayer: str) -> str:
+        """What block ``layer``'s ``"attn"`` or ``"mlp"`` sublayer adds to the residual stream."""
+        return f"blocks.{layer}.hook_{sublayer}_out"
+
+    @property
+    def final_resid_hook(self) -> str:
+        """The residual stream the final norm reads."""
+        return f"blocks.{self.n_layers - 1}.hook_resid_post"
+
+    def W_O(self, layer: int) -> Float[Tensor, "n_heads d_head d_model"]:
+        """Block ``layer``'s output projection per query head (float32, detached)."""
+        return self.model.blocks[layer].attn.W_O.detach().float()
+
+    def b_O(self, layer: int) -> Float[Tensor, " d_model"] | None:
+        """Block ``layer``'s attention output bias (None when the model has none)."""
+        b = getattr(self.model.blocks[layer].attn, "b_O", None)
+        return None if b is None else b.detach().float()
+
+    def W_out(self, layer: int) -> Float[Tensor, "d_mlp d_model"]:
+        """Block ``layer``'s MLP output weights, one row per neuron (float32, detached)."""
+        return self.model.blocks[layer].mlp.W_out.detach().float()
+
+    def b_out(self, layer: int) -> Float[Tensor, " d_model"] | None:
+        """Block ``layer``'s MLP output bias (None when the model has none)."""
+        b = getattr(self.model.blocks[layer].mlp, "b_out", None)
+        return None if b is None else b.detach().float()
+
     # ----------------------------------------------------------------------------------------- decoding
     def final_norm(self) -> tuple[str | None, Tensor | None, Tensor | None, float]:
         """(kind, gain, bias, eps) of the final norm; kind is ``"LN"``, ``"RMS"`` or ``None``.

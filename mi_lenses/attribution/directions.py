@@ -1,0 +1,200 @@
+"""Directions for attribution: a token's logit, a logit difference, or any vector read through the final norm.
+
+A direction is what a component's output is dotted with. For a token ``a`` the logit is
+``ln_final(resid) · W_U[:, a] + b_U[a]``; with the final norm's scale ``s`` frozen from the run, the norm is linear:
+
+    logit_a = resid · d' + const,   d' = centre(g ⊙ W_U[:, a]) / s,   const = β · W_U[:, a] + b_U[a]
+
+where ``g``/``β`` are the final norm's gain and bias (ones/zeros once TransformerLens folded them into ``W_U``) and
+``centre`` subtracts the mean over ``d_model`` (LayerNorm only: its mean-centring is linear, so it moves onto the
+direction). On a raw bridge the gain is *not* in ``W_U``; it is applied here, so the numbers are right either way.
+
+Example::
+
+    view = ModelView(model)
+    d = resolve_direction(view, batch=1, answer=" Mary", wrong=" John")
+    d.label          # "logit[' Mary'] - logit[' John']"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mi_lenses.errors import LensInputError
+from mi_lenses.models.view import ModelView
+
+TokenSpec = str | int | Sequence[str | int] | Tensor
+
+
+@dataclass
+class Direction:
+    """A per-row direction in the unembedding basis (before the final norm's scale), plus its constant terms.
+
+    ``vectors[b]`` is ``g ⊙ u_b`` (gain applied, not yet centred or scaled); ``constants`` maps a name (``"b_U"``,
+    ``"ln_final.b"``) to the per-row constant that no residual component produces.
+    """
+
+    label: str
+    vectors: Float[Tensor, "B d_model"]
+    constants: dict[str, Float[Tensor, " B"]]
+    answer_ids: Int[Tensor, " B"] | None = None
+    wrong_ids: Int[Tensor, " B"] | None = None
+    through_final_norm: bool = True
+    answer_strs: list[str] = field(default_factory=list)
+    wrong_strs: list[str] = field(default_factory=list)
+
+    @property
+    def is_token(self) -> bool:
+        return self.answer_ids is not None
+
+
+def _token_ids(view: ModelView, spec: TokenSpec, batch: int, what: str) -> Tensor:
+    """One token id per row: a single token (shared) or one per prompt."""
+    if isinstance(spec, Tensor):
+        spec = spec.flatten().tolist() if spec.ndim <= 1 else spec
+        if isinstance(spec, Tensor):
+            raise LensInputError(f"{what} must be one token or a 1-D list of tokens (one per prompt), got shape "
+                                 f"{tuple(spec.shape)}.")
+    items = [spec] if isinstance(spec, (str, int)) else list(spec)
+    if not items:
+        raise LensInputError(f"{what} is empty: pass a token string (mind the leading space) or an id.")
+    if len(items) == 1:
+        items = items * batch
+    if len(items) != batch:
+        raise LensInputError(
+            f"got {len(items)} {what} tokens for {batch} prompts: pass one {what} per prompt, or a single one for all."
+        )
+    ids = []
+    for item in items:
+        try:
+            ids.append(view.to_single_token(item))
+        except LensInputError as err:
+            raise LensInputError(f"{what}: {err}") from None
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def resolve_direction(
+    view: ModelView,
+    batch: int,
+    answer: TokenSpec | None = None,
+    wrong: TokenSpec | None = None,
+    direction: Tensor | None = None,
+    through_final_norm: bool = True,
+) -> Direction:
+    """Build the per-row :class:`Direction` for ``answer`` (``- wrong``) or a ``[d_model]`` / ``[B, d_model]`` vector.
+
+    A vector ``direction`` is read like a column of ``W_U``: its value is ``ln_final(resid) · v`` (pass
+    ``through_final_norm=False`` for a plain residual projection ``resid · v``, e.g. a probe).
+    """
+    if (answer is None) == (direction is None):
+        raise LensInputError("pass exactly one of answer= (a token, optionally with wrong=) or direction= (a vector).")
+    if direction is not None and wrong is not None:
+        raise LensInputError("wrong= only goes with answer=; for a vector direction subtract it yourself.")
+    if answer is not None and not through_final_norm:
+        raise LensInputError("a token's logit is always read through the final norm: through_final_norm=False only "
+                             "goes with direction= (a plain residual projection).")
+    kind, gain, bias, _ = view.final_norm()
+    if bias is not None and not torch.any(bias != 0):
+        bias = None  # folded into b_U (compatibility mode)
+    if not through_final_norm:
+        gain = bias = None
+    elif kind is not None and gain is None and view.is_bridge and not view.is_compat:
+        raise LensInputError(
+            "this raw TransformerBridge's final norm gain could not be read, so a direct logit attribution would be "
+            "silently wrong: call model.enable_compatibility_mode() first (it folds the gain into W_U)."
+        )
+    d = view.d_model
+    if direction is not None:
+        v = torch.as_tensor(direction).detach().float().to(view.device)
+        shape = tuple(v.shape)
+        if v.ndim == 1:
+            v = v[None].expand(batch, -1)
+        if v.ndim != 2 or v.shape[-1] != d or v.shape[0] not in (1, batch):
+            raise LensInputError(
+                f"direction has shape {shape}; expected [d_model] = [{d}] or [batch, d_model] = "
+                f"[{batch}, {d}] (one per prompt)."
+            )
+        v = v.expand(batch, -1).clone()
+        consts = {"ln_final.b": v @ bias.float()} if bias is not None else {}
+        label = "direction" + ("" if through_final_norm else " (no final norm)")
+        vec = v * gain.float() if gain is not None else v
+        return Direction(label, vec, consts, through_final_norm=through_final_norm)
+
+    a_ids = _token_ids(view, answer, batch, "answer")
+    w_ids = _token_ids(view, wrong, batch, "wrong") if wrong is not None else None
+    W_U = view.W_U.detach().float()
+    u = W_U[:, a_ids.to(W_U.device)].T  # [B, d_model]
+    if w_ids is not None:
+        u = u - W_U[:, w_ids.to(W_U.device)].T
+    consts: dict[str, Tensor] = {}
+    b_U = view.b_U
+    if b_U is not None and torch.any(b_U != 0):
+        b_U = b_U.detach().float()
+        c = b_U[a_ids.to(b_U.device)] - (b_U[w_ids.to(b_U.device)] if w_ids is not None else 0.0)
+        consts["b_U"] = c
+    if bias is not None:
+        consts["ln_final.b"] = u @ bias.float()
+    vec = u * gain.float() if gain is not None else u
+    a_strs = [view.id_to_str(i) for i in a_ids.tolist()]
+    w_strs = [view.id_to_str(i) for i in w_ids.tolist()] if w_ids is not None else []
+    if len(set(a_strs)) == 1 and len(set(w_strs)) <= 1:
+        label = f"logit[{a_strs[0]!r}]" + (f" - logit[{w_strs[0]!r}]" if w_strs else "")
+    else:
+        label = "logit[answer]" + (" - logit[wrong]" if w_strs else "") + " (per prompt)"
+    return Direction(label, vec, consts, a_ids, w_ids, True, a_strs, w_strs)
+
+
+def centred_vectors(view: ModelView, direction: Direction) -> Float[Tensor, "B d_model"]:
+    """The direction with the final LayerNorm's mean-centring moved onto it (unchanged for RMSNorm / no norm)."""
+    vec = direction.vectors.float()
+    if direction.through_final_norm and view.final_norm()[0] == "LN":
+        vec = vec - vec.mean(-1, keepdim=True)
+    return vec
+
+
+def final_scale(view: ModelView, direction: Direction, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
+    """The final norm's scale at each residual state (the norm's input), frozen from the run: ``sqrt(var + eps)``
+    (LayerNorm) or ``sqrt(mean(x²) + eps)`` (RMSNorm); ones when the direction is not read through the norm."""
+    kind, _, _, eps = view.final_norm()
+    if kind is None or not direction.through_final_norm:
+        return torch.ones(resid.shape[:-1], device=resid.device)
+    x = resid.float()
+    if kind == "LN":
+        x = x - x.mean(-1, keepdim=True)
+    return torch.sqrt(x.pow(2).mean(-1) + eps)
+
+
+def effective_directions(
+    view: ModelView, direction: Direction, resid: Float[Tensor, "... B d_model"]
+) -> tuple[Float[Tensor, "... B d_model"], Float[Tensor, "... B"]]:
+    """``(d', scale)``: the direction each component is dotted with at a residual state ``resid`` (the final norm's
+    input), i.e. centred (LayerNorm) and divided by the norm's scale frozen from ``resid``."""
+    scale = final_scale(view, direction, resid)
+    vec = centred_vectors(view, direction).to(resid.device)
+    return vec / scale[..., None], scale
+
+
+def model_value(view: ModelView, direction: Direction, logits: Tensor | None, resid: Tensor, rows: Tensor,
+                pos: Tensor) -> tuple[Float[Tensor, " B"], str]:
+    """The quantity being attributed, measured from the run: the model's own logit (difference) at each row's
+    position when ``logits`` are available (pre-soft-cap), else computed from the final residual state.
+
+    Returns ``(value, source)`` with source ``"logits"`` or ``"resid"``."""
+    if direction.is_token and logits is not None:
+        lg = logits.detach().float()[rows.to(logits.device), pos.to(logits.device)]  # [B, vocab]
+        cap = view.softcap
+        if cap is not None:
+            lg = cap * torch.atanh((lg / cap).clamp(-1 + 1e-7, 1 - 1e-7))
+        val = lg.gather(-1, direction.answer_ids.to(lg.device)[:, None])[:, 0]
+        if direction.wrong_ids is not None:
+            val = val - lg.gather(-1, direction.wrong_ids.to(lg.device)[:, None])[:, 0]
+        return val.cpu(), "logits"
+    d_eff, _ = effective_directions(view, direction, resid)
+    consts = sum(direction.constants.values(), torch.zeros(resid.shape[0], device=resid.device))
+    val = (resid.float() * d_eff).sum(-1) + consts
+    return val.cpu(), "resid"

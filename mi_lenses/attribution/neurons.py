@@ -1,0 +1,82 @@
+"""Neuron attribution: each MLP neuron's direct effect on a direction, without a ``[neurons, ..., d_model]`` tensor.
+
+Neuron ``n`` of layer ``l`` writes ``post[n] * W_out[n]`` into the residual stream, so its direct effect on a direction
+``d'`` is ``post[n] * (W_out[n] · d')``: project the ``d_mlp`` output rows once, then scale by the activations. The
+final norm's scale is frozen per position, so it divides the projection per position; nothing of size ``d_model``
+is ever multiplied out per neuron.
+
+Example::
+
+    logits, cache = model.run_with_cache(tokens)
+    attr = neuron_attribution(model, cache, answer=" Paris")      # [layers, batch, pos, d_mlp]
+    attr[:, 0, -1].flatten().topk(5)                               # the 5 neurons that push " Paris" most
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mi_lenses.attribution.directions import Direction, TokenSpec, centred_vectors, final_scale, resolve_direction
+from mi_lenses.errors import LensInputError
+from mi_lenses.models.view import ModelView
+
+
+def neuron_attribution(
+    model: Any,
+    cache: Any,
+    answer: TokenSpec | None = None,
+    wrong: TokenSpec | None = None,
+    direction: Tensor | Direction | None = None,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    through_final_norm: bool = True,
+) -> Float[Tensor, "layers batch pos d_mlp"]:
+    """Direct effect of every neuron at every (selected) position on ``answer`` (``- wrong``) or a vector direction.
+
+    ``cache`` must hold ``blocks.{l}.mlp.hook_post`` for the layers and the final residual stream
+    (``blocks.{L-1}.hook_resid_post``), whose norm scale is frozen per position. The direction is the same at every
+    position (one per batch row). Equals TransformerLens's
+    ``cache.stack_neuron_results(L, apply_ln=True, project_output_onto=W_U[:, answer])`` (compatibility mode),
+    reshaped to ``[layers, batch, pos, d_mlp]`` — and is also right on a raw bridge, where the final norm's gain is
+    applied to the direction here.
+    """
+    view = ModelView(model)
+    if not view.has_mlp:
+        raise LensInputError("this model has no MLP layers (cfg.attn_only): there are no neurons to attribute.")
+    resid = cache[view.final_resid_hook]
+    if resid.ndim != 3:
+        raise LensInputError(
+            f"expected a cache with a batch dimension ([batch, pos, d_model]), got {tuple(resid.shape)}."
+        )
+    B, S, _ = resid.shape
+    if isinstance(direction, Direction):
+        dirn = direction
+    else:
+        dirn = resolve_direction(view, B, answer, wrong, direction, through_final_norm)
+    layer_ids = list(range(view.n_layers)) if layers is None else [view.check_layer(l) for l in layers]
+    if positions is None:
+        pos = None  # every position: plain views of the cache, no gather
+    else:
+        pos = torch.as_tensor(list(positions), dtype=torch.long)
+        if ((pos < -S) | (pos >= S)).any():
+            raise LensInputError(f"positions {pos.tolist()} out of range for {S} positions (0..{S - 1} or negative).")
+        pos = (pos % S).to(resid.device)
+
+    def at(t: Tensor) -> Tensor:
+        return t if pos is None else t.index_select(1, pos)
+
+    P = S if pos is None else len(pos)
+    dev = resid.device
+    with torch.no_grad():
+        vec = centred_vectors(view, dirn).to(dev)  # [B, d_model]
+        inv_scale = (1.0 / final_scale(view, dirn, at(resid)))[..., None]  # [B, P, 1]
+        out = torch.empty(len(layer_ids), B, P, view.d_mlp, device=dev)
+        for i, l in enumerate(layer_ids):
+            proj = vec @ view.W_out(l).to(dev).T  # [B, d_mlp]: each neuron's output row on the direction
+            torch.mul(at(cache[view.mlp_hook(l)]), proj[:, None, :], out=out[i])  # post-activation x projection
+            out[i].mul_(inv_scale)
+    return out

@@ -1,0 +1,303 @@
+"""DLAResult: every component's direct effect on a logit (difference), with the identities and renderers.
+
+Shapes: ``B`` prompts (rows), ``L`` layers, ``H`` heads, ``N`` neurons per MLP (``d_mlp``), ``S`` token positions
+(padded to the longest prompt), ``E`` embedding terms (``embed``, and ``pos_embed`` where the model has one).
+Per-row tensors are exact; ``row=None`` in the accessors means the mean over rows.
+
+The additive parts of the attributed value (``components``): the embeddings, every head ``L{l}H{h}``, each layer's
+attention output bias ``L{l}.b_O`` (when the model has one), every MLP ``MLP{l}`` (its neurons plus its bias ``b_out``)
+and the constants no residual component produces (``b_U``, the final LayerNorm's bias ``ln_final.b``). Neurons
+``L{l}N{n}`` and source positions refine a MLP and a head; they are not extra parts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mi_lenses.errors import LensInputError, VerificationError
+
+KINDS = ("embed", "pos_embed", "head", "attn_bias", "mlp", "constant")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One labelled unit: ``kind`` is one of ``embed``, ``pos_embed``, ``head``, ``attn_bias``, ``mlp``, ``neuron``,
+    ``constant``."""
+
+    label: str
+    kind: str
+    layer: int | None = None
+    head: int | None = None
+    neuron: int | None = None
+
+    def as_dict(self, value: float) -> dict[str, Any]:
+        return {"label": self.label, "kind": self.kind, "layer": self.layer, "head": self.head,
+                "neuron": self.neuron, "value": _num(value)}
+
+
+@dataclass
+class DLAResult:
+    """Direct logit attribution of one position per prompt.
+
+    Example::
+
+        res = mi_lenses.direct_logit_attribution(model, prompt, answer=" Mary", wrong=" John")
+        res.verify()
+        res.heads[0, 9, 6]          # head L9H6's direct effect (prompt 0)
+        res.top(5)                  # [(label, value), ...] by |value|
+        res.top_neurons(5)
+        res.head_sources(9, 6)      # [(token, value), ...] through that head
+        res.to_dataframe(); res.to_html("dla.html"); res.show()
+    """
+
+    model_name: str
+    direction: str
+    answer: list[str]
+    wrong: list[str]
+    str_tokens: list[list[str]]
+    positions: list[int]
+    embed_labels: list[str]
+    embed: Float[Tensor, "B E"]
+    heads: Float[Tensor, "B L H"]
+    attn_bias: Float[Tensor, "B L"] | None
+    mlps: Float[Tensor, "B L"] | None
+    mlp_bias: Float[Tensor, "B L"] | None
+    neurons: Float[Tensor, "B L N"]
+    sources: Float[Tensor, "B L H S"]
+    constants: dict[str, Float[Tensor, " B"]]
+    actual: Float[Tensor, " B"]
+    actual_source: str  # "logits": the model's own output; "resid": computed from the final residual stream
+    attn_out: Float[Tensor, "B L"] = field(repr=False)
+    scale: Float[Tensor, " B"] = field(repr=False)
+    raw_bridge: bool = False
+
+    # ------------------------------------------------------------------------------------ structure
+    @property
+    def n_rows(self) -> int:
+        return int(self.heads.shape[0])
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.heads.shape[1])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.heads.shape[2])
+
+    def components(self) -> list[Component]:
+        """The additive parts, in model order: embeddings, then per layer its heads, ``b_O``, MLP; then constants."""
+        out = [Component(label, label) for label in self.embed_labels]
+        for l in range(self.n_layers):
+            out += [Component(f"L{l}H{h}", "head", l, h) for h in range(self.n_heads)]
+            if self.attn_bias is not None:
+                out.append(Component(f"L{l}.b_O", "attn_bias", l))
+            if self.mlps is not None:
+                out.append(Component(f"MLP{l}", "mlp", l))
+        out += [Component(name, "constant") for name in self.constants]
+        return out
+
+    def values(self) -> Float[Tensor, "B C"]:
+        """Per-row values aligned with :meth:`components`."""
+        cols = [self.embed[:, i] for i in range(self.embed.shape[1])]
+        for l in range(self.n_layers):
+            cols += list(self.heads[:, l].unbind(-1))
+            if self.attn_bias is not None:
+                cols.append(self.attn_bias[:, l])
+            if self.mlps is not None:
+                cols.append(self.mlps[:, l])
+        cols += list(self.constants.values())
+        return torch.stack(cols, -1)
+
+    @property
+    def total(self) -> Float[Tensor, " B"]:
+        """Sum of all parts (constants included): equals ``actual`` (see :meth:`verify`)."""
+        return self.values().sum(-1)
+
+    @property
+    def constant(self) -> Float[Tensor, " B"]:
+        """Sum of the constant terms (``b_U``, ``ln_final.b``); zero when the model has neither."""
+        return sum(self.constants.values(), torch.zeros(self.n_rows))
+
+    def _row(self, t: Tensor, row: int | None) -> Tensor:
+        if row is None:
+            return t.mean(0)
+        if not -self.n_rows <= row < self.n_rows:
+            raise LensInputError(f"row {row} is out of range: this result has {self.n_rows} prompt(s).")
+        return t[row]
+
+    # ------------------------------------------------------------------------------------ identities
+    def verify(self, atol: float = 1e-3, rtol: float = 1e-4) -> "DLAResult":
+        """Check the identities; raise ``VerificationError`` naming the one that fails.
+
+        1. all parts (constants included) sum to ``actual``, the model's own logit (difference) from the run;
+        2. each layer's heads plus ``b_O`` sum to that layer's attention output (``hook_attn_out``) on the direction;
+        3. each MLP's neurons plus its bias part sum to the MLP;
+        4. each head's source positions sum to the head.
+
+        Tolerance per row: ``atol + rtol * Σ|parts|``.
+        """
+        vals = self.values()
+        tol = atol + rtol * vals.abs().sum(-1)  # [B]
+        err = (vals.sum(-1) - self.actual).abs()
+        if (err > tol).any():
+            b = int((err - tol).argmax())
+            hint = (
+                " On a raw TransformerBridge this means the final norm was not reproduced: call "
+                "model.enable_compatibility_mode() and run again."
+                if self.raw_bridge else ""
+            )
+            raise VerificationError(
+                f"the parts sum to {float(vals[b].sum()):.6g} but the model's {self.direction} is "
+                f"{float(self.actual[b]):.6g} (prompt {b}, error {float(err[b]):.2e} > {float(tol[b]):.2e}): the "
+                f"decomposition does not reproduce this model.{hint}"
+            )
+        heads_sum = self.heads.sum(-1) + (self.attn_bias if self.attn_bias is not None else 0.0)
+        self._close(heads_sum, self.attn_out, tol[:, None], "the heads plus b_O of a layer do not sum to its attention "
+                    "output (hook_attn_out) on the direction: W_O or the head outputs are read wrongly")
+        if self.mlps is not None and self.neurons.shape[-1]:
+            neuron_sum = self.neurons.sum(-1) + (self.mlp_bias if self.mlp_bias is not None else 0.0)
+            self._close(neuron_sum, self.mlps, tol[:, None], "the neurons of a layer (plus its b_out part) do not sum "
+                        "to the MLP's output (hook_mlp_out): W_out or hook_post is read wrongly")
+        self._close(self.sources.sum(-1), self.heads, tol[:, None, None], "the source positions of a head do not sum "
+                    "to the head's value: pattern, value (GQA) or W_O do not reproduce hook_z")
+        return self
+
+    @staticmethod
+    def _close(ours: Tensor, ref: Tensor, tol: Tensor, what: str) -> None:
+        err = (ours - ref).abs()
+        if (err > tol).any():
+            idx = tuple(int(i) for i in torch.nonzero(err > tol)[0])
+            raise VerificationError(f"{what} (at index {idx}: {float(ours[idx]):.6g} vs {float(ref[idx]):.6g}).")
+
+    # ------------------------------------------------------------------------------------ rankings
+    def top(self, k: int = 10, kinds: str | Iterable[str] | None = None, row: int | None = None,
+            by: str = "abs") -> list[tuple[str, float]]:
+        """The ``k`` largest parts as ``(label, value)``; ``by="abs"`` (default), ``"value"`` (most positive) or
+        ``"-value"`` (most negative). ``kinds`` filters (e.g. ``"head"``, ``("head", "mlp")``, ``"neuron"``);
+        ``row=None`` ranks the mean over prompts."""
+        kinds = {kinds} if isinstance(kinds, str) else (set(kinds) if kinds is not None else None)
+        if kinds is not None and not kinds <= {*KINDS, "neuron"}:
+            raise LensInputError(
+                f"unknown kinds {sorted(kinds - {*KINDS, 'neuron'})}; use some of {KINDS + ('neuron',)}."
+            )
+        comps, vals = [], []
+        if kinds is None or kinds - {"neuron"}:
+            all_vals = self._row(self.values(), row)
+            for c, v in zip(self.components(), all_vals.tolist()):
+                if kinds is None or c.kind in kinds:
+                    comps.append(c)
+                    vals.append(v)
+        pairs = list(zip([c.label for c in comps], vals))
+        if kinds is not None and "neuron" in kinds:
+            pairs += [(c.label, v) for c, v in self.top_neurons_with_components(len(self.neurons[0].flatten()), row)]
+        key = {"abs": lambda p: -abs(p[1]), "value": lambda p: -p[1], "-value": lambda p: p[1]}.get(by)
+        if key is None:
+            raise LensInputError(f"by must be 'abs', 'value' or '-value', got {by!r}.")
+        return sorted(pairs, key=key)[:k]
+
+    def top_neurons_with_components(self, k: int = 10, row: int | None = None) -> list[tuple[Component, float]]:
+        """The ``k`` neurons with the largest ``|value|`` as ``(Component, value)``."""
+        flat = self._row(self.neurons, row).flatten()
+        if flat.numel() == 0:
+            return []
+        n = self.neurons.shape[-1]
+        idx = flat.abs().topk(min(k, flat.numel())).indices.tolist()
+        return [(Component(f"L{i // n}N{i % n}", "neuron", i // n, None, i % n), float(flat[i])) for i in idx]
+
+    def top_neurons(self, k: int = 10, row: int | None = None) -> list[tuple[str, float]]:
+        """The ``k`` neurons with the largest ``|value|`` as ``(label, value)``, labels ``L{layer}N{index}``."""
+        return [(c.label, v) for c, v in self.top_neurons_with_components(k, row)]
+
+    def head_sources(self, layer: int, head: int, row: int = 0) -> list[tuple[str, float]]:
+        """``(token, value)`` for every source position of one head (prompt ``row``); sums to the head's value."""
+        if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
+            raise LensInputError(f"head L{layer}H{head} does not exist: layers 0..{self.n_layers - 1}, heads "
+                                 f"0..{self.n_heads - 1}.")
+        toks = self.str_tokens[row]
+        vals = self._row(self.sources[:, layer, head], row)[: len(toks)].tolist()
+        return list(zip(toks, vals))
+
+    # ------------------------------------------------------------------------------------ exports
+    def to_dict(self, row: int | None = 0, top_k: int = 10) -> dict[str, Any]:
+        """The ``mi-lenses dla --json`` contract: ``direction``, ``total``, ``actual``, ``components`` (every part,
+        constants included, so they sum to ``total``), ``top_neurons`` (``top_k``) and ``sources`` (per-token values
+        through the ``top_k`` heads with the largest ``|value|``). ``row=None``: means over prompts, no sources."""
+        vals = self._row(self.values(), row)
+        comps = [c.as_dict(v) for c, v in zip(self.components(), vals.tolist())]
+        neurons = [c.as_dict(v) for c, v in self.top_neurons_with_components(top_k, row)]
+        sources: dict[str, list] = {}
+        if row is not None:
+            n = len(self.str_tokens[row])
+            for label, _ in self.top(top_k, kinds="head", row=row):
+                l, h = (int(x) for x in label[1:].split("H"))
+                sources[label] = [_num(v) for v in self.sources[row, l, h, :n].tolist()]
+        return {
+            "direction": self.direction,
+            "total": _num(float(vals.sum())),
+            "actual": _num(float(self._row(self.actual, row))),
+            "components": comps,
+            "top_neurons": neurons,
+            "sources": sources,
+        }
+
+    def to_dataframe(self, what: str = "components"):
+        """Tidy pandas frame, one row per (prompt, unit): ``what`` = ``"components"`` (default), ``"neurons"`` (every
+        neuron) or ``"sources"`` (every head x source position)."""
+        import pandas as pd
+
+        recs: list[dict[str, Any]] = []
+        if what == "components":
+            comps = self.components()
+            for b, row in enumerate(self.values().tolist()):
+                recs += [{"batch": b, **c.as_dict(v)} for c, v in zip(comps, row)]
+        elif what == "neurons":
+            B, L, N = self.neurons.shape
+            idx = torch.cartesian_prod(torch.arange(B), torch.arange(L), torch.arange(N))
+            b, l, n = idx.unbind(-1)
+            return pd.DataFrame({"batch": b.numpy(), "label": [f"L{i}N{j}" for i, j in zip(l.tolist(), n.tolist())],
+                                 "kind": "neuron", "layer": l.numpy(), "neuron": n.numpy(),
+                                 "value": self.neurons.flatten().numpy()})
+        elif what == "sources":
+            for b, toks in enumerate(self.str_tokens):
+                for l in range(self.n_layers):
+                    for h in range(self.n_heads):
+                        for s, t in enumerate(toks):
+                            recs.append({"batch": b, "label": f"L{l}H{h}", "layer": l, "head": h, "source": s,
+                                         "token": t, "value": float(self.sources[b, l, h, s])})
+        else:
+            raise LensInputError(f"what must be 'components', 'neurons' or 'sources', got {what!r}.")
+        return pd.DataFrame(recs)
+
+    def table(self, k: int = 15, row: int | None = 0):
+        """A rich table of the ``k`` largest parts and neurons."""
+        from mi_lenses.viz.attribution import dla_table
+
+        return dla_table(self, k=k, row=row)
+
+    def print(self, k: int = 15, row: int | None = 0) -> None:
+        from mi_lenses.viz.terminal import print_renderable
+
+        print_renderable(self.table(k=k, row=row))
+
+    def to_html(self, path=None, row: int = 0, head: tuple[int, int] | None = None, top_k: int = 20) -> str:
+        """Standalone offline page: layer x head heat map, MLP bars, top neurons, tokens through ``head`` (default
+        the head with the largest ``|value|``); written atomically to ``path`` if given."""
+        from mi_lenses.viz.attribution import dla_page
+
+        return dla_page(self, path=path, row=row, head=head, top_k=top_k)
+
+    def show(self, row: int = 0, head: tuple[int, int] | None = None, top_k: int = 20):
+        """Render in a notebook (offline ``RenderedHTML``)."""
+        from mi_lenses.viz.attribution import dla_notebook
+
+        return dla_notebook(self, row=row, head=head, top_k=top_k)
+
+
+def _num(x: float, digits: int = 8) -> float | None:
+    return round(x, digits) if math.isfinite(x) else None
