@@ -1,0 +1,266 @@
+"""Results of Patchscope runs: one prompt's rows (:class:`PatchscopeResult`) and layer x layer sweeps
+(:class:`SweepResult`). Surprisal is stored in nats (``-ln p``); ``surprisal_bits`` and every export use bits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+
+@dataclass
+class PatchscopeResult:
+    """One source prompt and position, one row per (source layer ``l``, target layer ``l*``).
+
+    ``prec_at_1[r]``: the target's top-1 next token equals the source model's own next-token prediction at ``i``;
+    ``surprisal[r]``: ``-log2 p_target(that token)`` in bits. ``generated_ids`` ``[R, n]`` when generation ran.
+
+    Example::
+
+        res.top_tokens[0][:3]; res.generated[0]; res.to_dataframe(); res.to_html("ps.html")
+    """
+
+    model_name: str
+    target_model_name: str
+    target_name: str
+    source_prompt: str
+    source_str_tokens: list[str]
+    source_position: int
+    source_prediction: str
+    source_layers: list[int]
+    target_layers: list[int]
+    target_prompt: str
+    target_str_tokens: list[str]
+    target_positions: list[int]
+    mapped: bool
+    top_ids: Int[Tensor, "R k"]
+    top_logprobs: Float[Tensor, "R k"]
+    prec_at_1: Bool[Tensor, " R"]
+    surprisal: Float[Tensor, " R"]  # nats; surprisal_bits converts
+    generated_ids: Int[Tensor, "R n"] | None
+    vocab: dict[int, str] = field(repr=False)
+    eos_token_id: int | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------ views
+    @property
+    def source_token(self) -> str:
+        """The source token at position ``i`` (whose hidden state is patched)."""
+        return self.source_str_tokens[self.source_position]
+
+    @property
+    def surprisal_bits(self) -> Float[Tensor, " R"]:
+        return self.surprisal / math.log(2.0)
+
+    @property
+    def top_probs(self) -> Float[Tensor, "R k"]:
+        return self.top_logprobs.exp()
+
+    @property
+    def top_tokens(self) -> list[list[str]]:
+        return [[self.vocab[i] for i in row] for row in self.top_ids.tolist()]
+
+    @property
+    def generated_tokens(self) -> list[list[str]] | None:
+        """Generated tokens per row, cut at the end-of-sequence token when ``stop_at_eos`` was on."""
+        if self.generated_ids is None:
+            return None
+        out = []
+        for row in self.generated_ids.tolist():
+            if self.eos_token_id is not None and self.eos_token_id in row:
+                row = row[: row.index(self.eos_token_id)]
+            out.append([self.vocab[i] for i in row])
+        return out
+
+    @property
+    def generated(self) -> list[str] | None:
+        toks = self.generated_tokens
+        return None if toks is None else ["".join(t) for t in toks]
+
+    @property
+    def row_labels(self) -> list[str]:
+        return [f"{l}" if l == t else f"{l}->{t}" for l, t in zip(self.source_layers, self.target_layers)]
+
+    # ------------------------------------------------------------------------------------ exports
+    def to_dict(self, row: int = 0) -> dict[str, Any]:
+        """JSON-ready dict (the ``mi-lenses patchscope --json`` contract: source_token, generated, top_tokens)."""
+        gen = self.generated
+        return {
+            "model": self.model_name,
+            "target_model": self.target_model_name,
+            "target": self.target_name,
+            "source_prompt": self.source_prompt,
+            "source_position": self.source_position,
+            "source_token": self.source_token,
+            "source_layer": self.source_layers[row],
+            "target_layer": self.target_layers[row],
+            "target_prompt": self.target_prompt,
+            "target_positions": self.target_positions,
+            "source_prediction": self.source_prediction,
+            "top_tokens": self.top_tokens[row],
+            "top_probs": [round(p, 6) for p in self.top_probs[row].tolist()],
+            "prec_at_1": bool(self.prec_at_1[row]),
+            "surprisal": _num(float(self.surprisal_bits[row])),
+            "generated": None if gen is None else gen[row],
+            "units": {"surprisal": "bits"},
+            "settings": self.settings,
+        }
+
+    def to_dataframe(self):
+        """Tidy frame: one row per (source layer, target layer, k) with token, prob, prec@1, surprisal, generation."""
+        import pandas as pd
+
+        gen = self.generated
+        records = []
+        for r, (l, t) in enumerate(zip(self.source_layers, self.target_layers)):
+            for k, (tok, p) in enumerate(zip(self.top_tokens[r], self.top_probs[r].tolist())):
+                records.append(dict(source_layer=l, target_layer=t, k=k, token=tok, prob=p,
+                                    prec_at_1=bool(self.prec_at_1[r]), surprisal_bits=float(self.surprisal_bits[r]),
+                                    generated=None if gen is None else gen[r]))
+        return pd.DataFrame.from_records(records)
+
+    def table(self):
+        from mi_lenses.viz.patchscopes import result_table
+
+        return result_table(self)
+
+    def print(self) -> None:
+        from mi_lenses.viz.terminal import print_renderable
+
+        print_renderable(self.table())
+
+    def to_html(self, path=None) -> str:
+        """Standalone offline HTML page (layer | top-1 | generation table); written atomically to ``path``."""
+        from mi_lenses.viz.patchscopes import result_page
+
+        return result_page(self, path)
+
+    def show(self):
+        """Render in a notebook (offline ``RenderedHTML``)."""
+        from mi_lenses.viz.patchscopes import notebook, result_fragment
+
+        return notebook(result_fragment(self))
+
+
+@dataclass
+class SweepResult:
+    """Patchscope statistics over source layers ``l`` x target layers ``l*`` x source positions.
+
+    ``prec_at_1``/``surprisal``/``target_prob`` are ``[Ls, Lt, P]`` (``nan`` where a pair was not run, e.g. off the
+    diagonal of an ``l* = l`` sweep); the ``*_mean`` properties average over positions. ``target_prob`` is the
+    probability of ``target_token`` (default: the source model's own next-token prediction at each position).
+
+    Example::
+
+        sw = sweep(model, text, presets.identity()); sw.prec_at_1_mean; sw.to_html("sweep.html")
+    """
+
+    model_name: str
+    target_model_name: str
+    target_name: str
+    source_layers: list[int]
+    target_layers: list[int]
+    diagonal: bool
+    positions: list[tuple[int, int]]  # (batch, position) of every source position
+    source_tokens: list[str]  # the token at each source position
+    source_predictions: list[str]
+    prec_at_1: Float[Tensor, "Ls Lt P"]
+    surprisal: Float[Tensor, "Ls Lt P"]  # nats
+    target_prob: Float[Tensor, "Ls Lt P"]
+    target_token: str | None
+    top1_ids: Int[Tensor, "Ls Lt P"]
+    vocab: dict[int, str] = field(repr=False)
+    seconds: float = float("nan")
+
+    @property
+    def surprisal_bits(self) -> Float[Tensor, "Ls Lt P"]:
+        return self.surprisal / math.log(2.0)
+
+    @property
+    def prec_at_1_mean(self) -> Float[Tensor, "Ls Lt"]:
+        return self.prec_at_1.mean(-1)
+
+    @property
+    def surprisal_bits_mean(self) -> Float[Tensor, "Ls Lt"]:
+        return _nanmean(self.surprisal_bits)
+
+    @property
+    def target_prob_mean(self) -> Float[Tensor, "Ls Lt"]:
+        return _nanmean(self.target_prob)
+
+    def per_layer(self) -> Float[Tensor, " Ls"]:
+        """Precision@1 for ``l* = l`` (the diagonal) per source layer."""
+        if self.diagonal:
+            return self.prec_at_1_mean[:, 0]
+        idx = [self.target_layers.index(l) if l in self.target_layers else None for l in self.source_layers]
+        return torch.tensor([float(self.prec_at_1_mean[a, j]) if j is not None else math.nan
+                             for a, j in enumerate(idx)])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``--sweep --json``): ``prec_at_1[l][l2]`` and ``surprisal[l][l2]`` (bits, position means)."""
+        tl = self.source_layers if self.diagonal else self.target_layers
+        prec, surp, prob = self.prec_at_1_mean, self.surprisal_bits_mean, self.target_prob_mean
+        n = len(self.source_layers)
+
+        def full(t: Tensor) -> list:  # an l* = l sweep becomes a square matrix with None off the diagonal
+            if self.diagonal:
+                return [[_num(float(t[a, 0])) if a == b else None for b in range(n)] for a in range(n)]
+            return [[_num(float(v)) for v in row] for row in t.tolist()]
+
+        return {
+            "model": self.model_name,
+            "target_model": self.target_model_name,
+            "target": self.target_name,
+            "source_layers": self.source_layers,
+            "target_layers": tl,
+            "n_positions": len(self.positions),
+            "prec_at_1": full(prec),
+            "surprisal": full(surp),
+            "target_prob": full(prob),
+            "target_token": self.target_token,
+            "units": {"surprisal": "bits"},
+        }
+
+    def to_dataframe(self):
+        """Tidy frame: one row per (source layer, target layer, source position)."""
+        import pandas as pd
+
+        Ls, Lt, P = self.prec_at_1.shape
+        records = []
+        for a in range(Ls):
+            for b in range(Lt):
+                t = self.source_layers[a] if self.diagonal else self.target_layers[b]
+                for p in range(P):
+                    if math.isnan(float(self.prec_at_1[a, b, p])):
+                        continue
+                    records.append(dict(
+                        source_layer=self.source_layers[a], target_layer=t, batch=self.positions[p][0],
+                        position=self.positions[p][1], source_token=self.source_tokens[p],
+                        source_prediction=self.source_predictions[p], top1=self.vocab[int(self.top1_ids[a, b, p])],
+                        prec_at_1=float(self.prec_at_1[a, b, p]), surprisal_bits=float(self.surprisal_bits[a, b, p]),
+                        target_prob=float(self.target_prob[a, b, p]),
+                    ))
+        return pd.DataFrame.from_records(records)
+
+    def to_html(self, path=None) -> str:
+        from mi_lenses.viz.patchscopes import sweep_page
+
+        return sweep_page(self, path)
+
+    def show(self):
+        from mi_lenses.viz.patchscopes import notebook, sweep_fragment
+
+        return notebook(sweep_fragment(self))
+
+
+def _nanmean(t: Tensor) -> Tensor:
+    ok = torch.isfinite(t)
+    return torch.where(ok, t, 0.0).sum(-1) / ok.sum(-1).clamp(min=1) + torch.where(ok.any(-1), 0.0, torch.nan)
+
+
+def _num(x: float) -> float | None:
+    return round(x, 6) if math.isfinite(x) else None
