@@ -3,6 +3,7 @@
 Example::
 
     mi-lenses logit-lens "The capital of France is" --target " Paris" --html lens.html --json lens.json
+    mi-lenses logit-lens "The capital of France is" --lens smol_lens     # decode through a tuned lens
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ def register(sub) -> None:
     ll.add_argument("--value", default="prob", choices=["prob", "rank"], help="what the table cells show")
     ll.add_argument("--html", default=None, help="write a standalone offline HTML page here")
     ll.add_argument("--json", default=None, help="write the statistics as JSON here")
+    ll.add_argument("--lens", default=None,
+                    help="a tuned-lens folder (mi_lenses or tuned-lens format) to decode through instead of the "
+                         "logit lens")
     ll.add_argument("--device", default="cpu")
     ll.set_defaults(func=run)
 
@@ -40,7 +44,13 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = load_model(args.model, device=args.device)
     t1 = time.perf_counter()
-    res = logit_lens(model, args.prompt, top_k=args.top_k, targets=args.target, point=args.point)
+    kwargs = dict(top_k=args.top_k, targets=args.target, point=args.point)
+    if args.lens:
+        from mi_lenses.lenses.tuned.io import load_lens
+
+        res = load_lens(args.lens, model).run(model, args.prompt, **kwargs)
+    else:
+        res = logit_lens(model, args.prompt, **kwargs)
     t2 = time.perf_counter()
     print_renderable(res.table(value=args.value))
     print(f"model loaded in {t1 - t0:.1f} s, lens in {t2 - t1:.2f} s; final row verified against the model's logits.")
