@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=48)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "wikitext-2" / "test.txt"))
+    ap.add_argument("--lens", default=None, help="a trained tuned lens (folder) to add as a third column")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "patchscope_vs_logit_lens.json"))
     args = ap.parse_args()
@@ -86,6 +87,19 @@ def main() -> None:
             lp = view.decode(cache[names[l]]).log_softmax(-1)
             lens_surprisal.append(-lp.gather(-1, top1[..., None])[..., 0].mean().item() / math.log(2))
     t_ll = time.perf_counter() - t1
+    tuned_prec = tuned_surprisal = None
+    if args.lens:
+        from mi_lenses.lenses.tuned import load_lens
+
+        tuned = load_lens(args.lens, model)
+        rows = {r.hook_name: r for r in view.residual_rows("resid_post")}  # block l's output -> lens index l + 1
+        tuned_prec, tuned_surprisal = [], []
+        with torch.no_grad():
+            for l in range(L):
+                h = cache[names[l]].reshape(B * S, -1)
+                lp = view.decode(tuned.transform(h, rows[names[l]])).log_softmax(-1).view(B, S, -1)
+                tuned_prec.append(float((lp.argmax(-1) == top1).float().mean()))
+                tuned_surprisal.append(-lp.gather(-1, top1[..., None])[..., 0].mean().item() / math.log(2))
     cpu = time.process_time() - c0
     wall = time.perf_counter() - t0
 
@@ -101,7 +115,8 @@ def main() -> None:
           f"{'LL surprisal':>12}")
     for l in range(L):
         print(f"{l:>5} | {ps_prec[l]:>17.3f} | {lens_prec[l]:>17.3f} | {ps_surp[l]:>12.2f} | "
-              f"{lens_surprisal[l]:>12.2f}")
+              f"{lens_surprisal[l]:>12.2f}"
+              + (f" | tuned lens {tuned_prec[l]:.3f} / {tuned_surprisal[l]:.2f} bits" if tuned_prec else ""))
     util = cpu / (wall * threads)
     print(f"\nPatchscope sweep {t_ps:.1f} s ({L * B * S} patched rows), logit lens + decode {t_ll:.1f} s; "
           f"CPU utilisation {util:.2f} ({threads} threads); peak RSS "
@@ -111,6 +126,8 @@ def main() -> None:
         "positions": B * S, "layers": list(range(L)),
         "patchscope_prec_at_1": ps_prec, "logit_lens_prec_at_1": lens_prec,
         "patchscope_surprisal_bits": ps_surp, "logit_lens_surprisal_bits": lens_surprisal,
+        "tuned_lens_prec_at_1": tuned_prec, "tuned_lens_surprisal_bits": tuned_surprisal,
+        "tuned_lens": os.path.basename(os.path.normpath(args.lens)) if args.lens else None,
         "seconds": {"patchscope_sweep": t_ps, "logit_lens": t_ll}, "cpu_util": util, "threads": threads,
         "command": "python benchmarks/patchscope_vs_logit_lens.py " + " ".join(sys.argv[1:]),
     }

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHS, PROMPT
+from conftest import PROMPT
 
 from mi_lenses.errors import LensInputError
 from mi_lenses.lenses.logit_lens import logit_lens, run_lens

@@ -9,9 +9,9 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
+from mi_lenses.commands import write_outputs
 from mi_lenses.errors import LensInputError
 
 
@@ -33,7 +33,6 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from mi_lenses.attribution import direct_logit_attribution
     from mi_lenses.models.loading import load_model
-    from mi_lenses.viz.html import write_atomic
     from mi_lenses.viz.terminal import print_renderable
 
     if args.top_k < 1:
@@ -46,10 +45,5 @@ def run(args: argparse.Namespace) -> int:
     print_renderable(res.table(k=args.top_k))
     print(f"model loaded in {t1 - t0:.1f} s, attribution in {t2 - t1:.2f} s; parts verified against the model's "
           f"logits (sum {float(res.total[0]):+.4f}, model {float(res.actual[0]):+.4f}).")
-    if args.json:
-        write_atomic(args.json, json.dumps(res.to_dict(top_k=args.top_k), indent=1))
-        print(f"wrote {args.json}")
-    if args.html:
-        res.to_html(args.html, top_k=args.top_k)
-        print(f"wrote {args.html}")
+    write_outputs(args, res, top_k=args.top_k)
     return 0

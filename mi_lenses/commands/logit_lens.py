@@ -9,9 +9,9 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
+from mi_lenses.commands import write_outputs
 from mi_lenses.errors import LensInputError
 
 
@@ -36,7 +36,6 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from mi_lenses.lenses.logit_lens import logit_lens
     from mi_lenses.models.loading import load_model
-    from mi_lenses.viz.html import write_atomic
     from mi_lenses.viz.terminal import print_renderable
 
     if args.top_k < 1:
@@ -54,10 +53,5 @@ def run(args: argparse.Namespace) -> int:
     t2 = time.perf_counter()
     print_renderable(res.table(value=args.value))
     print(f"model loaded in {t1 - t0:.1f} s, lens in {t2 - t1:.2f} s; final row verified against the model's logits.")
-    if args.json:
-        write_atomic(args.json, json.dumps(res.to_dict(), indent=1))
-        print(f"wrote {args.json}")
-    if args.html:
-        res.to_html(args.html)
-        print(f"wrote {args.html}")
+    write_outputs(args, res)
     return 0

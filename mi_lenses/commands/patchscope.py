@@ -14,9 +14,9 @@ the source positions; ``null`` where a pair was not run).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
+from mi_lenses.commands import write_outputs
 from mi_lenses.errors import LensInputError
 
 PRESET_NAMES = ("identity", "description", "attribute", "multi_hop", "future_lens", "selfie")
@@ -85,7 +85,6 @@ def _target(args):
 def run(args: argparse.Namespace) -> int:
     from mi_lenses.models.loading import load_model
     from mi_lenses.patchscopes import AffineMap, Source, patchscope, sweep
-    from mi_lenses.viz.html import write_atomic
     from mi_lenses.viz.terminal import print_renderable
 
     if args.top_k < 1:
@@ -130,10 +129,5 @@ def run(args: argparse.Namespace) -> int:
         print_renderable(res.table())
     t2 = time.perf_counter()
     print(f"model(s) loaded in {t1 - t0:.1f} s, patchscope in {t2 - t1:.2f} s.")
-    if args.json:
-        write_atomic(args.json, json.dumps(res.to_dict(), indent=1))
-        print(f"wrote {args.json}")
-    if args.html:
-        res.to_html(args.html)
-        print(f"wrote {args.html}")
+    write_outputs(args, res)
     return 0

@@ -10,10 +10,10 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
+from mi_lenses.commands import write_outputs
 from mi_lenses.errors import LensInputError
 
 
@@ -89,7 +89,6 @@ def run_eval(args: argparse.Namespace) -> int:
     from mi_lenses.lenses.tuned.evaluate import evaluate_lens
     from mi_lenses.lenses.tuned.io import load_lens
     from mi_lenses.models.loading import load_model
-    from mi_lenses.viz.html import write_atomic
 
     if args.max_tokens is not None and args.max_tokens < args.seq_len:
         raise LensInputError(f"--max-tokens ({args.max_tokens}) must be at least --seq-len ({args.seq_len}).")
@@ -97,10 +96,5 @@ def run_eval(args: argparse.Namespace) -> int:
     lens = load_lens(args.lens, model)
     ev = evaluate_lens(lens, model, args.data, max_tokens=args.max_tokens, seq_len=args.seq_len)
     print(ev.table())
-    if args.json:
-        write_atomic(args.json, json.dumps(ev.to_dict(), indent=1))
-        print(f"wrote {args.json}")
-    if args.html:
-        ev.to_html(args.html)
-        print(f"wrote {args.html}")
+    write_outputs(args, ev)
     return 0
