@@ -71,7 +71,7 @@ def main() -> None:
     from mi_lenses.patchscopes import Source, patchscope, presets, sweep
     from mi_lenses.patchscopes.run import patch_hooks, patched_generate, source_states
     from mi_lenses.patchscopes.spec import resolve_target
-    from mi_lenses.viz.html import write_atomic
+    from mi_lenses.atomic import write_atomic
 
     model = mi_lenses.load_model()
     view = mi_lenses.ModelView(model)

@@ -188,7 +188,7 @@ def main() -> None:
     from mi_lenses.lenses.tuned.data import load_tokens
     from mi_lenses.lenses.tuned.train import _step_sequences
     from mi_lenses.models.loading import converted_folder, embedded_gguf_path
-    from mi_lenses.viz.html import write_atomic
+    from mi_lenses.atomic import write_atomic
 
     torch.manual_seed(0)
     model = mi_lenses.load_model()

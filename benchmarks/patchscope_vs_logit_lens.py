@@ -63,7 +63,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import mi_lenses
     from mi_lenses.patchscopes import presets, sweep
-    from mi_lenses.viz.html import write_atomic
+    from mi_lenses.atomic import write_atomic
 
     model = mi_lenses.load_model()
     view = mi_lenses.ModelView(model)

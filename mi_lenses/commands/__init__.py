@@ -13,7 +13,7 @@ def write_outputs(args: Any, result: Any, **kwargs: Any) -> None:
     """Write ``result.to_dict(**kwargs)`` to ``--json`` and ``result.to_html(path, **kwargs)`` to ``--html``, if given."""
     import json
 
-    from mi_lenses.viz.html import write_atomic
+    from mi_lenses.atomic import write_atomic
 
     if getattr(args, "json", None):
         write_atomic(args.json, json.dumps(result.to_dict(**kwargs), indent=1))

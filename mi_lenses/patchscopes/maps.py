@@ -12,7 +12,6 @@ Example::
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mi_lenses.atomic import write_file_atomic
 from mi_lenses.errors import LensInputError
 from mi_lenses.patchscopes.spec import POINT, resolve_layer, view_of
 
@@ -51,18 +51,8 @@ class AffineMap:
         """Write to a ``.safetensors`` file atomically."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            meta = {"r2": repr(self.r2)}
-            save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        tensors = {"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}
+        return write_file_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"r2": repr(self.r2)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AffineMap":

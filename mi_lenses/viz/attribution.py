@@ -7,7 +7,9 @@ from __future__ import annotations
 import html
 import math
 
-from mi_lenses.viz.html import circuitsvis_block, esc, page, write_atomic
+from mi_lenses.atomic import write_atomic
+
+from mi_lenses.viz.html import circuitsvis_block, esc, page
 
 
 def _diverging(t: float) -> str:

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import html
 import math
-import os
-import tempfile
-from pathlib import Path
 from typing import Sequence
 
 _MARK = "CircuitsVis.render("
@@ -43,21 +40,6 @@ def esc(text: str) -> str:
     if text and not text.strip(" "):
         return "␣" * len(text)
     return html.escape(text).replace("\n", "\\n").replace(" ", "&nbsp;") or "&nbsp;"
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def circuitsvis_block(components: Sequence) -> str:

@@ -8,7 +8,9 @@ import math
 
 import torch
 
-from mi_lenses.viz.html import circuitsvis_block, heat_grid, line_chart, page, write_atomic
+from mi_lenses.atomic import write_atomic
+
+from mi_lenses.viz.html import circuitsvis_block, heat_grid, line_chart, page
 
 
 def _rows_top_first(n: int) -> list[int]:

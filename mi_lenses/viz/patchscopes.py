@@ -6,7 +6,9 @@ from __future__ import annotations
 import html
 import math
 
-from mi_lenses.viz.html import esc, heat_grid, line_chart, page, write_atomic
+from mi_lenses.atomic import write_atomic
+
+from mi_lenses.viz.html import esc, heat_grid, line_chart, page
 
 
 def notebook(fragment: str):

@@ -119,7 +119,8 @@ class LensEvaluation:
 
     def to_html(self, path=None) -> str:
         """A standalone offline page; written atomically to ``path`` if given."""
-        from mi_lenses.viz.html import page, write_atomic
+        from mi_lenses.atomic import write_atomic
+        from mi_lenses.viz.html import page
 
         text = page(f"Lens evaluation: {self.model_name}", self._body())
         if path is not None:

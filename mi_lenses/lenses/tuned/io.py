@@ -23,12 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from mi_lenses.atomic import write_files_atomic
 from mi_lenses.errors import LensInputError
 from mi_lenses.lenses.tuned.lens import TunedLens
 
@@ -39,39 +39,6 @@ TL_WEIGHTS = "params.pt"
 FORMAT_ID = "mi_lenses.tuned_lens"
 VERSION = 1
 FORMATS = ("mi_lenses", "tuned-lens")
-
-
-def write_files_atomic(folder: str | os.PathLike, writers: list[tuple[str, Callable[[Path], None]]]) -> Path:
-    """Write files into ``folder``: each ``writer(tmp_path)`` fills a temp file next to its target, which is then
-    flushed and renamed into place, in the order given (put the file that commits the others, e.g. a config holding
-    their checksum, last). Other files in ``folder`` (a checkpoint, say) are left alone; a crash never leaves a
-    half-written file under a final name."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise LensInputError(f"{folder} exists and is not a folder: choose another output path.")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmps: list[tuple[Path, Path]] = []
-    try:
-        for name, writer in writers:
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
-            os.close(fd)
-            tmps.append((Path(tmp), folder / name))
-            writer(Path(tmp))
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-        for tmp, final in tmps:
-            os.replace(tmp, final)
-    finally:
-        for tmp, _ in tmps:
-            tmp.unlink(missing_ok=True)
-    return folder
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _sha256(path: Path) -> str:

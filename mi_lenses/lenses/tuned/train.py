@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError, MiLensesError
-from mi_lenses.lenses.tuned.io import save_lens, write_files_atomic
+from mi_lenses.atomic import write_files_atomic
+from mi_lenses.lenses.tuned.io import save_lens
 from mi_lenses.lenses.tuned.lens import TunedLens
 from mi_lenses.models.view import ModelView
 
