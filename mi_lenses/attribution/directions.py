@@ -160,13 +160,9 @@ def centred_vectors(view: ModelView, direction: Direction) -> Float[Tensor, "B d
 def final_scale(view: ModelView, direction: Direction, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
     """The final norm's scale at each residual state (the norm's input), frozen from the run: ``sqrt(var + eps)``
     (LayerNorm) or ``sqrt(mean(x²) + eps)`` (RMSNorm); ones when the direction is not read through the norm."""
-    kind, _, _, eps = view.final_norm()
-    if kind is None or not direction.through_final_norm:
+    if not direction.through_final_norm:
         return torch.ones(resid.shape[:-1], device=resid.device)
-    x = resid.float()
-    if kind == "LN":
-        x = x - x.mean(-1, keepdim=True)
-    return torch.sqrt(x.pow(2).mean(-1) + eps)
+    return view.final_norm_scale(resid)
 
 
 def effective_directions(

@@ -249,8 +249,19 @@ class ModelView:
             gain = 1.0 + gain
         return kind, gain, bias, eps
 
+    def final_norm_scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
+        """The final norm's scale of each residual vector, in float32: ``sqrt(var + eps)`` (LayerNorm) or
+        ``sqrt(mean(x²) + eps)`` (RMSNorm); ones when the model has no final norm."""
+        kind, _, _, eps = self.final_norm()
+        x = x.float()
+        if kind is None:
+            return torch.ones(x.shape[:-1], device=x.device)
+        if kind == "LN":
+            x = x - x.mean(-1, keepdim=True)
+        return torch.sqrt(x.pow(2).mean(-1) + eps)
+
     def normalize(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        """The final norm *without* its gain/bias: centre (LayerNorm) and divide by the RMS, in float32."""
+        """The final norm *without* its gain/bias: centre (LayerNorm) and divide by the scale, in float32."""
         kind, _, _, eps = self.final_norm()
         x = x.float()
         if kind is None:

@@ -138,7 +138,8 @@ class _Objective:
     def __init__(self, view: ModelView, dtype: torch.dtype = torch.float32):
         self.view = view
         self.L = view.n_layers
-        self.names = [f"blocks.{l}.hook_resid_pre" for l in range(self.L)] + [f"blocks.{self.L - 1}.hook_resid_post"]
+        # the lens rows in tuned-lens order (embed = resid_pre of block 0, ..., input of block L-1), then the final row
+        self.names = [r.hook_name for r in view.residual_rows("resid_pre")]
         self.W, self.b = view.unembed(dtype)
         self.dtype = dtype
         self.softcap = view.softcap
