@@ -1,43 +1,87 @@
 """mi_lenses: lens-style interpretability for TransformerLens models.
 
-Example::
+Every name is importable from here:
 
-    import mi_lenses
-    model = mi_lenses.load_model()                        # embedded SmolLM2-135M-Instruct, offline
-    res = mi_lenses.logit_lens(model, "The capital of France is")
-    res.print(); res.to_html("logit_lens.html")
-    dla = mi_lenses.direct_logit_attribution(model, "When Mary and John went to the store, John gave a drink to",
-                                             answer=" Mary", wrong=" John")
-    dla.top(5)
-    ps = mi_lenses.patchscopes.patchscope(model, mi_lenses.patchscopes.Source("Diana, Princess of Wales", layer=8),
-                                          mi_lenses.patchscopes.presets.description(), max_new_tokens=8)
+* lenses: :func:`logit_lens`, :func:`tuned_lens`, :class:`LogitLens`, :class:`TunedLens`, :class:`Lens`,
+  :func:`run_lens`; tuned-lens training and files: :func:`train_lens`, :class:`TrainConfig`, :func:`evaluate_lens`,
+  :func:`load_lens`, :func:`save_lens`;
+* attribution: :func:`direct_logit_attribution`, :func:`neuron_attribution`;
+* Patchscopes: :func:`patchscope`, :func:`sweep`, :class:`Source`, :class:`Target`, ``presets``, :func:`fit_map`;
+* models: :func:`load_model`, :class:`ModelView`;
+* results share one protocol (:class:`Result`: ``show``, ``to_html``, ``print``, ``to_dict``/``to_json``,
+  ``to_dataframe``); errors derive from :class:`MiLensesError` and name the fix.
+
+Example:
+    >>> res = mi_lenses.logit_lens(model, "The capital of France is", targets=" Paris")   # model = load_model()
+    >>> res.labels[-1], res.kl_bits.shape[0] == len(res.labels)
+    ('final', True)
+    >>> dla = mi_lenses.direct_logit_attribution(model, "The capital of France is", answer=" Paris")
+    >>> ps = mi_lenses.patchscope(model, mi_lenses.Source("The capital of France is", layer=-1))
+    >>> bool(ps.prec_at_1[0])
+    True
 """
 
-from mi_lenses import patchscopes
 from mi_lenses.attribution import DLAResult, direct_logit_attribution, neuron_attribution
-from mi_lenses.lenses import Lens, LensResult, LogitLens, VerificationError, logit_lens, run_lens
-from mi_lenses.lenses.tuned import LensEvaluation, TunedLens, evaluate_lens, load_lens, train_lens
-from mi_lenses.models import LensInputError, ModelLoadError, ModelView, load_model
+from mi_lenses.errors import LensInputError, MiLensesError, ModelLoadError, VerificationError
+from mi_lenses.lenses import Lens, LensResult, LogitLens, logit_lens, run_lens
+from mi_lenses.lenses.tuned import (
+    LensEvaluation,
+    TrainConfig,
+    TunedLens,
+    evaluate_lens,
+    load_lens,
+    save_lens,
+    train_lens,
+    tuned_lens,
+)
+from mi_lenses.models import ModelView, load_model
+from mi_lenses.patchscopes import (
+    AffineMap,
+    PatchscopeResult,
+    Source,
+    SweepResult,
+    Target,
+    fit_map,
+    patchscope,
+    presets,
+    sweep,
+)
+from mi_lenses import patchscopes  # noqa: E402  (the subpackage, e.g. mi_lenses.patchscopes.verify)
+from mi_lenses.results import Result
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
+    "AffineMap",
     "DLAResult",
     "Lens",
     "LensEvaluation",
     "LensInputError",
     "LensResult",
     "LogitLens",
+    "MiLensesError",
     "ModelLoadError",
     "ModelView",
+    "PatchscopeResult",
+    "Result",
+    "Source",
+    "SweepResult",
+    "Target",
+    "TrainConfig",
     "TunedLens",
     "VerificationError",
     "direct_logit_attribution",
     "evaluate_lens",
+    "fit_map",
     "load_lens",
     "load_model",
     "logit_lens",
     "neuron_attribution",
+    "patchscope",
     "patchscopes",
+    "presets",
     "run_lens",
+    "save_lens",
+    "sweep",
     "train_lens",
+    "tuned_lens",
 ]

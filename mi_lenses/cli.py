@@ -19,8 +19,9 @@ from mi_lenses.errors import MiLensesError
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mi-lenses", description="Lens-style interpretability for TransformerLens.")
     sub = parser.add_subparsers(dest="command", required=True)
+    shared = mi_lenses.commands.parents()
     for info in sorted(pkgutil.iter_modules(mi_lenses.commands.__path__), key=lambda m: m.name):
-        importlib.import_module(f"mi_lenses.commands.{info.name}").register(sub)
+        importlib.import_module(f"mi_lenses.commands.{info.name}").register(sub, shared)
     return parser
 
 

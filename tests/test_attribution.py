@@ -6,6 +6,8 @@ bridge and compatibility mode. The embedded SmolLM2 tests are marked slow.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import runpy
 import warnings
@@ -179,18 +181,15 @@ def test_neuron_attribution_on_raw_matches_engine(tiny):
 def test_ignoring_the_final_norm_gain_fails_on_raw(builder, arch, monkeypatch):
     tiny = builder.get(arch, "raw")
     before = hook_counts(tiny.model)
-    orig = ModelView.final_norm
-
-    def gainless(self):
-        kind, gain, bias, eps = orig(self)
-        return kind, torch.ones_like(gain), bias, eps
-
-    monkeypatch.setattr(ModelView, "final_norm", gainless)
+    real = ModelView(tiny.model).decoder
+    gainless = dataclasses.replace(real, gain=torch.ones_like(real.gain))
+    monkeypatch.setattr(ModelView, "decoder", property(lambda self: gainless))
     with pytest.raises(VerificationError, match="enable_compatibility_mode"):
         _run(tiny)
     assert hook_counts(tiny.model) == before
     # a raw bridge whose gain cannot be read is refused, not silently attributed
-    monkeypatch.setattr(ModelView, "final_norm", lambda self: (orig(self)[0], None, None, orig(self)[3]))
+    unread = dataclasses.replace(real, gain=None, bias=None)
+    monkeypatch.setattr(ModelView, "decoder", property(lambda self: unread))
     with pytest.raises(LensInputError, match=r"enable_compatibility_mode\(\)"):
         _run(tiny)
 

@@ -218,7 +218,8 @@ def test_fixture_models_are_what_we_think(tiny):
     """The fixtures themselves: architecture facts the other tests rely on (and the power of the norm checks)."""
     m, cfg = tiny.model, tiny.model.cfg
     view = ModelView(m)
-    kind, gain, bias, eps = view.final_norm()
+    dec = view.decoder
+    kind, gain, bias, eps = dec.kind, dec.gain, dec.bias, dec.eps
     hf_norm = hf_final_norm(tiny.hf)
     assert kind == ("RMS" if tiny.arch in ("llama_gqa", "llama_tied", "qwen2") else "LN")
     assert eps == pytest.approx(getattr(hf_norm, "variance_epsilon", getattr(hf_norm, "eps", None)))
@@ -851,7 +852,7 @@ def test_wrong_epsilon_is_visible(builder):
     with torch.no_grad():
         _, cache = tm.model.run_with_cache(tokens)
     x = cache["blocks.0.hook_resid_pre"].float()
-    W, _ = view.unembed()
+    W = view.decoder.W
     wrong = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)) @ W
     ref = hf_lens_logits(tm, tokens)[0]
     assert (wrong.double().log_softmax(-1) - ref.log_softmax(-1)).abs().max() > 100 * TOL

@@ -94,7 +94,7 @@ def test_self_patch_changes_nothing(tiny):
 
 
 def _state(view, tokens, layer, pos):
-    states, _ = ps_run.source_states(view, tokens, [layer])
+    states, _ = ps_run.source_states(view, view.batch(tokens), [layer])
     return states[layer][0, pos]
 
 

@@ -8,7 +8,7 @@ Example::
     res.verify(); res.top(5); res.to_html("dla.html")
 """
 
-from mi_lenses.attribution.components import direct_logit_attribution, dla, required_hooks
+from mi_lenses.attribution.components import direct_logit_attribution, required_hooks
 from mi_lenses.attribution.directions import Direction, resolve_direction
 from mi_lenses.attribution.neurons import neuron_attribution
 from mi_lenses.attribution.result import Component, DLAResult
@@ -18,7 +18,6 @@ __all__ = [
     "DLAResult",
     "Direction",
     "direct_logit_attribution",
-    "dla",
     "neuron_attribution",
     "required_hooks",
     "resolve_direction",

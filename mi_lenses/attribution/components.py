@@ -7,22 +7,26 @@ component's *direct* effect is its output dotted with the effective direction ``
 :mod:`mi_lenses.attribution.directions`), and the parts add up to the model's own logit (difference) up to the
 constants no component produces (``b_U`` and the final LayerNorm's bias).
 
-Example::
+The engine runs in four steps: **prepare** (the batch and the positions, checked before any forward pass), **forward**
+(one pass caching :func:`required_hooks`, or your cache), **reduce** (every component dotted with the direction) and
+**assemble** (a :class:`~mi_lenses.attribution.result.DLAResult`, verified against the model's own logits).
 
-    import mi_lenses
-    model = mi_lenses.load_model()
-    res = mi_lenses.direct_logit_attribution(
-        model, "When Mary and John went to the store, John gave a drink to", answer=" Mary", wrong=" John")
-    res.verify()           # parts sum to the model's logit difference; sources sum to heads; neurons to MLPs
-    res.top(5)             # [('L..H..', value), ...]
-    res.to_html("dla.html")
+Example:
+    >>> res = mi_lenses.direct_logit_attribution(model, "The capital of France is", answer=" Paris")
+    >>> _ = res.verify()     # parts sum to the model's logit; sources sum to heads; neurons to MLPs
+    >>> abs(float(res.total[0] - res.actual[0])) < 1e-3
+    True
+    >>> [label for label, _ in res.top(40)][:1] != []
+    True
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from mi_lenses.attribution.directions import (
@@ -35,6 +39,8 @@ from mi_lenses.attribution.directions import (
 from mi_lenses.attribution.result import DLAResult
 from mi_lenses.attribution.sources import source_attribution
 from mi_lenses.errors import LensInputError
+from mi_lenses.indexing import resolve_positions
+from mi_lenses.models.batch import Batch, PromptInput, match_cache
 from mi_lenses.models.view import ModelView
 
 
@@ -52,7 +58,7 @@ def required_hooks(model: Any) -> list[str]:
 
 def direct_logit_attribution(
     model: Any,
-    input: str | Sequence[str] | Tensor | None = None,
+    input: PromptInput | None = None,
     *,
     answer: TokenSpec | None = None,
     wrong: TokenSpec | None = None,
@@ -60,6 +66,7 @@ def direct_logit_attribution(
     position: int = -1,
     cache: Any = None,
     logits: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     prepend_bos: bool | None = None,
     through_final_norm: bool = True,
     check: bool = True,
@@ -68,16 +75,17 @@ def direct_logit_attribution(
 
     Args:
         model: a TransformerLens model (raw ``TransformerBridge``, compatibility mode, or ``HookedTransformer``).
-        input: a prompt, a list of prompts (right-padded; ``position`` counts within each prompt), or tokens
-            ``[batch, pos]``. With ``cache`` it only supplies the token strings (optional).
+        input: a prompt, a list of prompts (right-padded; ``position`` counts within each prompt), or token ids
+            ``[batch, pos]`` (with ``attention_mask`` when padded). With ``cache`` it only supplies the token strings.
         answer: the token whose logit is attributed: a string that is exactly one token, an id, or one per prompt.
         wrong: optional token(s) subtracted: the attributed quantity is ``logit[answer] - logit[wrong]``.
         direction: instead of tokens, a ``[d_model]`` or ``[batch, d_model]`` vector read through the final norm like
             a column of ``W_U`` (``through_final_norm=False``: a plain residual projection).
-        position: the position attributed, per prompt (default ``-1``, each prompt's last token).
+        position: the position attributed, counted in each prompt's own tokens (default ``-1``: its last token).
         cache: an ``ActivationCache`` with the hooks of :func:`required_hooks`; with ``logits`` (that run's output)
             the result is checked against the model's own logits, else ``actual`` is computed from the final
             residual stream.
+        attention_mask: with token ids: 1 on real tokens, 0 on padding (left or right).
         check: run ``verify()`` when the model's logits are known (always, unless you pass ``False``).
 
     Returns:
@@ -92,99 +100,31 @@ def direct_logit_attribution(
         raise LensInputError(f"position must be an int (negative counts from each prompt's end), got {position!r}.")
     if input is None and cache is None:
         raise LensInputError("pass a prompt, a list of prompts, tokens, or cache=ActivationCache.")
-    tokens = view.to_tokens(input, prepend_bos) if input is not None else None
-
-    names = required_hooks(view)
-    if cache is None:
-        wanted = set(names)
-        with torch.no_grad():
-            logits, cache = view.model.run_with_cache(tokens, names_filter=lambda n: n in wanted)
-    missing = [n for n in names if n not in _keys(cache)]
-    if missing:
-        raise LensInputError(
-            f"the cache lacks {len(missing)} hook(s) DLA needs, e.g. {missing[:3]}: run model.run_with_cache(tokens) "
-            "without a names_filter (or with mi_lenses.attribution.required_hooks(model)), or pass the prompt instead."
-        )
-    resid_all = cache[view.final_resid_hook]
-    if resid_all.ndim != 3:
-        raise LensInputError(f"expected a cache with a batch dimension ([batch, pos, d_model]), got "
-                             f"{tuple(resid_all.shape)}.")
-    B, S, _ = resid_all.shape
-    if tokens is not None and tuple(tokens.shape) != (B, S):
-        raise LensInputError(f"tokens {tuple(tokens.shape)} do not match the cache's [batch, pos] = {(B, S)}.")
-    if tokens is not None and isinstance(input, (list, tuple)) and all(isinstance(p, str) for p in input):
-        lengths = view.token_lengths(input, tokens, prepend_bos)
-    else:
-        lengths = [S] * B
-    pos = _resolve_positions(position, lengths)
-    rows = torch.arange(B)
-
-    dirn = resolve_direction(view, B, answer, wrong, direction, through_final_norm)
-    dev = resid_all.device
-    with torch.no_grad():
-        pos_list = pos.tolist()
-
-        def at(t: Tensor) -> Tensor:  # [B, S, ...] -> [B, ...] at each row's position (basic indexing: fast)
-            return torch.stack([t[b, p] for b, p in enumerate(pos_list)]).float()
-
-        resid = at(resid_all)  # [B, d_model]
-        d_eff, scale = effective_directions(view, dirn, resid)  # [B, d_model], [B]
-
-        def proj(hook: str) -> Tensor:
-            return (at(cache[hook]) * d_eff).sum(-1).cpu()
-
-        embed = torch.stack([proj(hook) for _, hook in view.embed_hooks], -1)  # [B, E]
-        L, H = view.n_layers, view.n_heads
-        heads = torch.zeros(B, L, H)
-        attn_bias = torch.zeros(B, L)
-        attn_out = torch.zeros(B, L)
-        mlps = torch.zeros(B, L)
-        mlp_bias = torch.zeros(B, L)
-        neurons = torch.zeros(B, L, view.d_mlp)
-        sources = torch.zeros(B, L, H, S)
-        has_b_O = has_b_out = False
-        for l in range(L):
-            z = at(cache[view.attn_hook(l, "z")])  # [B, H, d_head]
-            wod = torch.einsum("hdm,bm->bhd", view.W_O(l).to(dev), d_eff)  # W_O[h] @ d'
-            heads[:, l] = (z * wod).sum(-1).cpu()
-            b_O = view.b_O(l)
-            if b_O is not None:
-                has_b_O = True
-                attn_bias[:, l] = (d_eff @ b_O.to(dev)).cpu()
-            attn_out[:, l] = proj(view.out_hook(l, "attn"))
-            sources[:, l] = source_attribution(view, cache, l, pos, wod).cpu()
-            if view.has_mlp:
-                mlps[:, l] = proj(view.out_hook(l, "mlp"))
-                post = at(cache[view.mlp_hook(l, "post")])  # [B, d_mlp]
-                neurons[:, l] = (post * (d_eff @ view.W_out(l).to(dev).T)).cpu()
-                b_out = view.b_out(l)
-                if b_out is not None:
-                    has_b_out = True
-                    mlp_bias[:, l] = (d_eff @ b_out.to(dev)).cpu()
-        actual, actual_source = model_value(view, dirn, logits, resid, rows, pos)
-
-    tokens_cpu = tokens.cpu() if tokens is not None else None
-    str_tokens = _str_tokens(view, tokens_cpu, lengths)
+    batch, cache, logits = _forward(view, input, cache, logits, attention_mask, prepend_bos)
+    pos = resolve_positions([position], batch.lengths, batch.offsets, every_prompt=True).index[:, 0]
+    dirn = resolve_direction(view, batch.shape[0], answer, wrong, direction, through_final_norm)
+    parts = _reduce(view, cache, dirn, pos)
+    actual, actual_source = model_value(view, dirn, logits, parts.resid, torch.arange(batch.shape[0]), pos)
     result = DLAResult(
         model_name=view.name,
         direction=dirn.label,
         answer=dirn.answer_strs,
         wrong=dirn.wrong_strs,
-        str_tokens=str_tokens,
-        positions=pos.tolist(),
+        str_tokens=_str_tokens(view, batch, input is not None),
+        positions=(pos - torch.tensor(batch.offsets)).tolist(),
         embed_labels=[label for label, _ in view.embed_hooks],
-        embed=embed,
-        heads=heads,
-        attn_bias=attn_bias if has_b_O else None,
-        mlps=mlps if view.has_mlp else None,
-        mlp_bias=mlp_bias if has_b_out else None,
-        neurons=neurons,
-        sources=sources,
+        embed=parts.embed,
+        heads=parts.heads,
+        attn_bias=parts.attn_bias,
+        mlps=parts.mlps,
+        mlp_bias=parts.mlp_bias,
+        neurons=parts.neurons,
+        sources=_real_sources(parts.sources, batch),
         constants={k: v.detach().float().cpu() for k, v in dirn.constants.items()},
         actual=actual,
         actual_source=actual_source,
-        attn_out=attn_out,
-        scale=scale.cpu(),
+        attn_out=parts.attn_out,
+        scale=parts.scale.cpu(),
         raw_bridge=view.is_bridge and not view.is_compat,
     )
     if check and actual_source == "logits":
@@ -192,31 +132,104 @@ def direct_logit_attribution(
     return result
 
 
+# ------------------------------------------------------------------------------------------------ forward
+def _forward(view: ModelView, input: Any, cache: Any, logits: Tensor | None, attention_mask: Any,
+             prepend_bos: bool | None) -> tuple[Batch, Any, Tensor | None]:
+    batch = view.batch(input, prepend_bos=prepend_bos, attention_mask=attention_mask) if input is not None else None
+    names = required_hooks(view)
+    if cache is None:
+        logits, cache = view.run_with_cache(batch, names)
+    missing = [n for n in names if n not in _keys(cache)]
+    if missing:
+        raise LensInputError(
+            f"the cache lacks {len(missing)} hook(s) DLA needs, e.g. {missing[:3]}: run model.run_with_cache(tokens) "
+            "without a names_filter (or with mi_lenses.attribution.required_hooks(model)), or pass the prompt instead."
+        )
+    resid = cache[view.final_resid_hook]
+    if resid.ndim != 3:
+        raise LensInputError(f"expected a cache with a batch dimension ([batch, pos, d_model]), got "
+                             f"{tuple(resid.shape)}.")
+    return match_cache(batch, resid.shape[:2], attention_mask), cache, logits
+
+
+# ------------------------------------------------------------------------------------------------ reduce
+@dataclass
+class _Parts:
+    resid: Float[Tensor, "B d_model"]
+    scale: Float[Tensor, " B"]
+    embed: Float[Tensor, "B E"]
+    heads: Float[Tensor, "B L H"]
+    attn_bias: Float[Tensor, "B L"] | None
+    attn_out: Float[Tensor, "B L"]
+    mlps: Float[Tensor, "B L"] | None
+    mlp_bias: Float[Tensor, "B L"] | None
+    neurons: Float[Tensor, "B L N"]
+    sources: Float[Tensor, "B L H S"]
+
+
+@torch.no_grad()
+def _reduce(view: ModelView, cache: Any, dirn: Direction, pos: Tensor) -> _Parts:
+    """Every component's output at each row's position, dotted with the row's effective direction."""
+    pos_list = pos.tolist()
+
+    def at(t: Tensor) -> Tensor:  # [B, S, ...] -> [B, ...] at each row's position (basic indexing: fast)
+        return torch.stack([t[b, p] for b, p in enumerate(pos_list)]).float()
+
+    resid = at(cache[view.final_resid_hook])
+    d_eff, scale = effective_directions(view, dirn, resid)  # [B, d_model], [B]
+    dev = resid.device
+
+    def proj(hook: str) -> Tensor:
+        return (at(cache[hook]) * d_eff).sum(-1).cpu()
+
+    B, S = resid.shape[0], cache[view.final_resid_hook].shape[1]
+    L, H = view.n_layers, view.n_heads
+    heads, attn_bias, attn_out = torch.zeros(B, L, H), torch.zeros(B, L), torch.zeros(B, L)
+    mlps, mlp_bias, neurons = torch.zeros(B, L), torch.zeros(B, L), torch.zeros(B, L, view.d_mlp)
+    sources = torch.zeros(B, L, H, S)
+    has_b_O = has_b_out = False
+    for l in range(L):
+        z = at(cache[view.attn_hook(l, "z")])  # [B, H, d_head]
+        wod = torch.einsum("hdm,bm->bhd", view.W_O(l).to(dev), d_eff)  # W_O[h] @ d'
+        heads[:, l] = (z * wod).sum(-1).cpu()
+        b_O = view.b_O(l)
+        if b_O is not None:
+            has_b_O = True
+            attn_bias[:, l] = (d_eff @ b_O.to(dev)).cpu()
+        attn_out[:, l] = proj(view.out_hook(l, "attn"))
+        sources[:, l] = source_attribution(view, cache, l, pos, wod).cpu()
+        if view.has_mlp:
+            mlps[:, l] = proj(view.out_hook(l, "mlp"))
+            post = at(cache[view.mlp_hook(l, "post")])  # [B, d_mlp]
+            neurons[:, l] = (post * (d_eff @ view.W_out(l).to(dev).T)).cpu()
+            b_out = view.b_out(l)
+            if b_out is not None:
+                has_b_out = True
+                mlp_bias[:, l] = (d_eff @ b_out.to(dev)).cpu()
+    embed = torch.stack([proj(hook) for _, hook in view.embed_hooks], -1)  # [B, E]
+    return _Parts(resid, scale, embed, heads, attn_bias if has_b_O else None, attn_out,
+                  mlps if view.has_mlp else None, mlp_bias if has_b_out else None, neurons, sources)
+
+
+# ------------------------------------------------------------------------------------------------ assemble
 def _keys(cache: Any) -> set[str]:
     keys = cache.keys() if hasattr(cache, "keys") else []
     return set(keys)
 
 
-def _resolve_positions(position: int, lengths: list[int]) -> Tensor:
-    out = []
-    for b, n in enumerate(lengths):
-        p = position if position >= 0 else n + position
-        if not 0 <= p < n:
-            raise LensInputError(
-                f"position {position} is out of range for prompt {b}, which has {n} tokens: use 0..{n - 1}, or "
-                f"-1..-{n} from the end."
-            )
-        out.append(p)
-    return torch.tensor(out, dtype=torch.long)
+def _real_sources(sources: Tensor, batch: Batch) -> Tensor:
+    """Source positions re-indexed by each prompt's own tokens (left padding removed); padding stays zero."""
+    if not batch.left_padded:
+        return sources
+    out = torch.zeros_like(sources)
+    for b, (o, n) in enumerate(zip(batch.offsets, batch.lengths)):
+        out[b, ..., :n] = sources[b, ..., o : o + n]
+    return out
 
 
-def _str_tokens(view: ModelView, tokens: Tensor | None, lengths: list[int]) -> list[list[str]]:
-    if tokens is None:
-        return [[f"[{i}]" for i in range(n)] for n in lengths]
-    vocab = view.id_to_str_map(tokens)
-    return [[vocab[t] for t in row[:n]] for row, n in zip(tokens.tolist(), lengths)]
-
-
-# Short alias.
-dla = direct_logit_attribution
-__all__ = ["Direction", "direct_logit_attribution", "dla", "required_hooks"]
+def _str_tokens(view: ModelView, batch: Batch, have_tokens: bool) -> list[list[str]]:
+    if not have_tokens:
+        return [[f"[{i}]" for i in range(n)] for n in batch.lengths]
+    real = batch.real_tokens()
+    vocab = view.id_to_str_map(torch.tensor([t for row in real for t in row]))
+    return [[vocab[t] for t in row] for row in real]

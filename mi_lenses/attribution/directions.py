@@ -98,7 +98,8 @@ def resolve_direction(
     if answer is not None and not through_final_norm:
         raise LensInputError("a token's logit is always read through the final norm: through_final_norm=False only "
                              "goes with direction= (a plain residual projection).")
-    kind, gain, bias, _ = view.final_norm()
+    dec = view.decoder
+    kind, gain, bias = dec.kind, dec.gain, dec.bias
     if bias is not None and not torch.any(bias != 0):
         bias = None  # folded into b_U (compatibility mode)
     if not through_final_norm:
@@ -152,7 +153,7 @@ def resolve_direction(
 def centred_vectors(view: ModelView, direction: Direction) -> Float[Tensor, "B d_model"]:
     """The direction with the final LayerNorm's mean-centring moved onto it (unchanged for RMSNorm / no norm)."""
     vec = direction.vectors.float()
-    if direction.through_final_norm and view.final_norm()[0] == "LN":
+    if direction.through_final_norm and view.decoder.kind == "LN":
         vec = vec - vec.mean(-1, keepdim=True)
     return vec
 
@@ -162,7 +163,7 @@ def final_scale(view: ModelView, direction: Direction, resid: Float[Tensor, "...
     (LayerNorm) or ``sqrt(mean(x²) + eps)`` (RMSNorm); ones when the direction is not read through the norm."""
     if not direction.through_final_norm:
         return torch.ones(resid.shape[:-1], device=resid.device)
-    return view.final_norm_scale(resid)
+    return view.decoder.scale(resid)
 
 
 def effective_directions(
@@ -182,10 +183,7 @@ def model_value(view: ModelView, direction: Direction, logits: Tensor | None, re
 
     Returns ``(value, source)`` with source ``"logits"`` or ``"resid"``."""
     if direction.is_token and logits is not None:
-        lg = logits.detach().float()[rows.to(logits.device), pos.to(logits.device)]  # [B, vocab]
-        cap = view.softcap
-        if cap is not None:
-            lg = cap * torch.atanh((lg / cap).clamp(-1 + 1e-7, 1 - 1e-7))
+        lg = view.decoder.uncap(logits.detach().float()[rows.to(logits.device), pos.to(logits.device)])  # [B, V]
         val = lg.gather(-1, direction.answer_ids.to(lg.device)[:, None])[:, 0]
         if direction.wrong_ids is not None:
             val = val - lg.gather(-1, direction.wrong_ids.to(lg.device)[:, None])[:, 0]

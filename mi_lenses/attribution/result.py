@@ -12,15 +12,15 @@ and the constants no residual component produces (``b_U``, the final LayerNorm's
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError, VerificationError
+from mi_lenses.results import UNSET, Result, jsonable, renamed
 
 KINDS = ("embed", "pos_embed", "head", "attn_bias", "mlp", "constant")
 
@@ -38,11 +38,11 @@ class Component:
 
     def as_dict(self, value: float) -> dict[str, Any]:
         return {"label": self.label, "kind": self.kind, "layer": self.layer, "head": self.head,
-                "neuron": self.neuron, "value": _num(value)}
+                "neuron": self.neuron, "value": value}
 
 
 @dataclass
-class DLAResult:
+class DLAResult(Result):
     """Direct logit attribution of one position per prompt.
 
     Example::
@@ -79,8 +79,16 @@ class DLAResult:
 
     # ------------------------------------------------------------------------------------ structure
     @property
-    def n_rows(self) -> int:
+    def n_batch(self) -> int:
         return int(self.heads.shape[0])
+
+    @property
+    def n_rows(self) -> int:  # deprecated name of n_batch
+        return self.n_batch
+
+    @property
+    def title(self) -> str:
+        return f"Direct logit attribution: {self.model_name}"
 
     @property
     def n_layers(self) -> int:
@@ -122,14 +130,11 @@ class DLAResult:
     @property
     def constant(self) -> Float[Tensor, " B"]:
         """Sum of the constant terms (``b_U``, ``ln_final.b``); zero when the model has neither."""
-        return sum(self.constants.values(), torch.zeros(self.n_rows))
+        return sum(self.constants.values(), torch.zeros(self.n_batch))
 
-    def _row(self, t: Tensor, row: int | None) -> Tensor:
-        if row is None:
-            return t.mean(0)
-        if not -self.n_rows <= row < self.n_rows:
-            raise LensInputError(f"row {row} is out of range: this result has {self.n_rows} prompt(s).")
-        return t[row]
+    def _pick(self, t: Tensor, batch: int | None) -> Tensor:
+        """Prompt ``batch`` of a per-prompt tensor, or the mean over prompts (``None``)."""
+        return t.mean(0) if batch is None else t[self.check_batch(batch)]
 
     # ------------------------------------------------------------------------------------ identities
     def verify(self, atol: float = 1e-3, rtol: float = 1e-4) -> "DLAResult":
@@ -176,128 +181,107 @@ class DLAResult:
             raise VerificationError(f"{what} (at index {idx}: {float(ours[idx]):.6g} vs {float(ref[idx]):.6g}).")
 
     # ------------------------------------------------------------------------------------ rankings
-    def top(self, k: int = 10, kinds: str | Iterable[str] | None = None, row: int | None = None,
-            by: str = "abs") -> list[tuple[str, float]]:
+    def top(self, k: int = 10, kinds: str | Iterable[str] | None = None, *, batch: int | None = None,
+            by: Literal["abs", "value", "-value"] = "abs", row: Any = UNSET) -> list[tuple[str, float]]:
         """The ``k`` largest parts as ``(label, value)``; ``by="abs"`` (default), ``"value"`` (most positive) or
         ``"-value"`` (most negative). ``kinds`` filters (e.g. ``"head"``, ``("head", "mlp")``, ``"neuron"``);
-        ``row=None`` ranks the mean over prompts."""
+        ``batch=None`` (default) ranks the mean over prompts."""
+        batch = renamed(batch, row, "row", "batch")
         kinds = {kinds} if isinstance(kinds, str) else (set(kinds) if kinds is not None else None)
         if kinds is not None and not kinds <= {*KINDS, "neuron"}:
             raise LensInputError(
                 f"unknown kinds {sorted(kinds - {*KINDS, 'neuron'})}; use some of {KINDS + ('neuron',)}."
             )
-        comps, vals = [], []
+        pairs: list[tuple[str, float]] = []
         if kinds is None or kinds - {"neuron"}:
-            all_vals = self._row(self.values(), row)
-            for c, v in zip(self.components(), all_vals.tolist()):
-                if kinds is None or c.kind in kinds:
-                    comps.append(c)
-                    vals.append(v)
-        pairs = list(zip([c.label for c in comps], vals))
+            vals = self._pick(self.values(), batch).tolist()
+            pairs = [(c.label, v) for c, v in zip(self.components(), vals) if kinds is None or c.kind in kinds]
         if kinds is not None and "neuron" in kinds:
-            pairs += [(c.label, v) for c, v in self.top_neurons_with_components(len(self.neurons[0].flatten()), row)]
+            pairs += [(c.label, v) for c, v in self.top_neurons_with_components(self.neurons[0].numel(), batch=batch)]
         key = {"abs": lambda p: -abs(p[1]), "value": lambda p: -p[1], "-value": lambda p: p[1]}.get(by)
         if key is None:
             raise LensInputError(f"by must be 'abs', 'value' or '-value', got {by!r}.")
         return sorted(pairs, key=key)[:k]
 
-    def top_neurons_with_components(self, k: int = 10, row: int | None = None) -> list[tuple[Component, float]]:
+    def top_neurons_with_components(self, k: int = 10, *, batch: int | None = None,
+                                    row: Any = UNSET) -> list[tuple[Component, float]]:
         """The ``k`` neurons with the largest ``|value|`` as ``(Component, value)``."""
-        flat = self._row(self.neurons, row).flatten()
+        flat = self._pick(self.neurons, renamed(batch, row, "row", "batch")).flatten()
         if flat.numel() == 0:
             return []
         n = self.neurons.shape[-1]
         idx = flat.abs().topk(min(k, flat.numel())).indices.tolist()
         return [(Component(f"L{i // n}N{i % n}", "neuron", i // n, None, i % n), float(flat[i])) for i in idx]
 
-    def top_neurons(self, k: int = 10, row: int | None = None) -> list[tuple[str, float]]:
+    def top_neurons(self, k: int = 10, *, batch: int | None = None, row: Any = UNSET) -> list[tuple[str, float]]:
         """The ``k`` neurons with the largest ``|value|`` as ``(label, value)``, labels ``L{layer}N{index}``."""
-        return [(c.label, v) for c, v in self.top_neurons_with_components(k, row)]
+        return [(c.label, v) for c, v in self.top_neurons_with_components(k, batch=renamed(batch, row, "row", "batch"))]
 
-    def head_sources(self, layer: int, head: int, row: int = 0) -> list[tuple[str, float]]:
-        """``(token, value)`` for every source position of one head (prompt ``row``); sums to the head's value."""
+    def head_sources(self, layer: int, head: int, *, batch: int = 0, row: Any = UNSET) -> list[tuple[str, float]]:
+        """``(token, value)`` for every source position of one head (prompt ``batch``); sums to the head's value."""
         if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
             raise LensInputError(f"head L{layer}H{head} does not exist: layers 0..{self.n_layers - 1}, heads "
                                  f"0..{self.n_heads - 1}.")
-        toks = self.str_tokens[row]
-        vals = self._row(self.sources[:, layer, head], row)[: len(toks)].tolist()
-        return list(zip(toks, vals))
+        b = self.check_batch(renamed(batch, row, "row", "batch"))
+        toks = self.str_tokens[b]
+        return list(zip(toks, self.sources[b, layer, head, : len(toks)].tolist()))
 
     # ------------------------------------------------------------------------------------ exports
-    def to_dict(self, row: int | None = 0, top_k: int = 10) -> dict[str, Any]:
+    def to_dict(self, *, batch: int | None = 0, top_k: int = 10, row: Any = UNSET) -> dict[str, Any]:
         """The ``mi-lenses dla --json`` contract: ``direction``, ``total``, ``actual``, ``components`` (every part,
         constants included, so they sum to ``total``), ``top_neurons`` (``top_k``) and ``sources`` (per-token values
-        through the ``top_k`` heads with the largest ``|value|``). ``row=None``: means over prompts, no sources."""
-        vals = self._row(self.values(), row)
-        comps = [c.as_dict(v) for c, v in zip(self.components(), vals.tolist())]
-        neurons = [c.as_dict(v) for c, v in self.top_neurons_with_components(top_k, row)]
-        sources: dict[str, list] = {}
-        if row is not None:
-            n = len(self.str_tokens[row])
-            for label, _ in self.top(top_k, kinds="head", row=row):
+        through the ``top_k`` heads with the largest ``|value|``). ``batch=None``: means over prompts, no sources."""
+        batch = renamed(batch, row, "row", "batch")
+        vals = self._pick(self.values(), batch)
+        sources: dict[str, Any] = {}
+        if batch is not None:
+            b = self.check_batch(batch)
+            n = len(self.str_tokens[b])
+            for label, _ in self.top(top_k, kinds="head", batch=b):
                 l, h = (int(x) for x in label[1:].split("H"))
-                sources[label] = [_num(v) for v in self.sources[row, l, h, :n].tolist()]
-        return {
+                sources[label] = self.sources[b, l, h, :n]
+        return jsonable({
             "direction": self.direction,
-            "total": _num(float(vals.sum())),
-            "actual": _num(float(self._row(self.actual, row))),
-            "components": comps,
-            "top_neurons": neurons,
+            "total": float(vals.sum()),
+            "actual": float(self._pick(self.actual, batch)),
+            "components": [c.as_dict(v) for c, v in zip(self.components(), vals.tolist())],
+            "top_neurons": [c.as_dict(v) for c, v in self.top_neurons_with_components(top_k, batch=batch)],
             "sources": sources,
-        }
+        }, digits=8)
 
-    def to_dataframe(self, what: str = "components"):
+    def to_dataframe(self, what: Literal["components", "neurons", "sources"] = "components"):
         """Tidy pandas frame, one row per (prompt, unit): ``what`` = ``"components"`` (default), ``"neurons"`` (every
-        neuron) or ``"sources"`` (every head x source position)."""
+        neuron) or ``"sources"`` (every head x source position of each prompt's real tokens)."""
         import pandas as pd
 
-        recs: list[dict[str, Any]] = []
         if what == "components":
             comps = self.components()
-            for b, row in enumerate(self.values().tolist()):
-                recs += [{"batch": b, **c.as_dict(v)} for c, v in zip(comps, row)]
-        elif what == "neurons":
+            return pd.DataFrame([{"batch": b, **c.as_dict(v)} for b, row in enumerate(self.values().tolist())
+                                 for c, v in zip(comps, row)])
+        if what == "neurons":
             B, L, N = self.neurons.shape
-            idx = torch.cartesian_prod(torch.arange(B), torch.arange(L), torch.arange(N))
-            b, l, n = idx.unbind(-1)
+            b, l, n = torch.cartesian_prod(torch.arange(B), torch.arange(L), torch.arange(N)).unbind(-1)
             return pd.DataFrame({"batch": b.numpy(), "label": [f"L{i}N{j}" for i, j in zip(l.tolist(), n.tolist())],
                                  "kind": "neuron", "layer": l.numpy(), "neuron": n.numpy(),
                                  "value": self.neurons.flatten().numpy()})
-        elif what == "sources":
-            for b, toks in enumerate(self.str_tokens):
-                for l in range(self.n_layers):
-                    for h in range(self.n_heads):
-                        for s, t in enumerate(toks):
-                            recs.append({"batch": b, "label": f"L{l}H{h}", "layer": l, "head": h, "source": s,
-                                         "token": t, "value": float(self.sources[b, l, h, s])})
-        else:
-            raise LensInputError(f"what must be 'components', 'neurons' or 'sources', got {what!r}.")
-        return pd.DataFrame(recs)
+        if what == "sources":
+            return pd.DataFrame([{"batch": b, "label": f"L{l}H{h}", "layer": l, "head": h, "source": s, "token": t,
+                                  "value": float(self.sources[b, l, h, s])}
+                                 for b, toks in enumerate(self.str_tokens) for l in range(self.n_layers)
+                                 for h in range(self.n_heads) for s, t in enumerate(toks)])
+        raise LensInputError(f"what must be 'components', 'neurons' or 'sources', got {what!r}.")
 
-    def table(self, k: int = 15, row: int | None = 0):
-        """A rich table of the ``k`` largest parts and neurons."""
+    def table(self, *, batch: int | None = 0, k: int = 15, row: Any = UNSET):
+        """A rich table of the ``k`` largest parts and neurons (``batch=None``: means over prompts)."""
         from mi_lenses.viz.attribution import dla_table
 
-        return dla_table(self, k=k, row=row)
+        batch = renamed(batch, row, "row", "batch")
+        return dla_table(self, k=k, batch=None if batch is None else self.check_batch(batch))
 
-    def print(self, k: int = 15, row: int | None = 0) -> None:
-        from mi_lenses.viz.terminal import print_renderable
+    def fragment(self, *, batch: int = 0, head: tuple[int, int] | None = None, top_k: int = 20,
+                 row: Any = UNSET) -> str:
+        """The page body: layer x head heat map, MLP bars, top neurons, tokens through ``head`` (default the head
+        with the largest ``|value|``)."""
+        from mi_lenses.viz.attribution import dla_fragment
 
-        print_renderable(self.table(k=k, row=row))
-
-    def to_html(self, path=None, row: int = 0, head: tuple[int, int] | None = None, top_k: int = 20) -> str:
-        """Standalone offline page: layer x head heat map, MLP bars, top neurons, tokens through ``head`` (default
-        the head with the largest ``|value|``); written atomically to ``path`` if given."""
-        from mi_lenses.viz.attribution import dla_page
-
-        return dla_page(self, path=path, row=row, head=head, top_k=top_k)
-
-    def show(self, row: int = 0, head: tuple[int, int] | None = None, top_k: int = 20):
-        """Render in a notebook (offline ``RenderedHTML``)."""
-        from mi_lenses.viz.attribution import dla_notebook
-
-        return dla_notebook(self, row=row, head=head, top_k=top_k)
-
-
-def _num(x: float, digits: int = 8) -> float | None:
-    return round(x, digits) if math.isfinite(x) else None
+        return dla_fragment(self, batch=self.check_batch(renamed(batch, row, "row", "batch")), head=head, top_k=top_k)

@@ -16,14 +16,15 @@ from __future__ import annotations
 import argparse
 import time
 
-from mi_lenses.commands import write_outputs
+from mi_lenses.commands import Parents, load, write_outputs
 from mi_lenses.errors import LensInputError
 
 PRESET_NAMES = ("identity", "description", "attribute", "multi_hop", "future_lens", "selfie")
 
 
-def register(sub) -> None:
-    p = sub.add_parser("patchscope", help="patch a hidden state into a target prompt (Patchscopes) and read it out")
+def register(sub, parents: Parents) -> None:
+    p = sub.add_parser("patchscope", parents=[parents.model, parents.outputs],
+                       help="patch a hidden state into a target prompt (Patchscopes) and read it out")
     p.add_argument("--source-prompt", required=True, help="the source prompt S")
     p.add_argument("--source-layer", default=None,
                    help="source layer l (output of block l; negative from the end). With --sweep: 'all' (default), "
@@ -44,12 +45,8 @@ def register(sub) -> None:
     p.add_argument("--every-step", action="store_true", help="also patch every generated token (default: prompt only)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--sweep", action="store_true", help="every (l, l*) pair over the source positions: heat maps")
-    p.add_argument("--model", default=None, help="source model: GGUF, HF folder or hub name (default: embedded)")
     p.add_argument("--target-model", default=None, help="target model M* (default: the source model)")
     p.add_argument("--map", default=None, help="affine map f (.safetensors from AffineMap.save) for M -> M*")
-    p.add_argument("--html", default=None, help="write a standalone offline HTML page here")
-    p.add_argument("--json", default=None, help="write the results as JSON here")
-    p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
 
 
@@ -83,9 +80,7 @@ def _target(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    from mi_lenses.models.loading import load_model
     from mi_lenses.patchscopes import AffineMap, Source, patchscope, sweep
-    from mi_lenses.viz.terminal import print_renderable
 
     if args.top_k < 1:
         raise LensInputError(f"--top-k must be at least 1, got {args.top_k}.")
@@ -95,10 +90,10 @@ def run(args: argparse.Namespace) -> int:
         raise LensInputError("--source-layer is required (an int; negative counts from the end).")
     target = _target(args)
     t0 = time.perf_counter()
-    model = load_model(args.model, device=args.device)
+    model = load(args)
     changes = {}
     if args.target_model:
-        changes["model"] = load_model(args.target_model, device=args.device)
+        changes["model"] = load(args, args.target_model)
     if args.map:
         changes["map"] = AffineMap.load(args.map)
     target = target.replace(**changes) if changes else target
@@ -108,11 +103,7 @@ def run(args: argparse.Namespace) -> int:
         res = sweep(model, args.source_prompt, target, source_layers=_layers(args.source_layer, "--source-layer"),
                     target_layers=_layers(args.target_layer, "--target-layer", allow_same=True),
                     positions=None if args.source_position is None else [args.source_position])
-        per = res.per_layer()
-        print(f"Patchscope sweep '{res.target_name}': {len(res.positions)} source positions, "
-              f"{res.prec_at_1.shape[0]} x {res.prec_at_1.shape[1]} layer pairs")
-        for l, v in zip(res.source_layers, per.tolist()):
-            print(f"  l = l* = {l:>3}: precision@1 {v:.3f}" if v == v else f"  l = {l:>3}: (l* = l not run)")
+        res.print()
     else:
         layers = _layers(args.source_layer, "--source-layer")
         if layers is None or len(layers) != 1:
@@ -126,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         res = patchscope(model, Source(args.source_prompt, layer=layers[0], position=pos), target, top_k=args.top_k,
                          max_new_tokens=args.max_new_tokens, do_sample=args.sample, seed=args.seed,
                          patch_every_step=args.every_step)
-        print_renderable(res.table())
+        res.print()
     t2 = time.perf_counter()
     print(f"model(s) loaded in {t1 - t0:.1f} s, patchscope in {t2 - t1:.2f} s.")
     write_outputs(args, res)

@@ -1,38 +1,42 @@
 """LensResult: what a lens believes at every layer and position, with the statistics and renderers.
 
-One result type serves every lens (logit lens now, tuned lens later): rows run from the embedding row to the final
-output row; per (row, batch, position) it holds the top-k tokens, ranks, KL to the final distribution, entropy and
-cross-entropy. Units: the tensors are in nats; ``*_bits`` properties convert.
+One result type serves every lens (logit lens, tuned lens, ...): layers (rows) run from the embedding row to the final
+output row; per (layer, batch, position) it holds the top-k tokens, ranks, KL to the final distribution, entropy and
+cross-entropy. Units: the tensors are in nats; ``*_bits`` properties convert. Padding is never a number: padded
+positions hold NaN (floats) and -1 (ids and ranks), and exports leave them out.
+
+Example:
+    >>> res = mi_lenses.logit_lens(model, "The capital of France is")
+    >>> res.top_tokens[-1][0][-1] == [res.vocab[i] for i in res.top_ids[-1, 0, -1].tolist()]
+    True
+    >>> res.to_dataframe().columns[:4].tolist()
+    ['layer', 'layer_index', 'batch', 'position']
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mi_lenses.errors import VerificationError  # noqa: F401  (re-exported here)
-
-LN2 = math.log(2.0)
+from mi_lenses.errors import VerificationError
+from mi_lenses.results import LN2, Result, jsonable
 
 
 @dataclass
-class LensResult:
+class LensResult(Result):
     """Per-layer, per-position readout of a lens.
 
-    Shapes: ``R`` rows (embedding row ... final output row), ``B`` prompts, ``P`` selected positions, ``k`` top
-    tokens, ``T`` targets.
+    Shapes: ``R`` layers (embedding row ... final output row), ``B`` prompts, ``P`` selected positions, ``k`` top
+    tokens, ``T`` targets. ``positions[j]`` is column ``j`` as requested (``-1``: each prompt's last token);
+    ``token_index[b, j]`` is the token of prompt ``b`` it reads (-1 where prompt ``b`` has none: ``valid`` is False).
 
-    Example::
-
-        res = mi_lenses.logit_lens(model, "The capital of France is")
-        res.top_tokens[-1][0][-1]      # final row, prompt 0, last position: [' Paris', ...]
-        res.final_top1_rank[:, 0, -1]  # rank of the final prediction at every layer
-        res.verify(); res.to_html("lens.html")
+    >>> res = mi_lenses.logit_lens(model, "The capital of France is")
+    >>> res.final_top1_rank[-1, 0].tolist() == [0] * len(res.positions)   # the final row ranks its top-1 first
+    True
     """
 
     model_name: str
@@ -42,6 +46,7 @@ class LensResult:
     tokens: Int[Tensor, "B S"]
     str_tokens: list[list[str]]
     positions: list[int]
+    token_index: Int[Tensor, "B P"]
     valid: Bool[Tensor, "B P"]
     top_ids: Int[Tensor, "R B P k"]
     top_logits: Float[Tensor, "R B P k"]
@@ -83,10 +88,18 @@ class LensResult:
         return self.cross_entropy / LN2
 
     @property
+    def n_batch(self) -> int:
+        return int(self.valid.shape[0])
+
+    @property
+    def title(self) -> str:
+        return f"{self.lens_name}: {self.model_name}"
+
+    @property
     def top_tokens(self) -> list:
-        """Decoded top-k tokens, nested ``[row][batch][position][k]``."""
+        """Decoded top-k tokens, nested ``[layer][batch][position][k]`` (``""`` at padding)."""
         v = self.vocab
-        return [[[[v[i] for i in pos] for pos in b] for b in r] for r in self.top_ids.tolist()]
+        return [[[[v.get(i, "") for i in pos] for pos in b] for b in r] for r in self.top_ids.tolist()]
 
     @property
     def target_strs(self) -> list[str]:
@@ -94,8 +107,12 @@ class LensResult:
 
     @property
     def position_tokens(self) -> list[list[str]]:
-        """The input token at each selected position, ``[batch][position]``."""
-        return [[row[p] if p < len(row) else "" for p in self.positions] for row in self.str_tokens]
+        """The input token at each selected position, ``[batch][position]`` (``""`` where a prompt has none)."""
+        return [[row[i] if i >= 0 else "" for i in idx] for row, idx in zip(self.str_tokens, self.token_index.tolist())]
+
+    def columns(self, batch: int = 0) -> list[int]:
+        """The columns that hold real tokens of prompt ``batch``."""
+        return [j for j in range(len(self.positions)) if bool(self.valid[batch, j])]
 
     def mean_over_positions(self, values: Tensor) -> Float[Tensor, " R"]:
         """Average a ``[R, B, P]`` statistic over valid (non-padding, finite) positions."""
@@ -135,32 +152,34 @@ class LensResult:
         return self
 
     # ------------------------------------------------------------------------------------ exports
-    def to_dict(self, batch: int = 0) -> dict[str, Any]:
-        """JSON-ready dict for one prompt (the ``mi-lenses logit-lens --json`` contract). Units: bits."""
-        b = batch
-        n = int(self.valid[b].sum())
+    def to_dict(self, *, batch: int = 0) -> dict[str, Any]:
+        """JSON-ready dict for one prompt (the ``mi-lenses logit-lens --json`` contract), real tokens only.
+        Units: bits; ``layers`` run from the embedding row to the final row; ``positions`` are token indices."""
+        b = self.check_batch(batch)
+        cols = self.columns(b)
         out: dict[str, Any] = {
             "model": self.model_name,
             "lens": self.lens_name,
-            "tokens": self.position_tokens[b][:n],
-            "positions": self.positions[:n],
+            "tokens": [self.position_tokens[b][j] for j in cols],
+            "positions": [int(self.token_index[b, j]) for j in cols],
             "layers": list(self.labels),
-            "top_tokens": [row[b][:n] for row in self.top_tokens],
-            "top_probs": _round(self.top_probs[:, b, :n]),
-            "final_top1_rank": self.final_top1_rank[:, b, :n].tolist(),
-            "kl_to_final": _round(self.kl_bits[:, b, :n]),
-            "entropy": _round(self.entropy_bits[:, b, :n]),
-            "cross_entropy": _round(self.cross_entropy_bits[:, b, :n]),
+            "top_tokens": [[row[b][j] for j in cols] for row in self.top_tokens],
+            "top_probs": self.top_probs[:, b, cols],
+            "final_top1_rank": self.final_top1_rank[:, b, cols],
+            "kl_to_final": self.kl_bits[:, b, cols],
+            "entropy": self.entropy_bits[:, b, cols],
+            "cross_entropy": self.cross_entropy_bits[:, b, cols],
             "units": {"kl_to_final": "bits", "entropy": "bits", "cross_entropy": "bits"},
         }
         if len(self.target_ids):
             out["targets"] = self.target_strs
-            out["target_rank"] = self.target_ranks[:, b, :n].tolist()
-            out["target_probs"] = _round(self.target_probs[:, b, :n])
-        return out
+            out["target_rank"] = self.target_ranks[:, b, cols]
+            out["target_probs"] = self.target_probs[:, b, cols]
+        return jsonable(out)
 
     def to_dataframe(self):
-        """Tidy pandas frame: one row per (layer, batch, position, k) with token, prob, logit and the statistics."""
+        """Tidy pandas frame: one row per (layer, batch, position, k) with token, prob, logit and the statistics;
+        padding excluded."""
         import pandas as pd
 
         R, B, P, K = self.top_ids.shape
@@ -174,7 +193,7 @@ class LensResult:
                 "layer": [self.labels[i] for i in r.tolist()],
                 "layer_index": r.numpy(),
                 "batch": b.numpy(),
-                "position": [self.positions[i] for i in p.tolist()],
+                "position": self.token_index[b, p].numpy(),
                 "input_token": [self.position_tokens[bb][pp] for bb, pp in zip(b.tolist(), p.tolist())],
                 "k": k.numpy(),
                 "token_id": ids.numpy(),
@@ -192,36 +211,14 @@ class LensResult:
             frame[f"prob[{name}]"] = self.target_probs[r, b, p, t].numpy()
         return frame
 
-    def to_html(self, path=None, batch: int = 0) -> str:
-        """Standalone offline HTML page (circuitsvis bundle inlined); written atomically to ``path`` if given."""
-        from mi_lenses.viz.lens import lens_page
+    def fragment(self, *, batch: int = 0) -> str:
+        """The page body for one prompt: top-1 grid, rank grids, KL chart, circuitsvis views."""
+        from mi_lenses.viz.lens import lens_fragment
 
-        return lens_page(self, path=path, batch=batch)
+        return lens_fragment(self, batch=self.check_batch(batch))
 
-    def show(self, batch: int = 0):
-        """Render in a notebook (circuitsvis ``RenderedHTML``, offline)."""
-        from mi_lenses.viz.lens import lens_notebook
-
-        return lens_notebook(self, batch=batch)
-
-    def table(self, batch: int = 0, value: str = "prob"):
-        """A rich table of the top-1 token per layer (rows) and position (columns)."""
+    def table(self, *, batch: int = 0, value: Literal["prob", "rank"] = "prob"):
+        """A rich table of the top-1 token per layer (rows) and position (columns), with KL (and target ranks)."""
         from mi_lenses.viz.terminal import lens_table
 
-        return lens_table(self, batch=batch, value=value)
-
-    def print(self, batch: int = 0, value: str = "prob") -> None:
-        from mi_lenses.viz.terminal import print_renderable
-
-        print_renderable(self.table(batch=batch, value=value))
-
-
-def _round(t: Tensor, digits: int = 6) -> list:
-    """Nested lists of rounded floats, ``None`` for NaN/inf (JSON has neither)."""
-
-    def conv(x):
-        if isinstance(x, list):
-            return [conv(v) for v in x]
-        return round(x, digits) if math.isfinite(x) else None
-
-    return conv(t.tolist())
+        return lens_table(self, batch=self.check_batch(batch), value=value)

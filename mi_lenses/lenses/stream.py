@@ -1,13 +1,27 @@
-"""Streaming lens statistics: decode residual vectors and reduce to top-k, ranks, KL, entropy and CE on the fly.
+"""Streaming lens statistics: decode hidden states and reduce them to top-k, ranks, KL, entropy and CE on the fly.
 
 The unembedding matmul (rows x d_model x vocab) dominates every lens. Instead of materialising
 ``[layers, batch, pos, vocab]`` logits, the vocabulary is processed in tiles that stay in cache; every statistic is an
 online reduction over tiles (running max / sum-exp as in flash-attention, running top-k, counting for ranks), so memory
-is ``O(chunk x tile)`` and each logit is written once and read from cache.
+is ``O(chunk x tile)`` and each logit is written once and read from cache. All logits come from the model's
+:class:`~mi_lenses.models.decode.Decoder`.
+
+Example:
+    >>> dec = ModelView(model).decoder
+    >>> xn = dec.normalize(torch.randn(6, model.cfg.d_model))
+    >>> final, own = final_row(dec, xn[:3], k=2, targets=torch.zeros(3, 0, dtype=torch.long),
+    ...                        next_ids=torch.full((3,), -1))
+    >>> st = row_stats(dec, xn, k=2, final=final, targets=torch.zeros(6, 0, dtype=torch.long),
+    ...                next_ids=torch.full((6,), -1), vocab_tile=64)
+    >>> st.top_ids.shape, bool(torch.allclose(st.logsumexp, dec.logits(xn, normalized=True).logsumexp(-1), atol=1e-5))
+    (torch.Size([6, 2]), True)
+    >>> float(own.kl.abs().max()), own.final_top1_rank.tolist()
+    (0.0, [0, 0, 0])
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
@@ -15,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from mi_lenses.models.decode import Decoder
 
 
 @dataclass
@@ -27,32 +43,67 @@ class FinalDistribution:
 
 
 @dataclass
-class RowStats:
-    """Statistics of decoded vectors ``[n]`` (one row of a lens, flattened over batch x positions)."""
+class Stats:
+    """Statistics of decoded vectors with leading dimensions ``...`` (``[n]`` for one chunk, ``[R, N]`` in a result
+    buffer): one record for the final row, the streamed rows and the buffers they fill."""
 
-    top_ids: Int[Tensor, "n k"]
-    top_logits: Float[Tensor, "n k"]
-    logsumexp: Float[Tensor, " n"]
-    entropy: Float[Tensor, " n"]
-    kl: Float[Tensor, " n"]
-    final_top1_rank: Int[Tensor, " n"]
-    target_ranks: Int[Tensor, "n t"]
-    target_logits: Float[Tensor, "n t"]
-    next_logit: Float[Tensor, " n"]
-    logits: Float[Tensor, "n vocab"] | None = None
+    top_ids: Int[Tensor, "... k"]
+    top_logits: Float[Tensor, "... k"]
+    logsumexp: Float[Tensor, "..."]
+    entropy: Float[Tensor, "..."]
+    kl: Float[Tensor, "..."]
+    final_top1_rank: Int[Tensor, "..."]
+    target_ranks: Int[Tensor, "... t"]
+    target_logits: Float[Tensor, "... t"]
+    next_logit: Float[Tensor, "..."]
+    logits: Float[Tensor, "... vocab"] | None = None
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], k: int, t: int, vocab: int | None = None) -> "Stats":
+        """A zero-filled buffer with leading dimensions ``shape``."""
+        f, i = dict(dtype=torch.float32), dict(dtype=torch.long)
+        return cls(torch.zeros(*shape, k, **i), torch.zeros(*shape, k, **f), torch.zeros(*shape, **f),
+                   torch.zeros(*shape, **f), torch.zeros(*shape, **f), torch.zeros(*shape, **i),
+                   torch.zeros(*shape, t, **i), torch.zeros(*shape, t, **f), torch.zeros(*shape, **f),
+                   None if vocab is None else torch.zeros(*shape, vocab, **f))
+
+    def put(self, index: tuple, other: "Stats") -> None:
+        """``self.field[index] = other.field`` for every field both hold."""
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if mine is not None and theirs is not None:
+                mine[index] = theirs.to(mine.device)
+
+    def split(self, parts: int) -> list["Stats"]:
+        """``parts`` equal slices along the first dimension (one per lens row of a chunk)."""
+        cut = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name).chunk(parts)
+               for f in dataclasses.fields(self)}
+        return [Stats(**{k: None if v is None else v[i] for k, v in cut.items()}) for i in range(parts)]
 
 
-def _cap(logits: Tensor, softcap: float | None) -> Tensor:
-    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
-
-
-def _column_logits(x: Tensor, W: Tensor, b: Tensor | None, ids: Tensor, softcap: float | None) -> Tensor:
-    """Logits of ``x[n]`` at per-row token ids ``ids[n, t]`` without computing the other columns."""
-    cols = W.t()[ids]  # [n, t, d]
-    out = torch.einsum("nd,ntd->nt", x, cols)
-    if b is not None:
-        out = out + b[ids]
-    return _cap(out, softcap)
+def final_row(
+    decoder: Decoder,
+    xn: Float[Tensor, "n d_model"],
+    *,
+    k: int,
+    targets: Int[Tensor, "n t"],
+    next_ids: Int[Tensor, " n"],
+    keep_logits: bool = False,
+) -> tuple[FinalDistribution, Stats]:
+    """The final row decoded in full (``xn`` normalised, in the matmul dtype): its distribution, which every other
+    row's KL is taken against, and its own statistics (KL 0, its top-1 has rank 0)."""
+    logits = decoder.tile(xn, 0, decoder.W.shape[1])
+    logp = torch.log_softmax(logits, dim=-1)
+    probs = logp.exp()
+    neg_entropy = torch.linalg.vecdot(probs, logp)
+    top_logits, top_ids = logits.topk(k, dim=-1)
+    top1 = top_ids[:, 0].clone()
+    ref = logits.gather(1, torch.cat([top1[:, None], targets], 1))
+    ranks = (logits[:, None, :] > ref[:, :, None]).sum(-1)
+    stats = Stats(top_ids, top_logits, torch.logsumexp(logits, -1), -neg_entropy, torch.zeros(len(xn)), ranks[:, 0],
+                  ranks[:, 1:], ref[:, 1:], logits.gather(1, next_ids.clamp(min=0)[:, None])[:, 0],
+                  logits if keep_logits else None)
+    return FinalDistribution(probs, neg_entropy, top1), stats
 
 
 def _tile_update(
@@ -106,53 +157,40 @@ def fused_tile_update():
 
 
 def row_stats(
-    x: Float[Tensor, "n d"],
-    W: Float[Tensor, "d vocab"],
-    b: Float[Tensor, " vocab"] | None,
+    decoder: Decoder,
+    xn: Float[Tensor, "n d_model"],
     *,
     k: int,
     final: FinalDistribution,
-    positions_per_row: int,
     targets: Int[Tensor, "n t"],
     next_ids: Int[Tensor, " n"],
-    softcap: float | None = None,
     keep_logits: bool = False,
     vocab_tile: int = 2048,
     fused: bool | None = None,
-) -> RowStats:
-    """Streamed statistics of ``x`` (already normalised, in W's dtype) decoded through ``W``/``b``.
+) -> Stats:
+    """Streamed statistics of normalised vectors ``xn`` (in the matmul dtype) decoded by ``decoder``.
 
-    ``x`` holds whole rows of ``positions_per_row`` vectors; ``final`` is indexed by position, so the KL of vector i
-    is taken against ``final.probs[i % positions_per_row]``. ``fused``: run the per-tile reductions as one compiled
-    kernel (``None``: when the job is large, see ``FUSE_MIN_VECTORS``; falls back to eager when unavailable).
+    ``xn`` holds whole rows of ``len(final.top1)`` vectors: the KL of vector ``i`` is taken against
+    ``final.probs[i % len(final.top1)]``. ``fused``: run the per-tile reductions as one compiled kernel (``None``: when
+    the job is large, see ``FUSE_MIN_VECTORS``; falls back to eager when unavailable).
     """
-    n, vocab = x.shape[0], W.shape[1]
-    reps = n // positions_per_row
-    f_top1 = final.top1.repeat(reps)
-    rank_ids = torch.cat([f_top1[:, None], targets], dim=1)  # [n, 1 + t]
-    ref = _column_logits(x, W, b, rank_ids, softcap).float()
-    next_logit = _column_logits(x, W, b, next_ids.clamp(min=0)[:, None], softcap).float()[:, 0]
+    n, vocab = xn.shape[0], decoder.W.shape[1]
+    reps = n // final.top1.shape[0]
+    rank_ids = torch.cat([final.top1.repeat(reps)[:, None], targets], dim=1)  # [n, 1 + t]
+    ref = decoder.columns(xn, rank_ids)
+    next_logit = decoder.columns(xn, next_ids.clamp(min=0)[:, None])[:, 0]
 
     update = (fused_tile_update() if (fused or (fused is None and n >= FUSE_MIN_VECTORS)) else None) or _tile_update
     m = torch.full((n,), -torch.inf)
-    s = torch.zeros(n)
-    el = torch.zeros(n)
-    kl_dot = torch.zeros(n)
+    s, el, kl_dot = torch.zeros(n), torch.zeros(n), torch.zeros(n)
     greater = torch.zeros(n, rank_ids.shape[1], dtype=torch.long)
     run_v = torch.full((n, k), -torch.inf)
     run_i = torch.zeros(n, k, dtype=torch.long)
     full = torch.empty(n, vocab) if keep_logits else None
-    in_place = x.dtype == torch.float32 and W.dtype == torch.float32
-    buf = torch.empty(n, min(vocab_tile, vocab)) if in_place else None  # reused: no page faults per tile
+    buf = torch.empty(n, min(vocab_tile, vocab)) if xn.dtype == torch.float32 else None  # reused: no page faults
     for j in range(0, vocab, vocab_tile):
         hi = min(j + vocab_tile, vocab)
-        if buf is not None:
-            L = torch.mm(x, W[:, j:hi], out=buf[:, : hi - j])
-        else:
-            L = x @ W[:, j:hi]
-        if b is not None:
-            L += b[j:hi]
-        L = _cap(L, softcap).float()
+        L = decoder.tile(xn, j, hi, out=None if buf is None else buf[:, : hi - j])
         if full is not None:
             full[:, j:hi] = L
         m, s, el, kl_dot, greater, tmax = update(L, final.probs[:, j:hi], ref, m, s, el, kl_dot, greater)
@@ -169,17 +207,6 @@ def row_stats(
         own = L.gather(1, (rank_ids - j).clamp(0, hi - j - 1))
         greater -= (inside & (own > ref)).long()
     lse = m + torch.log(s)
-    entropy = lse - el / s
     kl = final.neg_entropy.repeat(reps) - kl_dot + lse
-    return RowStats(
-        top_ids=run_i,
-        top_logits=run_v,
-        logsumexp=lse,
-        entropy=entropy,
-        kl=kl.clamp(min=0.0),
-        final_top1_rank=greater[:, 0],
-        target_ranks=greater[:, 1:],
-        target_logits=ref[:, 1:],
-        next_logit=next_logit,
-        logits=full,
-    )
+    return Stats(run_i, run_v, lse, lse - el / s, kl.clamp(min=0.0), greater[:, 0], greater[:, 1:], ref[:, 1:],
+                 next_logit, full)

@@ -1,7 +1,6 @@
-"""Model loading and the ModelView adapter."""
+"""Model loading and the ModelView adapter (hooks, GQA layout, tokenisation, the batch prelude and the decoder)."""
 
-from mi_lenses.models.loading import ModelLoadError, cache_root, embedded_gguf_path, load_model
-from mi_lenses.models.view import LensInputError, ModelView, ResidualRow
+from mi_lenses.models.loading import cache_root, embedded_gguf_path, load_model
+from mi_lenses.models.view import ModelView, ResidualRow
 
-__all__ = ["ModelLoadError", "LensInputError", "ModelView", "ResidualRow", "cache_root", "embedded_gguf_path",
-           "load_model"]
+__all__ = ["ModelView", "ResidualRow", "cache_root", "embedded_gguf_path", "load_model"]

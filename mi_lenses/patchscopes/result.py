@@ -1,5 +1,12 @@
-"""Results of Patchscope runs: one prompt's rows (:class:`PatchscopeResult`) and layer x layer sweeps
-(:class:`SweepResult`). Surprisal is stored in nats (``-ln p``); ``surprisal_bits`` and every export use bits."""
+"""Results of Patchscope runs: one prompt's rows (:class:`PatchscopeResult`, one per source layer) and layer x layer
+sweeps (:class:`SweepResult`). Surprisal is stored in nats (``-ln p``); ``surprisal_bits`` and every export use bits.
+
+Example:
+    >>> res = mi_lenses.patchscope(model, mi_lenses.Source("The capital of France is", layer=[0, -1]),
+    ...                            mi_lenses.presets.identity(), max_new_tokens=2)
+    >>> res.source_layers, res.prec_at_1.tolist()[-1], len(res.generated)
+    ([0, 2], True, 2)
+"""
 
 from __future__ import annotations
 
@@ -11,17 +18,16 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mi_lenses.results import LN2, Result, jsonable
+
 
 @dataclass
-class PatchscopeResult:
-    """One source prompt and position, one row per (source layer ``l``, target layer ``l*``).
+class PatchscopeResult(Result):
+    """One source prompt and position; one layer (row) per (source layer ``l``, target layer ``l*``).
 
     ``prec_at_1[r]``: the target's top-1 next token equals the source model's own next-token prediction at ``i``;
-    ``surprisal[r]``: ``-log2 p_target(that token)`` in bits. ``generated_ids`` ``[R, n]`` when generation ran.
-
-    Example::
-
-        res.top_tokens[0][:3]; res.generated[0]; res.to_dataframe(); res.to_html("ps.html")
+    ``surprisal[r]``: ``-ln p_target(that token)`` in nats (``surprisal_bits`` in bits). ``generated_ids``
+    ``[R, n]`` when generation ran.
     """
 
     model_name: str
@@ -54,7 +60,11 @@ class PatchscopeResult:
 
     @property
     def surprisal_bits(self) -> Float[Tensor, " R"]:
-        return self.surprisal / math.log(2.0)
+        return self.surprisal / LN2
+
+    @property
+    def title(self) -> str:
+        return f"Patchscope ({self.target_name}): {self.model_name}"
 
     @property
     def top_probs(self) -> Float[Tensor, "R k"]:
@@ -86,29 +96,29 @@ class PatchscopeResult:
         return [f"{l}" if l == t else f"{l}->{t}" for l, t in zip(self.source_layers, self.target_layers)]
 
     # ------------------------------------------------------------------------------------ exports
-    def to_dict(self, row: int = 0) -> dict[str, Any]:
-        """JSON-ready dict (the ``mi-lenses patchscope --json`` contract: source_token, generated, top_tokens)."""
+    def to_dict(self, *, batch: int = 0, layer: int | None = 0) -> dict[str, Any]:
+        """JSON-ready dict. ``layer=r`` (default 0): row ``r`` merged with the source fields (the ``mi-lenses
+        patchscope --json`` contract: source_token, generated, top_tokens, ...); ``layer=None``: the source fields
+        plus ``"layers"``, one entry per row. Surprisal in bits."""
+        self.check_batch(batch)
         gen = self.generated
-        return {
-            "model": self.model_name,
-            "target_model": self.target_model_name,
-            "target": self.target_name,
-            "source_prompt": self.source_prompt,
-            "source_position": self.source_position,
-            "source_token": self.source_token,
-            "source_layer": self.source_layers[row],
-            "target_layer": self.target_layers[row],
-            "target_prompt": self.target_prompt,
-            "target_positions": self.target_positions,
-            "source_prediction": self.source_prediction,
-            "top_tokens": self.top_tokens[row],
-            "top_probs": [round(p, 6) for p in self.top_probs[row].tolist()],
-            "prec_at_1": bool(self.prec_at_1[row]),
-            "surprisal": _num(float(self.surprisal_bits[row])),
-            "generated": None if gen is None else gen[row],
-            "units": {"surprisal": "bits"},
-            "settings": self.settings,
+        head = {
+            "model": self.model_name, "target_model": self.target_model_name, "target": self.target_name,
+            "source_prompt": self.source_prompt, "source_position": self.source_position,
+            "source_token": self.source_token, "target_prompt": self.target_prompt,
+            "target_positions": self.target_positions, "source_prediction": self.source_prediction,
+            "units": {"surprisal": "bits"}, "settings": self.settings,
         }
+        rows = [{
+            "source_layer": self.source_layers[r], "target_layer": self.target_layers[r],
+            "top_tokens": self.top_tokens[r], "top_probs": self.top_probs[r], "prec_at_1": bool(self.prec_at_1[r]),
+            "surprisal": float(self.surprisal_bits[r]), "generated": None if gen is None else gen[r],
+        } for r in range(len(self.source_layers))]
+        if layer is None:
+            return jsonable({**head, "layers": rows})
+        from mi_lenses.indexing import resolve_index
+
+        return jsonable({**head, **rows[resolve_index(layer, len(rows), "layer", "one per source layer")]})
 
     def to_dataframe(self):
         """Tidy frame: one row per (source layer, target layer, k) with token, prob, prec@1, surprisal, generation."""
@@ -123,40 +133,30 @@ class PatchscopeResult:
                                     generated=None if gen is None else gen[r]))
         return pd.DataFrame.from_records(records)
 
-    def table(self):
+    def table(self, *, batch: int = 0):
+        """A rich table: layer | top-1 (prob) | prec@1 | surprisal | generation."""
         from mi_lenses.viz.patchscopes import result_table
 
+        self.check_batch(batch)
         return result_table(self)
 
-    def print(self) -> None:
-        from mi_lenses.viz.terminal import print_renderable
+    def fragment(self, *, batch: int = 0) -> str:
+        """The prompts (patched positions highlighted) and one table row per (l, l*)."""
+        from mi_lenses.viz.patchscopes import result_fragment
 
-        print_renderable(self.table())
-
-    def to_html(self, path=None) -> str:
-        """Standalone offline HTML page (layer | top-1 | generation table); written atomically to ``path``."""
-        from mi_lenses.viz.patchscopes import result_page
-
-        return result_page(self, path)
-
-    def show(self):
-        """Render in a notebook (offline ``RenderedHTML``)."""
-        from mi_lenses.viz.patchscopes import notebook, result_fragment
-
-        return notebook(result_fragment(self))
+        self.check_batch(batch)
+        return result_fragment(self)
 
 
 @dataclass
-class SweepResult:
+class SweepResult(Result):
     """Patchscope statistics over source layers ``l`` x target layers ``l*`` x source positions.
 
     ``prec_at_1``/``surprisal``/``target_prob`` are ``[Ls, Lt, P]`` (``nan`` where a pair was not run, e.g. off the
     diagonal of an ``l* = l`` sweep); the ``*_mean`` properties average over positions. ``target_prob`` is the
     probability of ``target_token`` (default: the source model's own next-token prediction at each position).
 
-    Example::
-
-        sw = sweep(model, text, presets.identity()); sw.prec_at_1_mean; sw.to_html("sweep.html")
+    ``positions[p]`` is ``(batch, position)`` of source position ``p`` (position counted in that prompt's tokens).
     """
 
     model_name: str
@@ -178,7 +178,11 @@ class SweepResult:
 
     @property
     def surprisal_bits(self) -> Float[Tensor, "Ls Lt P"]:
-        return self.surprisal / math.log(2.0)
+        return self.surprisal / LN2
+
+    @property
+    def title(self) -> str:
+        return f"Patchscope sweep ({self.target_name}): {self.model_name}"
 
     @property
     def prec_at_1_mean(self) -> Float[Tensor, "Ls Lt"]:
@@ -200,18 +204,19 @@ class SweepResult:
         return torch.tensor([float(self.prec_at_1_mean[a, j]) if j is not None else math.nan
                              for a, j in enumerate(idx)])
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, batch: int = 0) -> dict[str, Any]:
         """JSON-ready (``--sweep --json``): ``prec_at_1[l][l2]`` and ``surprisal[l][l2]`` (bits, position means)."""
+        self.check_batch(batch)
         tl = self.source_layers if self.diagonal else self.target_layers
         prec, surp, prob = self.prec_at_1_mean, self.surprisal_bits_mean, self.target_prob_mean
         n = len(self.source_layers)
 
         def full(t: Tensor) -> list:  # an l* = l sweep becomes a square matrix with None off the diagonal
             if self.diagonal:
-                return [[_num(float(t[a, 0])) if a == b else None for b in range(n)] for a in range(n)]
-            return [[_num(float(v)) for v in row] for row in t.tolist()]
+                return [[float(t[a, 0]) if a == b else None for b in range(n)] for a in range(n)]
+            return t.tolist()
 
-        return {
+        return jsonable({
             "model": self.model_name,
             "target_model": self.target_model_name,
             "target": self.target_name,
@@ -223,7 +228,7 @@ class SweepResult:
             "target_prob": full(prob),
             "target_token": self.target_token,
             "units": {"surprisal": "bits"},
-        }
+        })
 
     def to_dataframe(self):
         """Tidy frame: one row per (source layer, target layer, source position)."""
@@ -246,21 +251,21 @@ class SweepResult:
                     ))
         return pd.DataFrame.from_records(records)
 
-    def to_html(self, path=None) -> str:
-        from mi_lenses.viz.patchscopes import sweep_page
+    def table(self, *, batch: int = 0):
+        """A rich table: precision@1 and surprisal per source layer at ``l* = l`` (where it was run)."""
+        from mi_lenses.viz.patchscopes import sweep_table
 
-        return sweep_page(self, path)
+        self.check_batch(batch)
+        return sweep_table(self)
 
-    def show(self):
-        from mi_lenses.viz.patchscopes import notebook, sweep_fragment
+    def fragment(self, *, batch: int = 0) -> str:
+        """Heat maps of precision@1, surprisal and target probability over (l, l*), and precision@1 per layer."""
+        from mi_lenses.viz.patchscopes import sweep_fragment
 
-        return notebook(sweep_fragment(self))
+        self.check_batch(batch)
+        return sweep_fragment(self)
 
 
 def _nanmean(t: Tensor) -> Tensor:
     ok = torch.isfinite(t)
     return torch.where(ok, t, 0.0).sum(-1) / ok.sum(-1).clamp(min=1) + torch.where(ok.any(-1), 0.0, torch.nan)
-
-
-def _num(x: float) -> float | None:
-    return round(x, 6) if math.isfinite(x) else None

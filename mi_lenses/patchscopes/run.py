@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError
+from mi_lenses.models.batch import Batch
 from mi_lenses.models.view import ModelView
 from mi_lenses.patchscopes import _kv
 from mi_lenses.patchscopes.result import PatchscopeResult
@@ -45,18 +46,16 @@ from mi_lenses.patchscopes.spec import (
     resolve_position,
     resolve_target,
     translate_ids,
-    view_of,
 )
 
 
 # ------------------------------------------------------------------------------------------------ source side
 def source_states(
-    view: ModelView, tokens: Int[Tensor, "B S"], layers: Iterable[int]
+    view: ModelView, batch: Batch, layers: Iterable[int]
 ) -> tuple[dict[int, Float[Tensor, "B S d"]], Float[Tensor, "B S V"]]:
     """The residual stream after each block in ``layers`` (``blocks.l.hook_resid_post``) and the model's logits."""
     names = {view.hook_name(POINT, l): l for l in layers}
-    with torch.no_grad():
-        logits, cache = view.model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    logits, cache = view.run_with_cache(batch, names)
     return {l: cache[name].detach() for name, l in names.items()}, logits.detach()
 
 
@@ -227,8 +226,8 @@ def patchscope(
     target = target if target is not None else _identity()
     if not isinstance(source, Source):
         raise LensInputError(f"expected a Source(prompt, layer, position=-1), got {source!r}.")
-    src_view = view_of(source.model if source.model is not None else model)
-    tgt_view = view_of(target.model if target.model is not None else src_view)
+    src_view = ModelView(source.model if source.model is not None else model)
+    tgt_view = ModelView(target.model if target.model is not None else src_view)
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= tgt_view.d_vocab:
         raise LensInputError(f"top_k must be an int in 1..{tgt_view.d_vocab}, got {top_k!r}.")
     n_new = target.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -256,7 +255,7 @@ def patchscope(
     fmap = resolve_map(target.map, src_view, tgt_view)
 
     # --- source states, map, patched runs
-    states, src_logits = source_states(src_view, src_tokens, set(src_layers))
+    states, src_logits = source_states(src_view, src_view.batch(src_tokens), set(src_layers))
     x = torch.stack([states[l][0, i] for l in src_layers])
     vectors = apply_map(fmap, x, tgt_view)
     pred = src_logits[0, i].float().argmax().view(1).cpu()
@@ -323,7 +322,7 @@ def verify(model: Any, prompt: str = "The capital of France is", atol: float = 1
     from mi_lenses.errors import VerificationError
     from mi_lenses.patchscopes.presets import identity
 
-    view = view_of(model)
+    view = ModelView(model)
     tokens = view.to_tokens(prompt)
     S, L = tokens.shape[1], view.n_layers
     with torch.no_grad():

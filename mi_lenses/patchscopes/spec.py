@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError
+from mi_lenses.indexing import resolve_index
 from mi_lenses.models.view import ModelView
 
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
@@ -87,7 +88,6 @@ class ResolvedTarget:
     view: ModelView
     tokens: Tensor
     positions: tuple[int, ...]
-    spec: Target
 
     @property
     def str_tokens(self) -> list[str]:
@@ -104,34 +104,15 @@ def check_context(view: ModelView, n_tokens: int, what: str) -> None:
         )
 
 
-def view_of(model: Any) -> ModelView:
-    return model if isinstance(model, ModelView) else ModelView(model)
-
-
 def resolve_layer(view: ModelView, layer: Any, what: str) -> int:
-    """Normalise a layer index (negative from the end), with an error that names the valid range."""
-    if isinstance(layer, bool) or not hasattr(layer, "__index__"):
-        raise LensInputError(f"{what} must be an int (a block index), got {layer!r}.")
-    layer = int(layer)
-    L = view.n_layers
-    if not -L <= layer < L:
-        raise LensInputError(
-            f"{what} {layer} is out of range: {view.name} has {L} blocks; layer l means the output of block l "
-            f"(blocks.l.hook_resid_post), so use 0..{L - 1} (or -{L}..-1 from the end)."
-        )
-    return layer % L
+    """A block index (negative from the end), with an error that names the valid range."""
+    return resolve_index(layer, view.n_layers, what, f"{view.name} has {view.n_layers} blocks; layer l means the "
+                         f"output of block l (blocks.l.hook_resid_post), so use 0..{view.n_layers - 1}")
 
 
 def resolve_position(position: Any, length: int, what: str) -> int:
-    if isinstance(position, bool) or not hasattr(position, "__index__"):
-        raise LensInputError(f"{what} must be an int, got {position!r}.")
-    position = int(position)
-    if not -length <= position < length:
-        raise LensInputError(
-            f"{what} {position} is out of range: the prompt has {length} tokens, so use 0..{length - 1} "
-            f"(or -{length}..-1 from the end)."
-        )
-    return position % length
+    """A position in a prompt of ``length`` tokens (negative from the end)."""
+    return resolve_index(position, length, what, f"the prompt has {length} tokens, so use 0..{length - 1}")
 
 
 def placeholder_positions(
@@ -192,7 +173,7 @@ def resolve_target(target: Target, view: ModelView) -> ResolvedTarget:
         )
     if len(set(positions)) != len(positions):
         raise LensInputError(f"target positions {positions} name a position twice.")
-    return ResolvedTarget(view, tokens, tuple(sorted(positions)), target)
+    return ResolvedTarget(view, tokens, tuple(sorted(positions)))
 
 
 def resolve_map(fmap: Any, source: ModelView, target: ModelView) -> Callable[[Tensor], Tensor] | None:
@@ -201,8 +182,8 @@ def resolve_map(fmap: Any, source: ModelView, target: ModelView) -> Callable[[Te
         if source.d_model != target.d_model:
             raise LensInputError(
                 f"the source model has d_model {source.d_model} and the target model {target.d_model}: pass "
-                f"Target(map=...), e.g. mi_lenses.patchscopes.fit_map(source_model, target_model, texts, "
-                f"source_layer, target_layer)."
+                f"Target(map=...), e.g. mi_lenses.patchscopes.fit_map(source_model, texts, source_layer, "
+                f"target_model=target_model, target_layer=target_layer)."
             )
         return None
     if not callable(fmap):

@@ -1,7 +1,13 @@
 """Offline HTML building blocks: one page with the circuitsvis bundle inlined once, heat-map grids, line charts.
 
 Every page works without a network: circuitsvis components come from ``RenderedHTML.local_src`` (never the CDN),
-and everything else is plain HTML/SVG with inline styles.
+and everything else is plain HTML/SVG with inline styles. Colours come from :mod:`mi_lenses.viz.colors`.
+
+Example:
+    >>> grid = heat_grid(["L1", "L0"], ["a", " b"], [["x", "y"], ["z", "w"]], [[1.0, 0.0], [0.5, -0.5]],
+    ...                  signed=True)
+    >>> grid.count("<td"), "␣b" in grid
+    (4, True)
 """
 
 from __future__ import annotations
@@ -9,6 +15,8 @@ from __future__ import annotations
 import html
 import math
 from typing import Sequence
+
+from mi_lenses.viz.colors import css, diverging, sequential, text_on
 
 _MARK = "CircuitsVis.render("
 
@@ -33,6 +41,11 @@ def __getattr__(name: str):
     if name == "OfflineHTML":
         return _offline_html_class()
     raise AttributeError(name)
+
+
+def offline_html(fragment: str):
+    """An HTML fragment as a circuitsvis ``RenderedHTML`` that renders offline in a notebook."""
+    return _offline_html_class()(fragment, fragment)
 
 
 def esc(text: str) -> str:
@@ -74,13 +87,6 @@ h1 {{ font-size: 20px; }} h2 {{ font-size: 16px; margin-top: 28px; }}
 """
 
 
-def _blue(t: float) -> str:
-    """White -> blue for t in [0, 1]."""
-    t = 0.0 if not math.isfinite(t) else min(max(t, 0.0), 1.0)
-    r, g, b = (int(255 - t * (255 - c)) for c in (8, 81, 156))
-    return f"rgb({r},{g},{b})"
-
-
 def heat_grid(
     row_labels: Sequence[str],
     col_labels: Sequence[str],
@@ -88,8 +94,10 @@ def heat_grid(
     shade: Sequence[Sequence[float]],
     titles: Sequence[Sequence[str]] | None = None,
     caption: str = "",
+    signed: bool = False,
 ) -> str:
-    """An HTML table: one cell per (row, column) with text, a background shade in [0, 1] and a hover title."""
+    """An HTML table: one cell per (row, column) with text, a background shade and a hover title. Shades lie in
+    [0, 1] (sequential scale) or, with ``signed``, in [-1, 1] (diverging scale); NaN is white."""
     out = ['<table style="border-collapse:collapse;font-family:monospace;font-size:12px">']
     if caption:
         out.append(f'<caption style="text-align:left;padding:4px 0;font-family:sans-serif">{caption}</caption>')
@@ -98,10 +106,10 @@ def heat_grid(
         cells = []
         for j in range(len(col_labels)):
             s = shade[i][j]
-            color = "#fff" if (math.isfinite(s) and s > 0.55) else "#111"
+            bg = css(diverging(s) if signed else sequential(s))
             title = f' title="{html.escape(titles[i][j])}"' if titles else ""
             cells.append(
-                f'<td{title} style="background:{_blue(s)};color:{color};padding:2px 4px;border:1px solid #eee;'
+                f'<td{title} style="background:{bg};color:{text_on(s)};padding:2px 4px;border:1px solid #eee;'
                 f'max-width:90px;overflow:hidden;white-space:nowrap">{esc(text[i][j])}</td>'
             )
         out.append(f'<tr><th style="text-align:right;padding:2px 6px">{esc(label)}</th>{"".join(cells)}</tr>')

@@ -8,9 +8,7 @@ import math
 
 import torch
 
-from mi_lenses.atomic import write_atomic
-
-from mi_lenses.viz.html import circuitsvis_block, heat_grid, line_chart, page
+from mi_lenses.viz.html import circuitsvis_block, heat_grid, line_chart
 
 
 def _rows_top_first(n: int) -> list[int]:
@@ -18,13 +16,9 @@ def _rows_top_first(n: int) -> list[int]:
     return list(range(n - 1, -1, -1))
 
 
-def _columns(res, batch: int) -> list[int]:
-    return [j for j in range(len(res.positions)) if bool(res.valid[batch, j])]
-
-
 def top1_grid(res, batch: int = 0, value: str = "prob") -> str:
     """Layers x positions, the top-1 token as text, coloured by its probability (or logit)."""
-    cols = _columns(res, batch)
+    cols = res.columns(batch)
     order = _rows_top_first(len(res.labels))
     toks = res.top_tokens
     probs = res.top_probs[..., 0]
@@ -52,7 +46,7 @@ def top1_grid(res, batch: int = 0, value: str = "prob") -> str:
 
 def rank_grid(res, batch: int = 0, target: int | None = None) -> str:
     """Layers x positions, the rank of the final top-1 token (or of target ``target``), coloured by log rank."""
-    cols = _columns(res, batch)
+    cols = res.columns(batch)
     order = _rows_top_first(len(res.labels))
     ranks = res.final_top1_rank if target is None else res.target_ranks[..., target]
     name = "the final top-1 token" if target is None else repr(res.target_strs[target])
@@ -66,7 +60,7 @@ def rank_grid(res, batch: int = 0, target: int | None = None) -> str:
 
 def kl_chart(res, batch: int = 0) -> str:
     """KL(final || layer) in bits per layer: mean over positions and at the last position."""
-    cols = _columns(res, batch)
+    cols = res.columns(batch)
     kl = res.kl_bits[:, batch, cols]
     series = {"mean over positions": kl.mean(-1).tolist(), "last position": kl[:, -1].tolist()}
     return line_chart(res.labels, series, "KL(final ‖ layer) [bits]")
@@ -76,7 +70,7 @@ def circuitsvis_views(res, batch: int = 0) -> list:
     """circuitsvis ``ColoredTokensMulti`` views: the prompt coloured by a statistic, one label per layer."""
     import circuitsvis as cv
 
-    cols = _columns(res, batch)
+    cols = res.columns(batch)
     tokens = [res.position_tokens[batch][j] for j in cols]
     labels = list(res.labels)
 
@@ -119,19 +113,3 @@ def lens_fragment(res, batch: int = 0) -> str:
         circuitsvis_block(circuitsvis_views(res, batch)),
     ]
     return "\n".join(parts)
-
-
-def lens_page(res, path=None, batch: int = 0) -> str:
-    """A standalone offline HTML page; written atomically when ``path`` is given."""
-    text = page(f"{res.lens_name}: {res.model_name}", lens_fragment(res, batch))
-    if path is not None:
-        write_atomic(path, text)
-    return text
-
-
-def lens_notebook(res, batch: int = 0):
-    """A circuitsvis ``RenderedHTML`` for notebooks, always offline (no CDN, no connectivity probe)."""
-    from mi_lenses.viz.html import OfflineHTML
-
-    fragment = lens_fragment(res, batch)
-    return OfflineHTML(fragment, fragment)

@@ -6,16 +6,7 @@ from __future__ import annotations
 import html
 import math
 
-from mi_lenses.atomic import write_atomic
-
-from mi_lenses.viz.html import esc, heat_grid, line_chart, page
-
-
-def notebook(fragment: str):
-    """An offline circuitsvis ``RenderedHTML`` around an HTML fragment (renders in Jupyter, no CDN)."""
-    from mi_lenses.viz.html import OfflineHTML
-
-    return OfflineHTML(fragment, fragment)
+from mi_lenses.viz.html import esc, heat_grid, line_chart
 
 
 def _prompt_line(label: str, tokens: list[str], marked: set[int]) -> str:
@@ -58,13 +49,6 @@ def result_fragment(res) -> str:
     parts.append('<table style="border-collapse:collapse;font-size:13px" border="1" cellpadding="4">' + head
                  + "".join(rows) + "</table>")
     return "\n".join(parts)
-
-
-def result_page(res, path=None) -> str:
-    text = page(f"Patchscope ({res.target_name}): {res.model_name}", result_fragment(res))
-    if path is not None:
-        write_atomic(path, text)
-    return text
 
 
 def result_table(res):
@@ -134,8 +118,19 @@ def sweep_fragment(sw) -> str:
     return "\n".join(parts)
 
 
-def sweep_page(sw, path=None) -> str:
-    text = page(f"Patchscope sweep ({sw.target_name}): {sw.model_name}", sweep_fragment(sw))
-    if path is not None:
-        write_atomic(path, text)
-    return text
+def sweep_table(sw):
+    """A rich table: precision@1 and mean surprisal (bits) per source layer at l* = l."""
+    from rich.table import Table
+
+    table = Table(title=f"Patchscope sweep '{sw.target_name}' · {sw.model_name} · {len(sw.positions)} source positions")
+    for col in ("l = l*", "precision@1", "surprisal (bits)"):
+        table.add_column(col, justify="right")
+    per = sw.per_layer()
+    surp = sw.surprisal_bits_mean
+    for a, l in enumerate(sw.source_layers):
+        j = 0 if sw.diagonal else (sw.target_layers.index(l) if l in sw.target_layers else None)
+        if j is None:
+            table.add_row(str(l), "–", "–")
+        else:
+            table.add_row(str(l), f"{float(per[a]):.3f}", f"{float(surp[a, j]):.2f}")
+    return table

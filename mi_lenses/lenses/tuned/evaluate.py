@@ -1,16 +1,17 @@
 """Held-out evaluation of lenses, per layer: KL to the final distribution, cross-entropy to the next token and
 entropy (bits), plus the model's own cross-entropy: the curves of the tuned-lens paper's figure.
 
-Example::
-
-    ev = evaluate_lens(lens, model, "../shared/data/wikitext-2/test.txt", max_tokens=8192)
-    ev.to_dataframe(); ev.to_html("tuned_eval.html"); ev.show()
-    ev.to_dict()   # the ``mi-lenses tuned-lens eval --json`` contract
+Example:
+    >>> tokens = torch.randint(3, model.cfg.d_vocab, (2, 16))
+    >>> ev = evaluate_lens(TunedLens.from_model(model), model, tokens)   # zero init == the logit lens
+    >>> ev.layers[:2], list(ev.kl_bits), ev.n_tokens
+    (['embed', '1_pre'], ['logit lens', 'tuned lens'], 32)
+    >>> ev.kl_bits["logit lens"] == ev.kl_bits["tuned lens"]
+    True
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,12 +20,11 @@ import torch
 from mi_lenses.errors import LensInputError
 from mi_lenses.lenses.logit_lens import LogitLens, run_lens
 from mi_lenses.models.view import ModelView
-
-LN2 = math.log(2.0)
+from mi_lenses.results import LN2, Result, jsonable
 
 
 @dataclass
-class LensEvaluation:
+class LensEvaluation(Result):
     """Per-layer statistics of one or more lenses on held-out tokens (means over tokens, in bits).
 
     ``kl_bits[lens][i]`` is the mean KL(final || lens) at row ``layers[i]``; ``ce_bits`` the mean cross-entropy to the
@@ -41,21 +41,21 @@ class LensEvaluation:
     final_entropy_bits: float
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON contract: ``{"layers", "logit_lens": {"kl_bits", "ce_bits"}, "tuned_lens": {...},
-        "final_ce_bits"}`` (plus entropies and the token count)."""
+    @property
+    def title(self) -> str:
+        return f"Lens evaluation: {self.model_name}"
+
+    def to_dict(self, *, batch: int = 0) -> dict[str, Any]:
+        """The JSON contract: ``{"layers", "logit_lens": {"kl_bits", "ce_bits", "entropy_bits"}, "tuned_lens":
+        {...}, "final_ce_bits", "final_entropy_bits", "n_tokens", "model"}``."""
+        self.check_batch(batch)
         out: dict[str, Any] = {"layers": list(self.layers)}
         for name in self.kl_bits:
-            out[name.replace(" ", "_")] = {
-                "kl_bits": _r(self.kl_bits[name]),
-                "ce_bits": _r(self.ce_bits[name]),
-                "entropy_bits": _r(self.entropy_bits[name]),
-            }
-        out["final_ce_bits"] = round(self.final_ce_bits, 6)
-        out["final_entropy_bits"] = round(self.final_entropy_bits, 6)
-        out["n_tokens"] = self.n_tokens
-        out["model"] = self.model_name
-        return out
+            out[name.replace(" ", "_")] = {"kl_bits": self.kl_bits[name], "ce_bits": self.ce_bits[name],
+                                           "entropy_bits": self.entropy_bits[name]}
+        out.update(final_ce_bits=self.final_ce_bits, final_entropy_bits=self.final_entropy_bits,
+                   n_tokens=self.n_tokens, model=self.model_name)
+        return jsonable(out)
 
     def to_dataframe(self):
         """Tidy frame: one row per (lens, layer, metric)."""
@@ -70,16 +70,30 @@ class LensEvaluation:
                                  "value": table[name][i]})
         return pd.DataFrame(rows)
 
-    def table(self) -> str:
-        """A plain-text per-layer table (what the README shows)."""
+    def table(self, *, batch: int = 0):
+        """A rich table: KL and CE per layer for every lens, and the model's own CE in the caption."""
+        from rich.table import Table
+
+        self.check_batch(batch)
         names = list(self.kl_bits)
-        head = "| layer | " + " | ".join(f"KL {n} | CE {n}" for n in names) + " |"
-        sep = "|---|" + "---|---|" * len(names)
-        lines = [head, sep]
+        table = Table(title=f"Lens evaluation · {self.model_name} · {self.n_tokens} tokens (bits)",
+                      caption=f"model's own CE: {self.final_ce_bits:.3f} bits/token")
+        table.add_column("layer", justify="right", style="bold")
+        for n in names:
+            table.add_column(f"KL {n}", justify="right")
+            table.add_column(f"CE {n}", justify="right")
+        for i, label in enumerate(self.layers):
+            table.add_row(label, *[f"{d[n][i]:.3f}" for n in names for d in (self.kl_bits, self.ce_bits)])
+        return table
+
+    def to_markdown(self) -> str:
+        """The per-layer table as Markdown (what the README shows)."""
+        names = list(self.kl_bits)
+        lines = ["| layer | " + " | ".join(f"KL {n} | CE {n}" for n in names) + " |",
+                 "|---|" + "---:|---:|" * len(names)]
         for i, label in enumerate(self.layers):
             cells = " | ".join(f"{self.kl_bits[n][i]:.3f} | {self.ce_bits[n][i]:.3f}" for n in names)
             lines.append(f"| {label} | {cells} |")
-        lines.append(f"\nmodel's own CE: {self.final_ce_bits:.3f} bits/token over {self.n_tokens} tokens")
         return "\n".join(lines)
 
     def figure(self) -> str:
@@ -95,9 +109,11 @@ class LensEvaluation:
             + line_chart(self.layers, ce, "CE (bits)")
         )
 
-    def _body(self) -> str:
+    def fragment(self, *, batch: int = 0) -> str:
+        """The curves and the per-layer table."""
         import html
 
+        self.check_batch(batch)
         rows = "".join(
             f"<tr><td>{html.escape(lab)}</td>"
             + "".join(f"<td>{self.kl_bits[n][i]:.3f}</td><td>{self.ce_bits[n][i]:.3f}</td>" for n in self.kl_bits)
@@ -105,31 +121,10 @@ class LensEvaluation:
             for i, lab in enumerate(self.layers)
         )
         head = "".join(f"<th>KL {html.escape(n)}</th><th>CE {html.escape(n)}</th>" for n in self.kl_bits)
-        note = (f'<p class="note">{self.model_name}: {self.n_tokens} held-out tokens; the model\'s own CE is '
-                f"{self.final_ce_bits:.3f} bits.</p>")
+        note = (f'<p class="note">{html.escape(self.model_name)}: {self.n_tokens} held-out tokens; the model\'s own '
+                f"CE is {self.final_ce_bits:.3f} bits.</p>")
         table = f'<table style="font-size:12px;border-collapse:collapse"><tr><th>layer</th>{head}</tr>{rows}</table>'
         return note + self.figure() + "<h2>Per layer</h2>" + table
-
-    def show(self):
-        """Render in a notebook (offline)."""
-        from mi_lenses.viz.html import OfflineHTML
-
-        body = self._body()
-        return OfflineHTML(body, body)
-
-    def to_html(self, path=None) -> str:
-        """A standalone offline page; written atomically to ``path`` if given."""
-        from mi_lenses.atomic import write_atomic
-        from mi_lenses.viz.html import page
-
-        text = page(f"Lens evaluation: {self.model_name}", self._body())
-        if path is not None:
-            write_atomic(path, text)
-        return text
-
-
-def _r(values: list[float]) -> list:
-    return [round(v, 6) if math.isfinite(v) else None for v in values]
 
 
 def evaluate_lens(
@@ -165,8 +160,7 @@ def evaluate_lens(
     n_tok = n_ce = 0
     for b0 in range(0, tokens.shape[0], batch_size):
         tb = tokens[b0 : b0 + batch_size].to(view.device)
-        with torch.no_grad():
-            logits, cache = view.model.run_with_cache(tb, names_filter=lambda n: n in names)
+        logits, cache = view.run_with_cache(view.batch(tb), names)
         for key, ln in lenses.items():
             res = run_lens(ln, view, tb, cache=cache, logits=logits, top_k=1)
             ce = res.cross_entropy

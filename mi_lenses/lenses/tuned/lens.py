@@ -4,35 +4,36 @@ For the residual state ``h`` at tuned-lens layer index ``i`` (0 = embeddings, ``
 decodes ``h + A_i h + b_i`` through the model's *own* final norm and unembedding (read from the model on every run,
 never stored in the lens). ``A`` and ``b`` start at zero, so an untrained lens is exactly the logit lens.
 
-Example::
-
-    import mi_lenses
-    from mi_lenses.lenses.tuned import TunedLens, load_lens
-    model = mi_lenses.load_model()
-    lens = load_lens("smol_lens", model)            # either file format
-    res = lens(model, "The capital of France is", targets=" Paris")   # a LensResult, like the logit lens
-    res.print(); res.to_html("tuned.html")
+Example:
+    >>> lens = TunedLens.from_model(model)            # zero init: exactly the logit lens
+    >>> res = lens(model, "The capital of France is", targets=" Paris")   # a LensResult, like the logit lens
+    >>> bool(torch.equal(res.top_ids, mi_lenses.logit_lens(model, "The capital of France is").top_ids))
+    True
+    >>> res = mi_lenses.tuned_lens(model, "The capital of France is", lens=lens)  # or lens="path/to/lens_folder"
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-from typing import Any
+import os
+from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError
-from mi_lenses.lenses.logit_lens import run_lens
+from mi_lenses.indexing import IndexSpec
+from mi_lenses.lenses.logit_lens import Lens, MatmulDType, Point, TokenLike, run_lens
 from mi_lenses.lenses.result import LensResult
+from mi_lenses.models.batch import PromptInput
 from mi_lenses.models.view import ModelView, ResidualRow
 
 FINGERPRINT_TOL = 1e-3  # relative tolerance when comparing unembedding fingerprints
 
 
-class TunedLens(torch.nn.Module):
+class TunedLens(Lens, torch.nn.Module):
     """Per-layer affine translators ``h -> h + A_i h + b_i`` for ``i`` in ``0 .. n_layers - 1``.
 
     Attributes:
@@ -42,11 +43,12 @@ class TunedLens(torch.nn.Module):
             of the unembedding, compared with a tolerance), ``residual_centered`` (LayerNorm models in
             TransformerLens compatibility mode have a mean-free residual stream).
 
-    Example::
+    Calling the lens runs it like any :class:`~mi_lenses.lenses.logit_lens.Lens` (options of
+    :func:`~mi_lenses.lenses.logit_lens.run_lens`); it is first checked against (bound to) the model.
 
-        lens = TunedLens.from_model(model)               # zero init: identical to the logit lens
-        res = lens(model, "The capital of France is")    # LensResult
-        lens.save("my_lens"); lens.save("their_lens", format="tuned-lens")
+    >>> lens = TunedLens.from_model(model)
+    >>> lens.weight.shape == (model.cfg.n_layers, model.cfg.d_model, model.cfg.d_model)
+    True
     """
 
     name = "tuned lens"
@@ -89,14 +91,6 @@ class TunedLens(torch.nn.Module):
             )
         with torch.no_grad():
             return self.translate(hidden, row.lens_index)
-
-    def run(self, model: Any, input: Any = None, **kwargs: Any) -> LensResult:
-        """Run the lens on ``model`` (checked to be the model it belongs to); arguments as :func:`run_lens`."""
-        return run_lens(self.bind(model), model, input, **kwargs)
-
-    def __call__(self, model: Any, input: Any = None, **kwargs: Any) -> LensResult:
-        """``lens(model, prompt, ...)`` -> :class:`LensResult`, like ``LogitLens``."""
-        return self.run(model, input, **kwargs)
 
     # ------------------------------------------------------------------------------------------ model binding
     def bind(self, model: Any) -> "TunedLens":
@@ -164,8 +158,7 @@ class TunedLens(torch.nn.Module):
 # ---------------------------------------------------------------------------------------------- identity
 def residual_is_centered(view: ModelView) -> bool:
     """True for a LayerNorm model whose writing weights were centred (TransformerLens compatibility mode)."""
-    kind = view.final_norm()[0]
-    if kind != "LN":
+    if view.decoder.kind != "LN":
         return False
     W_E = view.model.W_E.detach().float()
     return bool(W_E.mean(-1).abs().max() <= 1e-5 * W_E.pow(2).mean().sqrt())
@@ -175,10 +168,10 @@ def unembed_fingerprint(view: ModelView) -> list[float]:
     """64 numbers sketching the effective unembedding: final-norm gain folded in, centred over the vocabulary and,
     for LayerNorm, over d_model, so the same model in raw and compatibility mode agrees. ``R1^T W R2`` with fixed
     seeded Gaussian ``R1, R2``."""
-    W, _ = view.unembed()
-    W = W.detach().float().cpu()
+    dec = view.decoder
+    W = dec.W.cpu()
     W = W - W.mean(-1, keepdim=True)
-    if view.final_norm()[0] == "LN":  # LayerNorm centres its input: only P W matters (P = I - 11^T / d)
+    if dec.kind == "LN":  # LayerNorm centres its input: only P W matters (P = I - 11^T / d)
         W = W - W.mean(0, keepdim=True)
     g = torch.Generator().manual_seed(20230101)
     r1 = torch.randn(W.shape[0], 8, generator=g, dtype=torch.float64)
@@ -201,3 +194,36 @@ def model_identity(view: ModelView) -> dict[str, Any]:
         "unembed_fingerprint": unembed_fingerprint(view),
         "residual_centered": residual_is_centered(view),
     }
+
+
+def tuned_lens(
+    model: Any,
+    input: PromptInput | None = None,
+    *,
+    lens: "TunedLens | str | os.PathLike",
+    cache: Any = None,
+    logits: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    layers: IndexSpec = None,
+    positions: IndexSpec = None,
+    point: Point = "resid_pre",
+    top_k: int = 5,
+    targets: TokenLike | Sequence[TokenLike] | None = None,
+    return_logits: bool = False,
+    prepend_bos: bool | None = None,
+    dtype: MatmulDType | torch.dtype = "float32",
+    position_chunk: int = 256,
+    vocab_tile: int = 2048,
+    fused: bool | None = None,
+    check: bool = True,
+) -> LensResult:
+    """The tuned lens of ``input``: ``lens`` is a :class:`TunedLens` or a lens folder (either file format, loaded and
+    checked against ``model``); every other option as :func:`~mi_lenses.lenses.logit_lens.run_lens`."""
+    if not isinstance(lens, TunedLens):
+        from mi_lenses.lenses.tuned.io import load_lens
+
+        lens = load_lens(lens, model)
+    return run_lens(lens, model, input, cache=cache, logits=logits, attention_mask=attention_mask, layers=layers,
+                    positions=positions, point=point, top_k=top_k, targets=targets, return_logits=return_logits,
+                    prepend_bos=prepend_bos, dtype=dtype, position_chunk=position_chunk, vocab_tile=vocab_tile,
+                    fused=fused, check=check)

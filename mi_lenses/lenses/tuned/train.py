@@ -23,7 +23,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,12 @@ class TrainingError(MiLensesError, RuntimeError):
     """Training cannot go on (e.g. the loss became non-finite); the last good checkpoint is kept."""
 
 
+def _opt(default: Any, help: str) -> Any:
+    """A training option: its default and the help text the command line shows (``mi-lenses tuned-lens train``
+    derives its flags from these fields, so the two cannot drift)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     """Training options. The optimizer follows the ``tuned-lens`` paper code (SGD, Nesterov momentum 0.9, effective
@@ -58,20 +64,21 @@ class TrainConfig:
     of KL, 1.4% relative on the gradient).
     """
 
-    steps: int = 4
-    tokens_per_step: int = 512
-    seq_len: int = 128
-    micro_batch: int = 4
-    lr: float = 1.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-3
-    clip: float = 1.0
-    warm_start_tokens: int = 16384
-    ridge: float = 1e-4
-    bf16: bool = False
-    checkpoint_every: int = 0
-    seed: int = 0
-    progress: bool = True
+    steps: int = _opt(4, "KL steps (optimizer updates)")
+    tokens_per_step: int = _opt(512, "tokens per optimizer step, over all processes")
+    seq_len: int = _opt(128, "tokens per training sequence")
+    micro_batch: int = _opt(4, "sequences per forward pass; gradients accumulate over the rest")
+    lr: float = _opt(1.0, "effective learning rate (SGD lr x (1 - momentum))")
+    momentum: float = _opt(0.9, "Nesterov momentum")
+    weight_decay: float = _opt(1e-3, "weight decay")
+    clip: float = _opt(1.0, "gradient-norm clip")
+    warm_start_tokens: int = _opt(16384, "tokens for the least-squares warm start; 0 = start at the logit lens")
+    ridge: float = _opt(1e-4, "ridge of the warm start, relative to the mean diagonal of the normal equations")
+    bf16: bool = _opt(False, "bf16 unembedding matmuls: only for hardware with fast bf16")
+    checkpoint_every: int = _opt(10, "checkpoint every N steps and at the end, into OUT/checkpoint (0 = never; "
+                                      "only with an output folder)")
+    seed: int = _opt(0, "data order and sampling seed")
+    progress: bool = field(default=True, metadata={"cli": False})
 
     def validate(self, world: int = 1) -> int:
         """Check the options; return the number of sequences per step."""
@@ -133,59 +140,39 @@ def _init_distributed(device: torch.device) -> _Dist:
 
 # ---------------------------------------------------------------------------------------------- the objective
 class _Objective:
-    """Hidden states of a batch and the KL objective of every layer against the final distribution."""
+    """Hidden states of a batch and the KL objective of every layer against the final distribution, decoded by the
+    model's :class:`~mi_lenses.models.decode.Decoder`."""
 
     def __init__(self, view: ModelView, dtype: torch.dtype = torch.float32):
         self.view = view
-        self.L = view.n_layers
+        self.dec = view.decoder
         # the lens rows in tuned-lens order (embed = resid_pre of block 0, ..., input of block L-1), then the final row
         self.names = [r.hook_name for r in view.residual_rows("resid_pre")]
-        self.W, self.b = view.unembed(dtype)
         self.dtype = dtype
-        self.softcap = view.softcap
 
     @torch.no_grad()
     def hidden(self, tokens: Tensor) -> list[Tensor]:
         """``[h_0, ..., h_{L-1}, h_final]``, each ``[n_tokens, d_model]`` float32 (one forward pass, no grad)."""
-        _, cache = self.view.model.run_with_cache(tokens.to(self.view.device), names_filter=lambda n: n in self.names)
+        _, cache = self.view.run_with_cache(self.view.batch(tokens.to(self.view.device)), self.names)
         return [cache[n].reshape(-1, cache[n].shape[-1]).float() for n in self.names]
-
-    def logits(self, x: Tensor) -> Tensor:
-        z = self.view.normalize(x).to(self.dtype) @ self.W
-        if self.b is not None:
-            z = z + self.b
-        z = z.float()
-        if self.softcap is not None:
-            z = self.softcap * torch.tanh(z / self.softcap)
-        return z
 
     @torch.no_grad()
     def final(self, h_final: Tensor) -> tuple[Tensor, Tensor]:
         """Final probabilities ``p`` and ``sum p log p`` per token."""
-        logp = torch.log_softmax(self.logits(h_final), -1)
+        logp = torch.log_softmax(self.dec.logits(h_final, dtype=self.dtype), -1)
         p = logp.exp()
         return p, torch.linalg.vecdot(p, logp)
 
     def layer_step(self, lens: TunedLens, i: int, h: Tensor, p: Tensor, neg_h: Tensor, scale: float) -> float:
         """Accumulate ``scale * sum_t KL(p_t || q_t)`` gradients into ``lens`` for layer ``i``; return the summed KL."""
-        x = self.view.normalize(lens.translate(h, i))  # graph only through the tiny translator
-        xd = x.detach().to(self.dtype).requires_grad_(False)
+        x = self.dec.normalize(lens.translate(h, i))  # graph only through the tiny translator
         with torch.no_grad():
-            z = xd @ self.W
-            if self.b is not None:
-                z += self.b
-            z = z.float()
-            if self.softcap is not None:
-                zc = self.softcap * torch.tanh(z / self.softcap)
-                dcap = 1 - (zc / self.softcap).square()
-                z = zc
+            z = self.dec.logits(x.detach(), normalized=True, dtype=self.dtype)
             lse = torch.logsumexp(z, -1)
             kl = (neg_h - torch.linalg.vecdot(p, z) + lse).sum()
-            # dKL/dz = softmax(z) - p, formed in place
-            z.sub_(lse[:, None]).exp_().sub_(p)
-            if self.softcap is not None:
-                z.mul_(dcap)
-            dx = (z.to(self.dtype) @ self.W.T).float().mul_(scale)
+            # dKL/dz = softmax(z) - p (in place unless the cap's derivative still needs z); then back through W
+            dz = (z.sub_(lse[:, None]) if self.dec.softcap is None else z - lse[:, None]).exp_().sub_(p)
+            dx = self.dec.backward(dz, z, dtype=self.dtype).mul_(scale)
         x.backward(dx)
         return float(kl)
 
@@ -278,8 +265,6 @@ def train_lens(
     ckpt_dir = Path(out) / CHECKPOINT if out is not None else None
     if resume and ckpt_dir is None:
         raise LensInputError("resume needs the output folder (out=...) that holds the checkpoint.")
-    if cfg.checkpoint_every and ckpt_dir is None:
-        raise LensInputError("checkpoint_every needs an output folder (out=...).")
 
     fresh = lens is None
     lens = (TunedLens.from_model(view) if fresh else lens.bind(view)).to(view.device)
@@ -359,7 +344,8 @@ def train_lens(
                 rate = done_tokens / max(time.perf_counter() - t_train, 1e-9)
                 bar.set_postfix(kl_bits=f"{rec['kl_bits_per_layer']:.3f}", tok_s=f"{rate:.0f}")
                 bar.update(1)
-            if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            if ckpt_dir is not None and cfg.checkpoint_every and (
+                    (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
                 if dist.primary:
                     _save_checkpoint(ckpt_dir, lens, opt, sched, cfg, step + 1, data_id, history, stats)
                 last_good = step + 1

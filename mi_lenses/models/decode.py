@@ -1,0 +1,197 @@
+"""The decoder: final norm, unembedding and logit soft-cap. Every lens, the streaming statistics, tuned-lens training
+and direct logit attribution decode through this one object (like tuned-lens's ``Unembed``).
+
+The norm's statistics are recomputed from each vector, then its own gain and bias are applied: on a raw
+``TransformerBridge`` the RMSNorm gain is *not* folded into ``W_U``, and reading the gain from the module makes raw and
+folded models decode alike. Gain and bias are folded into ``W``/``b`` once, when the decoder is built:
+
+    decode(x) = cap(normalize(x) @ W + b),   W = diag(gain) W_U,   b = b_U + bias @ W_U
+
+A decoder is built once per model and rebuilt only when the model's unembedding or final-norm weights change
+(tracked by tensor version counters), so every call site sees the same numbers.
+
+Example:
+    >>> dec = ModelView(model).decoder
+    >>> dec.kind, dec.W.shape == (model.cfg.d_model, model.cfg.d_vocab)
+    ('RMS', True)
+    >>> tokens = model.to_tokens("The capital of France is")
+    >>> logits, cache = model.run_with_cache(tokens)
+    >>> final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    >>> bool(torch.allclose(dec.logits(final).log_softmax(-1), logits.log_softmax(-1), atol=1e-4))
+    True
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mi_lenses.errors import LensInputError
+
+NormKind = Literal["LN", "RMS"]
+
+
+@dataclass(eq=False)
+class Decoder:
+    """Final norm (``kind``, ``eps``, ``gain``, ``bias``), unembedding (``W_U``, ``b_U``) and soft-cap of one model.
+
+    ``W``/``b`` hold the gain and bias folded in (float32); ``b`` is ``None`` when it is all zeros. Hidden states are
+    decoded in float32 unless a matmul ``dtype`` is given (statistics are always reduced in float32).
+    """
+
+    kind: NormKind | None
+    eps: float
+    gain: Float[Tensor, " d_model"] | None
+    bias: Float[Tensor, " d_model"] | None
+    W: Float[Tensor, "d_model d_vocab"]
+    b: Float[Tensor, " d_vocab"] | None
+    softcap: float | None
+    _low: dict = field(default_factory=dict, init=False, repr=False)
+
+    # ------------------------------------------------------------------------------------------ building
+    @classmethod
+    def from_model(cls, model: Any) -> "Decoder":
+        """Read the final norm from ``model.ln_final`` (parameters ``weight``/``w`` and ``bias``/``b``; Gemma-style
+        ``1 + w`` via ``cfg.rmsnorm_uses_offset``) and the unembedding from ``model.W_U``/``model.b_U``."""
+        cfg = model.cfg
+        norm_type = getattr(cfg, "normalization_type", None)
+        kinds = {"LN": "LN", "LNPre": "LN", "RMS": "RMS", "RMSPre": "RMS", None: None}
+        if norm_type not in kinds:
+            raise LensInputError(f"unsupported final normalization_type {norm_type!r}: mi_lenses decodes LayerNorm "
+                                 "and RMSNorm models.")
+        kind = kinds[norm_type]
+        gain = bias = None
+        eps = float(getattr(cfg, "eps", 1e-5))
+        module = getattr(model, "ln_final", None) if kind is not None else None
+        if module is not None:
+            for name, p in module.named_parameters():
+                leaf = name.rsplit(".", 1)[-1]
+                if leaf in ("weight", "w"):
+                    gain = p.detach().float()
+                elif leaf in ("bias", "b"):
+                    bias = p.detach().float()
+            eps = next((float(v) for sub in module.modules() for v in (getattr(sub, "variance_epsilon", None),
+                        getattr(sub, "eps", None)) if isinstance(v, float)), eps)
+        if gain is not None and kind == "RMS" and getattr(cfg, "rmsnorm_uses_offset", False):
+            gain = 1.0 + gain
+        W_U = model.W_U.detach().float()
+        b_U = getattr(model, "b_U", None)
+        b = None if b_U is None else b_U.detach().float().clone()
+        if bias is not None:
+            b = bias @ W_U if b is None else b + bias @ W_U
+        W = gain[:, None] * W_U if gain is not None else W_U.clone()
+        if b is not None and not torch.any(b):
+            b = None
+        cap = getattr(cfg, "output_logits_soft_cap", None)
+        softcap = float(cap) if cap is not None and cap > 0 else None
+        return cls(kind, eps, gain, bias, W.contiguous(), b, softcap)
+
+    # ------------------------------------------------------------------------------------------ the norm
+    def scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
+        """The final norm's scale of each vector, float32: ``sqrt(var + eps)`` (LayerNorm), ``sqrt(mean(x²) + eps)``
+        (RMSNorm), ones without a final norm. DLA freezes it from the run."""
+        x = x.float()
+        if self.kind is None:
+            return torch.ones(x.shape[:-1], device=x.device)
+        if self.kind == "LN":
+            x = x - x.mean(-1, keepdim=True)
+        return torch.sqrt(x.pow(2).mean(-1) + self.eps)
+
+    def normalize(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The final norm *without* its gain and bias (those live in ``W``/``b``): centre (LayerNorm) and divide by
+        the scale, in float32."""
+        x = x.float()
+        if self.kind is None:
+            return x
+        if self.kind == "LN":
+            x = x - x.mean(-1, keepdim=True)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    # ------------------------------------------------------------------------------------------ the unembedding
+    def weights(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor | None]:
+        """``(W, b)`` in the matmul ``dtype`` (low-precision copies are made once and kept)."""
+        if dtype == torch.float32:
+            return self.W, self.b
+        if dtype not in self._low:
+            self._low[dtype] = (self.W.to(dtype), None if self.b is None else self.b.to(dtype))
+        return self._low[dtype]
+
+    def cap(self, z: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+        """The logit soft-cap ``c * tanh(z / c)`` (identity when the model has none)."""
+        return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
+
+    def uncap(self, z: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+        """The logits before the soft-cap, from capped ones (``c * atanh(z / c)``; identity without a cap)."""
+        if self.softcap is None:
+            return z
+        return self.softcap * torch.atanh((z / self.softcap).clamp(-1 + 1e-7, 1 - 1e-7))
+
+    def tile(self, xn: Float[Tensor, "n d_model"], lo: int, hi: int, *, out: Tensor | None = None) -> Float[Tensor, "n w"]:
+        """Capped float32 logits of normalised vectors ``xn`` (in the matmul dtype) for vocabulary columns
+        ``lo:hi``; written into ``out`` when given (float32 inputs only)."""
+        W, b = self.weights(xn.dtype)
+        z = torch.mm(xn, W[:, lo:hi], out=out) if out is not None else xn @ W[:, lo:hi]
+        if b is not None:
+            z += b[lo:hi]
+        return self.cap(z.float())
+
+    def columns(self, xn: Float[Tensor, "n d_model"], ids: Int[Tensor, "n t"]) -> Float[Tensor, "n t"]:
+        """Capped float32 logits of ``xn[i]`` at the token ids ``ids[i]`` only (no other column is computed)."""
+        W, b = self.weights(xn.dtype)
+        z = torch.einsum("nd,ntd->nt", xn, W.t()[ids])
+        if b is not None:
+            z = z + b[ids]
+        return self.cap(z.float())
+
+    def logits(
+        self, x: Float[Tensor, "... d_model"], *, normalized: bool = False, dtype: torch.dtype = torch.float32
+    ) -> Float[Tensor, "... d_vocab"]:
+        """Full float32 logits of residual vectors ``x`` (``normalized=True``: ``x`` already went through
+        :meth:`normalize`). On the final residual stream this equals the model's own logits."""
+        W, _ = self.weights(dtype)
+        xn = (x if normalized else self.normalize(x.to(W.device))).to(dtype)
+        return self.tile(xn.reshape(-1, xn.shape[-1]), 0, W.shape[1]).reshape(*xn.shape[:-1], -1)
+
+    def backward(self, dz: Float[Tensor, "n d_vocab"], z_capped: Tensor | None = None,
+                 dtype: torch.dtype = torch.float32) -> Float[Tensor, "n d_model"]:
+        """Gradient with respect to the *normalised* input, given the gradient ``dz`` with respect to the capped
+        logits ``z_capped`` (needed only when the model soft-caps): ``(dz * cap') @ W.T``, float32."""
+        if self.softcap is not None:
+            dz = dz * (1 - (z_capped / self.softcap).square())
+        W, _ = self.weights(dtype)
+        return (dz.to(dtype) @ W.T).float()
+
+
+# ---------------------------------------------------------------------------------------------- one per model
+_CACHE: "weakref.WeakKeyDictionary[Any, tuple[tuple, Decoder]]" = weakref.WeakKeyDictionary()
+
+
+def _version_key(model: Any) -> tuple:
+    """What the decoder depends on: the unembedding's and the final norm's storage and version counters, the norm
+    type and compatibility mode. Any in-place update of those weights (or re-folding them) changes the key."""
+    tensors = [model.W_U, getattr(model, "b_U", None)]
+    module = getattr(model, "ln_final", None)
+    if module is not None:
+        tensors += list(module.parameters())
+    parts = tuple((t.data_ptr(), t._version, tuple(t.shape)) if isinstance(t, Tensor) else None for t in tensors)
+    cfg = model.cfg
+    return parts + (getattr(cfg, "normalization_type", None), getattr(model, "compatibility_mode", None),
+                    getattr(cfg, "output_logits_soft_cap", None))
+
+
+def decoder_of(model: Any) -> Decoder:
+    """The model's decoder, built once and rebuilt only when the weights it reads change."""
+    key = _version_key(model)
+    try:
+        hit = _CACHE.get(model)
+    except TypeError:  # not weak-referenceable: build every time
+        return Decoder.from_model(model)
+    if hit is None or hit[0] != key:
+        hit = (key, Decoder.from_model(model))
+        _CACHE[model] = hit
+    return hit[1]
