@@ -49,7 +49,7 @@ from mi_lenses.patchscopes import (
 from mi_lenses import patchscopes  # noqa: E402  (the subpackage, e.g. mi_lenses.patchscopes.verify)
 from mi_lenses.results import Result
 
-__version__ = "0.2.0"
+__version__ = "0.1.0"
 __all__ = [
     "AffineMap",
     "DLAResult",

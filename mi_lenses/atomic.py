@@ -2,10 +2,10 @@
 permissions (``0666 & ~umask``, not ``mkstemp``'s ``0600``) and renamed into place, so a crash never leaves a
 half-written file under a final name and never destroys the file it was replacing.
 
-Example::
-
-    from mi_lenses.atomic import write_atomic
-    write_atomic("out/lens.json", '{"ok": true}')
+Example:
+    >>> path = write_atomic(tmp / "out" / "lens.json", '{"ok": true}')
+    >>> path.read_text(), sorted(p.name for p in path.parent.iterdir())    # no temp file left behind
+    ('{"ok": true}', ['lens.json'])
 """
 
 from __future__ import annotations

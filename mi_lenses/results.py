@@ -105,9 +105,9 @@ def renamed(value: Any, old_value: Any, old: str, new: str) -> Any:
     return old_value
 
 
-def jsonable(value: Any, digits: int = 6) -> Any:
-    """Plain JSON data from tensors, numpy values, lists and dicts: floats rounded to ``digits`` places, NaN and
-    infinities as ``None`` (JSON has neither).
+def jsonable(value: Any, digits: int | None = 6) -> Any:
+    """Plain JSON data from tensors, numpy values, lists and dicts: floats rounded to ``digits`` places (``None``:
+    not rounded), NaN and infinities as ``None`` (JSON has neither).
 
     >>> jsonable({"kl": torch.tensor([0.1234567, float("nan")]), "n": torch.tensor(3)})
     {'kl': [0.123457, None], 'n': 3}
@@ -123,13 +123,14 @@ def jsonable(value: Any, digits: int = 6) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
         return value
     if isinstance(value, float):
-        return round(value, digits) if math.isfinite(value) else None
+        return (value if digits is None else round(value, digits)) if math.isfinite(value) else None
     return value
 
 
-def write_json(path: str | os.PathLike | None, data: Any) -> str:
-    """``data`` as indented JSON text (through :func:`jsonable`); written atomically to ``path`` if given."""
-    text = json.dumps(jsonable(data), indent=1, ensure_ascii=False)
+def write_json(path: str | os.PathLike | None, data: Any, digits: int | None = None) -> str:
+    """``data`` as indented JSON text (through :func:`jsonable`, rounding floats to ``digits`` places if given);
+    written atomically to ``path`` if given."""
+    text = json.dumps(jsonable(data, digits), indent=1, ensure_ascii=False)
     if path is not None:
         from mi_lenses.atomic import write_atomic
 

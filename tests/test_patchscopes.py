@@ -142,17 +142,16 @@ def test_verify_passes_and_catches_a_broken_patch(tiny, monkeypatch):
 def test_kv_cache_path_is_used(tiny):
     """The cached path must really run on every bridge (transformers >= 5.24 needs the argument-name shim), and a
     cached continuation must equal the full forward pass."""
-    from mi_lenses.patchscopes import _kv
-
     m = tiny.model
-    assert _kv.supported(m)
+    kv = ModelView(m).kv
+    assert kv is not None
     tokens = m.to_tokens(PROMPT)
     before = hook_counts(m)
     with torch.no_grad():
         full = m(tokens)
-        _, cache = _kv.forward(m, tokens[:, :3])
-        tail, cache = _kv.forward(m, tokens[:, 3:], cache)
-    assert cache.get_seq_length() == tokens.shape[1]
+        _, cache = kv.forward(tokens[:, :3])
+        tail, cache = kv.forward(tokens[:, 3:], cache)
+    assert kv.length(cache) == tokens.shape[1]
     torch.testing.assert_close(tail, full[:, 3:], atol=1e-4, rtol=1e-4)
     assert hook_counts(m) == before
 
@@ -196,11 +195,11 @@ def test_generation_matches_transformer_lens_generate(tiny_pair):
             resid[:, i_star] = vec
         return resid
 
-    from mi_lenses.patchscopes import _kv
+    from mi_lenses.models.kv import native_cache_works
 
     # TL's own cached generate skips the cache under transformers >= 5.24 (its attention bridges read the old
     # argument name): it is an oracle only where its cache works natively.
-    for cache in (True, False) if _kv.native_cache_works(m) else (False,):
+    for cache in (True, False) if native_cache_works(m) else (False,):
         with m.hooks(fwd_hooks=[("blocks.1.hook_resid_post", hook)]):
             theirs = m.generate(tokens, max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False,
                                 use_past_kv_cache=cache, return_type="tokens")[0, tokens.shape[1]:]

@@ -1,11 +1,11 @@
 """Direct logit attribution: embeddings, heads, MLPs, neurons, and source positions through heads.
 
-Example::
-
-    from mi_lenses.attribution import direct_logit_attribution
-    res = direct_logit_attribution(model, "When Mary and John went to the store, John gave a drink to",
-                                   answer=" Mary", wrong=" John")
-    res.verify(); res.top(5); res.to_html("dla.html")
+Example:
+    >>> res = direct_logit_attribution(model, "The capital of France is", answer=" Paris", wrong=" city")
+    >>> res.direction
+    "logit[' Paris'] - logit[' city']"
+    >>> len(res.top(5)), res.to_html(tmp / "dla.html").startswith("<!DOCTYPE html>")
+    (5, True)
 """
 
 from mi_lenses.attribution.components import direct_logit_attribution, required_hooks

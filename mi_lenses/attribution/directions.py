@@ -9,11 +9,10 @@ where ``g``/``β`` are the final norm's gain and bias (ones/zeros once Transform
 ``centre`` subtracts the mean over ``d_model`` (LayerNorm only: its mean-centring is linear, so it moves onto the
 direction). On a raw bridge the gain is *not* in ``W_U``; it is applied here, so the numbers are right either way.
 
-Example::
-
-    view = ModelView(model)
-    d = resolve_direction(view, batch=1, answer=" Mary", wrong=" John")
-    d.label          # "logit[' Mary'] - logit[' John']"
+Example:
+    >>> d = resolve_direction(ModelView(model), batch=1, answer=" Paris", wrong=" city")
+    >>> d.label, d.vectors.shape == (1, model.cfg.d_model)
+    ("logit[' Paris'] - logit[' city']", True)
 """
 
 from __future__ import annotations

@@ -5,11 +5,12 @@ Neuron ``n`` of layer ``l`` writes ``post[n] * W_out[n]`` into the residual stre
 final norm's scale is frozen per position, so it divides the projection per position; nothing of size ``d_model``
 is ever multiplied out per neuron.
 
-Example::
-
-    logits, cache = model.run_with_cache(tokens)
-    attr = neuron_attribution(model, cache, answer=" Paris")      # [layers, batch, pos, d_mlp]
-    attr[:, 0, -1].flatten().topk(5)                               # the 5 neurons that push " Paris" most
+Example:
+    >>> logits, cache = model.run_with_cache(model.to_tokens("The capital of France is"))
+    >>> attr = neuron_attribution(model, cache, answer=" Paris")      # [layers, batch, pos, d_mlp]
+    >>> attr.shape == (model.cfg.n_layers, 1, 6, model.cfg.d_mlp)
+    True
+    >>> top5 = attr[:, 0, -1].flatten().topk(5)                          # the 5 neurons that push " Paris" most
 """
 
 from __future__ import annotations

@@ -45,15 +45,15 @@ class Component:
 class DLAResult(Result):
     """Direct logit attribution of one position per prompt.
 
-    Example::
-
-        res = mi_lenses.direct_logit_attribution(model, prompt, answer=" Mary", wrong=" John")
-        res.verify()
-        res.heads[0, 9, 6]          # head L9H6's direct effect (prompt 0)
-        res.top(5)                  # [(label, value), ...] by |value|
-        res.top_neurons(5)
-        res.head_sources(9, 6)      # [(token, value), ...] through that head
-        res.to_dataframe(); res.to_html("dla.html"); res.show()
+    >>> res = mi_lenses.direct_logit_attribution(model, "The capital of France is", answer=" Paris")
+    >>> _ = res.verify()
+    >>> value = res.heads[0, 1, 2]             # head L1H2's direct effect (prompt 0)
+    >>> [label for label, _ in res.top_neurons(2)][0].startswith("L")
+    True
+    >>> [token for token, _ in res.head_sources(1, 2)]     # per source token; the values sum to the head's effect
+    ['<bos>', 'The', ' capital', ' of', ' France', ' is']
+    >>> res.to_dataframe().columns.tolist()
+    ['batch', 'label', 'kind', 'layer', 'head', 'neuron', 'value']
     """
 
     model_name: str

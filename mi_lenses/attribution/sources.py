@@ -4,9 +4,12 @@ Head ``h`` at destination ``p`` outputs ``z[p, h] @ W_O[h]`` with ``z[p, h] = Σ
 so its effect on a direction ``d'`` is ``Σ_s pattern[h, p, s] · (v[s, kv(h)] · (W_O[h] d'))``: one term per source position.
 With grouped-query attention ``v`` has one slice per key/value head; query head ``h`` reads slice ``kv(h)``.
 
-Example::
-
-    src = source_attribution(view, cache, layer=9, pos=pos, wod=wod)   # [B, H, S]
+Example (what :func:`~mi_lenses.attribution.direct_logit_attribution` stores as ``res.sources``):
+    >>> res = mi_lenses.direct_logit_attribution(model, "The capital of France is", answer=" Paris")
+    >>> res.sources.shape[1:3] == (model.cfg.n_layers, model.cfg.n_heads)
+    True
+    >>> bool(torch.allclose(res.sources.sum(-1), res.heads, atol=1e-5))   # source positions sum to each head
+    True
 """
 
 from __future__ import annotations

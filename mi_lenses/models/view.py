@@ -25,6 +25,7 @@ from torch import Tensor
 from mi_lenses.errors import LensInputError
 from mi_lenses.models.batch import Batch, PromptInput, make_batch, run_with_cache
 from mi_lenses.models.decode import Decoder, decoder_of
+from mi_lenses.models.kv import BridgeKV, HookedKV, is_bridge, kv_cache
 
 POINTS = ("resid_pre", "resid_mid", "resid_post")
 
@@ -67,7 +68,8 @@ class ModelView:
     # ----------------------------------------------------------------------------------------- structure
     @property
     def is_bridge(self) -> bool:
-        return type(self.model).__name__ == "TransformerBridge" or hasattr(self.model, "original_model")
+        """True for a ``TransformerBridge``, False for a ``HookedTransformer``."""
+        return is_bridge(self.model)
 
     @property
     def name(self) -> str:
@@ -230,6 +232,12 @@ class ModelView:
         """Logits of residual vectors through the final norm and unembedding (equals the model's logits on the
         final residual stream)."""
         return self.decoder.logits(x)
+
+    @property
+    def kv(self) -> BridgeKV | HookedKV | None:
+        """The model's KV-cache adapter (:mod:`mi_lenses.models.kv`), or ``None`` where cached forward passes do not
+        work (callers then recompute: same numbers, slower)."""
+        return kv_cache(self.model)
 
     # ----------------------------------------------------------------------------------------- runs
     def batch(self, input: PromptInput, *, prepend_bos: bool | None = None,

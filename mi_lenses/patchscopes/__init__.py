@@ -1,14 +1,14 @@
 """Patchscopes (Ghandeharioun et al. 2024): inspect a hidden state by patching it into a target prompt, position,
 layer and model, then reading the next token or generating.
 
-Example::
-
-    import mi_lenses
-    from mi_lenses.patchscopes import Source, patchscope, presets, sweep
-    model = mi_lenses.load_model()
-    res = patchscope(model, Source("Diana, Princess of Wales", layer=[3, 9, 15]), presets.description())
-    res.print(); res.to_html("patchscope.html")
-    sw = sweep(model, "The Eiffel Tower is in Paris", presets.identity(), target_layers="same")
+Example:
+    >>> res = patchscope(model, Source("The capital of France is", layer=[0, 1, 2]), presets.attribute("capital"),
+    ...                  max_new_tokens=3)
+    >>> res.row_labels, len(res.generated)
+    (['0', '1', '2'], 3)
+    >>> sw = sweep(model, "The capital of France is", presets.identity(), target_layers="same", progress=False)
+    >>> sw.prec_at_1_mean.shape
+    torch.Size([3, 1])
 """
 
 from mi_lenses.patchscopes import presets

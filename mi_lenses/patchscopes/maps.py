@@ -1,12 +1,12 @@
 """Affine maps ``f(h) = h W + b`` between hidden spaces (models or layers), fitted by least squares.
 
-Example::
-
-    from mi_lenses.patchscopes import fit_map, Source, patchscope, presets
-    f = fit_map(small, texts, source_layer=3, target_model=large, target_layer=10)   # paired states, same texts
-    print(f.r2)                                                                       # held-out R^2
-    res = patchscope(small, Source("Alan Turing", layer=3), presets.description().replace(model=large, layer=10,
-                                                                                           map=f))
+Example (across models: ``fit_map(small, texts, 3, target_model=large, target_layer=10)``; here across layers):
+    >>> f = fit_map(model, ["The capital of France is Paris.", "The quick brown fox."] * 4, source_layer=0,
+    ...             target_layer=2, ridge=1e-2)
+    >>> f.d_in == f.d_out == model.cfg.d_model, f.r2 is not None       # r2: held-out R^2
+    (True, True)
+    >>> res = mi_lenses.patchscope(model, Source("The capital of France is", layer=0),
+    ...                            presets.identity().replace(layer=2, map=f))
 """
 
 from __future__ import annotations

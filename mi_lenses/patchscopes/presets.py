@@ -4,11 +4,11 @@ Each function returns a :class:`~mi_lenses.patchscopes.spec.Target` (prompt, pla
 change any field with ``.replace(layer=..., model=..., map=...)``. Placeholder positions follow the rule in
 :mod:`mi_lenses.patchscopes.spec`: the token that ends the last occurrence (``occurrence="all"``: every occurrence).
 
-Example::
-
-    from mi_lenses.patchscopes import Source, patchscope, presets
-    patchscope(model, Source("Alexander the Great", layer=[4, 8, 12]), presets.description())
-    patchscope(model, Source(presets.MULTI_HOP_FIRST_HOP, layer=12), presets.multi_hop())
+Example:
+    >>> sorted(PRESETS)
+    ['attribute', 'description', 'future_lens', 'identity', 'multi_hop', 'selfie']
+    >>> selfie().occurrence, selfie().layer, identity().placeholder
+    ('all', 2, '?')
 """
 
 from __future__ import annotations

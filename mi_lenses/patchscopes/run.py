@@ -1,14 +1,10 @@
 """Run a Patchscope: read the source state, map it, patch it into the target run, read the next token or generate.
 
-Example::
-
-    import mi_lenses
-    from mi_lenses.patchscopes import Source, patchscope, presets
-    model = mi_lenses.load_model()
-    res = patchscope(model, Source("Diana, Princess of Wales", layer=[2, 8, 14, 20]), presets.description(),
-                     max_new_tokens=12)
-    res.print()              # layer | top-1 | generation
-    res.prec_at_1            # target's top-1 == the source model's own next-token prediction, per row
+Example:
+    >>> res = patchscope(model, Source("The capital of France is", layer=[0, 2]), presets.attribute("capital"),
+    ...                  max_new_tokens=4)
+    >>> res.prec_at_1.shape, len(res.generated)    # per source layer: top-1 == the source model's own prediction?
+    (torch.Size([2]), 2)
 
 Engine notes.
 * Patched rows that share a target prompt run as one batch; rows with different target layers ``l*`` are patched by
@@ -24,6 +20,7 @@ Engine notes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -33,7 +30,6 @@ from torch import Tensor
 from mi_lenses.errors import LensInputError
 from mi_lenses.models.batch import Batch
 from mi_lenses.models.view import ModelView
-from mi_lenses.patchscopes import _kv
 from mi_lenses.patchscopes.result import PatchscopeResult
 from mi_lenses.patchscopes.spec import (
     POINT,
@@ -115,19 +111,20 @@ def patched_readout(
     """
     view, tokens = rt.view, rt.tokens
     N = layers.shape[0]
-    start = min(rt.positions) if use_kv_cache and _kv.supported(view.model) else 0
+    kv = view.kv if use_kv_cache else None
+    start = min(rt.positions) if kv is not None else 0
     top_ids = torch.zeros(N, top_k, dtype=torch.long)
     top_lp = torch.zeros(N, top_k)
     gathered = torch.full(gather_ids.shape, torch.nan)
     with torch.no_grad():
-        prefix = _kv.forward(view.model, tokens[:, :start])[1] if start > 0 else None
+        prefix = kv.forward(tokens[:, :start])[1] if start > 0 else None
         suffix = tokens[:, start:]
         for a, b in _chunks(N, chunk, progress, "patchscope rows"):
             n = b - a
             hooks = patch_hooks(view, layers[a:b], vectors[a:b], [p - start for p in rt.positions])
             with view.model.hooks(fwd_hooks=hooks):
                 if prefix is not None:
-                    logits, _ = _kv.forward(view.model, suffix.expand(n, -1), _kv.repeat(prefix, n))
+                    logits, _ = kv.forward(suffix.expand(n, -1), kv.repeat(prefix, n))
                 else:
                     logits = view.model(suffix.expand(n, -1))
             logp = logits[:, -1].float().log_softmax(-1).cpu()
@@ -168,11 +165,11 @@ def patched_generate(
     gen = torch.Generator().manual_seed(seed) if do_sample else None
     seq = rt.tokens.expand(N, -1).clone()
     out = torch.zeros(N, max_new_tokens, dtype=torch.long)
-    cached = use_kv_cache and _kv.supported(view.model)
+    kv = view.kv if use_kv_cache else None
     cache = None
     with torch.no_grad():
         for step in range(max_new_tokens):
-            if cached and cache is not None:
+            if kv is not None and cache is not None:
                 feed = seq[:, -1:]
                 positions = [0] if patch_every_step else []
             else:
@@ -180,8 +177,8 @@ def patched_generate(
                 positions = list(rt.positions) + (list(range(T, seq.shape[1])) if patch_every_step else [])
             hooks = patch_hooks(view, layers, vectors, positions) if positions else []
             with view.model.hooks(fwd_hooks=hooks):
-                if cached:
-                    logits, cache = _kv.forward(view.model, feed, cache)
+                if kv is not None:
+                    logits, cache = kv.forward(feed, cache)
                 else:
                     logits = view.model(feed)
             nxt = _next_token(logits[:, -1], do_sample, temperature, gen)
@@ -218,80 +215,96 @@ def patchscope(
         use_kv_cache: generate (and share the unpatched prefix) with the model's KV cache.
         stop_at_eos: cut the generated text at the end-of-sequence token.
 
-    Example::
-
-        res = patchscope(model, Source("The capital of France is", layer=-1), presets.identity())
-        assert bool(res.prec_at_1[0])   # the last layer patched into the last layer reproduces the prediction
+    Example:
+        >>> res = patchscope(model, Source("The capital of France is", layer=-1), presets.identity())
+        >>> bool(res.prec_at_1[0])   # the last layer patched into the last layer reproduces the prediction
+        True
     """
     target = target if target is not None else _identity()
-    if not isinstance(source, Source):
-        raise LensInputError(f"expected a Source(prompt, layer, position=-1), got {source!r}.")
-    src_view = ModelView(source.model if source.model is not None else model)
-    tgt_view = ModelView(target.model if target.model is not None else src_view)
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= tgt_view.d_vocab:
-        raise LensInputError(f"top_k must be an int in 1..{tgt_view.d_vocab}, got {top_k!r}.")
-    n_new = target.max_new_tokens if max_new_tokens is None else max_new_tokens
-    if not isinstance(n_new, int) or n_new < 0:
-        raise LensInputError(f"max_new_tokens must be an int >= 0, got {n_new!r}.")
-    if do_sample and not temperature > 0:
-        raise LensInputError(f"temperature must be > 0 when sampling, got {temperature!r}.")
-
-    # --- validate everything before any forward pass
-    src_layers = [resolve_layer(src_view, l, "source layer") for l in source.layers]
-    if not src_layers:
-        raise LensInputError("Source(layer=[]) selects no layer.")
-    tgt_layers = [
-        resolve_layer(tgt_view, l if target.layer is None else target.layer, "target layer") for l in src_layers
-    ]
-    src_tokens = src_view.to_tokens(source.prompt, source.prepend_bos)
-    if src_tokens.shape[0] != 1:
-        raise LensInputError(
-            "the source prompt must be one prompt (a string or tokens [1, pos]); use sweep() for many."
-        )
-    i = resolve_position(source.position, src_tokens.shape[1], "source position")
-    check_context(src_view, src_tokens.shape[1], "the source prompt")
-    rt = resolve_target(target, tgt_view)
-    check_context(tgt_view, rt.tokens.shape[1] + n_new, f"the target prompt plus {n_new} generated tokens")
-    fmap = resolve_map(target.map, src_view, tgt_view)
-
-    # --- source states, map, patched runs
-    states, src_logits = source_states(src_view, src_view.batch(src_tokens), set(src_layers))
-    x = torch.stack([states[l][0, i] for l in src_layers])
-    vectors = apply_map(fmap, x, tgt_view)
-    pred = src_logits[0, i].float().argmax().view(1).cpu()
-    pred_t = translate_ids(pred, src_view, tgt_view).expand(len(src_layers))
-    layers_t = torch.tensor(tgt_layers, dtype=torch.long)
-    top_ids, top_lp, got = patched_readout(rt, layers_t, vectors, pred_t[:, None], top_k=top_k,
+    job = _prepare(model, source, target, top_k=top_k, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                   temperature=temperature)
+    # forward: the source states, mapped into the target model's space, and the source model's own prediction
+    states, src_logits = source_states(job.src, job.src.batch(job.src_tokens), set(job.src_layers))
+    vectors = apply_map(job.fmap, torch.stack([states[l][0, job.i] for l in job.src_layers]), job.tgt)
+    pred = src_logits[0, job.i].float().argmax().view(1).cpu()
+    pred_t = translate_ids(pred, job.src, job.tgt).expand(len(job.src_layers))
+    # patch: the next-token readout, then generation
+    layers_t = torch.tensor(job.tgt_layers, dtype=torch.long)
+    top_ids, top_lp, got = patched_readout(job.rt, layers_t, vectors, pred_t[:, None], top_k=top_k,
                                            use_kv_cache=use_kv_cache)
     gen_ids = None
-    if n_new > 0:
-        gen_ids = patched_generate(rt, layers_t, vectors, n_new, do_sample=do_sample, temperature=temperature,
-                                   seed=seed, patch_every_step=patch_every_step, use_kv_cache=use_kv_cache)
-    eos = getattr(tgt_view.tokenizer, "eos_token_id", None) if stop_at_eos else None
+    if job.n_new > 0:
+        gen_ids = patched_generate(job.rt, layers_t, vectors, job.n_new, do_sample=do_sample,
+                                   temperature=temperature, seed=seed, patch_every_step=patch_every_step,
+                                   use_kv_cache=use_kv_cache)
+    # assemble
+    src, tgt = job.src, job.tgt
     return PatchscopeResult(
-        model_name=src_view.name,
-        target_model_name=tgt_view.name,
+        model_name=src.name,
+        target_model_name=tgt.name,
         target_name=target.name,
-        source_prompt=_as_text(src_view, source.prompt, src_tokens),
-        source_str_tokens=[src_view.id_to_str(int(t)) for t in src_tokens[0]],
-        source_position=i,
-        source_prediction=src_view.id_to_str(int(pred)),
-        source_layers=src_layers,
-        target_layers=tgt_layers,
-        target_prompt=_as_text(tgt_view, target.prompt, rt.tokens),
-        target_str_tokens=rt.str_tokens,
-        target_positions=list(rt.positions),
-        mapped=fmap is not None,
+        source_prompt=_as_text(src, source.prompt, job.src_tokens),
+        source_str_tokens=[src.id_to_str(int(t)) for t in job.src_tokens[0]],
+        source_position=job.i,
+        source_prediction=src.id_to_str(int(pred)),
+        source_layers=job.src_layers,
+        target_layers=job.tgt_layers,
+        target_prompt=_as_text(tgt, target.prompt, job.rt.tokens),
+        target_str_tokens=job.rt.str_tokens,
+        target_positions=list(job.rt.positions),
+        mapped=job.fmap is not None,
         top_ids=top_ids,
         top_logprobs=top_lp,
         prec_at_1=top_ids[:, 0] == pred_t,
         surprisal=-got[:, 0],
         generated_ids=gen_ids,
-        vocab=tgt_view.id_to_str_map(top_ids if gen_ids is None else torch.cat([top_ids.flatten(), gen_ids.flatten()])),
-        eos_token_id=eos,
+        vocab=tgt.id_to_str_map(top_ids if gen_ids is None else torch.cat([top_ids.flatten(), gen_ids.flatten()])),
+        eos_token_id=getattr(tgt.tokenizer, "eos_token_id", None) if stop_at_eos else None,
         settings=dict(do_sample=do_sample, temperature=temperature, seed=seed, patch_every_step=patch_every_step,
-                      use_kv_cache=use_kv_cache, top_k=top_k, max_new_tokens=n_new),
+                      use_kv_cache=use_kv_cache, top_k=top_k, max_new_tokens=job.n_new),
     )
+
+
+@dataclass
+class _Job:
+    """A Patchscope checked against its models, before any forward pass."""
+
+    src: ModelView
+    tgt: ModelView
+    src_layers: list[int]
+    tgt_layers: list[int]
+    src_tokens: Tensor
+    i: int
+    rt: ResolvedTarget
+    fmap: Callable | None
+    n_new: int
+
+
+def _prepare(model: Any, source: Source, target: Target, *, top_k: int, max_new_tokens: int | None,
+             do_sample: bool, temperature: float) -> _Job:
+    if not isinstance(source, Source):
+        raise LensInputError(f"expected a Source(prompt, layer, position=-1), got {source!r}.")
+    src = ModelView(source.model if source.model is not None else model)
+    tgt = ModelView(target.model if target.model is not None else src)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= tgt.d_vocab:
+        raise LensInputError(f"top_k must be an int in 1..{tgt.d_vocab}, got {top_k!r}.")
+    n_new = target.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if not isinstance(n_new, int) or n_new < 0:
+        raise LensInputError(f"max_new_tokens must be an int >= 0, got {n_new!r}.")
+    if do_sample and not temperature > 0:
+        raise LensInputError(f"temperature must be > 0 when sampling, got {temperature!r}.")
+    src_layers = [resolve_layer(src, l, "source layer") for l in source.layers]
+    if not src_layers:
+        raise LensInputError("Source(layer=[]) selects no layer.")
+    tgt_layers = [resolve_layer(tgt, l if target.layer is None else target.layer, "target layer") for l in src_layers]
+    src_tokens = src.to_tokens(source.prompt, source.prepend_bos)
+    if src_tokens.shape[0] != 1:
+        raise LensInputError("the source prompt must be one prompt (a string or tokens [1, pos]); use sweep() for many.")
+    i = resolve_position(source.position, src_tokens.shape[1], "source position")
+    check_context(src, src_tokens.shape[1], "the source prompt")
+    rt = resolve_target(target, tgt)
+    check_context(tgt, rt.tokens.shape[1] + n_new, f"the target prompt plus {n_new} generated tokens")
+    return _Job(src, tgt, src_layers, tgt_layers, src_tokens, i, rt, resolve_map(target.map, src, tgt), n_new)
 
 
 def _identity() -> Target:
@@ -315,9 +328,7 @@ def verify(model: Any, prompt: str = "The capital of France is", atol: float = 1
     2. The last layer's state at every position patched at ``l* = L-1`` into the identity prompt's ``?`` gives the
        model's own next-token distribution there (precision@1 = 1, log-probs within ``atol``).
 
-    Example::
-
-        mi_lenses.patchscopes.verify(model)   # silent when the hooks, KV prefix and readout are right
+    >>> mi_lenses.patchscopes.verify(model)   # silent when the hooks, KV prefix and readout are right
     """
     from mi_lenses.errors import VerificationError
     from mi_lenses.patchscopes.presets import identity

@@ -13,18 +13,19 @@ last occurrence of ``Target.placeholder`` in the target prompt (``occurrence="al
 with the same vector, as SelfIE does). The placeholder must end on a token boundary (a merge with the text after it is
 an error). The readout is always the target's **last** position: the next-token distribution after the whole prompt.
 
-Example::
-
-    from mi_lenses.patchscopes import Source, Target
-    src = Source("Diana, Princess of Wales", layer=10)                # i = -1 (last token), M = the run's model
-    tgt = Target("cat -> cat\\n1135 -> 1135\\nhello -> hello\\n?", placeholder="?")   # l* = l, f = identity
+Example:
+    >>> src = Source("The capital of France is", layer=1)          # i = -1 (last token), M = the run's model
+    >>> tgt = Target("cat -> cat\\n1135 -> 1135\\nhello -> hello\\n?", placeholder="?")   # l* = l, f = identity
+    >>> rt = resolve_target(tgt, ModelView(model))
+    >>> rt.positions == (rt.tokens.shape[1] - 1,)                    # the final "?" is patched
+    True
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -68,7 +69,7 @@ class Target:
     layer: int | None = None
     position: int | Sequence[int] | None = None
     placeholder: str | None = "?"
-    occurrence: str = "last"
+    occurrence: Literal["last", "all"] = "last"
     model: Any = None
     map: Callable[[Tensor], Tensor] | None = None
     name: str = "custom"
@@ -116,7 +117,8 @@ def resolve_position(position: Any, length: int, what: str) -> int:
 
 
 def placeholder_positions(
-    view: ModelView, prompt: str, placeholder: str, occurrence: str = "last", prepend_bos: bool | None = None
+    view: ModelView, prompt: str, placeholder: str, occurrence: Literal["last", "all"] = "last",
+    prepend_bos: bool | None = None
 ) -> list[int]:
     """Positions of the tokens that end each occurrence of ``placeholder`` (only the last with ``"last"``)."""
     if occurrence not in ("last", "all"):

@@ -5,7 +5,7 @@ Example:
     >>> css(sequential(0.0)), css(sequential(1.0)), css(diverging(-1.0))
     ('rgb(255,255,255)', 'rgb(8,81,156)', 'rgb(203,24,29)')
     >>> text_on(0.9), rich_style(0.2)
-    ('#fff', 'black on rgb(209,220,231)')
+    ('#fff', 'black on rgb(205,220,235)')
 """
 
 from __future__ import annotations

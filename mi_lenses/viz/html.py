@@ -4,9 +4,9 @@ Every page works without a network: circuitsvis components come from ``RenderedH
 and everything else is plain HTML/SVG with inline styles. Colours come from :mod:`mi_lenses.viz.colors`.
 
 Example:
-    >>> grid = heat_grid(["L1", "L0"], ["a", " b"], [["x", "y"], ["z", "w"]], [[1.0, 0.0], [0.5, -0.5]],
+    >>> grid = heat_grid(["L1", "L0"], ["a", " "], [["x", "y"], ["z", "w"]], [[1.0, 0.0], [0.5, -0.5]],
     ...                  signed=True)
-    >>> grid.count("<td"), "␣b" in grid
+    >>> grid.count("<td"), "␣" in grid       # a blank token stays visible
     (4, True)
 """
 

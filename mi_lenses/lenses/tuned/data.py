@@ -11,9 +11,10 @@
 Documents are tokenized without special tokens, joined with the end-of-text token as separator, and cut into
 sequences of ``seq_len`` tokens (the tail that does not fill a sequence is dropped), as the ``tuned-lens`` package does.
 
-Example::
-
-    tokens = load_tokens("../shared/data/wikitext-2/valid.txt", model, seq_len=128)   # [n_seq, 128]
+Example:
+    >>> _ = (tmp / "corpus.txt").write_text("The capital of France is Paris. " * 20)
+    >>> load_tokens(tmp / "corpus.txt", model, seq_len=16).shape     # [n_seq, seq_len]
+    torch.Size([10, 16])
 """
 
 from __future__ import annotations

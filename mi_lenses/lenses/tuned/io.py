@@ -11,11 +11,13 @@ Own format (a folder)::
 unembed_hash, lens_type``) and ``params.pt`` (``{"{i}.weight": [d, d], "{i}.bias": [d]}``), read with
 ``torch.load(..., weights_only=True)`` so a pickle payload can never run.
 
-Example::
-
-    from mi_lenses.lenses.tuned import load_lens, save_lens
-    lens = load_lens("some/folder", model)          # auto-detects the format, checks the lens belongs to model
-    save_lens(lens, "exported", format="tuned-lens")
+Example:
+    >>> lens = TunedLens.from_model(model)
+    >>> _ = save_lens(lens, tmp / "ours"); _ = save_lens(lens, tmp / "theirs", format="tuned-lens")
+    >>> sorted(p.name for p in (tmp / "theirs").iterdir())
+    ['config.json', 'params.pt']
+    >>> load_lens(tmp / "theirs", model).n_layers      # auto-detects the format, checks it belongs to model
+    3
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -50,7 +52,10 @@ def _sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- save
-def save_lens(lens: TunedLens, path: str | os.PathLike, format: str = "mi_lenses") -> Path:
+LensFormat = Literal["mi_lenses", "tuned-lens"]
+
+
+def save_lens(lens: TunedLens, path: str | os.PathLike, format: LensFormat = "mi_lenses") -> Path:
     """Write ``lens`` into the folder ``path`` (each file atomically, the config last) in ``format``
     (``"mi_lenses"`` or ``"tuned-lens"``).
 
@@ -108,7 +113,7 @@ def save_lens(lens: TunedLens, path: str | os.PathLike, format: str = "mi_lenses
 
 
 # ---------------------------------------------------------------------------------------------- load
-def lens_format(path: str | os.PathLike) -> str:
+def lens_format(path: str | os.PathLike) -> LensFormat:
     """``"mi_lenses"`` or ``"tuned-lens"`` for a lens folder; ``LensInputError`` otherwise."""
     path = Path(path)
     if not path.is_dir():
@@ -143,10 +148,8 @@ def _int_field(cfg: dict, key: str, where: Path) -> int:
 def load_lens(path: str | os.PathLike, model: Any = None) -> TunedLens:
     """Load a lens folder in either format; with ``model``, check it belongs to the model and bind it.
 
-    Example::
-
-        lens = load_lens("smol_lens", model)
-        res = lens(model, "The capital of France is")
+    >>> TunedLens.from_model(model).save(tmp / "lens")
+    >>> res = load_lens(tmp / "lens", model)(model, "The capital of France is")
     """
     path = Path(path)
     fmt = lens_format(path)

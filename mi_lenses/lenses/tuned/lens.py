@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from jaxtyping import Float
@@ -138,7 +138,7 @@ class TunedLens(Lens, torch.nn.Module):
         return out
 
     # ------------------------------------------------------------------------------------------ files
-    def save(self, path: Any, format: str = "mi_lenses") -> None:
+    def save(self, path: str | os.PathLike, format: Literal["mi_lenses", "tuned-lens"] = "mi_lenses") -> None:
         """Write the lens folder atomically: ``format="mi_lenses"`` (safetensors + JSON) or ``"tuned-lens"``."""
         from mi_lenses.lenses.tuned.io import save_lens
 

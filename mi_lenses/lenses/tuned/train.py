@@ -10,17 +10,17 @@ Distributed: launch the same command with ``torchrun --nproc_per_node=N``; every
 step's global batch and the gradients are summed with ``all_reduce`` (gloo on CPU, nccl on GPU), so the result equals
 single-process training on the same global batch.
 
-Example::
+Example (the embedded model and the text shipped with mi_lenses; minutes on a CPU)::
 
-    lens = train_lens(model, "../shared/data/wikitext-2/valid.txt", out="smol_lens",
-                      config=TrainConfig(steps=4, tokens_per_step=512, warm_start_tokens=16384))
+    lens = train_lens(model, "corpus.txt", out="smol_lens", config=TrainConfig(steps=4, warm_start_tokens=16384))
+
+:func:`train_lens` has a runnable example on a tiny model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +35,7 @@ from mi_lenses.atomic import write_files_atomic
 from mi_lenses.lenses.tuned.io import save_lens
 from mi_lenses.lenses.tuned.lens import TunedLens
 from mi_lenses.models.view import ModelView
+from mi_lenses.results import LN2
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "state.pt"
@@ -239,134 +240,186 @@ def train_lens(
 
     Args:
         out: folder to save the trained lens to (own format); checkpoints go to ``out/checkpoint``.
-        config: a :class:`TrainConfig`; keyword ``overrides`` replace single fields (``steps=10``).
+        config: a :class:`TrainConfig`; keyword ``overrides`` replace single fields of it (``steps=10``); any
+            other keyword is an error naming the fields.
         resume: continue from ``out/checkpoint`` (same data and options); ends at the same lens as an
             uninterrupted run.
         lens: start from this lens (no warm start) instead of a fresh, warm-started one.
 
     Raises ``TrainingError`` if the loss becomes non-finite (the last good checkpoint is kept, nothing is saved).
+
+    >>> tokens = torch.randint(3, model.cfg.d_vocab, (8, 16))
+    >>> lens = train_lens(model, tokens, steps=2, tokens_per_step=64, seq_len=16, warm_start_tokens=64,
+    ...                   progress=False)
+    >>> lens.meta["training"]["steps"], lens.meta["training"]["final_kl_bits_per_layer"] >= 0
+    (2, True)
     """
-    from mi_lenses.lenses.tuned.data import load_tokens
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise LensInputError(f"train_lens got unknown options {unknown}: pass TrainConfig fields "
+                             f"({', '.join(f.name for f in dataclasses.fields(TrainConfig))}).")
+    trainer = _Trainer.prepare(model, data, out, dataclasses.replace(config or TrainConfig(), **overrides), resume,
+                               lens)
+    trainer.start(resume)
+    trainer.run()
+    return trainer.finish(data)
 
-    cfg = dataclasses.replace(config or TrainConfig(), **overrides)
-    view = ModelView(model)
-    dist = _init_distributed(view.device)
-    seqs_per_step = cfg.validate(dist.world)
-    tokens = data if isinstance(data, Tensor) else load_tokens(data, view, cfg.seq_len, seed=cfg.seed)
-    if tokens.ndim != 2 or tokens.shape[1] != cfg.seq_len:
-        raise LensInputError(f"token data must be [n_seq, seq_len={cfg.seq_len}], got {tuple(tokens.shape)}.")
-    tokens = tokens.cpu()
-    n_seq = tokens.shape[0]
-    if n_seq < seqs_per_step:
-        raise LensInputError(
-            f"the data holds {n_seq} sequences of {cfg.seq_len} tokens, fewer than one step's {seqs_per_step}: "
-            "pass more text or a smaller --tokens-per-step."
-        )
-    ckpt_dir = Path(out) / CHECKPOINT if out is not None else None
-    if resume and ckpt_dir is None:
-        raise LensInputError("resume needs the output folder (out=...) that holds the checkpoint.")
 
-    fresh = lens is None
-    lens = (TunedLens.from_model(view) if fresh else lens.bind(view)).to(view.device)
-    obj = _Objective(view, torch.bfloat16 if cfg.bf16 else torch.float32)
-    params = [lens.weight, lens.bias]
-    opt = torch.optim.SGD(
-        params, lr=cfg.lr * (1 - cfg.momentum), momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-        weight_decay=cfg.weight_decay,
-    )
-    steps = max(cfg.steps, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
-    data_id = _data_id(tokens)
-    history: list[dict[str, float]] = []
-    start = 0
-    stats = {"warm_start_s": 0.0, "warm_start_tokens": 0}
+@dataclass
+class _Trainer:
+    """One training run: prepared (options, data, lens, optimizer), started (warm start or resumed), run step by
+    step, finished (metadata, saved)."""
 
-    last_good = None
-    if resume and (ckpt_dir / STATE_FILE).is_file():
-        start, history, stats = _load_checkpoint(ckpt_dir, lens, opt, sched, cfg, data_id)
-        last_good = start
-    elif cfg.warm_start_tokens > 0 and fresh:
+    cfg: TrainConfig
+    view: ModelView
+    dist: _Dist
+    tokens: Tensor
+    seqs_per_step: int
+    lens: TunedLens
+    fresh: bool
+    obj: _Objective
+    opt: torch.optim.Optimizer
+    sched: Any
+    out: Path | None
+    data_id: str
+    history: list = field(default_factory=list)
+    stats: dict = field(default_factory=lambda: {"warm_start_s": 0.0, "warm_start_tokens": 0})
+    start_step: int = 0
+    last_good: int | None = None
+    done_tokens: int = 0
+    train_s: float = 0.0
+
+    @property
+    def ckpt_dir(self) -> Path | None:
+        return None if self.out is None else self.out / CHECKPOINT
+
+    @property
+    def n_global(self) -> int:
+        return self.seqs_per_step * self.cfg.seq_len
+
+    @classmethod
+    def prepare(cls, model: Any, data: Any, out: Any, cfg: TrainConfig, resume: bool,
+                lens: TunedLens | None) -> "_Trainer":
+        from mi_lenses.lenses.tuned.data import load_tokens
+
+        view = ModelView(model)
+        dist = _init_distributed(view.device)
+        seqs_per_step = cfg.validate(dist.world)
+        tokens = data if isinstance(data, Tensor) else load_tokens(data, view, cfg.seq_len, seed=cfg.seed)
+        if tokens.ndim != 2 or tokens.shape[1] != cfg.seq_len:
+            raise LensInputError(f"token data must be [n_seq, seq_len={cfg.seq_len}], got {tuple(tokens.shape)}.")
+        tokens = tokens.cpu()
+        if tokens.shape[0] < seqs_per_step:
+            raise LensInputError(
+                f"the data holds {tokens.shape[0]} sequences of {cfg.seq_len} tokens, fewer than one step's "
+                f"{seqs_per_step}: pass more text or a smaller --tokens-per-step."
+            )
+        if resume and out is None:
+            raise LensInputError("resume needs the output folder (out=...) that holds the checkpoint.")
+        fresh = lens is None
+        lens = (TunedLens.from_model(view) if fresh else lens.bind(view)).to(view.device)
+        opt = torch.optim.SGD([lens.weight, lens.bias], lr=cfg.lr * (1 - cfg.momentum), momentum=cfg.momentum,
+                              nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        steps = max(cfg.steps, 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
+        return cls(cfg, view, dist, tokens, seqs_per_step, lens, fresh,
+                   _Objective(view, torch.bfloat16 if cfg.bf16 else torch.float32), opt, sched,
+                   None if out is None else Path(out), _data_id(tokens))
+
+    def start(self, resume: bool) -> None:
+        """Resume from the checkpoint, or warm-start a fresh lens by least squares."""
+        cfg = self.cfg
+        if resume and (self.ckpt_dir / STATE_FILE).is_file():
+            self.start_step, self.history, self.stats = _load_checkpoint(
+                self.ckpt_dir, self.lens, self.opt, self.sched, cfg, self.data_id)
+            self.last_good = self.start_step
+        elif cfg.warm_start_tokens > 0 and self.fresh:
+            t0 = time.perf_counter()
+            n_ws = max(1, min(self.tokens.shape[0], -(-cfg.warm_start_tokens // cfg.seq_len)))
+            mine = torch.arange(n_ws)[self.dist.rank :: self.dist.world]
+            batches = [self.tokens[mine[i : i + cfg.micro_batch]] for i in range(0, len(mine), cfg.micro_batch)]
+            warm_start(self.lens, self.obj, batches, cfg.ridge, self.dist)
+            self.stats = {"warm_start_s": time.perf_counter() - t0, "warm_start_tokens": n_ws * cfg.seq_len}
+
+    def run(self) -> None:
+        """Every remaining KL step, with a progress bar and checkpoints."""
+        cfg, bar = self.cfg, None
+        if cfg.progress and self.dist.primary and cfg.steps > self.start_step:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.start_step, desc="tuned lens", unit="step")
         t0 = time.perf_counter()
-        n_ws = max(1, min(n_seq, -(-cfg.warm_start_tokens // cfg.seq_len)))
-        mine = torch.arange(n_ws)[dist.rank :: dist.world]
-        batches = [tokens[mine[i : i + cfg.micro_batch]] for i in range(0, len(mine), cfg.micro_batch)]
-        warm_start(lens, obj, batches, cfg.ridge, dist)
-        stats = {"warm_start_s": time.perf_counter() - t0, "warm_start_tokens": n_ws * cfg.seq_len}
-
-    L = lens.n_layers
-    n_global = seqs_per_step * cfg.seq_len
-    bar = None
-    if cfg.progress and dist.primary and cfg.steps > start:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc="tuned lens", unit="step")
-    t_train = time.perf_counter()
-    done_tokens = 0
-    try:
-        for step in range(start, cfg.steps):
-            idx = _step_sequences(n_seq, seqs_per_step, step, cfg.seed)[dist.rank :: dist.world]
-            opt.zero_grad(set_to_none=False)
-            kl_sum = torch.zeros(L, dtype=torch.float64)
-            for m0 in range(0, len(idx), cfg.micro_batch):
-                hs = obj.hidden(tokens[idx[m0 : m0 + cfg.micro_batch]])
-                p, neg_h = obj.final(hs[-1])
-                for i in range(L):
-                    kl_sum[i] += obj.layer_step(lens, i, hs[i], p, neg_h, 1.0 / n_global)
-                del hs, p, neg_h
-            for t in (kl_sum, lens.weight.grad, lens.bias.grad):
-                dist.all_reduce(t)
-            kl = kl_sum / n_global
-            bad = None
-            if not torch.isfinite(kl).all():
-                bad = f"the loss of layer {int((~torch.isfinite(kl)).nonzero()[0])}"
-            elif not (torch.isfinite(lens.weight.grad).all() and torch.isfinite(lens.bias.grad).all()):
-                bad = "the gradient"
-            else:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-                opt.step()
-                sched.step()
-                if not (torch.isfinite(lens.weight).all() and torch.isfinite(lens.bias).all()):
-                    bad = "the updated translators"
-            if bad is not None:
-                kept = (
-                    f"the last good checkpoint (after step {last_good}) is kept in {ckpt_dir}"
-                    if last_good is not None else "no checkpoint was written (set checkpoint_every to keep one)"
-                )
-                raise TrainingError(
-                    f"the loss became non-finite in step {step + 1} ({bad}); {kept}; nothing else was saved. "
-                    "Lower the learning rate (--lr) or check the data."
-                )
-            done_tokens += n_global
-            rec = {"step": step + 1, "kl_bits": float(kl.sum() / math.log(2)),
-                   "kl_bits_per_layer": float(kl.mean() / math.log(2))}
-            history.append(rec)
+        try:
+            for step in range(self.start_step, cfg.steps):
+                rec = self.step(step)
+                self.history.append(rec)
+                self.done_tokens += self.n_global
+                if bar is not None:
+                    rate = self.done_tokens / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(kl_bits=f"{rec['kl_bits_per_layer']:.3f}", tok_s=f"{rate:.0f}")
+                    bar.update(1)
+                if self.ckpt_dir is not None and cfg.checkpoint_every and (
+                        (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+                    if self.dist.primary:
+                        _save_checkpoint(self.ckpt_dir, self.lens, self.opt, self.sched, cfg, step + 1, self.data_id,
+                                         self.history, self.stats)
+                    self.last_good = step + 1
+        finally:
             if bar is not None:
-                rate = done_tokens / max(time.perf_counter() - t_train, 1e-9)
-                bar.set_postfix(kl_bits=f"{rec['kl_bits_per_layer']:.3f}", tok_s=f"{rate:.0f}")
-                bar.update(1)
-            if ckpt_dir is not None and cfg.checkpoint_every and (
-                    (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-                if dist.primary:
-                    _save_checkpoint(ckpt_dir, lens, opt, sched, cfg, step + 1, data_id, history, stats)
-                last_good = step + 1
-    finally:
-        if bar is not None:
-            bar.close()
-    train_s = time.perf_counter() - t_train
-    lens.meta["training"] = {
-        **{k: v for k, v in asdict(cfg).items() if k != "progress"},
-        "world_size": dist.world,
-        "data": str(data) if not isinstance(data, Tensor) else "tokens",
-        "data_sha": data_id,
-        "train_tokens": cfg.steps * n_global,
-        "train_s": round(train_s, 3),
-        "tokens_per_s": round(done_tokens / train_s, 2) if done_tokens else None,
-        **stats,
-        "final_kl_bits_per_layer": history[-1]["kl_bits_per_layer"] if history else None,
-    }
-    if out is not None and dist.primary:
-        save_lens(lens, out)
-    return lens
+                bar.close()
+            self.train_s = time.perf_counter() - t0
+
+    def step(self, step: int) -> dict[str, float]:
+        """One optimizer step over the step's global batch (gradients accumulated over micro-batches, summed over
+        processes); refuses a non-finite loss, gradient or update."""
+        cfg, lens, obj, L = self.cfg, self.lens, self.obj, self.lens.n_layers
+        idx = _step_sequences(self.tokens.shape[0], self.seqs_per_step, step, cfg.seed)[self.dist.rank :: self.dist.world]
+        self.opt.zero_grad(set_to_none=False)
+        kl_sum = torch.zeros(L, dtype=torch.float64)
+        for m0 in range(0, len(idx), cfg.micro_batch):
+            hs = obj.hidden(self.tokens[idx[m0 : m0 + cfg.micro_batch]])
+            p, neg_h = obj.final(hs[-1])
+            for i in range(L):
+                kl_sum[i] += obj.layer_step(lens, i, hs[i], p, neg_h, 1.0 / self.n_global)
+            del hs, p, neg_h
+        for t in (kl_sum, lens.weight.grad, lens.bias.grad):
+            self.dist.all_reduce(t)
+        kl = kl_sum / self.n_global
+        bad = None
+        if not torch.isfinite(kl).all():
+            bad = f"the loss of layer {int((~torch.isfinite(kl)).nonzero()[0])}"
+        elif not (torch.isfinite(lens.weight.grad).all() and torch.isfinite(lens.bias.grad).all()):
+            bad = "the gradient"
+        else:
+            torch.nn.utils.clip_grad_norm_([lens.weight, lens.bias], cfg.clip)
+            self.opt.step()
+            self.sched.step()
+            if not (torch.isfinite(lens.weight).all() and torch.isfinite(lens.bias).all()):
+                bad = "the updated translators"
+        if bad is not None:
+            kept = (f"the last good checkpoint (after step {self.last_good}) is kept in {self.ckpt_dir}"
+                    if self.last_good is not None else "no checkpoint was written (set checkpoint_every to keep one)")
+            raise TrainingError(f"the loss became non-finite in step {step + 1} ({bad}); {kept}; nothing else was "
+                                "saved. Lower the learning rate (--lr) or check the data.")
+        return {"step": step + 1, "kl_bits": float(kl.sum() / LN2), "kl_bits_per_layer": float(kl.mean() / LN2)}
+
+    def finish(self, data: Any) -> TunedLens:
+        """Record how the lens was trained in ``lens.meta["training"]`` and save it (primary process)."""
+        cfg = self.cfg
+        self.lens.meta["training"] = {
+            **{k: v for k, v in asdict(cfg).items() if k != "progress"},
+            "world_size": self.dist.world,
+            "data": str(data) if not isinstance(data, Tensor) else "tokens",
+            "data_sha": self.data_id,
+            "train_tokens": cfg.steps * self.n_global,
+            "train_s": round(self.train_s, 3),
+            "tokens_per_s": round(self.done_tokens / self.train_s, 2) if self.done_tokens else None,
+            **self.stats,
+            "final_kl_bits_per_layer": self.history[-1]["kl_bits_per_layer"] if self.history else None,
+        }
+        if self.out is not None and self.dist.primary:
+            save_lens(self.lens, self.out)
+        return self.lens
 
 
 def _save_checkpoint(folder, lens, opt, sched, cfg, step, data_id, history, stats) -> None:

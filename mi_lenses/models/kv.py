@@ -1,0 +1,150 @@
+"""KV caches of both TransformerLens worlds behind one small interface: a forward pass on top of a cache of earlier
+positions, and a cache repeated over a batch (a shared prefix).
+
+* ``TransformerBridge`` (TL 4.x, and 3.x's beta bridge) forwards ``past_key_values`` (a transformers ``DynamicCache``)
+  to the wrapped HF model and returns the updated cache with ``return_type="logits_and_cache"``. transformers 5.24
+  renamed the attention modules' cache argument to ``cache``; TL 4.3's attention bridges still read
+  ``past_key_values`` and would silently skip the update, so while our cached forward runs a pre-hook on each
+  attention bridge hands it the cache under the old name too.
+* ``HookedTransformer`` (TL 3.x) keeps a ``TransformerLensKeyValueCache`` (``HookedTransformerKeyValueCache`` in
+  older releases) that its forward pass extends in place; we always pass an explicit attention mask, so pad-token
+  heuristics never mask a real token.
+
+:func:`kv_cache` probes a model once (the cache must grow by the tokens fed) and returns ``None`` when it does not
+work, so callers recompute the whole sequence instead: the same numbers, slower.
+
+Example:
+    >>> kv = kv_cache(model)
+    >>> tokens = model.to_tokens("The capital of France is")
+    >>> _, prefix = kv.forward(tokens[:, :3])
+    >>> tail, _ = kv.forward(tokens[:, 3:], kv.repeat(prefix, 1))
+    >>> bool(torch.allclose(tail, model(tokens)[:, 3:], atol=1e-4)), kv.length(prefix)
+    (True, 3)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+_PROBED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+def is_bridge(model: Any) -> bool:
+    """True for a ``TransformerBridge`` (it wraps an HF model); False for a ``HookedTransformer``."""
+    return hasattr(model, "original_model") or type(model).__name__ == "TransformerBridge"
+
+
+class BridgeKV:
+    """The HF ``DynamicCache`` of a ``TransformerBridge``."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def forward(self, tokens: Tensor, cache: Any = None) -> tuple[Tensor, Any]:
+        """Logits of ``tokens`` (continuing ``cache``) and the cache extended by them."""
+        kwargs: dict[str, Any] = {"use_cache": True}
+        if cache is not None:
+            kwargs["past_key_values"] = cache
+        with _cache_alias(self.model), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
+            return self.model(tokens, return_type="logits_and_cache", **kwargs)
+
+    def repeat(self, cache: Any, n: int) -> Any:
+        """A new cache holding the (batch 1) ``cache`` ``n`` times; ``cache`` itself is left unchanged."""
+        from transformers import DynamicCache
+
+        layers = getattr(cache, "layers", None)
+        if layers is None or not all(getattr(layer, "keys", None) is not None for layer in layers):
+            raise RuntimeError(f"unsupported KV cache type {type(cache).__name__}.")
+        with torch.no_grad():
+            data = [(layer.keys.expand(n, *layer.keys.shape[1:]).contiguous(),
+                     layer.values.expand(n, *layer.values.shape[1:]).contiguous()) for layer in layers]
+        return DynamicCache(ddp_cache_data=data)
+
+    @staticmethod
+    def length(cache: Any) -> int:
+        return 0 if cache is None else int(cache.get_seq_length())
+
+
+class HookedKV:
+    """The ``TransformerLensKeyValueCache`` of a ``HookedTransformer``."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        try:
+            from transformer_lens import TransformerLensKeyValueCache as cls
+        except ImportError:  # TransformerLens 2.x
+            from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCache as cls
+        self.cls = cls
+
+    def forward(self, tokens: Tensor, cache: Any = None) -> tuple[Tensor, Any]:
+        if cache is None:
+            cache = self.cls.init_cache(self.model.cfg, tokens.device, tokens.shape[0])
+        mask = torch.ones_like(tokens)
+        return self.model(tokens, past_kv_cache=cache, attention_mask=mask), cache
+
+    def repeat(self, cache: Any, n: int) -> Any:
+        entry_cls = type(cache.entries[0])
+        with torch.no_grad():
+            entries = [entry_cls(e.past_keys.expand(n, *e.past_keys.shape[1:]).contiguous(),
+                                 e.past_values.expand(n, *e.past_values.shape[1:]).contiguous())
+                       for e in cache.entries]
+            mask = cache.previous_attention_mask.expand(n, -1).contiguous()
+        return self.cls(entries=entries, previous_attention_mask=mask)
+
+    @staticmethod
+    def length(cache: Any) -> int:
+        return 0 if cache is None else int(cache.entries[0].past_keys.shape[1])
+
+
+def kv_cache(model: Any) -> BridgeKV | HookedKV | None:
+    """The model's KV-cache adapter, or ``None`` when cached forward passes do not work on it (probed once)."""
+    kv = BridgeKV(model) if is_bridge(model) else HookedKV(model)
+    if model not in _PROBED:
+        ok = False
+        try:
+            probe = torch.zeros(1, 2, dtype=torch.long, device=model.W_U.device)
+            with torch.no_grad():
+                _, cache = kv.forward(probe[:, :1])
+                _, cache = kv.forward(probe[:, 1:], cache)
+            ok = kv.length(cache) == 2
+        except Exception:  # noqa: BLE001 - any failure means: recompute instead
+            ok = False
+        _PROBED[model] = ok
+    return kv if _PROBED[model] else None
+
+
+def native_cache_works(model: Any) -> bool:
+    """Whether a bridge's KV cache works without the argument-name shim (i.e. TransformerLens's own cached
+    ``generate``); always True for a ``HookedTransformer``."""
+    if not is_bridge(model):
+        return True
+    probe = torch.zeros(1, 1, dtype=torch.long, device=model.W_U.device)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
+        _, cache = model(probe, return_type="logits_and_cache", use_cache=True)
+    return cache is not None and int(cache.get_seq_length()) == 1
+
+
+@contextlib.contextmanager
+def _cache_alias(model: Any) -> Iterator[None]:
+    """Hand every attention bridge the cache as ``past_key_values`` too (see the module docstring); removed on exit."""
+
+    def pre(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+            kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in model.modules()
+               if hasattr(m, "_update_kv_cache")]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
