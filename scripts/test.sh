@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# One command for a fresh machine: set up (with the test oracles), then run the whole test suite.
+# One command for a fresh machine: the whole test suite (with doctests) in the TransformerLens 4.x environment
+# (.venv), then the both-worlds part (tests/test_worlds.py, tiny models and SmolLM2) in a TransformerLens 3.9
+# environment (.venv-tl3), compared number by number with the 4.x run. Extra arguments go to the first pytest run;
+# MI_LENSES_SKIP_TL3=1 skips the second environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh --test
-# shellcheck disable=SC1091
-. .venv/bin/activate
 export HF_HUB_OFFLINE=1
-python -m pytest -q -p no:cacheprovider "$@"
+refs="${MI_LENSES_WORLD_REFS:-$(mktemp -d)}"
+export MI_LENSES_WORLD_REFS="$refs"
+bash scripts/setup.sh --test
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+if [ "${MI_LENSES_SKIP_TL3:-0}" != "1" ]; then
+  bash scripts/setup.sh --tl3
+  .venv-tl3/bin/python -m pytest -q -p no:cacheprovider -o addopts="" tests/test_worlds.py
+fi

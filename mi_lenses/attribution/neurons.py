@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -23,17 +23,19 @@ from torch import Tensor
 
 from mi_lenses.attribution.directions import Direction, TokenSpec, centred_vectors, final_scale, resolve_direction
 from mi_lenses.errors import LensInputError
+from mi_lenses.indexing import IndexSpec, resolve_indices
 from mi_lenses.models.view import ModelView
 
 
 def neuron_attribution(
     model: Any,
     cache: Any,
+    *,
     answer: TokenSpec | None = None,
     wrong: TokenSpec | None = None,
     direction: Tensor | Direction | None = None,
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
+    layers: IndexSpec = None,
+    positions: IndexSpec = None,
     through_final_norm: bool = True,
 ) -> Float[Tensor, "layers batch pos d_mlp"]:
     """Direct effect of every neuron at every (selected) position on ``answer`` (``- wrong``) or a vector direction.
@@ -58,14 +60,12 @@ def neuron_attribution(
         dirn = direction
     else:
         dirn = resolve_direction(view, B, answer, wrong, direction, through_final_norm)
-    layer_ids = list(range(view.n_layers)) if layers is None else [view.check_layer(l) for l in layers]
-    if positions is None:
-        pos = None  # every position: plain views of the cache, no gather
-    else:
-        pos = torch.as_tensor(list(positions), dtype=torch.long)
-        if ((pos < -S) | (pos >= S)).any():
-            raise LensInputError(f"positions {pos.tolist()} out of range for {S} positions (0..{S - 1} or negative).")
-        pos = (pos % S).to(resid.device)
+    layer_ids = resolve_indices(layers, view.n_layers, "layer", f"this model has {view.n_layers} blocks",
+                                ordered=False)
+    # positions index the cache as it is (every position: plain views of the cache, no gather)
+    pos = None if positions is None else torch.tensor(
+        resolve_indices(positions, S, "position", f"the cache holds {S} positions", ordered=False),
+        device=resid.device)
 
     def at(t: Tensor) -> Tensor:
         return t if pos is None else t.index_select(1, pos)

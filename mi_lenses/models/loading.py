@@ -216,8 +216,16 @@ def _hooked(folder: Path | str, hf_model: Any, tokenizer: Any, *, device: Any, d
     prev = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
             warnings.simplefilter("ignore")
+            # TransformerLens picks the architecture from the *name* when it contains "llama" or "gemma" (and then
+            # reads no config): hand it the folder under a neutral name so the folder's config.json decides.
+            neutral = Path(tmp) / "model"
+            try:
+                neutral.symlink_to(Path(name).resolve(), target_is_directory=True)
+                name = str(neutral)
+            except OSError:
+                pass
             cfg = loading.get_pretrained_model_config(name, hf_cfg=hf_model.config.to_dict(), fold_ln=compat,
                                                       device=device, dtype=dtype)
             model = HookedTransformer(cfg, tokenizer, move_to_device=False)
@@ -226,7 +234,7 @@ def _hooked(folder: Path | str, hf_model: Any, tokenizer: Any, *, device: Any, d
                                               center_unembed=compat, fold_value_biases=compat)
     finally:
         logging.getLogger().setLevel(prev)
-    return model.to(device)
+    return model.to(device, print_details=False)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError
+from mi_lenses.indexing import resolve_index
 from mi_lenses.models.batch import Batch, PromptInput, make_batch, run_with_cache
 from mi_lenses.models.decode import Decoder, decoder_of
 from mi_lenses.models.kv import BridgeKV, HookedKV, is_bridge, kv_cache
@@ -122,18 +123,8 @@ class ModelView:
         """TransformerLens hook name of ``point`` (``resid_pre``/``resid_mid``/``resid_post``) in block ``layer``."""
         if point not in POINTS:
             raise LensInputError(f"unknown residual point {point!r}; use one of {POINTS}.")
-        self.check_layer(layer, what="block")
+        layer = resolve_index(layer, self.n_layers, "block", f"this model has {self.n_layers} blocks")
         return f"blocks.{layer}.hook_{point}"
-
-    def check_layer(self, layer: int, what: str = "layer") -> int:
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise LensInputError(f"{what} must be an int, got {layer!r}.")
-        if not -self.n_layers <= layer < self.n_layers:
-            raise LensInputError(
-                f"{what} {layer} is out of range: this model has {self.n_layers} blocks (0..{self.n_layers - 1}, "
-                f"or negative from the end)."
-            )
-        return layer % self.n_layers
 
     def residual_rows(self, point: str = "resid_pre") -> list[ResidualRow]:
         """Lens rows from the embedding row to the final output row for a residual ``point``.

@@ -1,0 +1,356 @@
+"""Both TransformerLens worlds: every feature on the model ``mi_lenses.load_model`` gives in this environment
+(TransformerLens 4.x: a ``TransformerBridge``; 3.x: a ``HookedTransformer``), built from the same local HF weights as
+the independent oracle, for five architectures, raw and folded. CI runs this module in both environments.
+
+* every lens statistic equals the HF brute force in float64 (1e-5 on logits-scale quantities, exact top-k ids up to
+  ties), DLA's identities hold, Patchscopes patch where they read, cached generation equals uncached and the model's
+  own ``generate``, tuned lenses train and round-trip both file formats;
+* ragged batches: 8 prompts of different lengths, as text, right-padded tokens or left-padded tokens with their
+  attention mask, equal the 8 single-prompt runs within 1e-5 on every statistic, for every lens, DLA and sweeps;
+* across the two worlds: with ``MI_LENSES_WORLD_REFS`` set, the 4.x run writes its numbers (and the tiny models'
+  weights) there and the 3.x run must reproduce them within 1e-5. CI sets it; locally a missing reference is a skip.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import mi_lenses
+from mi_lenses.models.loading import resolve_kind
+from oracles import assert_lens_matches, close, hf_lens_logits, next_ids_of
+from tiny import ARCHS, MODES, PROMPT, hook_counts
+
+pytestmark = pytest.mark.worlds
+
+KIND = resolve_kind("auto")
+RAGGED = [
+    "The capital",
+    "The quick brown fox jumps over the lazy dog.",
+    "A city",
+    "Hello world, hello lens! Numbers must be right.",
+    "one two three four five",
+    "Paris is a city; Rome is a city; Berlin is a city too.",
+    "A tiny model reads",
+    "seven eight nine ten",
+]
+REFS = os.environ.get("MI_LENSES_WORLD_REFS")
+
+
+class World:
+    """One model of this environment's kind plus its untouched HF twin (the oracle)."""
+
+    def __init__(self, arch: str, mode: str, model, hf, tokenizer, folder: Path):
+        self.arch, self.mode, self.model, self.hf, self.tokenizer, self.folder = arch, mode, model, hf, tokenizer, folder
+
+    @property
+    def compat(self) -> bool:
+        return self.mode == "compat"
+
+    @property
+    def id(self) -> str:
+        return f"{self.arch}-{self.mode}-{KIND}"
+
+    def __repr__(self) -> str:
+        return f"World({self.id})"
+
+
+def _folder(builder, arch: str, tmp_root: Path) -> Path:
+    """The tiny HF model's folder: the shared reference folder when there is one (the same weights in both worlds),
+    else a fresh one."""
+    root = Path(REFS) if REFS else tmp_root
+    folder = root / f"tiny-{arch}"
+    if not (folder / "config.json").is_file():
+        if KIND == "hooked" and REFS and os.environ.get("CI") == "true":
+            pytest.fail(f"{folder} is missing: the TransformerLens 4.x run must write the references first.")
+        folder.mkdir(parents=True, exist_ok=True)
+        builder.hf(arch).save_pretrained(folder)
+        builder.tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session", params=[(a, m) for a in ARCHS for m in MODES], ids=lambda p: f"{p[0]}-{p[1]}")
+def world(request, builder, tmp_path_factory) -> World:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    arch, mode = request.param
+    folder = _folder(builder, arch, tmp_path_factory.getbasetemp() / "worlds")
+    model = mi_lenses.load_model(folder, compatibility_mode=mode == "compat")
+    hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():  # the first cached forward installs transformers' lazy hooks: the steady state
+        model.run_with_cache(model.to_tokens(PROMPT))
+    return World(arch, mode, model, hf, AutoTokenizer.from_pretrained(folder), folder)
+
+
+def test_load_model_gives_this_worlds_model(world):
+    expected = "TransformerBridge" if KIND == "bridge" else "HookedTransformer"
+    assert type(world.model).__name__ == expected
+    assert mi_lenses.ModelView(world.model).is_bridge == (KIND == "bridge")
+
+
+# ------------------------------------------------------------------------------------------------ every feature
+def test_logit_lens_matches_hf_brute_force(world):
+    m = world.model
+    tokens = m.to_tokens(PROMPT)
+    targets = [" city", 7]
+    res = mi_lenses.logit_lens(m, tokens, targets=targets, top_k=5)
+    assert_lens_matches(res, hf_lens_logits(world, tokens), next_ids_of(tokens), world.id,
+                        logit_space=not world.compat, tol=1e-5 if not world.compat else 1e-4)
+    res.verify()
+    logits, cache = m.run_with_cache(tokens)  # the user's own cache
+    from_cache = mi_lenses.logit_lens(m, tokens, cache=cache, logits=logits, targets=targets)
+    assert torch.equal(from_cache.top_ids, res.top_ids)
+    close(from_cache.kl, res.kl, "from the user's cache", 1e-6)
+
+
+def test_dla_identities_hold(world):
+    m = world.model
+    res = mi_lenses.direct_logit_attribution(m, RAGGED[:3], answer=" city", wrong="Paris")
+    res.verify()  # parts == the model's logit difference; heads + b_O == attn_out; neurons; source positions
+    with torch.no_grad():
+        hf_logits = world.hf(m.to_tokens(RAGGED[1])).logits[0, -1].double()
+    a, w = (world.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in (" city", "Paris"))
+    assert float(res.total[1]) == pytest.approx(float(hf_logits[a] - hf_logits[w]), abs=1e-4)
+    per_neuron = mi_lenses.neuron_attribution(m, m.run_with_cache(m.to_tokens(PROMPT))[1], answer=" city")
+    assert per_neuron.shape[0] == m.cfg.n_layers
+
+
+def test_tuned_lens_trains_and_round_trips(world, tmp_path):
+    m = world.model
+    zero = mi_lenses.TunedLens.from_model(m)
+    assert torch.equal(zero(m, PROMPT).top_ids, mi_lenses.logit_lens(m, PROMPT).top_ids)
+    tokens = torch.randint(3, m.cfg.d_vocab, (8, 16), generator=torch.Generator().manual_seed(0))
+    lens = mi_lenses.train_lens(m, tokens, steps=2, tokens_per_step=64, seq_len=16, warm_start_tokens=64,
+                                progress=False)
+    before = mi_lenses.evaluate_lens(zero, m, tokens).kl_bits["tuned lens"]
+    after = mi_lenses.evaluate_lens(lens, m, tokens).kl_bits["tuned lens"]
+    assert sum(after) < sum(before)
+    ref = lens(m, PROMPT)
+    for fmt in ("mi_lenses", "tuned-lens"):
+        if fmt == "tuned-lens" and lens.meta.get("residual_centered"):
+            continue  # refused by design on a mean-free residual stream (tested in test_tuned_lens)
+        lens.save(tmp_path / fmt, format=fmt)
+        again = mi_lenses.tuned_lens(m, PROMPT, lens=tmp_path / fmt)
+        close(again.kl, ref.kl, f"{world.id} {fmt} round trip", 1e-5)
+
+
+def test_patchscopes_patch_where_they_read(world):
+    m = world.model
+    mi_lenses.patchscopes.verify(m)  # own state back changes nothing; identity at the last layer reproduces logits
+    src = mi_lenses.Source(PROMPT, layer=1, position=3)
+    tgt = mi_lenses.Target("The capital of x is", placeholder="x")
+    for every in (False, True):
+        kw = dict(max_new_tokens=4, stop_at_eos=False, patch_every_step=every)
+        cached = mi_lenses.patchscope(m, src, tgt, use_kv_cache=True, **kw)
+        plain = mi_lenses.patchscope(m, src, tgt, use_kv_cache=False, **kw)
+        assert torch.equal(cached.generated_ids, plain.generated_ids)
+        close(cached.top_logprobs, plain.top_logprobs, "cached readout", 1e-5)
+    assert mi_lenses.ModelView(m).kv is not None, "the KV cache path is off: generation would recompute"
+    # unpatched generation equals the model's own generate
+    tokens = m.to_tokens(PROMPT)
+    ours = mi_lenses.patchscope(m, mi_lenses.Source(tokens, layer=0, position=1),
+                                mi_lenses.Target(tokens, position=1), max_new_tokens=5, stop_at_eos=False)
+    theirs = m.generate(tokens, max_new_tokens=5, do_sample=False, stop_at_eos=False, verbose=False,
+                        use_past_kv_cache=False, return_type="tokens")[0, tokens.shape[1]:]
+    assert torch.equal(ours.generated_ids[0], theirs.cpu())
+    sw = mi_lenses.sweep(m, RAGGED[:2], tgt, positions=[0, -1], chunk=3, progress=False)
+    loop = mi_lenses.sweep(m, RAGGED[:2], tgt, positions=[0, -1], use_kv_cache=False, progress=False)
+    assert torch.equal(sw.top1_ids, loop.top1_ids)
+    close(sw.surprisal, loop.surprisal, "sweep cached vs not", 1e-5)
+
+
+def test_renderers_and_commands(world, tmp_path, capsys):
+    m = world.model
+    before = hook_counts(m)
+    results = [mi_lenses.logit_lens(m, RAGGED[:2]), mi_lenses.direct_logit_attribution(m, PROMPT, answer=" city"),
+               mi_lenses.patchscope(m, mi_lenses.Source(PROMPT, layer=[0, 1]), max_new_tokens=2),
+               mi_lenses.sweep(m, PROMPT, positions=[-1], progress=False)]
+    for res in results:
+        assert res.to_html(tmp_path / "r.html").startswith("<!DOCTYPE html>")
+        res.show()._repr_html_()
+        res.print(width=160)
+        res.to_json(tmp_path / "r.json")
+        assert len(res.to_dataframe())
+    from mi_lenses.cli import main
+
+    f = str(world.folder)
+    assert main(["logit-lens", PROMPT, "--model", f, "--target", " city", "--json", str(tmp_path / "l.json")]) == 0
+    assert main(["dla", PROMPT, "--model", f, "--answer", " city"]) == 0
+    assert main(["patchscope", "--model", f, "--source-prompt", PROMPT, "--source-layer", "1"]) == 0
+    mi_lenses.TunedLens.from_model(m).save(tmp_path / "lens")
+    (tmp_path / "text.txt").write_text(" ".join(RAGGED) * 8)
+    lens_args = ["--lens", str(tmp_path / "lens"), "--model", f]
+    if world.compat:  # the command line loads models in compatibility mode, like this world's model
+        assert main(["tuned-lens", "eval", *lens_args, "--data", str(tmp_path / "text.txt"), "--seq-len", "16",
+                     "--max-tokens", "64"]) == 0
+        assert main(["logit-lens", PROMPT, *lens_args]) == 0
+    assert "final" in capsys.readouterr().out
+    assert hook_counts(m) == before
+
+
+def test_affine_map_between_a_bridge_and_a_hooked_transformer(world):
+    """Where both kinds exist (TransformerLens 3.x), a map fitted from a HookedTransformer's states to a bridge of
+    the same weights is the identity up to fit error, and a state patched across them through the map reproduces
+    the bridge's own output."""
+    from mi_lenses.models.loading import has_hooked_transformer
+
+    if not has_hooked_transformer() or world.mode != "raw":
+        pytest.skip("needs TransformerLens 3.x (both a HookedTransformer and a TransformerBridge); raw weights")
+    hooked = mi_lenses.load_model(world.folder, kind="hooked", compatibility_mode=False)
+    bridge = mi_lenses.load_model(world.folder, kind="bridge", compatibility_mode=False)
+    texts = RAGGED * 6
+    f = mi_lenses.fit_map(hooked, texts, source_layer=0, target_model=bridge, target_layer=0, ridge=1e-6)
+    assert f.r2 > 0.999999
+    tokens = hooked.to_tokens(PROMPT)
+    res = mi_lenses.patchscope(hooked, mi_lenses.Source(tokens, layer=0, position=4),
+                               mi_lenses.Target(tokens, position=4, model=bridge, map=f))
+    with torch.no_grad():
+        own = bridge(tokens)[0, -1].float().log_softmax(-1)
+    close(res.top_logprobs[0], own[res.top_ids[0]], "patched across worlds through the map", 1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ ragged batches
+STATS = ("top_ids", "top_logits", "logsumexp", "entropy", "kl", "cross_entropy", "final_top1_rank",
+         "target_ranks", "target_logprobs")
+
+
+def _same_as_singles(batch, singles, what: str) -> None:
+    """Column j of prompt b in the batch equals the single run's column j (the same requested position)."""
+    for b, single in enumerate(singles):
+        v = batch.valid[b]
+        assert v.sum() == single.valid[0].sum(), f"{what}: prompt {b} valid columns"
+        for field in STATS:
+            ours, ref = getattr(batch, field)[:, b][:, v], getattr(single, field)[:, 0][:, single.valid[0]]
+            if ours.dtype == torch.long:
+                assert torch.equal(ours, ref), f"{what}: prompt {b} {field}"
+            else:
+                close(ours, ref, f"{what}: prompt {b} {field}", 1e-5)
+        assert torch.isnan(batch.kl[:, b][:, ~v]).all() and (batch.top_ids[:, b][:, ~v] == -1).all(), \
+            f"{what}: padding shows up as a number"
+
+
+def _padded(m, prompts, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [m.to_tokens(p)[0] for p in prompts]
+    S = max(len(r) for r in rows)
+    pad = m.tokenizer.pad_token_id
+    tokens = torch.full((len(rows), S), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), S, dtype=torch.long)
+    for b, r in enumerate(rows):
+        sl = slice(S - len(r), S) if side == "left" else slice(0, len(r))
+        tokens[b, sl], mask[b, sl] = r, 1
+    return tokens, mask
+
+
+@pytest.mark.parametrize("positions", [None, [-1, -2, 0, 3]], ids=["all", "negative"])
+def test_ragged_batch_equals_single_runs(world, positions):
+    m = world.model
+    lens = mi_lenses.TunedLens.from_model(m)
+    with torch.no_grad():  # a non-trivial tuned lens
+        lens.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+        lens.bias.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    lengths = [len(m.to_tokens(p)[0]) for p in RAGGED]
+    for name, run in (("logit lens", mi_lenses.logit_lens), ("tuned lens", lens)):
+        kw = dict(positions=positions, targets=[" city"], top_k=3)
+        # a single prompt is asked only for the positions it has (the batch masks the others)
+        singles = [run(m, p, **{**kw, "positions": None if positions is None else
+                                [q for q in positions if -n <= q < n]}) for p, n in zip(RAGGED, lengths)]
+        _same_as_singles(run(m, RAGGED, **kw), singles, f"{world.id} {name} text")
+        for side in ("right", "left"):
+            tokens, mask = _padded(m, RAGGED, side)
+            _same_as_singles(run(m, tokens, attention_mask=mask, **kw), singles, f"{world.id} {name} {side}-padded")
+    if positions is not None:  # -1 is each prompt's own last token
+        res = mi_lenses.logit_lens(m, RAGGED, positions=[-1])
+        assert res.token_index[:, 0].tolist() == [n - 1 for n in lengths]
+
+
+def test_ragged_dla_and_sweep_equal_single_runs(world):
+    m = world.model
+    batch = mi_lenses.direct_logit_attribution(m, RAGGED, answer=" city", position=-2)
+    tokens, mask = _padded(m, RAGGED, "left")
+    left = mi_lenses.direct_logit_attribution(m, tokens, attention_mask=mask, answer=" city", position=-2)
+    for b, p in enumerate(RAGGED):
+        one = mi_lenses.direct_logit_attribution(m, p, answer=" city", position=-2)
+        for res in (batch, left):
+            close(res.values()[b], one.values()[0], f"{world.id} DLA prompt {b}", 1e-5)
+            close(res.neurons[b], one.neurons[0], f"{world.id} DLA neurons prompt {b}", 1e-5)
+            n = len(one.str_tokens[0])
+            close(res.sources[b, ..., :n], one.sources[0], f"{world.id} DLA sources prompt {b}", 1e-5)
+            assert res.positions[b] == one.positions[0]
+    sw = mi_lenses.sweep(m, RAGGED[:4], positions=[-1], target_layers="same", progress=False)
+    for b, p in enumerate(RAGGED[:4]):
+        one = mi_lenses.sweep(m, p, positions=[-1], target_layers="same", progress=False)
+        assert sw.positions[b] == (b, one.positions[0][1])
+        close(sw.surprisal[..., b], one.surprisal[..., 0], f"{world.id} sweep prompt {b}", 1e-5)
+        assert torch.equal(sw.top1_ids[..., b], one.top1_ids[..., 0])
+
+
+# ------------------------------------------------------------------------------------------------ across worlds
+def _numbers(m) -> dict[str, torch.Tensor]:
+    res = mi_lenses.logit_lens(m, RAGGED, targets=[" city"], top_k=5)
+    dla = mi_lenses.direct_logit_attribution(m, RAGGED, answer=" city", wrong="Paris")
+    ps = mi_lenses.patchscope(m, mi_lenses.Source(PROMPT, layer=[0, 1]), max_new_tokens=3, stop_at_eos=False)
+    return {"top_ids": res.top_ids, "logp": res.top_logits - res.logsumexp[..., None], "kl": res.kl,
+            "entropy": res.entropy, "ce": res.cross_entropy, "dla_heads": dla.heads, "dla_mlps": dla.mlps,
+            "dla_neurons": dla.neurons, "dla_actual": dla.actual, "ps_top_ids": ps.top_ids,
+            "ps_logp": ps.top_logprobs, "ps_generated": ps.generated_ids}
+
+
+def test_both_worlds_give_the_same_numbers(world):
+    if not REFS:
+        pytest.skip("set MI_LENSES_WORLD_REFS to compare with the other TransformerLens world (CI does)")
+    path = Path(REFS) / f"{world.arch}-{world.mode}.pt"
+    ours = _numbers(world.model)
+    if KIND == "bridge":
+        torch.save(ours, path)
+        return
+    if not path.is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{path} is missing: run the TransformerLens 4.x suite first (scripts/test.sh does).")
+        pytest.skip(f"no reference {path} from a TransformerLens 4.x run")
+    theirs = torch.load(path, weights_only=True)
+    for key, ref in theirs.items():
+        mine = ours[key]
+        if ref.dtype == torch.long:
+            assert torch.equal(mine, ref), f"{world.id} {key}: differs from the 4.x bridge"
+        else:
+            close(mine, ref, f"{world.id} {key} vs the 4.x bridge", 1e-5)
+
+
+def test_every_statistic_of_a_world_needs_a_real_model():
+    """The worlds' fixture models are what the environment says (guards against testing the same world twice)."""
+    import importlib.metadata
+
+    major = int(importlib.metadata.version("transformer-lens").split(".")[0])
+    assert KIND == ("bridge" if major >= 4 else "hooked")
+
+
+@pytest.mark.slow
+def test_embedded_model_in_this_world(smol):
+    """The embedded SmolLM2 loads offline as this world's model, shows real behaviour, and gives the other world's
+    numbers."""
+    assert type(smol).__name__ == ("TransformerBridge" if KIND == "bridge" else "HookedTransformer")
+    res = mi_lenses.logit_lens(smol, ["The capital of France is", "The capital of Italy is the city of"],
+                               targets=" Paris", positions=[-1])
+    paris = smol.to_single_token(" Paris")
+    assert int(res.top_ids[-1, 0, 0, 0]) == paris and not (res.top_ids[:10, 0, 0, 0] == paris).any()
+    dla = mi_lenses.direct_logit_attribution(smol, "When Mary and John went to the store, John gave a drink to",
+                                             answer=" Mary", wrong=" John")
+    ours = {"top_ids": res.top_ids, "logp": res.top_logits - res.logsumexp[..., None], "kl": res.kl,
+            "dla_heads": dla.heads, "dla_actual": dla.actual}
+    if not REFS:
+        pytest.skip("set MI_LENSES_WORLD_REFS to compare with the other TransformerLens world (CI does)")
+    path = Path(REFS) / "smollm2.pt"
+    if KIND == "bridge":
+        torch.save(ours, path)
+        return
+    if not path.is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{path} is missing: run the TransformerLens 4.x suite first (scripts/test.sh does).")
+        pytest.skip(f"no reference {path} from a TransformerLens 4.x run")
+    theirs = torch.load(path, weights_only=True)
+    assert torch.equal(ours["top_ids"], theirs["top_ids"])
+    for key in ("logp", "kl", "dla_heads", "dla_actual"):
+        close(ours[key], theirs[key], f"SmolLM2 {key} vs the 4.x bridge", 1e-5)
