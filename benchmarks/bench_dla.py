@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = "../shared/data/wikitext-2/test.txt"
+DEFAULT_DATA = "mi_lenses/data/shakespeare_eval.txt"  # shipped; --data for WikiText
 TARGETS = {"mem_ratio_vs_plain_min": 50.0, "time_ratio_vs_proj_max": 1.0}
 
 

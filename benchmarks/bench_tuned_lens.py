@@ -35,7 +35,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 THEIRS = "tuned-lens 0.2.0 (fp32)"
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+TRAIN = ROOT / "mi_lenses" / "data" / "shakespeare_train.txt"  # shipped; --train-data / --eval-data for WikiText
+EVAL = ROOT / "mi_lenses" / "data" / "shakespeare_eval.txt"
 
 
 def cpu_s() -> float:
@@ -171,6 +172,8 @@ def bf16_check(model, tokens, lens, layers=(15,), positions=64) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--train-data", default=str(TRAIN))
+    ap.add_argument("--eval-data", default=str(EVAL))
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--tokens-per-step", type=int, default=256)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -196,8 +199,8 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     for p in hf.parameters():
         p.requires_grad_(False)
-    tokens = load_tokens(DATA / "valid.txt", model, args.seq_len)
-    held = load_tokens(DATA / "test.txt", model, args.seq_len, max_tokens=args.eval_tokens)
+    tokens = load_tokens(args.train_data, model, args.seq_len)
+    held = load_tokens(args.eval_data, model, args.seq_len, max_tokens=args.eval_tokens)
     seqs = args.tokens_per_step // args.seq_len
     order = torch.cat([_step_sequences(len(tokens), seqs, s, 0) for s in range(args.steps)])
     batches = [{"input_ids": tokens[order[i : i + args.micro_batch]]} for i in range(0, len(order), args.micro_batch)]

@@ -51,7 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seqs", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=48)
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "wikitext-2" / "test.txt"))
+    ap.add_argument("--data", default=str(REPO / "mi_lenses" / "data" / "shakespeare_eval.txt"))
     ap.add_argument("--lens", default=None, help="a trained tuned lens (folder) to add as a third column")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "patchscope_vs_logit_lens.json"))

@@ -55,7 +55,8 @@ def resolve_index(value: Any, n: int, what: str, hint: str = "") -> int:
     if not isinstance(v, int) or isinstance(v, bool):
         raise LensInputError(f"{what} {value!r} must be an int.")
     if not -n <= v < n:
-        raise LensInputError(f"{what} {v} is out of range: {hint or f'use 0..{n - 1}'}, or -{n}..-1 from the end.")
+        where = f"{hint}; " if hint else ""
+        raise LensInputError(f"{what} {v} is out of range: {where}use 0..{n - 1}, or -{n}..-1 from the end.")
     return v % n
 
 

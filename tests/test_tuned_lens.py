@@ -27,7 +27,6 @@ from mi_lenses.lenses.tuned.data import load_tokens
 from mi_lenses.models.view import ModelView
 
 ROOT = Path(__file__).parents[1]
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 
 
 def random_lens(model, seed=0, scale=0.3) -> TunedLens:
@@ -501,15 +500,15 @@ def test_torchrun_two_processes_match_single_process(hf_folder, tmp_path):
 # ============================================================================================ 7. embedded model
 @pytest.mark.slow
 def test_embedded_tuned_lens_beats_logit_lens_everywhere(smol):
-    if not (DATA / "valid.txt").is_file():
-        pytest.skip("wikitext-2 not present")
-    train = load_tokens(DATA / "valid.txt", smol, seq_len=128, max_tokens=2048)
+    from mi_lenses.data import EVAL_TEXT, TRAIN_TEXT
+
+    train = load_tokens(TRAIN_TEXT, smol, seq_len=128, max_tokens=2048)
     lens = train_lens(smol, train, steps=1, tokens_per_step=128, seq_len=128, micro_batch=1,
                       warm_start_tokens=2048, progress=False)
-    held = load_tokens(DATA / "test.txt", smol, seq_len=128, max_tokens=256)
+    held = load_tokens(EVAL_TEXT, smol, seq_len=128, max_tokens=256)
     ev = evaluate_lens(lens, smol, held)
     worse = [lab for i, lab in enumerate(ev.layers) if not ev.kl_bits["tuned lens"][i] < ev.kl_bits["logit lens"][i]]
-    assert not worse, ev.table()
+    assert not worse, ev.to_markdown()
 
 
 @pytest.mark.slow
@@ -523,3 +522,17 @@ def test_tutorial_runs(smol, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runpy.run_path(str(ROOT / "tutorials" / "02_tuned_lens.py"), run_name="__main__")
     assert (tmp_path / "tuned_lens_eval.html").stat().st_size > 1000
+
+
+def test_sampling_uses_the_kv_cache_and_equals_recompute(llama_raw, monkeypatch):
+    """``model:N`` data is sampled one token per step on the KV cache; the tokens equal a full recompute per step."""
+    from mi_lenses.lenses.tuned.data import sample_from_model
+
+    view = ModelView(llama_raw.model)
+    calls = []
+    real = type(view.kv).forward
+    monkeypatch.setattr(type(view.kv), "forward", lambda self, t, c=None: calls.append(t.shape[1]) or real(self, t, c))
+    cached = sample_from_model(view, n_tokens=48, seq_len=16, seed=3, batch=2)
+    assert calls and max(calls[1:]) == 1  # after the first step, one token per forward pass
+    monkeypatch.setattr(ModelView, "kv", property(lambda self: None))
+    assert torch.equal(cached, sample_from_model(view, n_tokens=48, seq_len=16, seed=3, batch=2))

@@ -11,16 +11,16 @@
 
 # %%
 import os
-from pathlib import Path
 
 import mi_lenses
 from mi_lenses.lenses.tuned import TunedLens, evaluate_lens, load_lens, train_lens
 from mi_lenses.lenses.tuned.data import load_tokens
 
+from mi_lenses.data import EVAL_TEXT, TRAIN_TEXT
+
 QUICK = os.environ.get("MI_TUTORIAL_QUICK") == "1"
-data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" if "__file__" in dir() else None
-train_text = data / "valid.txt" if data and data.is_dir() else "model:4096"  # no corpus? sample from the model
-test_text = data / "test.txt" if data and data.is_dir() else "model:1024"
+# Public-domain text shipped with mi_lenses; any text file, folder, cached `datasets` name or "model:N" works too.
+train_text, test_text = TRAIN_TEXT, EVAL_TEXT
 model = mi_lenses.load_model()
 
 # %% [markdown]
@@ -53,7 +53,7 @@ print(lens.meta["training"]["tokens_per_s"], "tokens/s")
 # %%
 held = load_tokens(test_text, model, seq_len=128, max_tokens=128 if QUICK else 2048)
 ev = evaluate_lens(lens, model, held)
-print(ev.table())
+ev.print()
 ev.to_html("tuned_lens_eval.html")  # the paper-style curves, offline
 view = ev.show()  # display(view) in a notebook
 

@@ -70,20 +70,10 @@ print(df.groupby("source_layer").prec_at_1.mean().tail())
 # different `d_model` a map is required.
 
 # %%
-from pathlib import Path
+from mi_lenses.data import TRAIN_TEXT
 
-try:
-    repo = Path(__file__).resolve().parents[1]
-except NameError:  # in a notebook
-    repo = Path.cwd()
-wiki = repo.parent / "shared" / "data" / "wikitext-2" / "valid.txt"  # any list of distinct texts will do
-lines = [t.strip() for t in wiki.read_text().splitlines() if len(t.split()) > 40] if wiki.exists() else []
-texts = lines[:12] or [
-    "The quick brown fox jumps over the lazy dog while the farmer watches from the gate.",
-    "Paris is the capital and largest city of France, on the river Seine.",
-    "Alan Turing was a British mathematician, logician and computer scientist.",
-    "Water boils at one hundred degrees Celsius at sea level and freezes at zero.",
-]
+# any list of distinct texts will do: here passages of the public-domain text shipped with mi_lenses
+texts = [p.replace("\n", " ") for p in TRAIN_TEXT.read_text().split("\n\n") if len(p.split()) > 40][:12]
 f = fit_map(model, texts, source_layer=8, target_layer=16, ridge=1.0, max_tokens=1024)  # last 10 %: held out
 print(f"held-out R^2 of layer 8 -> 16: {f.r2:.3f}")
 mapped = patchscope(model, Source("The capital of France is", layer=8), presets.identity().replace(layer=16, map=f))

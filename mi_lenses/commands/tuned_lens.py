@@ -2,8 +2,8 @@
 
 Example::
 
-    mi-lenses tuned-lens train --data ../shared/data/wikitext-2/valid.txt --out smol_lens
-    mi-lenses tuned-lens eval --lens smol_lens --data ../shared/data/wikitext-2/test.txt --json eval.json
+    mi-lenses tuned-lens train --out smol_lens                 # on the shipped public-domain text (--data for yours)
+    mi-lenses tuned-lens eval --lens smol_lens --json eval.json  # on the shipped held-out text
     torchrun --nproc_per_node=2 -m mi_lenses.cli tuned-lens train --data corpus/ --out lens   # data parallel
 """
 
@@ -18,6 +18,7 @@ from mi_lenses.errors import LensInputError
 
 
 def register(sub, parents: Parents) -> None:
+    from mi_lenses.data import EVAL_TEXT, TRAIN_TEXT
     from mi_lenses.lenses.tuned.train import TrainConfig
 
     tl = sub.add_parser("tuned-lens", help="train or evaluate a tuned lens")
@@ -25,9 +26,9 @@ def register(sub, parents: Parents) -> None:
 
     tr = tsub.add_parser("train", parents=[parents.model],
                          help="train a tuned lens (KL to the model's output, paper recipe)")
-    tr.add_argument("--data", required=True,
+    tr.add_argument("--data", default=str(TRAIN_TEXT),
                     help="text file or folder, a cached `datasets` name NAME[:CONFIG][@SPLIT], or 'model[:N]' to "
-                         "sample N tokens from the model")
+                         "sample N tokens from the model (default: the public-domain text shipped with mi_lenses)")
     tr.add_argument("--out", required=True, help="output folder (the lens; checkpoints in OUT/checkpoint)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     add_dataclass_options(tr, TrainConfig)
@@ -36,7 +37,8 @@ def register(sub, parents: Parents) -> None:
     ev = tsub.add_parser("eval", parents=[parents.model, parents.outputs],
                          help="per-layer KL / CE / entropy of a tuned lens and the logit lens")
     ev.add_argument("--lens", required=True, help="lens folder (mi_lenses or tuned-lens format)")
-    ev.add_argument("--data", required=True, help="held-out text (same kinds as for train)")
+    ev.add_argument("--data", default=str(EVAL_TEXT),
+                    help="held-out text, same kinds as for train (default: the shipped held-out text)")
     ev.add_argument("--max-tokens", type=int, default=16384, help="evaluate on at most N tokens (default 16384)")
     ev.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     ev.set_defaults(func=run_eval)

@@ -103,7 +103,8 @@ def batch_from_mask(tokens: Tensor, mask: Any) -> Batch:
     for b, row in enumerate(m):
         idx = row.nonzero()[:, 0]
         if len(idx) == 0:
-            raise LensInputError(f"prompt {b} has no real token (its attention_mask is all zeros).")
+            raise LensInputError(f"prompt {b} has no real token (its attention_mask is all zeros): mark its real "
+                                 "tokens with 1, or leave the row out.")
         start, n = int(idx[0]), len(idx)
         if int(idx[-1]) - start + 1 != n:
             raise LensInputError(f"prompt {b}'s attention_mask has a gap: padding must sit on the left or the right "
@@ -121,7 +122,8 @@ def match_cache(batch: Batch | None, shape: tuple[int, int], attention_mask: Any
         unknown = torch.full((B, S), -1, dtype=torch.long)
         return Batch(unknown, [S] * B, [0] * B) if attention_mask is None else batch_from_mask(unknown, attention_mask)
     if batch.shape != (B, S):
-        raise LensInputError(f"tokens {batch.shape} do not match the cache's [batch, pos] = {(B, S)}.")
+        raise LensInputError(f"tokens {batch.shape} do not match the cache's [batch, pos] = {(B, S)}: pass the "
+                             "tokens the cache was made from.")
     return batch
 
 

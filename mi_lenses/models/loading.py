@@ -91,6 +91,9 @@ def load_model(
     """
     if ModelView.accepts(name_or_path):
         return name_or_path
+    _check_device(device)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ModelLoadError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}.")
     if name_or_path is not None and not isinstance(name_or_path, (str, os.PathLike)):
         raise ModelLoadError(
             f"load_model takes a path, a model name, or a TransformerLens model; got {type(name_or_path).__name__}."
@@ -121,6 +124,23 @@ def load_model(
                   kind=resolve_kind(kind))
     model.cfg.model_name = display
     return model
+
+
+def _check_device(device: Any) -> torch.device:
+    """``device`` as a ``torch.device`` that exists on this machine, or a clear error."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelLoadError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:0', 'mps', ...") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for CUDA, which this machine (or this torch build) does not "
+                             "have: use device='cpu'.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s).")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {device!r} (Apple MPS) is not available here: use device='cpu'.")
+    return dev
 
 
 def tl_major() -> int:

@@ -259,14 +259,16 @@ class ModelView:
             if tokens.ndim != 2 or tokens.shape[-1] == 0:
                 raise LensInputError(f"expected tokens of shape [batch, pos] with pos >= 1, got {tuple(tokens.shape)}.")
             if int(tokens.min()) < 0 or int(tokens.max()) >= self.d_vocab:
-                raise LensInputError(f"token ids must lie in 0..{self.d_vocab - 1}.")
+                raise LensInputError(f"token ids must lie in 0..{self.d_vocab - 1} (this model's vocabulary): "
+                                     "tokenize with this model's tokenizer (model.to_tokens).")
             return tokens.long().to(self.device)
         prompts = [input] if isinstance(input, str) else list(input)
         if not prompts:
             raise LensInputError("no prompt given: pass a non-empty string or a list of them.")
         for p in prompts:
             if not isinstance(p, str):
-                raise LensInputError(f"prompts must be strings, got {type(p).__name__}.")
+                raise LensInputError(f"prompts must be strings, got {type(p).__name__}: pass text, or token ids as "
+                                     "a tensor [batch, pos].")
             if p == "":
                 raise LensInputError("empty prompt: pass some text (the lens needs at least one token).")
         kwargs = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
@@ -283,7 +285,8 @@ class ModelView:
             raise LensInputError(f"expected a token string or id, got {token!r}.")
         if isinstance(token, int):
             if not 0 <= token < self.d_vocab:
-                raise LensInputError(f"token id {token} is out of range 0..{self.d_vocab - 1}.")
+                raise LensInputError(f"token id {token} is out of range 0..{self.d_vocab - 1}: pass a token of this "
+                                     "model's vocabulary (or its string).")
             return token
         if not isinstance(token, str) or token == "":
             raise LensInputError(f"expected a non-empty token string or an id, got {token!r}.")

@@ -118,7 +118,7 @@ class PatchscopeResult(Result):
             return jsonable({**head, "layers": rows})
         from mi_lenses.indexing import resolve_index
 
-        return jsonable({**head, **rows[resolve_index(layer, len(rows), "layer", "one per source layer")]})
+        return jsonable({**head, **rows[resolve_index(layer, len(rows), "layer", f"this result has {len(rows)} rows, one per source layer")]})
 
     def to_dataframe(self):
         """Tidy frame: one row per (source layer, target layer, k) with token, prob, prec@1, surprisal, generation."""

@@ -108,12 +108,12 @@ def check_context(view: ModelView, n_tokens: int, what: str) -> None:
 def resolve_layer(view: ModelView, layer: Any, what: str) -> int:
     """A block index (negative from the end), with an error that names the valid range."""
     return resolve_index(layer, view.n_layers, what, f"{view.name} has {view.n_layers} blocks; layer l means the "
-                         f"output of block l (blocks.l.hook_resid_post), so use 0..{view.n_layers - 1}")
+                         f"output of block l (blocks.l.hook_resid_post)")
 
 
 def resolve_position(position: Any, length: int, what: str) -> int:
     """A position in a prompt of ``length`` tokens (negative from the end)."""
-    return resolve_index(position, length, what, f"the prompt has {length} tokens, so use 0..{length - 1}")
+    return resolve_index(position, length, what, f"the prompt has {length} tokens")
 
 
 def placeholder_positions(

@@ -135,20 +135,31 @@ def _dataset_texts(spec: str) -> Iterable[str]:
 @torch.no_grad()
 def sample_from_model(view: ModelView, n_tokens: int, seq_len: int, seed: int = 0, batch: int = 8) -> Tensor:
     """``ceil(n_tokens / seq_len)`` sequences sampled from the model at temperature 1, each starting from the
-    end-of-text (or BOS) token; sampling restarts after every end-of-text token as a new document would."""
+    end-of-text (or BOS) token, ``batch`` at a time, one token per step on the model's KV cache. An end-of-text token
+    inside a sequence starts a new document, as packed training text does.
+
+    >>> tokens = sample_from_model(ModelView(model), n_tokens=24, seq_len=12, seed=0)
+    >>> tokens.shape, bool(torch.equal(tokens, sample_from_model(ModelView(model), n_tokens=24, seq_len=12, seed=0)))
+    (torch.Size([2, 12]), True)
+    """
     tok = view.tokenizer
     start = None if tok is None else (tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id)
     if start is None:
         raise LensInputError("sampling needs a tokenizer with a BOS or end-of-text token.")
     n_seq = max(1, -(-n_tokens // seq_len))
     g = torch.Generator().manual_seed(seed)
+    kv = view.kv  # one token per step on the KV cache; None: recompute the sequence (same tokens, slower)
     out = []
     for b0 in range(0, n_seq, batch):
         b = min(batch, n_seq - b0)
         seq = torch.full((b, 1), start, dtype=torch.long, device=view.device)
+        cache = None
         while seq.shape[1] < seq_len:
-            logits = view.model(seq)[:, -1].float().cpu()
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=g)
+            if kv is not None:
+                logits, cache = kv.forward(seq if cache is None else seq[:, -1:], cache)
+            else:
+                logits = view.model(seq)
+            nxt = torch.multinomial(logits[:, -1].float().cpu().softmax(-1), 1, generator=g)
             seq = torch.cat([seq, nxt.to(seq.device)], 1)
         out.append(seq.cpu())
     return torch.cat(out)

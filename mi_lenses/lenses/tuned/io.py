@@ -212,11 +212,12 @@ def _load_tuned_lens(path: Path) -> TunedLens:
             "the file is corrupt or belongs to another lens."
         )
     try:
-        weight = torch.stack([state[f"{i}.weight"] for i in range(L)]).float()
-        bias = torch.stack([state.get(f"{i}.bias", torch.zeros(d)) for i in range(L)]).float()
+        weight = torch.stack([state[f"{i}.weight"] for i in range(L)])
+        bias = torch.stack([state.get(f"{i}.bias", torch.zeros(d, dtype=weight.dtype)) for i in range(L)])
     except (TypeError, RuntimeError) as err:
         raise LensInputError(f"{w_path} holds tensors of inconsistent shapes ({err}).") from err
     _check_shapes(weight, bias, L, d, w_path)
+    weight, bias = weight.float(), bias.float()
     meta = {
         "model_name": cfg.get("base_model_name_or_path") or "",
         "residual_centered": False,
@@ -236,5 +237,9 @@ def _check_shapes(weight: Any, bias: Any, L: int, d: int, where: Path) -> None:
     if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (L, d):
         got = None if not isinstance(bias, torch.Tensor) else tuple(bias.shape)
         raise LensInputError(f"{where}: bias has shape {got}, expected {(L, d)}: the lens file is corrupt.")
+    bad = [t.dtype for t in (weight, bias) if not t.is_floating_point()]
+    if bad:
+        raise LensInputError(f"{where} holds {bad[0]} tensors, expected floating point: the lens file is corrupt or "
+                             "not a tuned lens.")
     if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
         raise LensInputError(f"{where} holds non-finite values: the lens is broken; retrain it.")

@@ -1,0 +1,17 @@
+"""Text shipped with mi_lenses (public domain; see ``README.md`` in this folder): the defaults of the tuned-lens
+commands, the tests, the tutorials and the benchmarks, so nothing outside the repository is needed.
+
+Example:
+    >>> TRAIN_TEXT.name, EVAL_TEXT.name
+    ('shakespeare_train.txt', 'shakespeare_eval.txt')
+    >>> TRAIN_TEXT.stat().st_size > 200_000 and EVAL_TEXT.stat().st_size > 50_000
+    True
+"""
+
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent
+TRAIN_TEXT = DATA_DIR / "shakespeare_train.txt"  # 240 kB: training a tuned lens, fitting maps
+EVAL_TEXT = DATA_DIR / "shakespeare_eval.txt"  # 60 kB, disjoint: held-out evaluation
+
+__all__ = ["DATA_DIR", "EVAL_TEXT", "TRAIN_TEXT"]

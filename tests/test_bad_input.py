@@ -1,0 +1,238 @@
+"""Bad input, as a table: every case raises a ``MiLensesError`` whose message names the fix (API) or prints one line
+and exits non-zero without a traceback (CLI), and afterwards the model carries no hook and gives unchanged outputs.
+
+The README's "Bad input" table lists these cases by id (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+import mi_lenses
+from mi_lenses.errors import MiLensesError
+from tiny import PROMPT, PROMPTS, hook_counts
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+class Env:
+    """What a case may use: the tiny model ``m`` (Llama, GQA, raw), a second model of another size, a saved HF
+    folder of ``m``, lens folders and a scratch folder."""
+
+    def __init__(self, builder, tmp: Path):
+        self.m = builder.get("llama_gqa", "raw").model
+        self.other = builder.get("llama_tied", "raw").model
+        self.tmp = tmp
+        self.folder = tmp / "tiny-model"
+        builder.hf("llama_gqa").save_pretrained(self.folder)
+        builder.tok.save_pretrained(self.folder)
+        self.tokens = self.m.to_tokens(PROMPT)
+        mi_lenses.TunedLens.from_model(self.other).save(tmp / "other_lens")
+        self.lens = tmp / "lens"
+        mi_lenses.TunedLens.from_model(self.m).save(self.lens)
+        (tmp / "empty").mkdir()
+        (tmp / "short.txt").write_text("too short")
+
+
+def _cache_without(env: Env) -> Any:
+    return env.m.run_with_cache(env.tokens, names_filter=lambda n: n == "blocks.0.hook_resid_pre")[1]
+
+
+def _lens_file(env: Env, name: str, edit: Callable[[dict], dict] | None = None, raw: bytes | None = None) -> Path:
+    """A copy of the tuned-lens-format lens of ``m`` with ``params.pt`` edited or replaced by raw bytes."""
+    folder = env.tmp / name
+    mi_lenses.TunedLens.from_model(env.m).save(folder, format="tuned-lens")
+    if raw is not None:
+        (folder / "params.pt").write_bytes(raw)
+    elif edit is not None:
+        state = torch.load(folder / "params.pt", weights_only=True)
+        torch.save(edit(state), folder / "params.pt")
+    return folder
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pickle payload executed",))
+
+
+def _pickled(env: Env) -> Path:
+    import pickle
+
+    return _lens_file(env, "pickled", raw=pickle.dumps({"0.weight": _Payload()}))
+
+
+def _truncated(env: Env) -> Path:
+    folder = _lens_file(env, "truncated")
+    data = (folder / "params.pt").read_bytes()
+    (folder / "params.pt").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+L = 3  # the tiny Llama's blocks
+API: dict[str, tuple[Callable[[Env], Any], list[str]]] = {
+    # prompts and token ids
+    "empty prompt": (lambda e: mi_lenses.logit_lens(e.m, ""), ["empty prompt"]),
+    "no prompt at all": (lambda e: mi_lenses.logit_lens(e.m, []), ["no prompt"]),
+    "prompt that is not text": (lambda e: mi_lenses.logit_lens(e.m, ["a", 3]), ["prompts must be strings"]),
+    "float token ids": (lambda e: mi_lenses.logit_lens(e.m, torch.ones(1, 3)), ["integer ids"]),
+    "token id out of the vocabulary": (lambda e: mi_lenses.logit_lens(e.m, torch.tensor([[1, 10**6]])),
+                                       ["token ids must lie in"]),
+    "attention mask of another shape": (lambda e: mi_lenses.logit_lens(e.m, e.tokens, attention_mask=torch.ones(1, 2)),
+                                        ["attention_mask has shape", "the mask the tokenizer returned"]),
+    "attention mask with a gap": (lambda e: mi_lenses.logit_lens(
+        e.m, e.tokens, attention_mask=torch.tensor([[1, 0] + [1] * (e.tokens.shape[1] - 2)])), ["gap", "left or the right"]),
+    "attention mask without a real token": (lambda e: mi_lenses.logit_lens(
+        e.m, e.tokens, attention_mask=torch.zeros_like(e.tokens)), ["no real token"]),
+    "attention mask with text": (lambda e: mi_lenses.logit_lens(e.m, PROMPT, attention_mask=torch.ones(1, 3)),
+                                 ["goes with token ids"]),
+    # layers, positions, options
+    "layer out of range": (lambda e: mi_lenses.logit_lens(e.m, PROMPT, layers=[99]), ["layer 99 is out of range", "0 (embed)"]),
+    "layer that is not an int": (lambda e: mi_lenses.logit_lens(e.m, PROMPT, layers=["1"]), ["must be an int"]),
+    "layer given twice": (lambda e: mi_lenses.logit_lens(e.m, PROMPT, layers=[0, -1, -1]), ["twice"]),
+    "position out of range": (lambda e: mi_lenses.logit_lens(e.m, PROMPT, positions=[99]), ["position 99", "out of range"]),
+    "position that is a bool": (lambda e: mi_lenses.logit_lens(e.m, PROMPT, positions=True), ["position True", "int"]),
+    "unknown residual point": (lambda e: mi_lenses.logit_lens(e.m, PROMPT, point="resid_foo"), ["resid_pre"]),
+    "top_k of zero": (lambda e: mi_lenses.logit_lens(e.m, PROMPT, top_k=0), ["top_k must be an int in 1.."]),
+    "unsupported matmul dtype": (lambda e: mi_lenses.logit_lens(e.m, PROMPT, dtype="float64"), ["bfloat16"]),
+    "target of several tokens": (lambda e: mi_lenses.logit_lens(e.m, PROMPT, targets=" capital"),
+                                 ["not a single token", "mind the leading space"]),
+    "target id out of range": (lambda e: mi_lenses.logit_lens(e.m, PROMPT, targets=[10**6]), ["out of range"]),
+    # caches
+    "cache missing the hooks": (lambda e: mi_lenses.logit_lens(e.m, e.tokens, cache=_cache_without(e)), ["names_filter"]),
+    "tokens of another run than the cache": (lambda e: mi_lenses.logit_lens(
+        e.m, e.tokens[:, :-1], cache=e.m.run_with_cache(e.tokens)[1]), ["do not match the cache"]),
+    "DLA cache missing the hooks": (lambda e: mi_lenses.direct_logit_attribution(
+        e.m, cache=_cache_without(e), answer="Paris"), ["required_hooks"]),
+    # attribution
+    "answer of several tokens": (lambda e: mi_lenses.direct_logit_attribution(e.m, PROMPT, answer=" Paris"),
+                                 ["not a single token"]),
+    "answer and direction together": (lambda e: mi_lenses.direct_logit_attribution(
+        e.m, PROMPT, answer="Paris", direction=torch.ones(e.m.cfg.d_model)), ["exactly one of answer"]),
+    "direction of the wrong size": (lambda e: mi_lenses.direct_logit_attribution(e.m, PROMPT, direction=torch.ones(7)),
+                                    ["expected [d_model]"]),
+    "one answer per prompt, miscounted": (lambda e: mi_lenses.direct_logit_attribution(
+        e.m, PROMPTS, answer=["Paris", "The"]), ["got 2 answer tokens for 3 prompts"]),
+    "position a shorter prompt lacks (DLA)": (lambda e: mi_lenses.direct_logit_attribution(
+        e.m, PROMPTS, answer="Paris", position=-6), ["out of range for prompt 2"]),
+    # Patchscopes
+    "source layer out of range": (lambda e: mi_lenses.patchscope(e.m, mi_lenses.Source(PROMPT, layer=L)),
+                                  ["source layer 3 is out of range"]),
+    "target prompt without its placeholder": (lambda e: mi_lenses.patchscope(
+        e.m, mi_lenses.Source(PROMPT, layer=0), mi_lenses.Target("no slot here", placeholder="x")),
+        ["has no placeholder 'x'"]),
+    "map of the wrong shape": (lambda e: mi_lenses.patchscope(e.m, mi_lenses.Source(PROMPT, layer=0), mi_lenses.Target(
+        "The x", placeholder="x", map=lambda h: h[:, :3])), ["the target model needs"]),
+    "models of different d_model without a map": (lambda e: mi_lenses.patchscope(
+        e.m, mi_lenses.Source(PROMPT, layer=0), mi_lenses.presets.identity().replace(model=e.other)),
+        ["pass Target(map=...)", "fit_map"]),
+    "generation past the context window": (lambda e: mi_lenses.patchscope(
+        e.m, mi_lenses.Source(PROMPT, layer=0), max_new_tokens=500), ["context window"]),
+    "sweep with unknown target layers": (lambda e: mi_lenses.sweep(e.m, PROMPT, target_layers="diag", progress=False),
+                                         ["target_layers must be"]),
+    # lens files
+    "lens of another model": (lambda e: mi_lenses.load_lens(e.tmp / "other_lens", e.m), ["for a model with 2 layers"]),
+    "folder without a lens": (lambda e: mi_lenses.load_lens(e.tmp / "empty", e.m), ["holds no lens"]),
+    "truncated lens file": (lambda e: mi_lenses.load_lens(_truncated(e), e.m), ["corrupt, truncated"]),
+    "pickle payload in a lens file": (lambda e: mi_lenses.load_lens(_pickled(e), e.m), ["nothing was executed"]),
+    "lens with NaN weights": (lambda e: mi_lenses.load_lens(_lens_file(
+        e, "nan", lambda s: {**s, "0.bias": s["0.bias"] * float("nan")}), e.m), ["non-finite", "retrain"]),
+    "lens with wrong shapes": (lambda e: mi_lenses.load_lens(_lens_file(
+        e, "shape", lambda s: {**s, "1.weight": s["1.weight"][:5]}), e.m), ["shape"]),
+    "lens with integer weights": (lambda e: mi_lenses.load_lens(_lens_file(
+        e, "ints", lambda s: {k: v.long() for k, v in s.items()}), e.m), ["expected floating point"]),
+    # training data and options
+    "data path that does not exist": (lambda e: mi_lenses.train_lens(e.m, str(e.tmp / "nope.txt"), progress=False),
+                                      ["neither a file/folder nor a dataset"]),
+    "data shorter than one sequence": (lambda e: mi_lenses.train_lens(e.m, e.tmp / "short.txt", progress=False),
+                                       ["fewer than one sequence"]),
+    "tokens per step not a multiple of the sequence": (lambda e: mi_lenses.train_lens(
+        e.m, e.tmp / "short.txt", tokens_per_step=100, seq_len=16), ["multiple of seq_len"]),
+    "unknown training option": (lambda e: mi_lenses.train_lens(e.m, e.tmp / "short.txt", stpes=3), ["unknown options"]),
+    # models and devices
+    "model file that does not exist": (lambda e: mi_lenses.load_model(e.tmp / "no_such.gguf"), ["not found"]),
+    "folder that is not a model": (lambda e: mi_lenses.load_model(e.tmp / "empty"), ["no config.json"]),
+    "unknown model kind": (lambda e: mi_lenses.load_model(e.folder, kind="hookd"), ["kind must be"]),
+    "device that does not exist": (lambda e: mi_lenses.load_model(e.folder, device="cuda:7"),
+                                   ["use device='cpu'"]),
+    "not a model": (lambda e: mi_lenses.logit_lens("gpt2", PROMPT), ["expected a TransformerLens model", "load_model"]),
+    "a result asked for a prompt it lacks": (lambda e: mi_lenses.logit_lens(e.m, PROMPT).to_dict(batch=5),
+                                             ["batch 5 is out of range"]),
+}
+
+
+@pytest.fixture(scope="module")
+def env(builder, tmp_path_factory) -> Env:
+    return Env(builder, tmp_path_factory.mktemp("bad_input"))
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+    with torch.no_grad():
+        return env.m(env.tokens)
+
+
+@pytest.mark.parametrize("case", list(API), ids=str)
+def test_api_case(env, reference, case, capsys):
+    call, words = API[case]
+    before = hook_counts(env.m)
+    with pytest.raises(MiLensesError) as err:
+        call(env)
+    msg = str(err.value)
+    for w in words:
+        assert w in msg, f"{case}: {w!r} not in {msg!r}"
+    assert "pickle payload executed" not in capsys.readouterr().out
+    assert hook_counts(env.m) == before, f"{case}: hooks left on the model"
+    with torch.no_grad():
+        assert torch.equal(env.m(env.tokens), reference), f"{case}: the model's outputs changed"
+
+
+CLI: dict[str, tuple[Callable[[Env], list[str]], list[str]]] = {
+    "CLI: model that does not exist": (lambda e: ["logit-lens", "x", "--model", "/no/such/model.gguf"], ["not found"]),
+    "CLI: empty prompt": (lambda e: ["logit-lens", "", "--model", str(e.folder)], ["empty prompt"]),
+    "CLI: top-k of zero": (lambda e: ["logit-lens", "x", "--model", str(e.folder), "--top-k", "0"], ["--top-k"]),
+    "CLI: target of several tokens": (lambda e: ["logit-lens", PROMPT, "--model", str(e.folder), "--target", " capital"],
+                                      ["not a single token"]),
+    "CLI: lens of another model": (lambda e: ["logit-lens", PROMPT, "--model", str(e.folder), "--lens",
+                                              str(e.tmp / "other_lens")], ["for a model with 2 layers"]),
+    "CLI: answer of several tokens": (lambda e: ["dla", PROMPT, "--model", str(e.folder), "--answer", " Paris"],
+                                      ["not a single token"]),
+    "CLI: source layer out of range": (lambda e: ["patchscope", "--model", str(e.folder), "--source-prompt", PROMPT,
+                                                  "--source-layer", "99"], ["out of range"]),
+    "CLI: folder without a lens": (lambda e: ["tuned-lens", "eval", "--model", str(e.folder), "--lens",
+                                              str(e.tmp / "empty")], ["holds no lens"]),
+    "CLI: training data that does not exist": (lambda e: ["tuned-lens", "train", "--model", str(e.folder), "--data",
+                                                          str(e.tmp / "nope.txt"), "--out", str(e.tmp / "o")],
+                                               ["neither a file/folder"]),
+    "CLI: device that does not exist": (lambda e: ["logit-lens", "x", "--model", str(e.folder), "--device", "cuda:7"],
+                                        ["use device='cpu'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI), ids=str)
+def test_cli_case(env, case, capsys):
+    from mi_lenses.cli import main
+
+    argv, words = CLI[case]
+    code = main(argv(env))
+    err = capsys.readouterr().err.strip()
+    assert code != 0, f"{case}: exit status 0"
+    assert err.startswith("mi-lenses: error:") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, f"{case}: {w!r} not in {err!r}"
+
+
+def test_readme_lists_every_case():
+    text = README.read_text()
+    table = text[text.index("### Bad input"):]
+    missing = [case for case in [*API, *CLI] if f"| {case} |" not in table]
+    assert not missing, f"README's bad-input table lacks {missing}"
+    assert len(API) + len(CLI) >= 30
+    rows = re.findall(r"^\| (?!case|---)(.+?) \|", table, flags=re.M)
+    assert set(rows) >= set(API) | set(CLI)
+    json.dumps(sorted(rows))  # plain text
