@@ -327,8 +327,12 @@ class _Trainer:
                    None if out is None else Path(out), _data_id(tokens))
 
     def start(self, resume: bool) -> None:
-        """Resume from the checkpoint, or warm-start a fresh lens by least squares."""
+        """Resume from the checkpoint, or warm-start a fresh lens by least squares. Temp files a killed run left in
+        the checkpoint folder (the atomic writer's ``.state.pt.*``) are removed first: this run owns the folder."""
         cfg = self.cfg
+        if self.ckpt_dir is not None and self.ckpt_dir.is_dir() and self.dist.primary:
+            for stale in self.ckpt_dir.glob(f".{STATE_FILE}.*"):
+                stale.unlink(missing_ok=True)
         if resume and (self.ckpt_dir / STATE_FILE).is_file():
             self.start_step, self.history, self.stats = _load_checkpoint(
                 self.ckpt_dir, self.lens, self.opt, self.sched, cfg, self.data_id)
