@@ -18,6 +18,19 @@ from tiny import (  # noqa: F401  (re-exported: tests import these from conftest
 )
 
 
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models run single-threaded (intra-op threads only contend, 2-5x slower on a 2-core machine); tests marked
+    ``slow`` (the embedded SmolLM2, subprocesses) keep torch's default."""
+    import torch
+
+    n = torch.get_num_threads()
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
     tok = _train_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))

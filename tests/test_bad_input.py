@@ -236,3 +236,109 @@ def test_readme_lists_every_case():
     rows = re.findall(r"^\| (?!case|---)(.+?) \|", table, flags=re.M)
     assert set(rows) >= set(API) | set(CLI)
     json.dumps(sorted(rows))  # plain text
+
+
+# ------------------------------------------------------------------------------------------------ every file we read
+def _own_lens(env: Env, name: str, edit: Callable[[dict], dict]) -> Path:
+    """A copy of our own-format lens with ``lens.safetensors`` edited and its checksum updated (so the content
+    checks, not the checksum, must catch it)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    folder = env.tmp / name
+    mi_lenses.TunedLens.from_model(env.m).save(folder)
+    save_file(edit(load_file(folder / "lens.safetensors")), str(folder / "lens.safetensors"))
+    cfg = json.loads((folder / "mi_lens.json").read_text())
+    cfg["sha256"] = hashlib.sha256((folder / "lens.safetensors").read_bytes()).hexdigest()
+    (folder / "mi_lens.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def _checkpoint(env: Env, name: str, raw: bytes | None = None, state: dict | None = None) -> Path:
+    out = env.tmp / name
+    (out / "checkpoint").mkdir(parents=True)
+    if raw is not None:
+        (out / "checkpoint" / "state.pt").write_bytes(raw)
+    else:
+        torch.save(state, out / "checkpoint" / "state.pt")
+    return out
+
+
+def _tokens_for_training():
+    return torch.randint(3, 300, (16, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _map_file(env: Env, name: str, tensors: dict | None = None, raw: bytes | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    path = env.tmp / f"{name}.safetensors"
+    if raw is not None:
+        path.write_bytes(raw)
+    else:
+        save_file(tensors, str(path))
+    return path
+
+
+def _pickle_bytes() -> bytes:
+    import pickle
+
+    return pickle.dumps({"weight": _Payload()})
+
+
+FILES: dict[str, tuple[Callable[[Env], Any], list[str]]] = {
+    "own lens: NaN weights": (lambda e: mi_lenses.load_lens(_own_lens(
+        e, "own_nan", lambda s: {**s, "bias": s["bias"] * float("nan")}), e.m), ["non-finite"]),
+    "own lens: wrong shape": (lambda e: mi_lenses.load_lens(_own_lens(
+        e, "own_shape", lambda s: {**s, "weight": s["weight"][:1]}), e.m), ["shape"]),
+    "own lens: integer weights": (lambda e: mi_lenses.load_lens(_own_lens(
+        e, "own_int", lambda s: {k: v.long() for k, v in s.items()}), e.m), ["expected floating point"]),
+    "own lens: truncated": (lambda e: mi_lenses.load_lens(_truncated_own(e), e.m), ["corrupt or truncated"]),
+    "checkpoint: pickle payload": (lambda e: mi_lenses.train_lens(
+        e.m, _tokens_for_training(), _checkpoint(e, "ck_pickle", raw=_pickle_bytes()), resume=True, seq_len=16,
+        tokens_per_step=64, progress=False), ["nothing was executed", "start over"]),
+    "checkpoint: truncated": (lambda e: mi_lenses.train_lens(
+        e.m, _tokens_for_training(), _checkpoint(e, "ck_trunc", raw=b"PK\x03\x04 not a zip"), resume=True,
+        seq_len=16, tokens_per_step=64, progress=False), ["corrupt, truncated"]),
+    "checkpoint: another model's lens": (lambda e: mi_lenses.train_lens(
+        e.m, _tokens_for_training(), _checkpoint(e, "ck_other", state={
+            "weight": torch.zeros(2, 32, 32), "bias": torch.zeros(2, 32), "optimizer": {}, "step": 1}),
+        resume=True, seq_len=16, tokens_per_step=64, progress=False), ["belongs to another run"]),
+    "affine map: pickle bytes": (lambda e: mi_lenses.AffineMap.load(_map_file(e, "m_pickle", raw=_pickle_bytes())),
+                                 ["corrupt or truncated"]),
+    "affine map: wrong tensors": (lambda e: mi_lenses.AffineMap.load(_map_file(
+        e, "m_keys", {"w": torch.zeros(2, 2)})), ["not an affine map"]),
+    "affine map: shapes that do not fit": (lambda e: mi_lenses.AffineMap.load(_map_file(
+        e, "m_shape", {"weight": torch.zeros(4, 3), "bias": torch.zeros(4)})), ["do not make an affine map"]),
+    "affine map: NaN": (lambda e: mi_lenses.AffineMap.load(_map_file(
+        e, "m_nan", {"weight": torch.full((2, 2), float("nan")), "bias": torch.zeros(2)})), ["non-finite"]),
+    "GGUF file that is not one": (lambda e: mi_lenses.load_model(_fake_gguf(e)), ["not a readable GGUF"]),
+}
+
+
+def _truncated_own(env: Env) -> Path:
+    folder = env.tmp / "own_trunc"
+    mi_lenses.TunedLens.from_model(env.m).save(folder)
+    data = (folder / "lens.safetensors").read_bytes()
+    (folder / "lens.safetensors").write_bytes(data[: len(data) // 3])
+    return folder
+
+
+def _fake_gguf(env: Env) -> Path:
+    path = env.tmp / "fake.gguf"
+    path.write_bytes(b"GGUF" + b"\x00" * 64)
+    return path
+
+
+@pytest.mark.parametrize("case", list(FILES), ids=str)
+def test_every_file_we_read_refuses_corruption(env, reference, case, capsys):
+    call, words = FILES[case]
+    before = hook_counts(env.m)
+    with pytest.raises(MiLensesError) as err:
+        call(env)
+    for w in words:
+        assert w in str(err.value), f"{case}: {w!r} not in {err.value!r}"
+    assert "pickle payload executed" not in capsys.readouterr().out
+    assert hook_counts(env.m) == before
+    with torch.no_grad():
+        assert torch.equal(env.m(env.tokens), reference)

@@ -131,6 +131,7 @@ def _boot(spec: Spec, tok):
     return model, hf
 
 
+@pytest.mark.slow  # dozens of freshly built models
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, print_blob=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(spec=specs(), texts=prompts)

@@ -472,6 +472,7 @@ lens = train_lens(model, tokens, out=sys.argv[3], steps=4, tokens_per_step=128, 
 """
 
 
+@pytest.mark.slow  # subprocesses
 def test_torchrun_two_processes_match_single_process(hf_folder, tmp_path):
     import mi_lenses
 

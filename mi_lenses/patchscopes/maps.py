@@ -57,11 +57,30 @@ class AffineMap:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AffineMap":
-        from safetensors import safe_open
+        """Read a map written by :meth:`save` (safetensors: no code can run), checked for completeness, shapes and
+        finite values."""
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), "pt") as f:
-            r2 = f.metadata().get("r2", "None")
-            return cls(f.get_tensor("weight"), f.get_tensor("bias"), None if r2 == "None" else float(r2))
+        path = Path(path)
+        if not path.is_file():
+            raise LensInputError(f"{path} is not a file: pass the .safetensors file AffineMap.save wrote.")
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise LensInputError(f"cannot read {path} ({err}): the map file is corrupt or truncated.") from err
+        if set(tensors) != {"weight", "bias"}:
+            raise LensInputError(f"{path} holds {sorted(tensors)}, not an affine map (weight, bias): pass the file "
+                                 "AffineMap.save wrote.")
+        weight, bias = tensors["weight"], tensors["bias"]
+        if weight.ndim != 2 or bias.shape != (weight.shape[1],) or not weight.is_floating_point():
+            raise LensInputError(f"{path}: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not make an "
+                                 "affine map [d_in, d_out] + [d_out]: the file is corrupt.")
+        if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+            raise LensInputError(f"{path} holds non-finite values: refit the map.")
+        r2 = meta.get("r2", "None")
+        return cls(weight.float(), bias.float(), None if r2 == "None" else float(r2))
 
 
 def fit(

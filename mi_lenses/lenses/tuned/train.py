@@ -447,8 +447,17 @@ def _load_checkpoint(folder, lens, opt, sched, cfg, data_id):
     path = Path(folder) / STATE_FILE
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise LensInputError(f"cannot read the checkpoint {path} ({type(err).__name__}): it is corrupt.") from err
+    except Exception as err:  # noqa: BLE001 - UnpicklingError (a payload), EOFError (truncated), ...
+        raise LensInputError(f"cannot read the checkpoint {path} ({type(err).__name__}): it is corrupt, truncated or "
+                             "carries objects other than tensors (nothing was executed). Delete the folder "
+                             f"{Path(folder)} to start over.") from err
+    if not isinstance(state, dict) or not {"weight", "bias", "optimizer", "step"} <= set(state):
+        raise LensInputError(f"{path} is not a tuned-lens checkpoint: delete the folder {Path(folder)} to start over.")
+    for key, ref in (("weight", lens.weight), ("bias", lens.bias)):
+        t = state[key]
+        if not isinstance(t, torch.Tensor) or t.shape != ref.shape or not torch.isfinite(t).all():
+            raise LensInputError(f"{path}: {key} does not fit this model's lens (or is not finite): the checkpoint "
+                                 f"belongs to another run; delete {Path(folder)} to start over.")
     saved = state.get("config", {})
     for key in ("tokens_per_step", "seq_len", "micro_batch", "lr", "momentum", "weight_decay", "clip", "seed", "steps",
                 "warm_start_tokens", "ridge", "bf16"):
