@@ -46,7 +46,7 @@ from mi_lenses.patchscopes import (
     presets,
     sweep,
 )
-from mi_lenses import patchscopes  # noqa: E402  (the subpackage, e.g. mi_lenses.patchscopes.verify)
+from mi_lenses import data, patchscopes  # noqa: E402  (subpackages: shipped text; mi_lenses.patchscopes.verify)
 from mi_lenses.results import Result
 
 __version__ = "0.1.0"
@@ -69,6 +69,7 @@ __all__ = [
     "TrainConfig",
     "TunedLens",
     "VerificationError",
+    "data",
     "direct_logit_attribution",
     "evaluate_lens",
     "fit_map",
