@@ -14,6 +14,7 @@ the independent oracle, for five architectures, raw and folded. CI runs this mod
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -354,3 +355,26 @@ def test_embedded_model_in_this_world(smol):
     assert torch.equal(ours["top_ids"], theirs["top_ids"])
     for key in ("logp", "kl", "dla_heads", "dla_actual"):
         close(ours[key], theirs[key], f"SmolLM2 {key} vs the 4.x bridge", 1e-5)
+
+
+def test_ragged_batch_matches_nnterp(world):
+    """An independent oracle for batched lenses: nnterp's ``logit_lens`` (nnsight on the same HF weights, left padding,
+    each prompt's last token, the output of every block) gives our probabilities for a ragged batch. GPT-2's learned
+    positions are shifted by nnsight's left padding, so there nnterp runs one prompt at a time."""
+    nnterp = pytest.importorskip("nnterp", reason="nnterp is a test extra (CI installs it)")
+    from nnterp.interventions import logit_lens as nnterp_logit_lens
+
+    if world.arch not in ("llama_gqa", "qwen2", "gpt2") or world.compat:
+        pytest.skip("nnterp standardises these architectures; compared on the raw weights")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nm = nnterp.StandardizedTransformer(str(world.folder))
+        if world.arch == "gpt2":
+            theirs = torch.cat([nnterp_logit_lens(nm, [p]) for p in RAGGED]).double()
+        else:
+            theirs = nnterp_logit_lens(nm, RAGGED).double()  # [B, L, V]
+    # the tokenizer adds BOS for nnterp; TransformerLens's default for Qwen2 does not
+    ours = mi_lenses.logit_lens(world.model, RAGGED, positions=[-1], point="resid_post", return_logits=True,
+                                prepend_bos=True)
+    probs = ours.logits[:, :, 0].double().softmax(-1).transpose(0, 1)  # [B, L + 1, V]: rows embed, 0_post .. final
+    close(probs[:, 1:], theirs, f"{world.id} vs nnterp", 1e-5)

@@ -74,7 +74,7 @@ class Lens:
         prepend_bos: bool | None = None,
         dtype: MatmulDType | torch.dtype = "float32",
         position_chunk: int = 256,
-        vocab_tile: int = 2048,
+        vocab_tile: int | None = None,
         fused: bool | None = None,
         check: bool = True,
     ) -> LensResult:
@@ -107,7 +107,7 @@ def logit_lens(
     prepend_bos: bool | None = None,
     dtype: MatmulDType | torch.dtype = "float32",
     position_chunk: int = 256,
-    vocab_tile: int = 2048,
+    vocab_tile: int | None = None,
     fused: bool | None = None,
     check: bool = True,
 ) -> LensResult:
@@ -140,7 +140,7 @@ def run_lens(
     prepend_bos: bool | None = None,
     dtype: MatmulDType | torch.dtype = "float32",
     position_chunk: int = 256,
-    vocab_tile: int = 2048,
+    vocab_tile: int | None = None,
     fused: bool | None = None,
     check: bool = True,
 ) -> LensResult:
@@ -164,7 +164,8 @@ def run_lens(
         prepend_bos: override the model's BOS default when tokenising text.
         dtype: matmul dtype: ``"float32"`` (default) or ``"bfloat16"``/``"float16"`` (faster only on hardware with
             fast low-precision matmul; statistics are still reduced in float32).
-        position_chunk, vocab_tile: streaming sizes (positions per chunk, vocabulary columns per tile).
+        position_chunk, vocab_tile: streaming sizes: positions per chunk; vocabulary columns per logit tile
+            (default ``None``: sized to stay in cache, see :func:`~mi_lenses.lenses.stream.tile_shape`).
         fused: reduce each logit tile in one ``torch.compile``d kernel. ``None`` (default): only for jobs of at least
             ``stream.FUSE_MIN_VECTORS`` decoded vectors; falls back to eager code when no compiler is available.
         check: verify the final row against the model's own logits whenever a forward pass was run.
@@ -200,7 +201,7 @@ class _Plan:
     target_ids: Int[Tensor, " T"]
     dtype: torch.dtype
     position_chunk: int
-    vocab_tile: int
+    vocab_tile: int | None
 
     @property
     def final(self) -> ResidualRow:
@@ -208,13 +209,13 @@ class _Plan:
 
 
 def _prepare(view: ModelView, lens: Lens, *, layers: IndexSpec, point: str, top_k: int, targets: Any, dtype: Any,
-             position_chunk: int, vocab_tile: int) -> _Plan:
+             position_chunk: int, vocab_tile: int | None) -> _Plan:
     dt = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if dt not in _CHECK_ATOL:
         raise LensInputError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}.")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= view.d_vocab:
         raise LensInputError(f"top_k must be an int in 1..{view.d_vocab}, got {top_k!r}.")
-    for name, v in (("position_chunk", position_chunk), ("vocab_tile", vocab_tile)):
+    for name, v in (("position_chunk", position_chunk), ("vocab_tile", 1 if vocab_tile is None else vocab_tile)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise LensInputError(f"{name} must be a positive int, got {v!r}.")
     all_rows = view.residual_rows(point)

@@ -117,18 +117,40 @@ def _tile_update(
     greater: Int[Tensor, "n r"],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fold one logit tile into the online reductions: running max ``m``, ``s = sum exp(L - m)``,
-    ``el = sum exp(L - m) * L`` (entropy), ``kl_dot = sum p_final * L`` (KL) and the count of logits above each
-    reference logit (ranks). Returns the updated reductions and the tile's row maxima."""
+    ``el = sum exp(L - m) * L`` (entropy), ``kl_dot = sum p_final * L`` (KL; the tile's rows are whole groups of
+    ``probs``' rows) and the count of logits above each reference logit (ranks). Returns the updated reductions and
+    the tile's row maxima. Products are summed with ``vecdot`` (no temporaries) and the exponentials are taken in place,
+    so every pass stays in the cache the tile was sized for."""
     n, w = L.shape
     tmax = L.amax(-1)
     m_new = torch.maximum(m, tmax)
     scale = torch.exp(m - m_new)
-    E = torch.exp(L - m_new[:, None])
+    E = torch.sub(L, m_new[:, None]).exp_()
     s = s * scale + E.sum(-1)
-    el = el * scale + (E * L).sum(-1)
-    kl_dot = kl_dot + (L.view(n // probs.shape[0], probs.shape[0], w) * probs).sum(-1).reshape(n)
+    el = el * scale + torch.linalg.vecdot(E, L)
+    kl_dot = kl_dot + torch.linalg.vecdot(L.view(n // probs.shape[0], probs.shape[0], w), probs).reshape(n)
     greater = greater + (L[:, None, :] > ref[:, :, None]).sum(-1)
     return m_new, s, el, kl_dot, greater, tmax
+
+
+TILE_BYTES = 1 << 20  # a logit tile (rows x vocabulary columns, float32) sized to stay in a core's L2 cache
+
+
+def tile_shape(positions: int, budget: int = TILE_BYTES) -> tuple[int, int]:
+    """``(rows, columns)`` of a logit tile: ``rows`` a divisor or a multiple of ``positions`` (so a tile's rows pair with
+    whole rows of the final distribution), ``rows x columns x 4`` bytes within ``budget``, columns a multiple of 128.
+
+    >>> tile_shape(128), tile_shape(512), tile_shape(3)
+    ((256, 1024), (256, 1024), (255, 1024))
+    """
+    floats = budget // 4
+    target = max(1, min(256, floats // 512))
+    if positions >= target:
+        rows = next(r for r in range(target, 0, -1) if positions % r == 0)
+    else:
+        rows = positions * (target // positions)
+    cols = max(128, (floats // rows) // 128 * 128)
+    return rows, cols
 
 
 _COMPILED: dict[str, object] = {}
@@ -165,17 +187,20 @@ def row_stats(
     targets: Int[Tensor, "n t"],
     next_ids: Int[Tensor, " n"],
     keep_logits: bool = False,
-    vocab_tile: int = 2048,
+    vocab_tile: int | None = None,
     fused: bool | None = None,
 ) -> Stats:
     """Streamed statistics of normalised vectors ``xn`` (in the matmul dtype) decoded by ``decoder``.
 
     ``xn`` holds whole rows of ``len(final.top1)`` vectors: the KL of vector ``i`` is taken against
-    ``final.probs[i % len(final.top1)]``. ``fused``: run the per-tile reductions as one compiled kernel (``None``: when
-    the job is large, see ``FUSE_MIN_VECTORS``; falls back to eager when unavailable).
+    ``final.probs[i % len(final.top1)]``. The logits are made one tile at a time (:func:`tile_shape`; ``vocab_tile``
+    overrides the columns) and folded into the reductions while the tile is in cache. ``fused``: run the per-tile
+    reductions as one compiled kernel (``None``: when the job is large, see ``FUSE_MIN_VECTORS``; falls back to eager
+    when unavailable).
     """
     n, vocab = xn.shape[0], decoder.W.shape[1]
-    reps = n // final.top1.shape[0]
+    C = final.top1.shape[0]
+    reps = n // C
     rank_ids = torch.cat([final.top1.repeat(reps)[:, None], targets], dim=1)  # [n, 1 + t]
     ref = decoder.columns(xn, rank_ids)
     next_logit = decoder.columns(xn, next_ids.clamp(min=0)[:, None])[:, 0]
@@ -187,26 +212,49 @@ def row_stats(
     run_v = torch.full((n, k), -torch.inf)
     run_i = torch.zeros(n, k, dtype=torch.long)
     full = torch.empty(n, vocab) if keep_logits else None
-    buf = torch.empty(n, min(vocab_tile, vocab)) if xn.dtype == torch.float32 else None  # reused: no page faults
-    for j in range(0, vocab, vocab_tile):
-        hi = min(j + vocab_tile, vocab)
-        L = decoder.tile(xn, j, hi, out=None if buf is None else buf[:, : hi - j])
-        if full is not None:
-            full[:, j:hi] = L
-        m, s, el, kl_dot, greater, tmax = update(L, final.probs[:, j:hi], ref, m, s, el, kl_dot, greater)
-        # running top-k: only rows whose tile maximum beats their current k-th best can change it
-        rows = (tmax > run_v[:, -1]).nonzero().squeeze(1)
-        if len(rows):
-            Lr = L if len(rows) == n else L.index_select(0, rows)
-            tv, ti = Lr.topk(min(k, hi - j), dim=-1)
-            cv, sel = torch.cat([run_v[rows], tv], 1).topk(k, dim=-1)
-            run_v[rows] = cv
-            run_i[rows] = torch.cat([run_i[rows], ti + j], 1).gather(1, sel)
-        # a token never outranks itself (its tile logit may differ from the gathered one in the last bit)
-        inside = (rank_ids >= j) & (rank_ids < hi)
-        own = L.gather(1, (rank_ids - j).clamp(0, hi - j - 1))
-        greater -= (inside & (own > ref)).long()
+    rows, cols = tile_shape(C)
+    cols = min(vocab_tile or cols, vocab)
+    buf = torch.empty(min(rows, n), cols) if xn.dtype == torch.float32 else None  # reused: stays in cache
+    for j in range(0, vocab, cols):
+        hi = min(j + cols, vocab)
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            b = slice(r0, r1)
+            L = decoder.tile(xn[b], j, hi, out=None if buf is None else buf[: r1 - r0, : hi - j])
+            if full is not None:
+                full[b, j:hi] = L
+            p0 = r0 % C
+            probs = final.probs[p0 : p0 + min(C, r1 - r0), j:hi]
+            m[b], s[b], el[b], kl_dot[b], greater[b], tmax = update(L, probs, ref[b], m[b], s[b], el[b], kl_dot[b],
+                                                                   greater[b])
+            _running_topk(L, tmax, j, run_v[b], run_i[b], k)
+            # a token never outranks itself (its tile logit may differ from the gathered one in the last bit)
+            ids = rank_ids[b]
+            inside = (ids >= j) & (ids < hi)
+            if inside.any():
+                own = L.gather(1, (ids - j).clamp(0, hi - j - 1))
+                greater[b] -= (inside & (own > ref[b])).long()
     lse = m + torch.log(s)
     kl = final.neg_entropy.repeat(reps) - kl_dot + lse
     return Stats(run_i, run_v, lse, lse - el / s, kl.clamp(min=0.0), greater[:, 0], greater[:, 1:], ref[:, 1:],
                  next_logit, full)
+
+
+def _running_topk(L: Tensor, tmax: Tensor, offset: int, run_v: Tensor, run_i: Tensor, k: int) -> None:
+    """Merge a tile into the running top-k (in place); only rows whose tile maximum beats their current k-th best
+    can change it."""
+    rows = (tmax > run_v[:, -1]).nonzero().squeeze(1)
+    if not len(rows):
+        return
+    whole = len(rows) == L.shape[0]
+    Lr = L if whole else L.index_select(0, rows)
+    tv, ti = Lr.topk(min(k, L.shape[1]), dim=-1)
+    old_v, old_i = (run_v, run_i) if whole else (run_v[rows], run_i[rows])
+    cv, sel = torch.cat([old_v, tv], 1).topk(k, dim=-1)
+    ci = torch.cat([old_i, ti + offset], 1).gather(1, sel)
+    if whole:
+        run_v.copy_(cv)
+        run_i.copy_(ci)
+    else:
+        run_v[rows] = cv
+        run_i[rows] = ci

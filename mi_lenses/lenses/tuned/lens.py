@@ -213,7 +213,7 @@ def tuned_lens(
     prepend_bos: bool | None = None,
     dtype: MatmulDType | torch.dtype = "float32",
     position_chunk: int = 256,
-    vocab_tile: int = 2048,
+    vocab_tile: int | None = None,
     fused: bool | None = None,
     check: bool = True,
 ) -> LensResult:
