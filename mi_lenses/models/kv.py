@@ -45,14 +45,29 @@ class BridgeKV:
 
     def __init__(self, model: Any):
         self.model = model
+        self._in_session = False
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator["BridgeKV"]:
+        """Keep the argument-name shim installed across many cached forward passes (a generation loop), instead of
+        installing and removing it on every step; removed on exit, also on exceptions."""
+        if self._in_session:
+            yield self
+            return
+        with _cache_alias(self.model), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
+            self._in_session = True
+            try:
+                yield self
+            finally:
+                self._in_session = False
 
     def forward(self, tokens: Tensor, cache: Any = None) -> tuple[Tensor, Any]:
         """Logits of ``tokens`` (continuing ``cache``) and the cache extended by them."""
         kwargs: dict[str, Any] = {"use_cache": True}
         if cache is not None:
             kwargs["past_key_values"] = cache
-        with _cache_alias(self.model), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
+        with self.session():
             return self.model(tokens, return_type="logits_and_cache", **kwargs)
 
     def repeat(self, cache: Any, n: int) -> Any:
@@ -82,6 +97,11 @@ class HookedKV:
         except ImportError:  # TransformerLens 2.x
             from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCache as cls
         self.cls = cls
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator["HookedKV"]:
+        """Nothing to install for a ``HookedTransformer`` (the same interface as :meth:`BridgeKV.session`)."""
+        yield self
 
     def forward(self, tokens: Tensor, cache: Any = None) -> tuple[Tensor, Any]:
         if cache is None:
