@@ -27,7 +27,7 @@ from torch import Tensor
 
 from mi_lenses.indexing import IndexSpec, PositionGrid, resolve_indices, resolve_positions
 from mi_lenses.lenses.result import LensResult
-from mi_lenses.lenses.stream import FUSE_MIN_VECTORS, Stats, final_row, row_stats
+from mi_lenses.lenses.stream import Stats, final_row, row_stats
 from mi_lenses.models.batch import Batch, PromptInput, match_cache
 from mi_lenses.errors import LensInputError
 from mi_lenses.models.view import ModelView, ResidualRow
@@ -166,8 +166,9 @@ def run_lens(
             fast low-precision matmul; statistics are still reduced in float32).
         position_chunk, vocab_tile: streaming sizes: positions per chunk; vocabulary columns per logit tile
             (default ``None``: sized to stay in cache, see :func:`~mi_lenses.lenses.stream.tile_shape`).
-        fused: reduce each logit tile in one ``torch.compile``d kernel. ``None`` (default): only for jobs of at least
-            ``stream.FUSE_MIN_VECTORS`` decoded vectors; falls back to eager code when no compiler is available.
+        fused: reduce each logit tile in one ``torch.compile``d kernel (``True``; compiled once per process, seconds).
+            ``None``/``False`` (default): eager reductions on cache-sized tiles, which already run at about 0.8 of the
+            matmul roofline (benchmarks/README.md). Falls back to eager code when no compiler is available.
         check: verify the final row against the model's own logits whenever a forward pass was run.
 
     Returns:
@@ -264,7 +265,7 @@ def _reduce(view: ModelView, plan: _Plan, resid: dict[str, Tensor], grid: Positi
     rows_out = [r for r in plan.rows if not r.is_final]
     out = Stats.empty((len(plan.rows), N), k, T, view.d_vocab if return_logits else None)
     final_top1 = torch.full((N,), -1, dtype=torch.long)
-    use_fused = fused if fused is not None else len(rows_out) * N >= FUSE_MIN_VECTORS
+    use_fused = bool(fused)
     hidden = {r.hook_name: grid.gather(resid[r.hook_name]).reshape(N, -1) for r in [*plan.rows, plan.final]}
     nxt_all = next_ids.reshape(N)
 
