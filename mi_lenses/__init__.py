@@ -24,6 +24,9 @@ Example:
 from mi_lenses.attribution import DLAResult, direct_logit_attribution, neuron_attribution
 from mi_lenses.errors import LensInputError, MiLensesError, ModelLoadError, VerificationError
 from mi_lenses.lenses import Lens, LensResult, LogitLens, logit_lens, run_lens
+from mi_lenses.lenses.future import FutureLens, fit_future_lens
+from mi_lenses.lenses.jacobian import JacobianLens, fit_jacobian_lens
+from mi_lenses.lenses.rowmap import RowMapLens, load_row_map
 from mi_lenses.lenses.tuned import (
     LensEvaluation,
     TrainConfig,
@@ -53,6 +56,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AffineMap",
     "DLAResult",
+    "FutureLens",
+    "JacobianLens",
     "Lens",
     "LensEvaluation",
     "LensInputError",
@@ -63,6 +68,7 @@ __all__ = [
     "ModelView",
     "PatchscopeResult",
     "Result",
+    "RowMapLens",
     "Source",
     "SweepResult",
     "Target",
@@ -71,9 +77,12 @@ __all__ = [
     "VerificationError",
     "direct_logit_attribution",
     "evaluate_lens",
+    "fit_future_lens",
+    "fit_jacobian_lens",
     "fit_map",
     "load_lens",
     "load_model",
+    "load_row_map",
     "logit_lens",
     "neuron_attribution",
     "patchscope",
