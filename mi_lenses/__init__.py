@@ -24,6 +24,7 @@ Example:
 from mi_lenses.attribution import DLAResult, direct_logit_attribution, neuron_attribution
 from mi_lenses.errors import LensInputError, MiLensesError, ModelLoadError, VerificationError
 from mi_lenses.lenses import Lens, LensResult, LogitLens, logit_lens, run_lens
+from mi_lenses.lenses.attribute import AttributeLens, RelationEvaluation, evaluate_attribute_lens, fit_attribute_lens
 from mi_lenses.lenses.future import FutureLens, fit_future_lens
 from mi_lenses.lenses.jacobian import JacobianLens, fit_jacobian_lens
 from mi_lenses.lenses.rowmap import RowMapLens, load_row_map
@@ -40,6 +41,7 @@ from mi_lenses.lenses.tuned import (
 from mi_lenses.models import ModelView, load_model
 from mi_lenses.patchscopes import (
     AffineMap,
+    PatchscopeLens,
     PatchscopeResult,
     Source,
     SweepResult,
@@ -55,6 +57,7 @@ from mi_lenses.results import Result
 __version__ = "0.1.0"
 __all__ = [
     "AffineMap",
+    "AttributeLens",
     "DLAResult",
     "FutureLens",
     "JacobianLens",
@@ -66,7 +69,9 @@ __all__ = [
     "MiLensesError",
     "ModelLoadError",
     "ModelView",
+    "PatchscopeLens",
     "PatchscopeResult",
+    "RelationEvaluation",
     "Result",
     "RowMapLens",
     "Source",
@@ -76,7 +81,9 @@ __all__ = [
     "TunedLens",
     "VerificationError",
     "direct_logit_attribution",
+    "evaluate_attribute_lens",
     "evaluate_lens",
+    "fit_attribute_lens",
     "fit_future_lens",
     "fit_jacobian_lens",
     "fit_map",

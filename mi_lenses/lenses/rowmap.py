@@ -18,7 +18,7 @@ Example:
     >>> res = lens(model, "The capital of France is")
     >>> bool(torch.equal(res.top_ids, mi_lenses.logit_lens(model, "The capital of France is").top_ids))
     True
-    >>> lens.save(tmp / "jlens"); type(mi_lenses.load_row_map(tmp / "jlens", model)).__name__
+    >>> _ = lens.save(tmp / "jlens"); type(mi_lenses.load_row_map(tmp / "jlens", model)).__name__
     'JacobianLens'
 """
 

@@ -12,6 +12,7 @@ Example:
 """
 
 from mi_lenses.patchscopes import presets
+from mi_lenses.patchscopes.lens import PatchscopeLens
 from mi_lenses.patchscopes.maps import AffineMap, fit, fit_map, paired_states
 from mi_lenses.patchscopes.result import PatchscopeResult, SweepResult
 from mi_lenses.patchscopes.run import patchscope, verify
@@ -21,6 +22,7 @@ from mi_lenses.patchscopes.sweep import sweep
 __all__ = [
     "AffineMap",
     "IDENTITY_PROMPT",
+    "PatchscopeLens",
     "PatchscopeResult",
     "Source",
     "SweepResult",
