@@ -25,6 +25,7 @@ from mi_lenses.attribution import DLAResult, direct_logit_attribution, neuron_at
 from mi_lenses.errors import LensInputError, MiLensesError, ModelLoadError, VerificationError
 from mi_lenses.lenses import Lens, LensResult, LogitLens, logit_lens, run_lens
 from mi_lenses.lenses.attribute import AttributeLens, RelationEvaluation, evaluate_attribute_lens, fit_attribute_lens
+from mi_lenses.lenses.compare import LensComparison, compare_lenses
 from mi_lenses.lenses.future import FutureLens, fit_future_lens
 from mi_lenses.lenses.jacobian import JacobianLens, fit_jacobian_lens
 from mi_lenses.lenses.rowmap import RowMapLens, load_row_map
@@ -62,6 +63,7 @@ __all__ = [
     "FutureLens",
     "JacobianLens",
     "Lens",
+    "LensComparison",
     "LensEvaluation",
     "LensInputError",
     "LensResult",
@@ -80,6 +82,7 @@ __all__ = [
     "TrainConfig",
     "TunedLens",
     "VerificationError",
+    "compare_lenses",
     "direct_logit_attribution",
     "evaluate_attribute_lens",
     "evaluate_lens",
