@@ -328,3 +328,54 @@ def world_folder(builder, tmp_path_factory):
     builder.hf("llama_gqa").save_pretrained(folder)
     builder.tok.save_pretrained(folder)
     return folder
+
+
+# ------------------------------------------------------------------------------------------------ SelfIE
+def test_selfie_relevancy_is_zero_when_the_injected_state_is_the_prompts_own(llama_raw):
+    """Interpret the interpretation prompt's own state at its single placeholder, injected at the same layer: the
+    injected run is the plain run, so every relevancy is 0 and the generation is the plain greedy continuation."""
+    m = llama_raw.model
+    prompt = "Hello world, x is a city"
+    tgt = mi_lenses.Target(prompt, placeholder="x", layer=1)
+    pos = mi_lenses.patchscopes.spec.placeholder_positions(mi_lenses.ModelView(m), prompt, "x")[0]
+    res = mi_lenses.selfie(m, prompt, layers=[1], positions=[pos], interpretation=tgt, max_new_tokens=5,
+                           stop_at_eos=False)
+    assert res.relevancy.abs().max() < 1e-6
+    with torch.no_grad():
+        seq = m.to_tokens(prompt)
+        for _ in range(5):
+            seq = torch.cat([seq, m(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert res.generated_ids[0].tolist() == seq[0, -5:].tolist()
+
+
+def test_selfie_relevancy_equals_two_teacher_forced_runs(llama_raw):
+    """relevancy = p(token | state injected at every placeholder) - p(token | plain prompt), against an independent
+    loop: one hooked forward pass per generated token."""
+    m = llama_raw.model
+    res = mi_lenses.selfie(m, PROMPT, layers=[0, 2], positions=[-1, 2], max_new_tokens=4, stop_at_eos=False)
+    assert res.row_labels[0].startswith("L0 @") and len(res.row_labels) == 4
+    view = mi_lenses.ModelView(m)
+    tgt = mi_lenses.presets.selfie()
+    rt = mi_lenses.patchscopes.spec.resolve_target(tgt, view)
+    with torch.no_grad():
+        _, cache = m.run_with_cache(m.to_tokens(PROMPT))
+    for r, (l, p) in enumerate(zip(res.source_layers, res.source_positions)):
+        vec = cache[f"blocks.{l}.hook_resid_post"][0, p]
+
+        def put(act, hook=None, vec=vec):
+            act[:, list(rt.positions)] = vec
+            return act
+
+        seq = rt.tokens
+        for j, tok in enumerate(res.generated_ids[r].tolist()):
+            with torch.no_grad():
+                with m.hooks(fwd_hooks=[(f"blocks.{res.inject_layer}.hook_resid_post", put)]):
+                    injected = m(seq)[0, -1].float().softmax(-1)
+                pp = m(seq)[0, -1].float().softmax(-1)[tok]
+            assert float(res.p_injected[r, j]) == pytest.approx(float(injected[tok]), abs=1e-5)
+            assert float(res.p_plain[r, j]) == pytest.approx(float(pp), abs=1e-5)
+            assert tok == int(injected.argmax())  # greedy generation under the (prompt-pass) injection
+            seq = torch.cat([seq, torch.tensor([[tok]])], 1)
+    d = json.loads(res.to_json())
+    assert d["rows"][0]["relevancy"] and "interpretation" in res.to_html()
+    assert len(res.to_dataframe()) == 16

@@ -16,6 +16,7 @@ from mi_lenses.patchscopes.lens import PatchscopeLens
 from mi_lenses.patchscopes.maps import AffineMap, fit, fit_map, paired_states
 from mi_lenses.patchscopes.result import PatchscopeResult, SweepResult
 from mi_lenses.patchscopes.run import patchscope, verify
+from mi_lenses.patchscopes.selfie import SelfIEResult, selfie
 from mi_lenses.patchscopes.spec import IDENTITY_PROMPT, Source, Target
 from mi_lenses.patchscopes.sweep import sweep
 
@@ -24,6 +25,7 @@ __all__ = [
     "IDENTITY_PROMPT",
     "PatchscopeLens",
     "PatchscopeResult",
+    "SelfIEResult",
     "Source",
     "SweepResult",
     "Target",
@@ -32,6 +34,7 @@ __all__ = [
     "paired_states",
     "patchscope",
     "presets",
+    "selfie",
     "sweep",
     "verify",
 ]
