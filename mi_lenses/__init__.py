@@ -54,7 +54,8 @@ from mi_lenses.patchscopes import (
     selfie,
     sweep,
 )
-from mi_lenses import patchscopes  # noqa: E402  (the subpackage, e.g. mi_lenses.patchscopes.verify)
+from mi_lenses import diffusion, patchscopes  # noqa: E402  (subpackages, e.g. mi_lenses.patchscopes.verify)
+from mi_lenses.diffusion import DiffusionLensResult, diffusion_lens
 from mi_lenses.results import Result
 
 __version__ = "0.1.0"
@@ -62,6 +63,7 @@ __all__ = [
     "AffineMap",
     "AttributeLens",
     "DLAResult",
+    "DiffusionLensResult",
     "FutureLens",
     "JacobianLens",
     "Lens",
@@ -86,6 +88,8 @@ __all__ = [
     "TunedLens",
     "VerificationError",
     "compare_lenses",
+    "diffusion",
+    "diffusion_lens",
     "direct_logit_attribution",
     "evaluate_attribute_lens",
     "evaluate_lens",

@@ -310,7 +310,7 @@ def test_compare_command_end_to_end(world_folder, tmp_path, capsys):
     out = tmp_path / "cmp.json"
     rc = main(["compare", "--model", str(world_folder), "--data", str(data), "--max-tokens", "64", "--seq-len", "16",
                "--lenses", "logit,patchscope,patchscope-q,jacobian,future", "--fit-data", str(data),
-               "--fit-tokens", "64", "--jacobian-seq-len", "32", "--json", str(out), "--html", str(tmp_path / "c.html"),
+               "--fit-tokens", "64", "--jacobian-prompts", "2", "--jacobian-seq-len", "32", "--json", str(out), "--html", str(tmp_path / "c.html"),
                "--save-fitted", str(tmp_path / "fitted")])
     assert rc == 0, capsys.readouterr().err
     d = json.loads(out.read_text())

@@ -37,9 +37,10 @@ def register(sub, parents: Parents) -> None:
     p.add_argument("--jacobian-lens", default=None, help="Jacobian lens folder (JacobianLens.save) for 'jacobian'")
     p.add_argument("--future-lens", default=None, help="Future Lens folder (FutureLens.save) for 'future'")
     p.add_argument("--fit-data", default=None, help="text to fit 'jacobian' / 'future' on when no folder is given")
-    p.add_argument("--fit-tokens", type=int, default=4096, help="tokens to fit on (default 4096)")
-    p.add_argument("--jacobian-seq-len", type=int, default=64,
-                   help="prompt length of the Jacobian fit (default 64; its cost grows with tokens x d_model)")
+    p.add_argument("--fit-tokens", type=int, default=16384, help="tokens to fit the Future Lens on (default 16384)")
+    p.add_argument("--jacobian-prompts", type=int, default=16,
+                   help="prompts to fit the Jacobian lens on (default 16; each costs d_model backward passes)")
+    p.add_argument("--jacobian-seq-len", type=int, default=64, help="tokens per Jacobian-fit prompt (default 64)")
     p.add_argument("--ahead", type=int, default=1,
                    help="positions beyond the next token that a fitted Future Lens predicts (default 1)")
     p.add_argument("--top-k", default="1,5,10", help="k of precision@k, comma list (default 1,5,10)")
@@ -94,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         if name == "jacobian":
             from mi_lenses.lenses.jacobian import fit_jacobian_lens
 
-            lens = fit_jacobian_lens(model, args.fit_data, max_tokens=args.fit_tokens, seq_len=args.jacobian_seq_len)
+            lens = fit_jacobian_lens(model, args.fit_data, max_tokens=args.jacobian_prompts * args.jacobian_seq_len,
+                                     seq_len=args.jacobian_seq_len)
         else:
             from mi_lenses.lenses.future import fit_future_lens
 
