@@ -27,6 +27,7 @@ from mi_lenses.lenses import Lens, LensResult, LogitLens, logit_lens, run_lens
 from mi_lenses.lenses.attribute import AttributeLens, RelationEvaluation, evaluate_attribute_lens, fit_attribute_lens
 from mi_lenses.lenses.compare import LensComparison, compare_lenses
 from mi_lenses.lenses.future import FutureLens, fit_future_lens
+from mi_lenses.lenses.future_prompt import FuturePromptLens, fit_future_prompt
 from mi_lenses.lenses.jacobian import JacobianLens, fit_jacobian_lens
 from mi_lenses.lenses.rowmap import RowMapLens, load_row_map
 from mi_lenses.lenses.tuned import (
@@ -65,6 +66,7 @@ __all__ = [
     "DLAResult",
     "DiffusionLensResult",
     "FutureLens",
+    "FuturePromptLens",
     "JacobianLens",
     "Lens",
     "LensComparison",
@@ -95,6 +97,7 @@ __all__ = [
     "evaluate_lens",
     "fit_attribute_lens",
     "fit_future_lens",
+    "fit_future_prompt",
     "fit_jacobian_lens",
     "fit_map",
     "load_lens",

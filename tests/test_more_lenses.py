@@ -5,6 +5,7 @@ the linear Future Lens, the attribute lens (LRE), the Patchscope read as a lens,
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -379,3 +380,33 @@ def test_selfie_relevancy_equals_two_teacher_forced_runs(llama_raw):
     d = json.loads(res.to_json())
     assert d["rows"][0]["relevancy"] and "interpretation" in res.to_html()
     assert len(res.to_dataframe()) == 16
+
+
+# ------------------------------------------------------------------------------------------------ learned prompt
+def test_untrained_future_prompt_is_the_fixed_prompt_patchscope(tiny_pair):
+    """steps=0: the soft prompt is the fixed prompt's own embeddings, so the lens equals the Patchscope that writes
+    the state at the fixed prompt's last token at the same row (an independent path: tokens, no embedding hook)."""
+    m = tiny_pair.model
+    lens = mi_lenses.fit_future_prompt(m, torch.randint(3, m.cfg.d_vocab, (2, 8)), steps=0, progress=False)
+    res = lens(m, PROMPT, layers=[1, -1], point="resid_pre")
+    ps = mi_lenses.PatchscopeLens(mi_lenses.Target(lens.ids, position=-1))(m, PROMPT, layers=[1, -1])
+    close(res.top_logits, ps.top_logits, "fixed prompt", 1e-4)
+    close(res.kl, ps.kl, "fixed prompt KL", 1e-4)
+
+
+def test_future_prompt_training_lowers_the_kl_and_leaves_the_model_alone(llama_raw):
+    m = llama_raw.model
+    flags = [p.requires_grad for p in m.parameters()]
+    before = hook_counts(m)
+    tokens = torch.randint(3, m.cfg.d_vocab, (6, 16), generator=torch.Generator().manual_seed(4))
+    lens = mi_lenses.fit_future_prompt(m, tokens, ahead=1, rows=[1, 2], steps=40, batch_size=16, lr=3e-2,
+                                       progress=False)
+    untrained = mi_lenses.fit_future_prompt(m, tokens, ahead=1, rows=[1, 2], steps=0, progress=False)
+    cmp = mi_lenses.compare_lenses(m, tokens, {"trained": lens, "fixed": untrained}, point="resid_pre",
+                                   progress=False)
+    for r in (1, 2):  # in-sample KL to the model at t + 1: training helps
+        assert cmp.stats["trained"]["kl_bits"][r] < cmp.stats["fixed"]["kl_bits"][r]
+    assert all(math.isnan(cmp.stats["trained"]["kl_bits"][r]) for r in (0, 3))  # rows without a prompt
+    assert json.loads(cmp.to_json())["lenses"]["trained"]["kl_bits"][0] is None
+    assert lens.meta["loss"][-1] < lens.meta["loss"][0]
+    assert [p.requires_grad for p in m.parameters()] == flags and hook_counts(m) == before

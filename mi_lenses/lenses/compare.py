@@ -47,7 +47,8 @@ METRICS = ("kl_bits", "ce_bits", "prec_at_1", "surprisal_bits", "mean_rank")
 class LensComparison(Result):
     """Per-row statistics of several lenses on the same tokens (means over tokens; see the module docstring).
 
-    ``stats[lens][metric][i]`` is the value at row ``layers[i]``; metrics are ``kl_bits``, ``ce_bits``,
+    ``stats[lens][metric][i]`` is the value at row ``layers[i]`` (NaN where a lens has no map for that row, and
+    ``null`` in JSON); metrics are ``kl_bits``, ``ce_bits``,
     ``prec_at_{k}`` for each requested ``k``, ``surprisal_bits`` and ``mean_rank``. ``ahead[lens]`` is how many
     positions ahead a lens predicts (the Future Lens), ``seconds[lens]`` its wall time.
     """
@@ -192,6 +193,8 @@ def compare_lenses(
         raise LensInputError(f"tokens must be [n_seq, seq_len], got {tuple(tokens.shape)}.")
     bound = {n: l.bind(view.model) for n, l in built.items()}
     rows = view.residual_rows(point)
+    # lenses that read only some rows (``lens.rows``, lens indices = row indices here) are NaN elsewhere
+    readable = {n: list(getattr(l, "rows", None) or range(len(rows))) for n, l in bound.items()}
     names = list(dict.fromkeys(r.hook_name for r in rows))
     R = len(rows)
     metrics = ["kl_bits", "ce_bits", *[f"prec_at_{k}" for k in ks], "surprisal_bits", "mean_rank"]
@@ -214,23 +217,25 @@ def compare_lenses(
             own_n += tb[:, 1:].numel()
             for n, lens in bound.items():
                 t0 = time.perf_counter()
-                res = run_lens(lens, view, tb, cache=cache, logits=logits, point=point, top_k=ks[-1], check=False)
+                sel = readable[n]
+                res = run_lens(lens, view, tb, cache=cache, logits=logits, point=point, layers=sel, top_k=ks[-1],
+                               check=False)
                 seconds[n] += time.perf_counter() - t0
                 ok = torch.isfinite(res.kl)
                 ce_ok = torch.isfinite(res.cross_entropy)
                 s = sums[n]
-                s["kl_bits"] += torch.where(ok, res.kl_bits, 0).double().sum((1, 2))
-                s["ce_bits"] += torch.where(ce_ok, res.cross_entropy_bits, 0).double().sum((1, 2))
+                s["kl_bits"][sel] += torch.where(ok, res.kl_bits, 0).double().sum((1, 2))
+                s["ce_bits"][sel] += torch.where(ce_ok, res.cross_entropy_bits, 0).double().sum((1, 2))
                 for k in ks:
-                    s[f"prec_at_{k}"] += ((res.final_top1_rank < k) & ok).double().sum((1, 2))
-                s["surprisal_bits"] += torch.where(ok, res.surprisal_bits, 0).double().sum((1, 2))
-                s["mean_rank"] += torch.where(ok, res.final_top1_rank, 0).double().sum((1, 2))
-                counts[n]["ref"] += ok.double().sum((1, 2))
-                counts[n]["ce"] += ce_ok.double().sum((1, 2))
+                    s[f"prec_at_{k}"][sel] += ((res.final_top1_rank < k) & ok).double().sum((1, 2))
+                s["surprisal_bits"][sel] += torch.where(ok, res.surprisal_bits, 0).double().sum((1, 2))
+                s["mean_rank"][sel] += torch.where(ok, res.final_top1_rank, 0).double().sum((1, 2))
+                counts[n]["ref"][sel] += ok.double().sum((1, 2))
+                counts[n]["ce"][sel] += ce_ok.double().sum((1, 2))
                 bar.update(1)
     bar.close()
-    stats = {n: {m: (v / counts[n]["ce" if m == "ce_bits" else "ref"].clamp(min=1)).tolist()
-                 for m, v in s.items()} for n, s in sums.items()}
+    stats = {n: {m: torch.where(counts[n][c] > 0, v / counts[n][c].clamp(min=1), torch.nan).tolist()
+                 for m, v in s.items() for c in ["ce" if m == "ce_bits" else "ref"]} for n, s in sums.items()}
     return LensComparison(
         model_name=view.name,
         layers=[r.label for r in rows],
