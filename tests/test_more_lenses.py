@@ -14,7 +14,7 @@ import mi_lenses
 from conftest import CORPUS, PROMPT, hook_counts
 from mi_lenses.errors import LensInputError, VerificationError
 from mi_lenses.lenses.jacobian import residual_jacobians
-from oracles import close
+from oracles import close, final_with_state
 
 LONG = [" ".join(CORPUS[i:] + CORPUS[:i]) for i in range(3)]
 
@@ -104,25 +104,8 @@ def test_jacobians_equal_autograd_functional_jacobian(llama_raw):
     jac, states, final = residual_jacobians(view, tokens, [0, 2], sources=[t], targets=[tp], dim_batch=5)
     rows = view.residual_rows()
     for r in (0, 2):
-        base = states[r][0]
-
-        def f(s, r=r):
-            got = {}
-
-            def put(act, hook=None):
-                act = act.clone()
-                act[0, t] = s
-                return act
-
-            def keep(act, hook=None):
-                got["final"] = act
-                return act
-
-            with m.hooks(fwd_hooks=[(rows[r].hook_name, put), (rows[-1].hook_name, keep)]):
-                m(tokens)
-            return got["final"][0, tp]
-
-        brute = torch.autograd.functional.jacobian(f, base)
+        brute = torch.autograd.functional.jacobian(
+            lambda s, r=r: final_with_state(m, tokens, rows[r].hook_name, rows[-1].hook_name, t, s)[tp], states[r][0])
         close(jac[r], brute, f"row {r}", 1e-4)
     close(final[0], _brute_final(m, tokens)[tp], "final state", 1e-5)
 
@@ -303,13 +286,13 @@ def test_compare_lenses_agrees_with_evaluate_lens(llama_raw):
     assert "<svg" in cmp.to_html() and cmp.to_markdown().startswith("| layer |")
 
 
-def test_compare_command_end_to_end(world_folder, tmp_path, capsys):
+def test_compare_command_end_to_end(hf_folder, tmp_path, capsys):
     from mi_lenses.cli import main
 
     data = tmp_path / "text.txt"
     data.write_text("\n".join(CORPUS * 6))
     out = tmp_path / "cmp.json"
-    rc = main(["compare", "--model", str(world_folder), "--data", str(data), "--max-tokens", "64", "--seq-len", "16",
+    rc = main(["compare", "--model", str(hf_folder), "--data", str(data), "--max-tokens", "64", "--seq-len", "16",
                "--lenses", "logit,patchscope,patchscope-q,jacobian,future", "--fit-data", str(data),
                "--fit-tokens", "64", "--jacobian-prompts", "2", "--jacobian-seq-len", "32", "--json", str(out), "--html", str(tmp_path / "c.html"),
                "--save-fitted", str(tmp_path / "fitted")])
@@ -318,17 +301,9 @@ def test_compare_command_end_to_end(world_folder, tmp_path, capsys):
     assert list(d["lenses"]) == ["logit", "patchscope", "patchscope-q", "jacobian", "future"]
     assert d["tokens"] == 64 and d["lenses"]["future"]["kl_bits"][0] is not None
     assert mi_lenses.load_row_map(tmp_path / "fitted" / "jacobian").rows[-1] == mi_lenses.load_model(
-        world_folder).cfg.n_layers
-    assert main(["compare", "--model", str(world_folder), "--data", str(data), "--lenses", "tuned"]) == 2
+        hf_folder).cfg.n_layers
+    assert main(["compare", "--model", str(hf_folder), "--data", str(data), "--lenses", "tuned"]) == 2
     assert "--lens DIR" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def world_folder(builder, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_llama_folder")
-    builder.hf("llama_gqa").save_pretrained(folder)
-    builder.tok.save_pretrained(folder)
-    return folder
 
 
 # ------------------------------------------------------------------------------------------------ SelfIE

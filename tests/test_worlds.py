@@ -21,7 +21,7 @@ import torch
 
 import mi_lenses
 from mi_lenses.models.loading import resolve_kind
-from oracles import assert_lens_matches, close, hf_lens_logits, next_ids_of
+from oracles import assert_lens_matches, close, final_with_state, hf_lens_logits, next_ids_of
 from tiny import ARCHS, MODES, PROMPT, hook_counts
 
 pytestmark = pytest.mark.worlds
@@ -230,21 +230,8 @@ def test_more_lenses_hold_their_identities(world):
     with torch.no_grad():
         _, cache = m.run_with_cache(tokens)
 
-    def final_sum(s, t, r=1):
-        got = {}
-
-        def put(act, hook=None):
-            act = act.clone()
-            act[0, t] = s
-            return act
-
-        def keep(act, hook=None):
-            got["f"] = act
-            return act
-
-        with m.hooks(fwd_hooks=[(rows[r].hook_name, put), (rows[-1].hook_name, keep)]):
-            m(tokens)
-        return got["f"][0, t : S - 1].sum(0)  # targets t' in V = {S-3, S-2}, t' >= t
+    def final_sum(s, t):  # targets t' in V = {S-3, S-2}, t' >= t
+        return final_with_state(m, tokens, rows[1].hook_name, rows[-1].hook_name, t, s)[t : S - 1].sum(0)
 
     brute = sum(torch.autograd.functional.jacobian(lambda s, t=t: final_sum(s, t), cache[rows[1].hook_name][0, t])
                 for t in (S - 3, S - 2)) / 2  # the mean over the source positions V
