@@ -385,3 +385,20 @@ def test_future_prompt_training_lowers_the_kl_and_leaves_the_model_alone(llama_r
     assert json.loads(cmp.to_json())["lenses"]["trained"]["kl_bits"][0] is None
     assert lens.meta["loss"][-1] < lens.meta["loss"][0]
     assert [p.requires_grad for p in m.parameters()] == flags and hook_counts(m) == before
+
+
+def test_results_of_the_new_lenses_render(llama_raw, tmp_path, capsys):
+    """Every output of the result protocol works for lenses with a shifted reference (NaN at the last positions),
+    a mapped final row and a Patchscope read as a lens."""
+    m = llama_raw.model
+    tokens = torch.randint(3, m.cfg.d_vocab, (3, 12), generator=torch.Generator().manual_seed(5))
+    for lens in (mi_lenses.fit_future_lens(m, tokens, ahead=2, progress=False),
+                 mi_lenses.fit_attribute_lens(m, "The capital of {} is", ["France", "Rome"], progress=False),
+                 mi_lenses.PatchscopeLens()):
+        res = lens(m, PROMPT, targets=" city")
+        assert res.to_html(tmp_path / "r.html").startswith("<!DOCTYPE html>")
+        res.print(width=200)
+        d = json.loads(res.to_json())
+        assert "NaN" not in res.to_json() and d["layers"][-1] == "final"
+        assert len(res.to_dataframe()) > 0
+    assert capsys.readouterr().out.strip()
