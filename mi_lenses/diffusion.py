@@ -4,7 +4,9 @@ what a text-to-image model's text encoder has built by each of its layers, shown
 For layer ``l`` of the CLIP text encoder, the hidden states ``h_l`` of the prompt go through the encoder's own final
 layer norm and replace the prompt embeddings that condition the diffusion model's cross-attention; every layer is
 generated with the same seed, so the images differ only through the encoder layer. The last layer is the pipeline's
-own prompt embedding (tested), and layer ``l`` equals the pipeline's ``clip_skip = n_layers - l`` (tested).
+own prompt embedding (tested), and layer ``l`` is what diffusers computes for ``clip_skip = n_layers - l`` (tested
+where that works: diffusers 0.42's ``clip_skip`` reads ``text_encoder.text_model.final_layer_norm``, which a
+transformers 5 ``CLIPTextModel`` no longer has; we find the norm either way).
 
 It runs on any local Stable-Diffusion-style folder (``StableDiffusionPipeline`` layout: ``text_encoder``,
 ``tokenizer``, ``unet``, ``vae``, ``scheduler``), loaded offline with :func:`load_pipeline`; it needs the optional

@@ -126,3 +126,15 @@ def test_command_writes_the_gallery(pipe, tmp_path, capsys):
     assert json.loads((tmp_path / "d.json").read_text())["layers"] == [0, 3]
     assert main(["diffusion-lens", "--pipeline", str(tmp_path / "none"), "--prompt", PROMPT]) == 2
     assert "model_index.json" in capsys.readouterr().err
+
+
+def test_layers_equal_diffusers_clip_skip_where_it_works(pipe):
+    n = diffusion.n_text_layers(pipe)
+    try:
+        with torch.no_grad():
+            theirs = {l: pipe.encode_prompt(PROMPT, "cpu", 1, False, clip_skip=n - l)[0] for l in range(1, n)}
+    except AttributeError as err:  # diffusers reads text_model.final_layer_norm, gone in transformers 5
+        pytest.skip(f"this diffusers/transformers pair has no working clip_skip ({err})")
+    ours = diffusion.layer_prompt_embeds(pipe, PROMPT, range(1, n))
+    for l in range(1, n):
+        torch.testing.assert_close(ours[l], theirs[l], atol=0, rtol=0)
