@@ -18,8 +18,7 @@ import time
 
 from mi_lenses.commands import Parents, load, write_outputs
 from mi_lenses.errors import LensInputError
-
-LENSES = ("logit", "tuned", "patchscope", "patchscope-q", "jacobian", "future")
+from mi_lenses.lenses.compare import LENS_NAMES as LENSES
 
 
 def register(sub, parents: Parents) -> None:

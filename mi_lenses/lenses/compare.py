@@ -38,9 +38,8 @@ from mi_lenses.lenses.logit_lens import Lens, LogitLens, Point, run_lens
 from mi_lenses.models.view import ModelView
 from mi_lenses.results import LN2, Result, jsonable
 
-BUILT_IN = ("logit", "patchscope", "patchscope-q")
-LENS_NAMES = ("logit", "tuned", "patchscope", "patchscope-q", "jacobian", "future")
-METRICS = ("kl_bits", "ce_bits", "prec_at_1", "surprisal_bits", "mean_rank")
+BUILT_IN = ("logit", "patchscope", "patchscope-q")  # need nothing fitted
+LENS_NAMES = ("logit", "tuned", "patchscope", "patchscope-q", "jacobian", "future")  # the command line's names
 
 
 @dataclass
