@@ -13,7 +13,9 @@ averaged over the tokens that have a reference:
 * ``mean_rank``: the rank of the model's own top-1 token under the lens (0 = top).
 
 A lens with ``ahead = N`` (the Future Lens) is compared with the model at position ``t + N``. The data are streamed:
-one batch of sequences at a time, statistics accumulated as sums, so memory does not grow with the corpus.
+one batch of sequences at a time through the model and every lens, statistics accumulated as per-row sums, so the
+memory for activations, logits and statistics does not grow with the number of tokens (only the token ids, 8 bytes
+each and bounded by ``max_tokens``, are read up front).
 
 Example:
     >>> tokens = torch.randint(3, model.cfg.d_vocab, (2, 12), generator=torch.Generator().manual_seed(0))
