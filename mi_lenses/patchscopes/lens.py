@@ -14,7 +14,7 @@ Example:
     >>> bool(torch.allclose(res.top_logits[-1], logit.top_logits[-1], atol=1e-4))   # identity at the last row
     True
     >>> mi_lenses.PatchscopeLens(mi_lenses.presets.identity_q()).name
-    'patchscope (identity-q)'
+    'patchscope (identity_q)'
 """
 
 from __future__ import annotations

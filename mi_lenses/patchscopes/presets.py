@@ -51,7 +51,7 @@ def identity() -> Target:
 def identity_q() -> Target:
     """Token identity with the plain ``"?"`` target prompt, patched at the ``?``: no few-shot context, so the readout
     carries no bias toward the few-shot pattern's ``" ->"`` (the ``patchscope-q`` lens of ``mi-lenses compare``)."""
-    return Target("?", placeholder="?", name="identity-q", max_new_tokens=8,
+    return Target("?", placeholder="?", name="identity_q", max_new_tokens=8,
                   description="token identity without few-shot context: the state at a lone '?'")
 
 
