@@ -24,6 +24,12 @@ Example:
 from mi_lenses.attribution import DLAResult, direct_logit_attribution, neuron_attribution
 from mi_lenses.errors import LensInputError, MiLensesError, ModelLoadError, VerificationError
 from mi_lenses.lenses import Lens, LensResult, LogitLens, logit_lens, run_lens
+from mi_lenses.lenses.attribute import AttributeLens, RelationEvaluation, evaluate_attribute_lens, fit_attribute_lens
+from mi_lenses.lenses.compare import LensComparison, compare_lenses
+from mi_lenses.lenses.future import FutureLens, fit_future_lens
+from mi_lenses.lenses.future_prompt import FuturePromptLens, fit_future_prompt
+from mi_lenses.lenses.jacobian import JacobianLens, fit_jacobian_lens
+from mi_lenses.lenses.rowmap import RowMapLens, load_row_map
 from mi_lenses.lenses.tuned import (
     LensEvaluation,
     TrainConfig,
@@ -37,23 +43,33 @@ from mi_lenses.lenses.tuned import (
 from mi_lenses.models import ModelView, load_model
 from mi_lenses.patchscopes import (
     AffineMap,
+    PatchscopeLens,
     PatchscopeResult,
+    SelfIEResult,
     Source,
     SweepResult,
     Target,
     fit_map,
     patchscope,
     presets,
+    selfie,
     sweep,
 )
-from mi_lenses import data, patchscopes  # noqa: E402  (subpackages: shipped text; mi_lenses.patchscopes.verify)
+from mi_lenses import data, diffusion, patchscopes  # noqa: E402  (subpackages: shipped text, mi_lenses.patchscopes.verify)
+from mi_lenses.diffusion import DiffusionLensResult, diffusion_lens
 from mi_lenses.results import Result
 
 __version__ = "0.1.0"
 __all__ = [
     "AffineMap",
+    "AttributeLens",
     "DLAResult",
+    "DiffusionLensResult",
+    "FutureLens",
+    "FuturePromptLens",
+    "JacobianLens",
     "Lens",
+    "LensComparison",
     "LensEvaluation",
     "LensInputError",
     "LensResult",
@@ -61,20 +77,33 @@ __all__ = [
     "MiLensesError",
     "ModelLoadError",
     "ModelView",
+    "PatchscopeLens",
     "PatchscopeResult",
+    "RelationEvaluation",
     "Result",
+    "RowMapLens",
+    "SelfIEResult",
     "Source",
     "SweepResult",
     "Target",
     "TrainConfig",
     "TunedLens",
     "VerificationError",
+    "compare_lenses",
     "data",
+    "diffusion",
+    "diffusion_lens",
     "direct_logit_attribution",
+    "evaluate_attribute_lens",
     "evaluate_lens",
+    "fit_attribute_lens",
+    "fit_future_lens",
+    "fit_future_prompt",
+    "fit_jacobian_lens",
     "fit_map",
     "load_lens",
     "load_model",
+    "load_row_map",
     "logit_lens",
     "neuron_attribution",
     "patchscope",
@@ -82,6 +111,7 @@ __all__ = [
     "presets",
     "run_lens",
     "save_lens",
+    "selfie",
     "sweep",
     "train_lens",
     "tuned_lens",

@@ -62,6 +62,15 @@ def llama_raw(builder) -> TinyModel:
 
 
 @pytest.fixture(scope="session")
+def hf_folder(builder, tmp_path_factory):
+    """The tiny llama saved as an HF folder, loadable by ``load_model`` (also in subprocesses and the CLI)."""
+    folder = tmp_path_factory.mktemp("tiny_llama_hf")
+    builder.hf("llama_gqa").save_pretrained(folder)
+    builder.tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def smol():
     """The embedded SmolLM2-135M-Instruct, loaded once per test session (mark its tests ``slow``)."""
     import mi_lenses

@@ -146,3 +146,22 @@ def assert_no_hooks(model, before: dict[str, int], what: str) -> None:
     after = hook_counts(model)
     assert not [k for k in after if k.startswith("hookpoint:")], f"{what}: TL hooks left: {after}"
     assert after == before, f"{what}: hooks changed: before {before}, after {after}"
+
+
+def final_with_state(m, tokens, hook_name: str, final_hook: str, t: int, s):
+    """The final residual stream ``[S, d]`` of one prompt whose state at ``hook_name``, position ``t``, is replaced
+    by ``s`` (differentiable in ``s``): an independent path to the Jacobians of the Jacobian lens and the LRE."""
+    got = {}
+
+    def put(act, hook=None):
+        act = act.clone()
+        act[0, t] = s
+        return act
+
+    def keep(act, hook=None):
+        got["final"] = act
+        return act
+
+    with m.hooks(fwd_hooks=[(hook_name, put), (final_hook, keep)]):
+        m(tokens)
+    return got["final"][0]

@@ -105,7 +105,9 @@ def test_lens_entry_points_share_one_explicit_signature():
 
 
 PUBLIC_FUNCTIONS = ["logit_lens", "tuned_lens", "run_lens", "direct_logit_attribution", "neuron_attribution",
-                    "patchscope", "sweep", "evaluate_lens", "load_model", "load_lens", "save_lens", "fit_map"]
+                    "patchscope", "sweep", "evaluate_lens", "load_model", "load_lens", "save_lens", "fit_map",
+                    "fit_jacobian_lens", "fit_future_lens", "fit_future_prompt", "fit_attribute_lens",
+                    "evaluate_attribute_lens", "compare_lenses", "selfie", "diffusion_lens", "load_row_map"]
 
 
 @pytest.mark.parametrize("name", PUBLIC_FUNCTIONS)
@@ -119,6 +121,8 @@ def test_no_kwargs_pass_through(name):
     (mi_lenses.logit_lens, "point"), (mi_lenses.logit_lens, "dtype"), (mi_lenses.DLAResult.top, "by"),
     (mi_lenses.DLAResult.to_dataframe, "what"), (mi_lenses.LensResult.table, "value"),
     (mi_lenses.save_lens, "format"), (mi_lenses.TunedLens.save, "format"),
+    (mi_lenses.fit_jacobian_lens, "backend"), (mi_lenses.compare_lenses, "point"),
+    (mi_lenses.LensComparison.table, "metric"),
 ])
 def test_string_options_are_literal_types(fn, param):
     hints = typing.get_type_hints(fn)
@@ -166,10 +170,16 @@ def results(builder, tmp_path_factory):
                                                  mi_lenses.presets.identity(), max_new_tokens=2),
         "SweepResult": mi_lenses.sweep(m, PROMPT, positions=[-1, -2], progress=False),
         "LensEvaluation": mi_lenses.evaluate_lens(mi_lenses.TunedLens.from_model(m), m, tokens),
+        "LensComparison": mi_lenses.compare_lenses(m, tokens, ["logit", "patchscope-q"], progress=False),
+        "RelationEvaluation": mi_lenses.evaluate_attribute_lens(
+            mi_lenses.fit_attribute_lens(m, "The capital of {} is", ["France"], progress=False), m,
+            [("Paris", " city"), ("Rome", " city")]),
+        "SelfIEResult": mi_lenses.selfie(m, PROMPT, layers=[0, 2], max_new_tokens=3),
     }
 
 
-@pytest.mark.parametrize("kind", ["LensResult", "DLAResult", "PatchscopeResult", "SweepResult", "LensEvaluation"])
+@pytest.mark.parametrize("kind", ["LensResult", "DLAResult", "PatchscopeResult", "SweepResult", "LensEvaluation",
+                                  "LensComparison", "RelationEvaluation", "SelfIEResult"])
 def test_every_result_has_the_same_outputs(results, kind, tmp_path, capsys):
     res = results[kind]
     assert isinstance(res, mi_lenses.Result) and dataclasses.is_dataclass(res)

@@ -134,7 +134,7 @@ def test_verify_passes_and_catches_a_broken_patch(tiny, monkeypatch):
     from mi_lenses.patchscopes import verify
 
     verify(tiny.model)
-    monkeypatch.setattr(ps_run, "patch_hooks", lambda *a, **k: [])  # a patch that never happens
+    monkeypatch.setattr(ps_run, "write_hooks", lambda *a, **k: [])  # a patch that never happens
     with pytest.raises(VerificationError, match="identity prompt"):
         verify(tiny.model)
 
@@ -356,7 +356,7 @@ def test_bad_input_is_a_clear_error(tiny_pair):
 def test_no_hook_left_behind_on_exception(tiny_pair, monkeypatch):
     m = tiny_pair.model
     before = hook_counts(m)
-    real = ps_run.patch_hooks
+    real = ps_run.write_hooks
 
     def exploding(*args, **kwargs):
         hooks = real(*args, **kwargs)
@@ -366,7 +366,7 @@ def test_no_hook_left_behind_on_exception(tiny_pair, monkeypatch):
 
         return [(name, boom) for name, _ in hooks]
 
-    monkeypatch.setattr(ps_run, "patch_hooks", exploding)
+    monkeypatch.setattr(ps_run, "write_hooks", exploding)
     for kw in (dict(), dict(max_new_tokens=2), dict(use_kv_cache=False)):
         with pytest.raises(RuntimeError, match="boom"):
             patchscope(m, Source(PROMPT, layer=0), Target(TARGET, placeholder="x"), **kw)

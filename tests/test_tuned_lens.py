@@ -418,15 +418,6 @@ def test_evaluation_result(llama_raw, tmp_path):
     assert "<svg" in ev.show()._repr_html_()
 
 
-@pytest.fixture(scope="module")
-def hf_folder(builder, tmp_path_factory):
-    """The tiny llama saved as an HF folder, loadable by ``load_model`` (also in subprocesses)."""
-    folder = tmp_path_factory.mktemp("tiny_llama_hf")
-    builder.hf("llama_gqa").save_pretrained(folder)
-    builder.tok.save_pretrained(folder)
-    return folder
-
-
 def test_cli_train_eval_and_logit_lens(hf_folder, tmp_path, capsys):
     from mi_lenses.cli import main
 

@@ -22,7 +22,7 @@ import torch
 
 import mi_lenses
 from mi_lenses.models.loading import resolve_kind
-from oracles import assert_lens_matches, close, hf_lens_logits, next_ids_of
+from oracles import assert_lens_matches, close, final_with_state, hf_lens_logits, next_ids_of
 from tiny import ARCHS, MODES, PROMPT, hook_counts
 
 pytestmark = pytest.mark.worlds
@@ -213,6 +213,74 @@ def test_affine_map_between_a_bridge_and_a_hooked_transformer(world):
     close(res.top_logprobs[0], own[res.top_ids[0]], "patched across worlds through the map", 1e-3)
 
 
+def test_more_lenses_hold_their_identities(world):
+    """Issue 13's lenses in this world: the Jacobian lens (native fit == autograd through this world's hooks; TL's
+    own fit where this world has it), the Future Lens, the attribute lens, the Patchscope read as a lens, SelfIE and
+    compare_lenses, each against its defining identity."""
+    m = world.model
+    before = hook_counts(m)
+    view = mi_lenses.ModelView(m)
+    L = m.cfg.n_layers
+    # Jacobian lens: the identity map is the logit lens; the fit is the exact averaged Jacobian
+    assert torch.equal(mi_lenses.JacobianLens.identity(m)(m, PROMPT).top_ids, mi_lenses.logit_lens(m, PROMPT).top_ids)
+    tokens = m.to_tokens(PROMPT)
+    S = tokens.shape[1]
+    flags = [p.requires_grad for p in m.parameters()]
+    jl = mi_lenses.fit_jacobian_lens(m, tokens, skip_first_positions=S - 3, progress=False)
+    rows = view.residual_rows()
+    with torch.no_grad():
+        _, cache = m.run_with_cache(tokens)
+
+    def final_sum(s, t):  # targets t' in V = {S-3, S-2}, t' >= t
+        return final_with_state(m, tokens, rows[1].hook_name, rows[-1].hook_name, t, s)[t : S - 1].sum(0)
+
+    brute = sum(torch.autograd.functional.jacobian(lambda s, t=t: final_sum(s, t), cache[rows[1].hook_name][0, t])
+                for t in (S - 3, S - 2)) / 2  # the mean over the source positions V
+    close(jl.W[1], brute, f"{world.id} Jacobian row 1 (source S-3)", 1e-4)
+    assert [p.requires_grad for p in m.parameters()] == flags, "the fit left the weights' grad flags changed"
+    try:
+        theirs = mi_lenses.fit_jacobian_lens(m, [PROMPT], skip_first_positions=S - 3, backend="transformer_lens",
+                                             progress=False)
+        close(theirs.W[1], jl.W[1], f"{world.id} TransformerLens's own Jacobian lens", 1e-5)
+    except mi_lenses.LensInputError as err:  # 3.x HookedTransformer, compatibility mode: the error names the fix
+        assert KIND == "hooked" or world.compat, err
+        assert "backend='native'" in str(err) or "compatibility_mode=False" in str(err)
+    # Future Lens: ahead=0 at the final row is the identity map
+    data = torch.randint(3, m.cfg.d_vocab, (6, 16), generator=torch.Generator().manual_seed(0))
+    fl = mi_lenses.fit_future_lens(m, data, ahead=0, rows=[-1], ridge=0.0, progress=False)
+    from mi_lenses.lenses.tuned.lens import residual_is_centered
+
+    d = m.cfg.d_model  # on a mean-free residual (LayerNorm, compatibility mode) the min-norm solution is P = I - 11^T/d
+    eye = torch.eye(d) - (1.0 / d if residual_is_centered(view) else 0.0)
+    close(fl.W[L], eye, f"{world.id} future W", 1e-3)
+    # attribute lens: one subject, beta 1: LRE(s) = o at every row
+    lre = mi_lenses.fit_attribute_lens(m, "The capital of {} is", ["France"], beta=1.0, progress=False)
+    tk, s_pos = mi_lenses.lenses.attribute.subject_prompt(view, "The capital of {} is", "France")
+    with torch.no_grad():
+        logits, c2 = m.run_with_cache(tk)
+    for r in (0, L // 2, L):
+        out = view.decode(lre.apply(c2[rows[r].hook_name][0, s_pos][None].float(), r))[0].log_softmax(-1)
+        close(out, logits[0, -1].float().log_softmax(-1), f"{world.id} LRE row {r}", 1e-3)
+    # the Patchscope read as a lens == the sweep; its final row is the model
+    psl = mi_lenses.PatchscopeLens()(m, PROMPT, point="resid_post")
+    sw = mi_lenses.sweep(m, PROMPT, target_layers="same", progress=False)
+    close(psl.prec_at_1[1:, 0], sw.prec_at_1[:, 0], f"{world.id} PatchscopeLens prec@1", 0)
+    close(psl.surprisal_bits[1:, 0], sw.surprisal[:, 0] / 0.6931471805599453, f"{world.id} surprisal", 1e-3)
+    # SelfIE: the prompt's own state injected back -> relevancy 0
+    prompt = "Hello world, x is a city"
+    pos = mi_lenses.patchscopes.spec.placeholder_positions(view, prompt, "x")[0]
+    si = mi_lenses.selfie(m, prompt, layers=[0], positions=[pos],
+                          interpretation=mi_lenses.Target(prompt, placeholder="x", layer=0), max_new_tokens=3)
+    assert si.relevancy.abs().max() < 1e-5
+    # the bench: the logit lens in compare_lenses == evaluate_lens
+    cmp = mi_lenses.compare_lenses(m, data, {"logit": "logit", "patchscope-q": "patchscope-q", "jacobian": jl},
+                                   point="resid_pre", progress=False)
+    ev = mi_lenses.evaluate_lens(mi_lenses.TunedLens.from_model(m), m, data)
+    close(cmp.stats["logit"]["kl_bits"][:-1], ev.kl_bits["logit lens"], f"{world.id} compare KL", 1e-4)
+    assert cmp.stats["patchscope-q"]["prec_at_1"][-1] == 1.0 == cmp.stats["jacobian"]["prec_at_1"][-1]
+    assert hook_counts(m) == before
+
+
 # ------------------------------------------------------------------------------------------------ ragged batches
 STATS = ("top_ids", "top_logits", "logsumexp", "entropy", "kl", "cross_entropy", "final_top1_rank",
          "target_ranks", "target_logprobs")
@@ -293,7 +361,15 @@ def _numbers(m) -> dict[str, torch.Tensor]:
     res = mi_lenses.logit_lens(m, RAGGED, targets=[" city"], top_k=5)
     dla = mi_lenses.direct_logit_attribution(m, RAGGED, answer=" city", wrong="Paris")
     ps = mi_lenses.patchscope(m, mi_lenses.Source(PROMPT, layer=[0, 1]), max_new_tokens=3, stop_at_eos=False)
-    return {"top_ids": res.top_ids, "logp": res.top_logits - res.logsumexp[..., None], "kl": res.kl,
+    jl = mi_lenses.fit_jacobian_lens(m, RAGGED[1:2], skip_first_positions=2, progress=False)
+    data = torch.randint(3, m.cfg.d_vocab, (4, 16), generator=torch.Generator().manual_seed(0))
+    cmp = mi_lenses.compare_lenses(m, data, {"patchscope": "patchscope", "jacobian": jl,
+                                             "future": mi_lenses.fit_future_lens(m, data, ahead=1, progress=False)},
+                                   progress=False)
+    more = {f"cmp_{n}_{k}": torch.tensor(v) for n, d in cmp.stats.items() for k, v in d.items()}
+    si = mi_lenses.selfie(m, PROMPT, layers=[1], inject_layer=0, max_new_tokens=3, stop_at_eos=False)
+    more.update({f"jlens_{r}": w for r, w in jl.W.items()}, selfie_ids=si.generated_ids, selfie_rel=si.relevancy)
+    return {**more, "top_ids": res.top_ids, "logp": res.top_logits - res.logsumexp[..., None], "kl": res.kl,
             "entropy": res.entropy, "ce": res.cross_entropy, "dla_heads": dla.heads, "dla_mlps": dla.mlps,
             "dla_neurons": dla.neurons, "dla_actual": dla.actual, "ps_top_ids": ps.top_ids,
             "ps_logp": ps.top_logprobs, "ps_generated": ps.generated_ids}
@@ -316,8 +392,8 @@ def test_both_worlds_give_the_same_numbers(world):
         mine = ours[key]
         if ref.dtype == torch.long:
             assert torch.equal(mine, ref), f"{world.id} {key}: differs from the 4.x bridge"
-        else:
-            close(mine, ref, f"{world.id} {key} vs the 4.x bridge", 1e-5)
+        else:  # Jacobians go through a backward pass whose float32 summation order differs between the worlds
+            close(mine, ref, f"{world.id} {key} vs the 4.x bridge", 1e-4 if key.startswith("jlens") else 1e-5)
 
 
 def test_every_statistic_of_a_world_needs_a_real_model():

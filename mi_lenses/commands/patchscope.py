@@ -19,7 +19,7 @@ import time
 from mi_lenses.commands import Parents, load, write_outputs
 from mi_lenses.errors import LensInputError
 
-PRESET_NAMES = ("identity", "description", "attribute", "multi_hop", "future_lens", "selfie")
+PRESET_NAMES = ("identity", "identity_q", "description", "attribute", "multi_hop", "future_lens", "selfie")
 
 
 def register(sub, parents: Parents) -> None:

@@ -46,9 +46,19 @@ class Lens:
     the lens against a model, and calling a lens runs it through :func:`run_lens`.
 
     ``row.lens_index`` follows the ``tuned-lens`` package: 0 is the embeddings, ``l`` the input of block ``l``.
+
+    Two class attributes describe what a lens predicts, so the engine compares it with the right reference:
+
+    * ``ahead``: the lens at position ``t`` predicts the model's distribution at ``t + ahead`` (0: the next token,
+      as the logit lens; a Future Lens with ``ahead=N`` predicts token ``t + N + 1``). KL, cross-entropy, ranks and
+      surprisal are taken against position ``t + ahead``; where a prompt has no such position they are NaN / -1.
+    * ``maps_final``: ``transform`` changes the final row too (the final row is then read like any other row, and
+      the model-output identity of ``verify()`` does not apply).
     """
 
     name: str = "lens"
+    ahead: int = 0
+    maps_final: bool = False
 
     def bind(self, model: Any) -> "Lens":
         """The lens to run on ``model`` (raise ``LensInputError`` if it does not belong to it)."""
@@ -181,12 +191,25 @@ def run_lens(
         raise LensInputError("pass a prompt, a list of prompts, tokens, or cache=ActivationCache.")
     batch, resid, model_logits = _forward(view, plan, input, cache, logits, attention_mask, prepend_bos)
     grid = resolve_positions(positions, batch.lengths, batch.offsets)
-    next_ids = batch.next_ids(grid.index)  # -1 where unknown (a cache without token ids)
-    stats, final_top1 = _reduce(view, plan, resid, grid, next_ids, return_logits=return_logits, fused=fused)
-    result = _assemble(view, plan, batch, grid, stats, final_top1.view(grid.index.shape), next_ids, model_logits)
-    if check and model_logits is not None and input is not None and plan.rows[-1].is_final:
+    ref_index = _reference_index(batch, grid, plan.ahead)
+    next_ids = batch.next_ids(ref_index)  # -1 where unknown (a cache without token ids, or no position t + ahead)
+    stats, final_top1 = _reduce(view, plan, resid, grid, ref_index, next_ids, return_logits=return_logits,
+                                fused=fused)
+    result = _assemble(view, plan, batch, grid, ref_index, stats, final_top1.view(grid.index.shape), next_ids,
+                       model_logits)
+    if check and model_logits is not None and input is not None and plan.rows[-1].is_final and plan.exact_final:
         result.verify(atol=_CHECK_ATOL[plan.dtype])
     return result
+
+
+def _reference_index(batch: Batch, grid: PositionGrid, ahead: int) -> Int[Tensor, "B P"]:
+    """The padded-sequence index of the reference position ``t + ahead`` of every column (-1 where the prompt has
+    no such position or the column is padding)."""
+    if ahead == 0:
+        return grid.index
+    end = torch.tensor([o + n for o, n in zip(batch.offsets, batch.lengths)])[:, None]
+    ref = grid.index + ahead
+    return torch.where(grid.valid & (ref < end), ref, -1)
 
 
 # ------------------------------------------------------------------------------------------------ prepare
@@ -208,6 +231,15 @@ class _Plan:
     def final(self) -> ResidualRow:
         return self.all_rows[-1]
 
+    @property
+    def ahead(self) -> int:
+        return int(getattr(self.lens, "ahead", 0))
+
+    @property
+    def exact_final(self) -> bool:
+        """The final row is the model's own output (the lens leaves it alone and predicts the next token)."""
+        return self.ahead == 0 and not getattr(self.lens, "maps_final", False)
+
 
 def _prepare(view: ModelView, lens: Lens, *, layers: IndexSpec, point: str, top_k: int, targets: Any, dtype: Any,
              position_chunk: int, vocab_tile: int | None) -> _Plan:
@@ -227,6 +259,9 @@ def _prepare(view: ModelView, lens: Lens, *, layers: IndexSpec, point: str, top_
     else:
         target_ids = [view.to_single_token(t) for t in ([targets] if isinstance(targets, (str, int)) else targets)]
     bound = lens.bind(view.model) if hasattr(lens, "bind") else lens
+    ahead = getattr(bound, "ahead", 0)
+    if not isinstance(ahead, int) or isinstance(ahead, bool) or ahead < 0:
+        raise LensInputError(f"a lens's `ahead` must be an int >= 0, got {ahead!r}.")
     return _Plan(bound, point, all_rows, rows, top_k, torch.tensor(target_ids, dtype=torch.long), dt,
                  position_chunk, vocab_tile)
 
@@ -255,18 +290,22 @@ def _read(cache: Any, name: str) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ reduce
-def _reduce(view: ModelView, plan: _Plan, resid: dict[str, Tensor], grid: PositionGrid, next_ids: Tensor, *,
-            return_logits: bool, fused: bool | None) -> tuple[Stats, Int[Tensor, " N"]]:
-    """Statistics ``[rows, B * P]`` and the final top-1 token ``[B * P]``: the final row decoded in full per chunk
-    of positions, every other row streamed through vocabulary tiles against it."""
+def _reduce(view: ModelView, plan: _Plan, resid: dict[str, Tensor], grid: PositionGrid, ref_index: Tensor,
+            next_ids: Tensor, *, return_logits: bool, fused: bool | None) -> tuple[Stats, Int[Tensor, " N"]]:
+    """Statistics ``[rows, B * P]`` and the reference top-1 token ``[B * P]``: the reference (the model's own final
+    row at ``t + ahead``) decoded in full per chunk of positions, every lens row streamed through vocabulary tiles
+    against it. Where there is no reference position the final row at ``t`` stands in (masked in ``_assemble``)."""
     dec = view.decoder
     B, P = grid.index.shape
     N, k, T = B * P, plan.k, len(plan.target_ids)
-    rows_out = [r for r in plan.rows if not r.is_final]
+    exact = plan.exact_final and plan.rows[-1].is_final
+    rows_out = [r for r in plan.rows if not (r.is_final and exact)]
     out = Stats.empty((len(plan.rows), N), k, T, view.d_vocab if return_logits else None)
     final_top1 = torch.full((N,), -1, dtype=torch.long)
     use_fused = bool(fused)
     hidden = {r.hook_name: grid.gather(resid[r.hook_name]).reshape(N, -1) for r in [*plan.rows, plan.final]}
+    ref_grid = PositionGrid(torch.where(ref_index >= 0, ref_index, grid.index), grid.valid, grid.requested)
+    reference = ref_grid.gather(resid[plan.final.hook_name]).reshape(N, -1)
     nxt_all = next_ids.reshape(N)
 
     def normed(rows: list[ResidualRow], c0: int, c1: int) -> Tensor:
@@ -277,9 +316,10 @@ def _reduce(view: ModelView, plan: _Plan, resid: dict[str, Tensor], grid: Positi
         for c0 in range(0, N, plan.position_chunk):
             c1 = min(c0 + plan.position_chunk, N)
             C, nxt = c1 - c0, nxt_all[c0:c1]
-            final, f_stats = final_row(dec, normed([plan.final], c0, c1), k=k, targets=plan.target_ids.expand(C, T),
-                                       next_ids=nxt, keep_logits=return_logits)
-            if plan.rows[-1].is_final:
+            ref_xn = dec.normalize(reference[c0:c1].float()).to(dec.W.device, plan.dtype)
+            final, f_stats = final_row(dec, ref_xn, k=k, targets=plan.target_ids.expand(C, T), next_ids=nxt,
+                                       keep_logits=return_logits)
+            if exact:
                 out.put((len(plan.rows) - 1, slice(c0, c1)), f_stats)
             rows_per = max(1, 1024 // C)
             for r0 in range(0, len(rows_out), rows_per):
@@ -294,14 +334,15 @@ def _reduce(view: ModelView, plan: _Plan, resid: dict[str, Tensor], grid: Positi
 
 
 # ------------------------------------------------------------------------------------------------ assemble
-def _assemble(view: ModelView, plan: _Plan, batch: Batch, grid: PositionGrid, st: Stats, final_top1: Tensor,
-              next_ids: Tensor, model_logits: Tensor | None) -> LensResult:
+def _assemble(view: ModelView, plan: _Plan, batch: Batch, grid: PositionGrid, ref_index: Tensor, st: Stats,
+              final_top1: Tensor, next_ids: Tensor, model_logits: Tensor | None) -> LensResult:
     B, P = grid.index.shape
     R, k, T = len(plan.rows), plan.k, len(plan.target_ids)
     shape = (R, B, P)
     valid = grid.valid
+    has_ref = valid & (ref_index >= 0)  # a reference position t + ahead exists
     ref_max = ref_lp = None
-    if model_logits is not None and plan.rows[-1].is_final:
+    if model_logits is not None and plan.rows[-1].is_final and plan.exact_final:
         ml = grid.gather(model_logits.detach()).float().log_softmax(-1).cpu()
         ref_lp = ml.gather(-1, st.top_ids[-1].view(B, P, k))
         ref_max = ml.max(-1).values
@@ -314,8 +355,8 @@ def _assemble(view: ModelView, plan: _Plan, batch: Batch, grid: PositionGrid, st
     vocab[-1] = ""
     str_tokens = [[vocab[t] if t >= 0 else "?" for t in row] for row in real]
 
-    def masked(t: Tensor, fill: float | int) -> Tensor:
-        m = valid.view(1, B, P, *([1] * (t.ndim - 3))).expand_as(t)
+    def masked(t: Tensor, fill: float | int, mask: Tensor = valid) -> Tensor:
+        m = mask.view(1, B, P, *([1] * (t.ndim - 3))).expand_as(t)
         return torch.where(m, t, torch.as_tensor(fill, dtype=t.dtype))
 
     logits = None if st.logits is None else masked(st.logits.view(*shape, -1), torch.nan)
@@ -333,10 +374,11 @@ def _assemble(view: ModelView, plan: _Plan, batch: Batch, grid: PositionGrid, st
         top_logits=masked(st.top_logits.view(*shape, k), torch.nan),
         logsumexp=masked(st.logsumexp.view(shape), torch.nan),
         entropy=masked(st.entropy.view(shape), torch.nan),
-        kl=masked(st.kl.view(shape), torch.nan),
+        kl=masked(st.kl.view(shape), torch.nan, has_ref),
         cross_entropy=masked(ce, torch.nan),
-        final_top1=torch.where(valid, final_top1, -1),
-        final_top1_rank=masked(st.final_top1_rank.view(shape), -1),
+        final_top1=torch.where(has_ref, final_top1, -1),
+        final_top1_rank=masked(st.final_top1_rank.view(shape), -1, has_ref),
+        final_top1_logprob=masked((st.final_top1_logit - st.logsumexp).view(shape), torch.nan, has_ref),
         target_ids=plan.target_ids,
         target_ranks=masked(st.target_ranks.view(*shape, T), -1),
         target_logprobs=masked((st.target_logits - st.logsumexp[..., None]).view(*shape, T), torch.nan),
@@ -345,4 +387,6 @@ def _assemble(view: ModelView, plan: _Plan, batch: Batch, grid: PositionGrid, st
         reference_logprobs=ref_lp,
         reference_max_logprob=ref_max,
         dtype=str(plan.dtype).replace("torch.", ""),
+        ahead=plan.ahead,
+        final_is_output=plan.exact_final,
     )

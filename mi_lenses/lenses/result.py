@@ -65,6 +65,10 @@ class LensResult(Result):
     reference_logprobs: Float[Tensor, "B P k"] | None = field(default=None, repr=False)
     reference_max_logprob: Float[Tensor, "B P"] | None = field(default=None, repr=False)
     dtype: str = "float32"
+    # log-prob, under each row, of the reference's top-1 token (the model's own prediction at t + ahead)
+    final_top1_logprob: Float[Tensor, "R B P"] | None = field(default=None, repr=False)
+    ahead: int = 0  # the lens predicts the model's distribution at t + ahead (see Lens.ahead)
+    final_is_output: bool = True  # the final row is the model's own output (False for lenses that map it)
 
     # ------------------------------------------------------------------------------------ derived views
     @property
@@ -86,6 +90,20 @@ class LensResult(Result):
     @property
     def cross_entropy_bits(self) -> Float[Tensor, "R B P"]:
         return self.cross_entropy / LN2
+
+    @property
+    def surprisal_bits(self) -> Float[Tensor, "R B P"]:
+        """``-log2 p(model's own top-1 token)`` under each row: the Patchscopes paper's surprisal (NaN where unknown)."""
+        if self.final_top1_logprob is None:
+            return torch.full(self.kl.shape, torch.nan)
+        return -self.final_top1_logprob / LN2
+
+    @property
+    def prec_at_1(self) -> Float[Tensor, "R B P"]:
+        """1.0 where a row's top-1 token is the model's own top-1 (at ``t + ahead``), 0.0 where not, NaN where there
+        is no reference."""
+        hit = (self.top_ids[..., 0] == self.final_top1[None]).float()
+        return torch.where(self.final_top1[None] >= 0, hit, torch.nan)
 
     @property
     def n_batch(self) -> int:
@@ -126,6 +144,11 @@ class LensResult(Result):
         Compares the final row's top-k log-probs with the model's log-probs at the same tokens, and checks that the
         final row's top-1 token is the model's top-1 (up to ``atol`` for exact ties).
         """
+        if not self.final_is_output:
+            raise VerificationError(
+                f"the {self.lens_name} maps the final row too (or predicts {self.ahead} positions ahead): its final "
+                "row is not the model's output, so this identity does not apply to it."
+            )
         if self.reference_logprobs is None or self.reference_max_logprob is None:
             raise VerificationError(
                 "verify needs the model's own logits and the final row: run the lens on a prompt or tokens (or pass "

@@ -57,6 +57,7 @@ class Stats:
     target_ranks: Int[Tensor, "... t"]
     target_logits: Float[Tensor, "... t"]
     next_logit: Float[Tensor, "..."]
+    final_top1_logit: Float[Tensor, "..."]  # the logit of the final row's top-1 token (surprisal, precision@1)
     logits: Float[Tensor, "... vocab"] | None = None
 
     @classmethod
@@ -66,7 +67,7 @@ class Stats:
         return cls(torch.zeros(*shape, k, **i), torch.zeros(*shape, k, **f), torch.zeros(*shape, **f),
                    torch.zeros(*shape, **f), torch.zeros(*shape, **f), torch.zeros(*shape, **i),
                    torch.zeros(*shape, t, **i), torch.zeros(*shape, t, **f), torch.zeros(*shape, **f),
-                   None if vocab is None else torch.zeros(*shape, vocab, **f))
+                   torch.zeros(*shape, **f), None if vocab is None else torch.zeros(*shape, vocab, **f))
 
     def put(self, index: tuple, other: "Stats") -> None:
         """``self.field[index] = other.field`` for every field both hold."""
@@ -102,7 +103,7 @@ def final_row(
     ref = logits.gather(1, torch.cat([top1[:, None], targets], 1))
     ranks = (logits[:, None, :] > ref[:, :, None]).sum(-1)
     stats = Stats(top_ids, top_logits, torch.logsumexp(logits, -1), -neg_entropy, torch.zeros(len(xn)), ranks[:, 0],
-                  ranks[:, 1:], ref[:, 1:], logits.gather(1, next_ids.clamp(min=0)[:, None])[:, 0],
+                  ranks[:, 1:], ref[:, 1:], logits.gather(1, next_ids.clamp(min=0)[:, None])[:, 0], ref[:, 0],
                   logits if keep_logits else None)
     return FinalDistribution(probs, neg_entropy, top1), stats
 
@@ -252,7 +253,7 @@ def row_stats(
     lse = m + torch.log(s)
     kl = final.neg_entropy.repeat(reps) - kl_dot + lse
     return Stats(run_i, run_v, lse, lse - el / s, kl.clamp(min=0.0), greater[:, 0], greater[:, 1:], ref[:, 1:],
-                 next_logit, full)
+                 next_logit, ref[:, 0], full)
 
 
 def _running_topk(L: Tensor, tmax: Tensor, offset: int, run_v: Tensor, run_i: Tensor, k: int) -> None:

@@ -12,16 +12,20 @@ Example:
 """
 
 from mi_lenses.patchscopes import presets
+from mi_lenses.patchscopes.lens import PatchscopeLens
 from mi_lenses.patchscopes.maps import AffineMap, fit, fit_map, paired_states
 from mi_lenses.patchscopes.result import PatchscopeResult, SweepResult
 from mi_lenses.patchscopes.run import patchscope, verify
+from mi_lenses.patchscopes.selfie import SelfIEResult, selfie
 from mi_lenses.patchscopes.spec import IDENTITY_PROMPT, Source, Target
 from mi_lenses.patchscopes.sweep import sweep
 
 __all__ = [
     "AffineMap",
     "IDENTITY_PROMPT",
+    "PatchscopeLens",
     "PatchscopeResult",
+    "SelfIEResult",
     "Source",
     "SweepResult",
     "Target",
@@ -30,6 +34,7 @@ __all__ = [
     "paired_states",
     "patchscope",
     "presets",
+    "selfie",
     "sweep",
     "verify",
 ]

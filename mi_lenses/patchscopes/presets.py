@@ -6,7 +6,7 @@ change any field with ``.replace(layer=..., model=..., map=...)``. Placeholder p
 
 Example:
     >>> sorted(PRESETS)
-    ['attribute', 'description', 'future_lens', 'identity', 'multi_hop', 'selfie']
+    ['attribute', 'description', 'future_lens', 'identity', 'identity_q', 'multi_hop', 'selfie']
     >>> selfie().occurrence, selfie().layer, identity().placeholder
     ('all', 2, '?')
 """
@@ -46,6 +46,13 @@ def identity() -> Target:
     """
     return Target(IDENTITY_PROMPT, placeholder="?", name="identity", max_new_tokens=8,
                   description="token identity: repeat what the patched state encodes")
+
+
+def identity_q() -> Target:
+    """Token identity with the plain ``"?"`` target prompt, patched at the ``?``: no few-shot context, so the readout
+    carries no bias toward the few-shot pattern's ``" ->"`` (the ``patchscope-q`` lens of ``mi-lenses compare``)."""
+    return Target("?", placeholder="?", name="identity_q", max_new_tokens=8,
+                  description="token identity without few-shot context: the state at a lone '?'")
 
 
 def description(prompt: str = DESCRIPTION_PROMPT, max_new_tokens: int = 20) -> Target:
@@ -89,6 +96,7 @@ def selfie(layer: int | None = 2, prompt: str = SELFIE_PROMPT, max_new_tokens: i
 
 PRESETS = {
     "identity": identity,
+    "identity_q": identity_q,
     "description": description,
     "attribute": attribute,
     "multi_hop": multi_hop,

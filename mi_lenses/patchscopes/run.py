@@ -21,7 +21,7 @@ Engine notes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -66,22 +66,29 @@ def patch_hooks(
     view: ModelView, layers: Int[Tensor, " N"], vectors: Float[Tensor, "N d"], positions: Sequence[int]
 ) -> list[tuple[str, Callable]]:
     """One hook per distinct target layer; each writes its rows' vectors at ``positions`` of ``resid_post``."""
+    return write_hooks([view.hook_name(POINT, int(l)) for l in layers.tolist()], vectors, positions)
+
+
+def write_hooks(names: Sequence[str], vectors: Float[Tensor, "N d"], positions: Sequence[int]) -> list[tuple[str, Callable]]:
+    """One hook per distinct hook name in ``names`` (one per row of a batch of ``N`` rows); each writes its rows'
+    vectors at ``positions`` of that hook's residual stream."""
     hooks = []
     pos = torch.as_tensor(list(positions), dtype=torch.long)
-    for layer in torch.unique(layers).tolist():
-        rows = (layers == layer).nonzero()[:, 0]
+    n_rows = len(names)
+    for name in dict.fromkeys(names):
+        rows = torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long)
 
         def hook(resid: Tensor, hook: Any = None, rows: Tensor = rows) -> Tensor:
-            if resid.shape[0] != layers.shape[0] or resid.shape[1] <= int(pos.max()):
+            if resid.shape[0] != n_rows or resid.shape[1] <= int(pos.max()):
                 raise RuntimeError(
-                    f"patch hook saw a residual of shape {tuple(resid.shape)}; expected {layers.shape[0]} rows and "
+                    f"patch hook saw a residual of shape {tuple(resid.shape)}; expected {n_rows} rows and "
                     f"more than {int(pos.max())} positions."
                 )
             r, p = rows.to(resid.device), pos.to(resid.device)
             resid[r[:, None], p[None, :]] = vectors[rows].to(resid.device, resid.dtype)[:, None, :]
             return resid
 
-        hooks.append((view.hook_name(POINT, int(layer)), hook))
+        hooks.append((name, hook))
     return hooks
 
 
@@ -92,6 +99,44 @@ def _chunks(n: int, size: int, progress: bool, desc: str) -> Iterable[tuple[int,
 
         spans = tqdm(spans, desc=desc, unit="batch")
     return spans
+
+
+def patched_runs(
+    rt: ResolvedTarget,
+    names: Sequence[str],
+    vectors: Float[Tensor, "N d"],
+    *,
+    chunk: int = 256,
+    use_kv_cache: bool = True,
+    progress: bool = False,
+    capture: str | None = None,
+) -> Iterator[tuple[int, int, Float[Tensor, "n V"], Float[Tensor, "n d"] | None]]:
+    """Run the target prompt once per row, row ``i`` with ``vectors[i]`` written at the target positions of hook
+    ``names[i]``, ``chunk`` rows per forward pass; yield ``(a, b, logits, state)`` per chunk of rows ``a:b``: the
+    logits at the target's last position and, with ``capture`` (a hook name), that hook's state there. The unpatched
+    prefix before the first patched position is computed once and shared through the KV cache."""
+    view, tokens = rt.view, rt.tokens
+    kv = view.kv if use_kv_cache else None
+    start = min(rt.positions) if kv is not None else 0
+    with torch.no_grad():
+        prefix = kv.forward(tokens[:, :start])[1] if start > 0 else None
+        suffix = tokens[:, start:]
+        for a, b in _chunks(len(names), chunk, progress, "patchscope rows"):
+            n = b - a
+            hooks = write_hooks(names[a:b], vectors[a:b], [p - start for p in rt.positions])
+            got: dict[str, Tensor] = {}
+            if capture is not None:
+                def keep(resid: Tensor, hook: Any = None) -> Tensor:
+                    got["state"] = resid[:, -1].detach().clone()
+                    return resid
+
+                hooks.append((capture, keep))  # after the patch hooks: it sees the patched stream
+            with view.model.hooks(fwd_hooks=hooks):
+                if prefix is not None:
+                    logits, _ = kv.forward(suffix.expand(n, -1), kv.repeat(prefix, n))
+                else:
+                    logits = view.model(suffix.expand(n, -1))
+            yield a, b, logits[:, -1], got.get("state")
 
 
 def patched_readout(
@@ -109,30 +154,19 @@ def patched_readout(
     Returns the top-k ids and log-probs, and the log-probs of ``gather_ids`` (``nan`` where an id is -1). Rows are
     run ``chunk`` at a time; the unpatched prefix before the first patched position is shared via the KV cache.
     """
-    view, tokens = rt.view, rt.tokens
     N = layers.shape[0]
-    kv = view.kv if use_kv_cache else None
-    start = min(rt.positions) if kv is not None else 0
     top_ids = torch.zeros(N, top_k, dtype=torch.long)
     top_lp = torch.zeros(N, top_k)
     gathered = torch.full(gather_ids.shape, torch.nan)
-    with torch.no_grad():
-        prefix = kv.forward(tokens[:, :start])[1] if start > 0 else None
-        suffix = tokens[:, start:]
-        for a, b in _chunks(N, chunk, progress, "patchscope rows"):
-            n = b - a
-            hooks = patch_hooks(view, layers[a:b], vectors[a:b], [p - start for p in rt.positions])
-            with view.model.hooks(fwd_hooks=hooks):
-                if prefix is not None:
-                    logits, _ = kv.forward(suffix.expand(n, -1), kv.repeat(prefix, n))
-                else:
-                    logits = view.model(suffix.expand(n, -1))
-            logp = logits[:, -1].float().log_softmax(-1).cpu()
-            v, i = logp.topk(top_k, dim=-1)
-            top_ids[a:b], top_lp[a:b] = i, v
-            ids = gather_ids[a:b]
-            got = logp.gather(1, ids.clamp(min=0))
-            gathered[a:b] = torch.where(ids >= 0, got, torch.nan)
+    names = [rt.view.hook_name(POINT, int(l)) for l in layers.tolist()]
+    for a, b, logits, _ in patched_runs(rt, names, vectors, chunk=chunk, use_kv_cache=use_kv_cache,
+                                        progress=progress):
+        logp = logits.float().log_softmax(-1).cpu()
+        v, i = logp.topk(top_k, dim=-1)
+        top_ids[a:b], top_lp[a:b] = i, v
+        ids = gather_ids[a:b]
+        got = logp.gather(1, ids.clamp(min=0))
+        gathered[a:b] = torch.where(ids >= 0, got, torch.nan)
     return top_ids, top_lp, gathered
 
 

@@ -121,7 +121,7 @@ def line_chart(
     x_labels: Sequence[str], series: dict[str, Sequence[float]], y_label: str, width: int = 720, height: int = 260
 ) -> str:
     """A small inline SVG line chart (one polyline per series)."""
-    colors = ["#08519c", "#e6550d", "#31a354", "#756bb1", "#636363"]
+    colors = ["#08519c", "#e6550d", "#31a354", "#756bb1", "#636363", "#d62728", "#17becf", "#8c564b"]
     values = [v for s in series.values() for v in s if v is not None and math.isfinite(v)]
     lo, hi = (min(values + [0.0]), max(values + [1e-9])) if values else (0.0, 1.0)
     left, right, top, bottom = 56, 12, 12, 48

@@ -51,8 +51,10 @@ def rank_grid(res, batch: int = 0, target: int | None = None) -> str:
     ranks = res.final_top1_rank if target is None else res.target_ranks[..., target]
     name = "the final top-1 token" if target is None else repr(res.target_strs[target])
     worst = math.log1p(max(float(ranks[:, batch, cols].max()), 1.0))
-    text = [[str(int(ranks[r, batch, j])) for j in cols] for r in order]
-    shade = [[1.0 - math.log1p(float(ranks[r, batch, j])) / worst for j in cols] for r in order]
+    # -1: no reference there (a lens predicting `ahead` positions beyond the prompt's end): no number, no shade
+    text = [[str(int(ranks[r, batch, j])) if ranks[r, batch, j] >= 0 else "–" for j in cols] for r in order]
+    shade = [[1.0 - math.log1p(float(ranks[r, batch, j])) / worst if ranks[r, batch, j] >= 0 else math.nan
+              for j in cols] for r in order]
     caption = f"Rank of {name} per layer and position (0 = top-1); darker = better rank."
     return heat_grid([res.labels[r] for r in order], [res.position_tokens[batch][j] for j in cols], text, shade,
                      None, caption)
@@ -62,7 +64,7 @@ def kl_chart(res, batch: int = 0) -> str:
     """KL(final || layer) in bits per layer: mean over positions and at the last position."""
     cols = res.columns(batch)
     kl = res.kl_bits[:, batch, cols]
-    series = {"mean over positions": kl.mean(-1).tolist(), "last position": kl[:, -1].tolist()}
+    series = {"mean over positions": kl.nanmean(-1).tolist(), "last position": kl[:, -1].tolist()}
     return line_chart(res.labels, series, "KL(final ‖ layer) [bits]")
 
 
