@@ -9,7 +9,7 @@ writes ``--json``.
 
 Usage (repo root)::
 
-    python benchmarks/future_lens.py --fit ../shared/data/wikitext-2/valid.txt --data ../shared/data/wikitext-2/test.txt
+    python benchmarks/future_lens.py --fit $WIKITEXT/valid.txt --data $WIKITEXT/test.txt
     python benchmarks/future_lens.py --fit text.txt --data text.txt --fit-tokens 2048 --max-tokens 256   # quick
 """
 
@@ -28,8 +28,10 @@ sys.path.insert(0, str(REPO))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fit", required=True, help="text to fit the lenses on")
-    ap.add_argument("--data", required=True, help="held-out text to evaluate on")
+    ap.add_argument("--fit", default=str(REPO / "mi_lenses" / "data" / "shakespeare_train.txt"),
+                    help="text to fit the lenses on (default: the shipped training text)")
+    ap.add_argument("--data", default=str(REPO / "mi_lenses" / "data" / "shakespeare_eval.txt"),
+                    help="held-out text to evaluate on (default: the shipped held-out text)")
     ap.add_argument("--ahead", default="0,1,2", help="N values, comma list (default 0,1,2)")
     ap.add_argument("--fit-tokens", type=int, default=16384)
     ap.add_argument("--max-tokens", type=int, default=1024)

@@ -2,8 +2,8 @@
 
 Example::
 
-    mi-lenses compare --data ../shared/data/wikitext-2/test.txt --max-tokens 2048 --lens smol_lens \\
-        --lenses logit,tuned,patchscope,patchscope-q,jacobian,future --fit-data ../shared/data/wikitext-2/valid.txt \\
+    mi-lenses compare --data $WIKITEXT/test.txt --max-tokens 2048 --lens smol_lens \\
+        --lenses logit,tuned,patchscope,patchscope-q,jacobian,future --fit-data $WIKITEXT/valid.txt \\
         --json compare.json --html compare.html
 
 ``--json`` writes ``{"layers": [...], "lenses": {NAME: {"kl_bits": [...], "ce_bits": [...], "prec_at_1": [...],
@@ -22,10 +22,13 @@ from mi_lenses.lenses.compare import LENS_NAMES as LENSES
 
 
 def register(sub, parents: Parents) -> None:
+    from mi_lenses.data import EVAL_TEXT, TRAIN_TEXT
+
     p = sub.add_parser("compare", parents=[parents.model, parents.outputs],
                        help="compare lenses (logit, tuned, Patchscopes, Jacobian, Future) on the same held-out tokens")
-    p.add_argument("--data", required=True,
-                   help="held-out text: a file or folder, a cached `datasets` name, or 'model[:N]'")
+    p.add_argument("--data", default=str(EVAL_TEXT),
+                   help="held-out text: a file or folder, a cached `datasets` name, or 'model[:N]' (default: the "
+                        "held-out text shipped with mi_lenses)")
     p.add_argument("--max-tokens", type=int, default=2048, help="evaluate on at most N tokens (default 2048)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
@@ -35,7 +38,9 @@ def register(sub, parents: Parents) -> None:
     p.add_argument("--lens", default=None, help="tuned lens folder (either format) for 'tuned'")
     p.add_argument("--jacobian-lens", default=None, help="Jacobian lens folder (JacobianLens.save) for 'jacobian'")
     p.add_argument("--future-lens", default=None, help="Future Lens folder (FutureLens.save) for 'future'")
-    p.add_argument("--fit-data", default=None, help="text to fit 'jacobian' / 'future' on when no folder is given")
+    p.add_argument("--fit-data", default=str(TRAIN_TEXT),
+                   help="text to fit 'jacobian' / 'future' on when no folder is given (default: the shipped training "
+                        "text)")
     p.add_argument("--fit-tokens", type=int, default=16384, help="tokens to fit the Future Lens on (default 16384)")
     p.add_argument("--jacobian-prompts", type=int, default=16,
                    help="prompts to fit the Jacobian lens on (default 16; each costs d_model backward passes)")
