@@ -110,7 +110,7 @@ def direct_logit_attribution(
         direction=dirn.label,
         answer=dirn.answer_strs,
         wrong=dirn.wrong_strs,
-        str_tokens=_str_tokens(view, batch, input is not None),
+        str_tokens=view.str_tokens(batch, known=input is not None),
         positions=(pos - torch.tensor(batch.offsets)).tolist(),
         embed_labels=[label for label, _ in view.embed_hooks],
         embed=parts.embed,
@@ -225,11 +225,3 @@ def _real_sources(sources: Tensor, batch: Batch) -> Tensor:
     for b, (o, n) in enumerate(zip(batch.offsets, batch.lengths)):
         out[b, ..., :n] = sources[b, ..., o : o + n]
     return out
-
-
-def _str_tokens(view: ModelView, batch: Batch, have_tokens: bool) -> list[list[str]]:
-    if not have_tokens:
-        return [[f"[{i}]" for i in range(n)] for n in batch.lengths]
-    real = batch.real_tokens()
-    vocab = view.id_to_str_map(torch.tensor([t for row in real for t in row]))
-    return [[vocab[t] for t in row] for row in real]
