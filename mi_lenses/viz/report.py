@@ -137,10 +137,9 @@ def report_fragment(rep) -> str:
 def report_table(rep, max_layers: int = 16):
     """The terminal summary (a rich ``Group``)."""
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
-    from mi_lenses.viz.tokens import stride
+    from mi_lenses.viz.terminal import Fitted
 
     items: list = [Text.assemble(("prompt ", "bold"), repr(rep.prompt), f" ({len(rep.str_tokens)} tokens) · ",
                                  ("prediction ", "bold"), f"{rep.prediction!r} p={rep.prediction_prob:.3f}",
@@ -149,7 +148,6 @@ def report_table(rep, max_layers: int = 16):
     if rep.logit_lens is not None:
         items.append(rep.logit_lens.table(max_positions=8, max_layers=max_layers))
         recs = rep.per_layer()
-        table = Table(title="per layer, at the last token", pad_edge=False)
         cols = [("layer", "layer", None), ("top-1", "top1", None), ("p", "top1_prob", ".2f"),
                 ("rank pred.", "rank_prediction", "d")]
         if rep.answer != rep.prediction:
@@ -162,15 +160,7 @@ def report_table(rep, max_layers: int = 16):
                                                                            ".2f")]
             if rep.tuned_precision is not None:
                 cols.append(("tuned prec@1", "tuned_prec_at_1", ".2f"))
-        for head, _, fmt in cols:  # token columns are cut with an ellipsis, numbers never
-            table.add_column(head, justify="left" if fmt is None else "right", no_wrap=True, overflow="ellipsis",
-                             max_width=16 if fmt is None else None, min_width=None if fmt is None else len(head))
-        for r in reversed(stride(len(recs), max_layers)):
-            table.add_row(*[_cell(recs[r][key], fmt) for _, key, fmt in cols])
-        if rep.patchscope is not None:
-            table.caption = (f"precision@1 over the last {len(rep.patchscope.positions)} positions; row l_pre is the "
-                             "output of block l - 1")
-        items.append(table)
+        items.append(Fitted(lambda width: _per_layer_table(rep, recs, cols, width, max_layers)))
     if rep.dla is not None:
         d = rep.dla
         parts = ", ".join(f"{label} {v:+.2f}" for label, v in d.top(8, batch=0))
@@ -186,6 +176,37 @@ def report_table(rep, max_layers: int = 16):
     items.append(Text(f"computed in {rep.seconds.get('total', float('nan')):.1f} s (" + ", ".join(
         f"{k.replace('_', ' ')} {v:.1f} s" for k, v in rep.seconds.items() if k != "total") + ")", style="dim"))
     return Group(*items)
+
+
+def _per_layer_table(rep, recs: list[dict], cols: list[tuple], width: int, max_layers: int):
+    """The per-layer table with as many of ``cols`` (in order) as fit ``width``."""
+    from rich.table import Table
+
+    from mi_lenses.viz.tokens import stride
+
+    rows = stride(len(recs), max_layers)
+    texts = {key: [_cell(recs[r][key], fmt) for r in rows] for _, key, fmt in cols}
+    widths = [min(16, max([len(head)] + [len(t) for t in texts[key]])) + 3 for head, key, _ in cols]
+    keep, used = [], 1
+    for c, w in zip(cols, widths):
+        if used + w > width and keep:
+            break
+        keep.append(c)
+        used += w
+    table = Table(title="per layer, at the last token", pad_edge=False)
+    for head, _, fmt in keep:  # token columns are cut with an ellipsis, numbers never
+        table.add_column(head, justify="left" if fmt is None else "right", no_wrap=True, overflow="ellipsis",
+                         max_width=16 if fmt is None else None, min_width=None if fmt is None else len(head))
+    for i in reversed(range(len(rows))):
+        table.add_row(*[texts[key][i] for _, key, _ in keep])
+    notes = []
+    if len(keep) < len(cols):
+        notes.append(f"{len(cols) - len(keep)} column(s) left out to fit the width")
+    if rep.patchscope is not None:
+        notes.append(f"precision@1 over the last {len(rep.patchscope.positions)} positions; row l_pre is the output "
+                     "of block l - 1")
+    table.caption = "; ".join(notes)
+    return table
 
 
 def _cell(value, fmt: str | None) -> str:
