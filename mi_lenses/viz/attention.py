@@ -76,22 +76,63 @@ def top_heads_list(res, batch: int = 0, k: int = 5) -> str:
     return f'<table class="data">{body}</table>'
 
 
-def head_view_component(res, batch: int, layer: int):
-    """circuitsvis ``AttentionHeads`` of every head of one layer over the prompt's tokens."""
+HEAD_VIEW_WINDOW = 64  # tokens the interactive (circuitsvis) head view shows; longer prompts get a window
+
+
+def head_view_component(res, batch: int, layer: int, window: int = HEAD_VIEW_WINDOW):
+    """circuitsvis ``AttentionHeads`` of every head of one layer over the prompt's last ``window`` tokens (all of
+    them when the prompt is no longer): the browser draws every query x key cell, which takes seconds per head
+    beyond a few dozen tokens."""
     import circuitsvis as cv
 
     i = res.layer_index(layer)
     n = res.lengths[batch]
+    lo = max(0, n - window)
     return cv.attention.attention_heads(
-        attention=_rounded(res.patterns[batch, i, :, :n, :n]), tokens=distinct(res.str_tokens[batch][:n]),
+        attention=_rounded(res.patterns[batch, i, :, lo:n, lo:n]),
+        tokens=distinct(res.str_tokens[batch][:n])[lo:],
         attention_head_names=[f"L{res.layers[i]}H{h}" for h in range(res.n_heads)],
     )
 
 
-def head_view(res, batch: int, layer: int) -> str:
-    """The head view: every head of ``layer`` (thumbnails; click one to enlarge, hover a token to see where it
-    looks), offline."""
-    return circuitsvis_block([head_view_component(res, batch, layer)])
+def _thumb(p: torch.Tensor, size: int) -> torch.Tensor:
+    """A pattern ``[n, n]`` as an image: max-pooled to ``size`` x ``size`` when larger (a one-token stripe stays
+    visible), shade = sqrt(weight)."""
+    p = torch.nan_to_num(p, nan=0.0)
+    if p.shape[-1] > size:
+        p = torch.nn.functional.adaptive_max_pool2d(p[None], (size, size))[0]
+    return p.sqrt()
+
+
+def head_images(res, batch: int, layer: int, size: int = 200) -> str:
+    """Every head of ``layer`` as one image of its whole pattern (queries down, keys across), for prompts too long
+    for the interactive view."""
+    i = res.layer_index(layer)
+    n = res.lengths[batch]
+    titles = head_titles(res, batch)[i]
+    px = min(max(n, 96), size)
+    cells = "".join(
+        f'<figure style="margin:0 8px 8px 0;display:inline-block;font-size:12px">'
+        f'<img alt="L{res.layers[i]}H{h} pattern" title="{html.escape(titles[h])}" '
+        f'src="{png_data_uri(_thumb(res.patterns[batch, i, h, :n, :n], size))}" width="{px}" height="{px}" '
+        f'style="image-rendering:pixelated;border:1px solid #ddd;display:block">'
+        f"<figcaption>L{res.layers[i]}H{h}</figcaption></figure>" for h in range(res.n_heads))
+    return f"<div>{cells}</div>"
+
+
+def head_view(res, batch: int, layer: int, window: int = HEAD_VIEW_WINDOW) -> str:
+    """The head view: every head of ``layer`` (click one to enlarge it, hover a token to see where it looks),
+    offline. A prompt longer than ``window`` tokens shows every head's whole pattern as an image first, then the
+    interactive view of its last ``window`` tokens."""
+    n = res.lengths[batch]
+    if n <= window:
+        return circuitsvis_block([head_view_component(res, batch, layer, window)])
+    return (f'<p class="note">{n} tokens: every head\'s whole pattern (queries down, keys across; shade = sqrt(weight)'
+            f"{f', max-pooled to 200 x 200' if n > 200 else ''}; hover for its diagnostics):</p>"
+            + head_images(res, batch, layer)
+            + f'<p class="note">Interactive view of the last {window} tokens (queries and keys among them; the weight '
+            f"on earlier keys, e.g. an attention sink on token 0, is in the images above):</p>"
+            + circuitsvis_block([head_view_component(res, batch, layer, window)]))
 
 
 def model_view(res, batch: int = 0, size: int = 48) -> str:
@@ -105,12 +146,9 @@ def model_view(res, batch: int = 0, size: int = 48) -> str:
     for i in range(len(res.layers) - 1, -1, -1):
         cells = []
         for h in range(res.n_heads):
-            p = torch.nan_to_num(res.patterns[batch, i, h, :n, :n], nan=0.0)
-            if n > size:
-                p = torch.nn.functional.adaptive_max_pool2d(p[None], (size, size))[0]
             cells.append(f'<td style="padding:1px"><img alt="L{res.layers[i]}H{h}" title="{html.escape(titles[i][h])}" '
-                         f'src="{png_data_uri(p.sqrt())}" width="{px}" height="{px}" '
-                         f'style="image-rendering:pixelated;border:1px solid #ddd;display:block"></td>')
+                         f'src="{png_data_uri(_thumb(res.patterns[batch, i, h, :n, :n], size))}" width="{px}" '
+                         f'height="{px}" style="image-rendering:pixelated;border:1px solid #ddd;display:block"></td>')
         rows.append(f'<tr><th style="text-align:right;padding:0 6px;font-size:12px">L{res.layers[i]}</th>'
                     f'{"".join(cells)}</tr>')
     head = "<tr><th></th>" + "".join(f'<th style="font-size:12px">H{h}</th>' for h in range(res.n_heads)) + "</tr>"

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 from typing import Sequence
@@ -212,6 +213,12 @@ def line_chart(
     return "\n".join(parts)
 
 
+@functools.lru_cache(maxsize=1)
+def _palette() -> bytes:
+    """The sequential scale as a 256-colour PNG palette."""
+    return bytes(c for i in range(256) for c in sequential(i / 255))
+
+
 def png_data_uri(values) -> str:
     """A ``[height, width]`` tensor of values in [0, 1] as an inline PNG (``data:`` URI) on the sequential colour
     scale (palette PNG, NaN white): small thumbnails that need no script and no network."""
@@ -222,7 +229,7 @@ def png_data_uri(values) -> str:
     import torch
 
     h, w = values.shape
-    palette = bytes(c for i in range(256) for c in sequential(i / 255))
+    palette = _palette()
     idx = (torch.nan_to_num(values.float(), nan=0.0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     raw = b"".join(b"\x00" + row.tobytes() for row in idx)
 

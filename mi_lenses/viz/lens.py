@@ -14,15 +14,17 @@ from mi_lenses.viz.tokens import distinct
 
 def column_labels(res, batch: int, cols: list[int]) -> list[str]:
     """The input token of each column, with its position appended where the same token occurs twice."""
-    return distinct([res.position_tokens[batch][j] for j in cols], [int(res.token_index[batch, j]) for j in cols])
+    tokens = res.position_tokens[batch]
+    return distinct([tokens[j] for j in cols], [int(res.token_index[batch, j]) for j in cols])
 
 
 def best_tokens(res, batch: int, column: int, n: int) -> list[int]:
     """The ``n`` token ids with the highest probability at *any* layer at ``column`` (among each layer's top-k):
     a view that shows a few tokens shows the ones some layer believed most, not only the final layer's."""
     best: dict[int, float] = {}
+    ids, probs = res.top_ids[:, batch, column].tolist(), res.top_probs[:, batch, column].tolist()
     for r in range(len(res.labels)):
-        for i, p in zip(res.top_ids[r, batch, column].tolist(), res.top_probs[r, batch, column].tolist()):
+        for i, p in zip(ids[r], probs[r]):
             if i >= 0 and p > best.get(i, -1.0):
                 best[i] = p
     return [i for i, _ in sorted(best.items(), key=lambda kv: -kv[1])[:n]]
@@ -49,10 +51,11 @@ def top1_grid(res, batch: int = 0, value: str = "prob") -> str:
     text = [[toks[r][batch][j][0] for j in cols] for r in order]
     k = res.top_ids.shape[-1]
     labels = column_labels(res, batch, cols)
+    top_probs = res.top_probs[:, batch].tolist()  # once: the property recomputes on every access
     titles = [
         [
             f"{res.labels[r]} @ {label!r}: "
-            + ", ".join(f"{toks[r][batch][j][i]!r} {float(res.top_probs[r, batch, j, i]):.3f}" for i in range(k))
+            + ", ".join(f"{toks[r][batch][j][i]!r} {top_probs[r][j][i]:.3f}" for i in range(k))
             for j, label in zip(cols, labels)
         ]
         for r in order

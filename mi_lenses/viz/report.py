@@ -141,7 +141,8 @@ def report_table(rep, max_layers: int = 16):
 
     from mi_lenses.viz.terminal import Fitted
 
-    items: list = [Text.assemble(("prompt ", "bold"), repr(rep.prompt), f" ({len(rep.str_tokens)} tokens) · ",
+    prompt = repr(rep.prompt if len(rep.prompt) <= 100 else "…" + rep.prompt[-99:])  # a long prompt's end
+    items: list = [Text.assemble(("prompt ", "bold"), prompt, f" ({len(rep.str_tokens)} tokens) · ",
                                  ("prediction ", "bold"), f"{rep.prediction!r} p={rep.prediction_prob:.3f}",
                                  *(((" · answer ", "bold"), repr(rep.answer)) if rep.answer != rep.prediction else ()),
                                  *(((" · wrong ", "bold"), repr(rep.wrong)) if rep.wrong is not None else ()))]
