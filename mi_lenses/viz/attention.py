@@ -225,15 +225,16 @@ def attention_fragment(res, batch: int = 0, layer: int | None = None, head: int 
         f'<p class="note">Attention of <b>{html.escape(res.model_name)}</b>: {len(res.layers)} layers x '
         f"{res.n_heads} heads ({res.n_kv_heads} key/value heads), {n} tokens; {induction}. Sink share, entropy and "
         "previous-token score average the queries 1 .. n-1 (query 0 can only attend to itself).</p>",
-        f"<{h}>Per-head diagnostics</{h}>", score_maps(res, batch), top_heads_list(res, batch),
-        f"<{h}>Head view: layer {layer}</{h}>",
+        f'<div id="attention-diagnostics"><{h}>Per-head diagnostics</{h}>{score_maps(res, batch)}'
+        f"{top_heads_list(res, batch)}</div>",
+        f'<div id="head-view"><{h}>Head view: layer {layer}</{h}>'
         '<p class="note">Every head of the layer; click a head to enlarge it, hover a token to see where it '
-        "looks.</p>", head_view(res, batch, layer),
-        f"<{h}>Model view: every layer and head</{h}>", model_view(res, batch),
+        f"looks.</p>{head_view(res, batch, layer)}</div>",
+        f'<div id="model-view"><{h}>Model view: every layer and head</{h}>{model_view(res, batch)}</div>',
     ]
     if res.q is not None:
-        parts += [f"<{h}>Neuron view: L{layer}H{head}</{h}>", neuron_view(res.qk_terms(layer, head, query,
-                                                                                       batch=batch))]
+        terms = res.qk_terms(layer, head, query, batch=batch)
+        parts.append(f'<div id="neuron-view"><{h}>Neuron view: L{layer}H{head}</{h}>{neuron_view(terms)}</div>')
     else:
         parts.append(f'<p class="note">No neuron view: {html.escape(res.qk_note or "")}.</p>')
     return "\n".join(parts)

@@ -174,7 +174,8 @@ def line_chart(
     values = [v for s in series.values() for v in s if v is not None and math.isfinite(v)]
     lo, hi = (min(values + [0.0]), max(values + [1e-9])) if values else (0.0, 1.0)
     lo, hi = (lo if y_min is None else y_min), (hi if y_max is None else y_max)
-    left, right, top, bottom = 56, 12, 12, 48
+    legend = min(170, 12 + 6 * max([len(name) for name in series] + [0]))  # the legend sits right of the plot
+    left, right, top, bottom = 56, legend, 12, 48
     n = max(len(x_labels) - 1, 1)
 
     def xy(i: int, v: float) -> tuple[float, float]:
@@ -183,7 +184,8 @@ def line_chart(
         return x, y
 
     parts = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg" font-size="10">']
-    parts.append(f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#999"/>')
+    parts.append(f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" '
+                 f'stroke="#999"/>')
     parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#999"/>')
     for t in range(5):
         v = lo + (hi - lo) * t / 4
@@ -207,7 +209,7 @@ def line_chart(
                      f'{html.escape(name)}</title></polyline>')
         parts += [f'<circle cx="{xy(i, v)[0]:.1f}" cy="{xy(i, v)[1]:.1f}" r="2.5" fill="{c}"><title>'
                   f'{html.escape(name)} @ {html.escape(x_labels[i])}: {v:.4g}</title></circle>' for i, v in ok]
-        parts.append(f'<text x="{width - right - 4}" y="{top + 12 + 12 * k}" text-anchor="end" fill="{c}">'
+        parts.append(f'<text x="{width - right + 8}" y="{top + 12 + 14 * k}" fill="{c}">'
                      f'{html.escape(name)}</text>')
     parts.append("</svg>")
     return "\n".join(parts)

@@ -32,8 +32,9 @@ def lens_section(rep) -> str:
         f'<p class="note">Every residual state decoded through the final norm and unembedding ({ll.point}: row '
         f"<code>l_pre</code> is the input of block l){'; the tuned lens beside it' if tl is not None else ''}. "
         "Hover a cell for the top tokens.</p>",
-        "<h3>Top-1 token per layer and position</h3>",
+        '<div id="lens-grids"><h3>Top-1 token per layer and position</h3>',
         _side(*(top1_grid(res) for res in lenses)),
+        "</div>",
         f"<h3>Rank of the model's prediction {html.escape(repr(rep.prediction))}</h3>",
         _side(*(rank_grid(res, 0, rep.target_index("prediction")) for res in lenses)),
     ]
@@ -46,13 +47,14 @@ def lens_section(rep) -> str:
     kl = {f"KL, {res.lens_name}": res.kl_bits[:, 0, last].tolist() for res in lenses}
     ent = {f"entropy, {res.lens_name}": res.entropy_bits[:, 0, last].tolist() for res in lenses}
     parts += [
-        f"<h3>KL to the final distribution and entropy, {where}</h3>",
+        f'<div id="lens-curves"><h3>KL to the final distribution and entropy, {where}</h3>',
         _side(line_chart(ll.labels, kl, "KL(final ‖ layer) [bits]", width=500),
               line_chart(ll.labels, ent, "entropy [bits]", width=500)),
         f"<h3>Top tokens per layer, {where}</h3>",
         '<p class="note">The tokens with the highest probability at <i>any</i> layer (not only the last), and the '
         "answer; exact probabilities at every layer.</p>",
         _side(*(_trajectory_chart(t) for t in (rep.trajectory, rep.tuned_trajectory) if t is not None)),
+        "</div>",
         "<h3>Per-layer statistics over the prompt (circuitsvis)</h3>",
         '<p class="note">Pick a layer in each view: tokens coloured by KL to the final distribution, the top-1 '
         "probability and the entropy at that layer.</p>",
