@@ -105,7 +105,8 @@ def test_lens_entry_points_share_one_explicit_signature():
 
 
 PUBLIC_FUNCTIONS = ["logit_lens", "tuned_lens", "run_lens", "direct_logit_attribution", "neuron_attribution",
-                    "patchscope", "sweep", "evaluate_lens", "load_model", "load_lens", "save_lens", "fit_map"]
+                    "patchscope", "sweep", "evaluate_lens", "load_model", "load_lens", "save_lens", "fit_map",
+                    "attention", "report"]
 
 
 @pytest.mark.parametrize("name", PUBLIC_FUNCTIONS)
@@ -119,6 +120,8 @@ def test_no_kwargs_pass_through(name):
     (mi_lenses.logit_lens, "point"), (mi_lenses.logit_lens, "dtype"), (mi_lenses.DLAResult.top, "by"),
     (mi_lenses.DLAResult.to_dataframe, "what"), (mi_lenses.LensResult.table, "value"),
     (mi_lenses.save_lens, "format"), (mi_lenses.TunedLens.save, "format"),
+    (mi_lenses.AttentionResult.table, "value"), (mi_lenses.AttentionResult.to_dataframe, "what"),
+    (mi_lenses.AttentionResult.top_heads, "metric"), (mi_lenses.report, "sections"),
 ])
 def test_string_options_are_literal_types(fn, param):
     hints = typing.get_type_hints(fn)
@@ -166,10 +169,14 @@ def results(builder, tmp_path_factory):
                                                  mi_lenses.presets.identity(), max_new_tokens=2),
         "SweepResult": mi_lenses.sweep(m, PROMPT, positions=[-1, -2], progress=False),
         "LensEvaluation": mi_lenses.evaluate_lens(mi_lenses.TunedLens.from_model(m), m, tokens),
+        "AttentionResult": mi_lenses.attention(m, PROMPTS),
+        "QKTerms": mi_lenses.attention(m, PROMPT).qk_terms(1, 2),
+        "Report": mi_lenses.report(m, PROMPT, progress=False),
     }
 
 
-@pytest.mark.parametrize("kind", ["LensResult", "DLAResult", "PatchscopeResult", "SweepResult", "LensEvaluation"])
+@pytest.mark.parametrize("kind", ["LensResult", "DLAResult", "PatchscopeResult", "SweepResult", "LensEvaluation",
+                                  "AttentionResult", "QKTerms", "Report"])
 def test_every_result_has_the_same_outputs(results, kind, tmp_path, capsys):
     res = results[kind]
     assert isinstance(res, mi_lenses.Result) and dataclasses.is_dataclass(res)
