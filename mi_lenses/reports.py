@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 

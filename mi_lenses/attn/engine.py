@@ -132,7 +132,7 @@ def attention(
         if pattern is None:
             raise LensInputError(f"the cache has no {view.attn_hook(l, 'pattern')!r} (it holds block "
                                  f"{chosen[0]}'s): cache every layer you ask for, or pass layers=.")
-        patterns[:, i] = _own_tokens(pattern.detach().float().cpu(), batch, dims=(-2, -1))
+        patterns[:, i] = batch.own_positions(pattern.detach().float().cpu(), dims=(-2, -1))
         scales.append(view.attn_scale(l))
         if keep_qk:
             try:
@@ -147,12 +147,12 @@ def attention(
             if q_all is None:
                 q_all = torch.full((B, L, S, H, view.d_head), torch.nan)
                 k_all = torch.full((B, L, S, k.shape[2], view.d_head), torch.nan)
-            q_all[:, i] = _own_tokens(q, batch, dims=(1,))
-            k_all[:, i] = _own_tokens(k, batch, dims=(1,))
+            q_all[:, i] = batch.own_positions(q, dims=(1,))
+            k_all[:, i] = batch.own_positions(k, dims=(1,))
             scores = cache.get(view.attn_hook(l, "attn_scores"))
             if scores is not None:
                 score_err[i] = _score_error(q_all[:, i], k_all[:, i], scales[-1],
-                                            _own_tokens(scores.detach().float().cpu(), batch, dims=(-2, -1)),
+                                            batch.own_positions(scores.detach().float().cpu(), dims=(-2, -1)),
                                             batch.lengths)
     sink, entropy, previous = _diagnostics(patterns, batch.lengths)
     induction, ind_tokens = (None, None)
@@ -211,22 +211,6 @@ class _Batched:
         if t is None:
             raise KeyError(name)
         return t
-
-
-def _own_tokens(t: Tensor, batch: Batch, dims: tuple[int, ...]) -> Tensor:
-    """``t`` with the position axes ``dims`` re-indexed by each prompt's own tokens (left padding removed, padding
-    NaN)."""
-    if not batch.padded:
-        return t
-    out = torch.full_like(t, torch.nan)
-    for b, (o, n) in enumerate(zip(batch.offsets, batch.lengths)):
-        src, dst = [b], [b]
-        for d in range(1, t.ndim):
-            pos = d in {x % t.ndim for x in dims}
-            src.append(slice(o, o + n) if pos else slice(None))
-            dst.append(slice(0, n) if pos else slice(None))
-        out[tuple(dst)] = t[tuple(src)]
-    return out
 
 
 def causal_scores(q: Tensor, k: Tensor, scale: float, n: int) -> Tensor:

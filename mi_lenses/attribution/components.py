@@ -119,7 +119,7 @@ def direct_logit_attribution(
         mlps=parts.mlps,
         mlp_bias=parts.mlp_bias,
         neurons=parts.neurons,
-        sources=_real_sources(parts.sources, batch),
+        sources=batch.own_positions(parts.sources, dims=(-1,), fill=0.0),  # padding stays zero
         constants={k: v.detach().float().cpu() for k, v in dirn.constants.items()},
         actual=actual,
         actual_source=actual_source,
@@ -215,13 +215,3 @@ def _reduce(view: ModelView, cache: Any, dirn: Direction, pos: Tensor) -> _Parts
 def _keys(cache: Any) -> set[str]:
     keys = cache.keys() if hasattr(cache, "keys") else []
     return set(keys)
-
-
-def _real_sources(sources: Tensor, batch: Batch) -> Tensor:
-    """Source positions re-indexed by each prompt's own tokens (left padding removed); padding stays zero."""
-    if not batch.left_padded:
-        return sources
-    out = torch.zeros_like(sources)
-    for b, (o, n) in enumerate(zip(batch.offsets, batch.lengths)):
-        out[b, ..., :n] = sources[b, ..., o : o + n]
-    return out
