@@ -126,7 +126,7 @@ def report_fragment(rep) -> str:
     toc = "".join(f'<li><a href="#{ANCHORS[s]}">{title[s]}</a></li>' for s in shown)
     body = [
         f'<p class="note">Prompt ({len(rep.str_tokens)} tokens): <code>{html.escape(rep.prompt)}</code>. {pred} '
-        f"Model: <b>{html.escape(rep.model_name)}</b>. Computed in {rep.seconds.get('total', float('nan')):.1f} s.</p>",
+        f"Model: <b>{html.escape(rep.model_name)}</b>.</p>",
         f'<nav class="toc"><b>Contents</b><ol>{toc}</ol></nav>',
     ]
     for i, s in enumerate(shown, 1):
