@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -95,6 +96,7 @@ def attention(
     view = ModelView(model)
     if cache is None and _is_cache(input):
         cache, input = input, None
+    # prepare
     if induction_length is None:
         n_ctx = int(getattr(view.cfg, "n_ctx", 0) or 0)
         induction_length = DEFAULT_INDUCTION_LENGTH if not n_ctx else min(DEFAULT_INDUCTION_LENGTH, (n_ctx - 1) // 2)
@@ -104,83 +106,105 @@ def attention(
     chosen = resolve_indices(layers, view.n_layers, "layer", f"this model has {view.n_layers} blocks")
     if input is None and cache is None:
         raise LensInputError("pass a prompt, a list of prompts, tokens, or cache=ActivationCache.")
-    unsupported = view.qk_unsupported() if qk else None
-    keep_qk = qk and unsupported is None
-
-    # forward
-    batch = view.batch(input, prepend_bos=prepend_bos, attention_mask=attention_mask) if input is not None else None
+    unsupported = view.qk_unsupported() if qk else "qk=False was passed"
     users = cache is not None
-    if cache is None:
-        _, cache = view.run_with_cache(batch, required_hooks(view, chosen, qk=keep_qk))
-    cache = _Batched(cache)
-    first = cache.get(view.attn_hook(chosen[0], "pattern"))
-    if first is None:
-        raise LensInputError(
-            f"the cache has no {view.attn_hook(chosen[0], 'pattern')!r}: run model.run_with_cache(tokens) without a "
-            "names_filter (or with mi_lenses.attn.required_hooks(model)), or pass the prompt instead."
-        )
-    batch = match_cache(batch, (first.shape[0], first.shape[-1]), attention_mask)
-
-    # reduce
-    B, S = batch.shape
-    L, H = len(chosen), view.n_heads
-    patterns = torch.full((B, L, H, S, S), torch.nan)
-    q_all = k_all = None
-    scales, score_err = [], torch.full((L,), torch.nan)
-    for i, l in enumerate(chosen):
-        pattern = cache.get(view.attn_hook(l, "pattern"))
-        if pattern is None:
-            raise LensInputError(f"the cache has no {view.attn_hook(l, 'pattern')!r} (it holds block "
-                                 f"{chosen[0]}'s): cache every layer you ask for, or pass layers=.")
-        patterns[:, i] = batch.own_positions(pattern.detach().float().cpu(), dims=(-2, -1))
-        scales.append(view.attn_scale(l))
-        if keep_qk:
-            try:
-                q, k = view.attn_qk(cache, l)
-            except LensInputError:
-                if users:  # a user's cache without queries and keys: patterns only
-                    keep_qk, unsupported = False, "the cache holds no queries/keys (run_with_cache without a filter)"
-                    q_all = k_all = None
-                    continue
-                raise
-            q, k = q.detach().float().cpu(), k.detach().float().cpu()
-            if q_all is None:
-                q_all = torch.full((B, L, S, H, view.d_head), torch.nan)
-                k_all = torch.full((B, L, S, k.shape[2], view.d_head), torch.nan)
-            q_all[:, i] = batch.own_positions(q, dims=(1,))
-            k_all[:, i] = batch.own_positions(k, dims=(1,))
-            scores = cache.get(view.attn_hook(l, "attn_scores"))
-            if scores is not None:
-                score_err[i] = _score_error(q_all[:, i], k_all[:, i], scales[-1],
-                                            batch.own_positions(scores.detach().float().cpu(), dims=(-2, -1)),
-                                            batch.lengths)
-    sink, entropy, previous = _diagnostics(patterns, batch.lengths)
+    # forward, reduce
+    batch, cache = _forward(view, input, cache, chosen, unsupported is None, attention_mask, prepend_bos)
+    parts = _reduce(view, cache, batch, chosen, unsupported is None, users)
+    unsupported = unsupported or parts.qk_note
     induction, ind_tokens = (None, None)
     if induction_length:
         induction, ind_tokens = _induction(view, chosen, induction_length, induction_batch, seed, prepend_bos)
-
+    sink, entropy, previous = _diagnostics(parts.patterns, batch.lengths)
+    # assemble
     result = AttentionResult(
         model_name=view.name,
         layers=chosen,
-        n_heads=H,
+        n_heads=view.n_heads,
         n_kv_heads=view.n_kv_heads,
         str_tokens=view.str_tokens(batch, known=input is not None),
         lengths=list(batch.lengths),
-        patterns=patterns,
+        patterns=parts.patterns,
         sink=sink,
         entropy=entropy,
         previous_token=previous,
         induction=induction,
         induction_tokens=ind_tokens,
-        q=q_all if keep_qk else None,
-        k=k_all if keep_qk else None,
-        scale=scales,
-        score_error=score_err,
-        qk_note=None if keep_qk else (unsupported or "qk=False was passed"),
+        q=parts.q,
+        k=parts.k,
+        scale=parts.scales,
+        score_error=parts.score_error,
+        qk_note=unsupported,
     )
     if check:
         result.verify()
     return result
+
+
+# ------------------------------------------------------------------------------------------------ forward
+def _forward(view: ModelView, input: Any, cache: Any, layers: list[int], qk: bool, attention_mask: Any,
+             prepend_bos: bool | None) -> tuple[Batch, "_Batched"]:
+    """The batch and a cache with the patterns of ``layers`` (one forward pass unless the caller brought a cache)."""
+    batch = view.batch(input, prepend_bos=prepend_bos, attention_mask=attention_mask) if input is not None else None
+    if cache is None:
+        _, cache = view.run_with_cache(batch, required_hooks(view, layers, qk=qk))
+    cache = _Batched(cache)
+    first = cache.get(view.attn_hook(layers[0], "pattern"))
+    if first is None:
+        raise LensInputError(
+            f"the cache has no {view.attn_hook(layers[0], 'pattern')!r}: run model.run_with_cache(tokens) without a "
+            "names_filter (or with mi_lenses.attn.required_hooks(model)), or pass the prompt instead."
+        )
+    return match_cache(batch, (first.shape[0], first.shape[-1]), attention_mask), cache
+
+
+# ------------------------------------------------------------------------------------------------ reduce
+@dataclass
+class _Parts:
+    patterns: Tensor  # [B, L, H, S, S], each prompt's own tokens, padding NaN
+    q: Tensor | None  # [B, L, S, H, d] after rotary
+    k: Tensor | None  # [B, L, S, KV, d]
+    scales: list[float]
+    score_error: Tensor  # [L], NaN where the cache has no hook_attn_scores
+    qk_note: str | None  # why q and k are not kept
+
+
+def _reduce(view: ModelView, cache: "_Batched", batch: Batch, layers: list[int], qk: bool, users: bool) -> _Parts:
+    """Patterns, queries and keys of every layer re-indexed by each prompt's own tokens, and the largest error of
+    ``scale * q · k`` against the cached ``hook_attn_scores``."""
+    B, S = batch.shape
+    L, H = len(layers), view.n_heads
+    out = _Parts(torch.full((B, L, H, S, S), torch.nan), None, None, [view.attn_scale(l) for l in layers],
+                 torch.full((L,), torch.nan), None)
+    for i, l in enumerate(layers):
+        pattern = cache.get(view.attn_hook(l, "pattern"))
+        if pattern is None:
+            raise LensInputError(f"the cache has no {view.attn_hook(l, 'pattern')!r} (it holds block "
+                                 f"{layers[0]}'s): cache every layer you ask for, or pass layers=.")
+        out.patterns[:, i] = batch.own_positions(pattern.detach().float().cpu(), dims=(-2, -1))
+        if not qk or out.qk_note:
+            continue
+        try:
+            q, k = view.attn_qk(cache, l)
+        except LensInputError:
+            if not users:
+                raise
+            # a user's cache without the queries and keys: everything but the q·k terms
+            out.q = out.k = None
+            out.qk_note = "the cache holds no queries/keys (run_with_cache without a names_filter)"
+            continue
+        q, k = q.detach().float().cpu(), k.detach().float().cpu()
+        if out.q is None:
+            out.q = torch.full((B, L, S, H, view.d_head), torch.nan)
+            out.k = torch.full((B, L, S, k.shape[2], view.d_head), torch.nan)
+        out.q[:, i] = batch.own_positions(q, dims=(1,))
+        out.k[:, i] = batch.own_positions(k, dims=(1,))
+        scores = cache.get(view.attn_hook(l, "attn_scores"))
+        if scores is not None:
+            out.score_error[i] = _score_error(out.q[:, i], out.k[:, i], out.scales[i],
+                                              batch.own_positions(scores.detach().float().cpu(), dims=(-2, -1)),
+                                              batch.lengths)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ helpers
