@@ -37,6 +37,8 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=1280, help="browser width in pixels (default 1280)")
     args = ap.parse_args()
 
+    import torch
+
     import mi_lenses
     from browser import Browser, find_chromium
     from rich.console import Console
@@ -55,12 +57,13 @@ def main() -> int:
         t = time.perf_counter()
         lens = mi_lenses.train_lens(model, data, steps=0, warm_start_tokens=args.lens_tokens, progress=False)
         print(f"warm-start lens on {args.lens_tokens} tokens of {data.name} in {time.perf_counter() - t:.0f} s")
-    import torch
-
-    wall, cpu = time.perf_counter(), time.process_time()
-    rep = mi_lenses.report(model, PROMPT, lens=lens, answer=" Mary", wrong=" John")
-    utilisation = (time.process_time() - cpu) / (time.perf_counter() - wall) / torch.get_num_threads()
-    if utilisation < 0.8:  # the terminal summary shows the timings: take them on a quiet machine
+    for attempt in range(3):  # the terminal summary shows the timings: keep a run the other jobs left alone
+        wall, cpu = time.perf_counter(), time.process_time()
+        rep = mi_lenses.report(model, PROMPT, lens=lens, answer=" Mary", wrong=" John", progress=attempt == 0)
+        utilisation = (time.process_time() - cpu) / (time.perf_counter() - wall) / torch.get_num_threads()
+        if utilisation >= 0.8:
+            break
+    else:
         print(f"warning: CPU utilisation {utilisation:.2f} during the report (other jobs?): the timings in "
               "docs/terminal.svg are not the machine's", file=sys.stderr)
     page = out / ".report.tmp.html"  # ignored by git (*.html); removed below
