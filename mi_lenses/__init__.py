@@ -6,7 +6,9 @@ Every name is importable from here:
   :func:`run_lens`; tuned-lens training and files: :func:`train_lens`, :class:`TrainConfig`, :func:`evaluate_lens`,
   :func:`load_lens`, :func:`save_lens`;
 * attribution: :func:`direct_logit_attribution`, :func:`neuron_attribution`;
+* attention: :func:`attention` (patterns, sinks, entropy, previous-token and induction scores, q·k terms);
 * Patchscopes: :func:`patchscope`, :func:`sweep`, :class:`Source`, :class:`Target`, ``presets``, :func:`fit_map`;
+* the report: :func:`report` (every lens, DLA and attention of one prompt on one offline page);
 * models: :func:`load_model`, :class:`ModelView`;
 * results share one protocol (:class:`Result`: ``show``, ``to_html``, ``print``, ``to_dict``/``to_json``,
   ``to_dataframe``); errors derive from :class:`MiLensesError` and name the fix.
@@ -21,6 +23,7 @@ Example:
     True
 """
 
+from mi_lenses.attn import AttentionResult, QKTerms, attention
 from mi_lenses.attribution import DLAResult, direct_logit_attribution, neuron_attribution
 from mi_lenses.errors import LensInputError, MiLensesError, ModelLoadError, VerificationError
 from mi_lenses.lenses import Lens, LensResult, LogitLens, logit_lens, run_lens
@@ -57,11 +60,13 @@ from mi_lenses.patchscopes import (
 )
 from mi_lenses import data, diffusion, patchscopes  # noqa: E402  (subpackages: shipped text, mi_lenses.patchscopes.verify)
 from mi_lenses.diffusion import DiffusionLensResult, diffusion_lens
+from mi_lenses.reports import Report, report
 from mi_lenses.results import Result
 
 __version__ = "0.1.0"
 __all__ = [
     "AffineMap",
+    "AttentionResult",
     "AttributeLens",
     "DLAResult",
     "DiffusionLensResult",
@@ -79,7 +84,9 @@ __all__ = [
     "ModelView",
     "PatchscopeLens",
     "PatchscopeResult",
+    "QKTerms",
     "RelationEvaluation",
+    "Report",
     "Result",
     "RowMapLens",
     "SelfIEResult",
@@ -89,6 +96,7 @@ __all__ = [
     "TrainConfig",
     "TunedLens",
     "VerificationError",
+    "attention",
     "compare_lenses",
     "data",
     "diffusion",
@@ -109,6 +117,7 @@ __all__ = [
     "patchscope",
     "patchscopes",
     "presets",
+    "report",
     "run_lens",
     "save_lens",
     "selfie",

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# One command for a fresh machine: set up, then run the logit lens of a prompt on the embedded SmolLM2,
-# print it as a table and write out/logit_lens.html (offline) and out/logit_lens.json.
+# One command for a fresh machine: set up, then the report of a prompt on the embedded SmolLM2: every lens, the
+# direct logit attribution and the attention views on one offline page (out/report.html, plus out/report.json),
+# and its summary in the terminal.
+#   bash scripts/demo.sh ["PROMPT" [" ANSWER" [" WRONG"]]]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
+export HF_HUB_OFFLINE=1
 mkdir -p out
-mi-lenses logit-lens "${1:-The capital of France is}" --target "${2:- Paris}" \
-  --html out/logit_lens.html --json out/logit_lens.json
+args=("${1:-The capital of France is}" --out out/report.html --json out/report.json)
+[ -n "${2:-}" ] && args+=(--answer "$2")
+[ -n "${3:-}" ] && args+=(--wrong "$3")
+mi-lenses report "${args[@]}"
+echo "open $(pwd)/out/report.html in a browser (it works offline)"

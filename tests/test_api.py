@@ -107,7 +107,8 @@ def test_lens_entry_points_share_one_explicit_signature():
 PUBLIC_FUNCTIONS = ["logit_lens", "tuned_lens", "run_lens", "direct_logit_attribution", "neuron_attribution",
                     "patchscope", "sweep", "evaluate_lens", "load_model", "load_lens", "save_lens", "fit_map",
                     "fit_jacobian_lens", "fit_future_lens", "fit_future_prompt", "fit_attribute_lens",
-                    "evaluate_attribute_lens", "compare_lenses", "selfie", "diffusion_lens", "load_row_map"]
+                    "evaluate_attribute_lens", "compare_lenses", "selfie", "diffusion_lens", "load_row_map",
+                    "attention", "report"]
 
 
 @pytest.mark.parametrize("name", PUBLIC_FUNCTIONS)
@@ -123,6 +124,8 @@ def test_no_kwargs_pass_through(name):
     (mi_lenses.save_lens, "format"), (mi_lenses.TunedLens.save, "format"),
     (mi_lenses.fit_jacobian_lens, "backend"), (mi_lenses.compare_lenses, "point"),
     (mi_lenses.LensComparison.table, "metric"),
+    (mi_lenses.AttentionResult.table, "value"), (mi_lenses.AttentionResult.to_dataframe, "what"),
+    (mi_lenses.AttentionResult.top_heads, "metric"), (mi_lenses.report, "sections"),
 ])
 def test_string_options_are_literal_types(fn, param):
     hints = typing.get_type_hints(fn)
@@ -175,11 +178,15 @@ def results(builder, tmp_path_factory):
             mi_lenses.fit_attribute_lens(m, "The capital of {} is", ["France"], progress=False), m,
             [("Paris", " city"), ("Rome", " city")]),
         "SelfIEResult": mi_lenses.selfie(m, PROMPT, layers=[0, 2], max_new_tokens=3),
+        "AttentionResult": mi_lenses.attention(m, PROMPTS),
+        "QKTerms": mi_lenses.attention(m, PROMPT).qk_terms(1, 2),
+        "Report": mi_lenses.report(m, PROMPT, progress=False),
     }
 
 
 @pytest.mark.parametrize("kind", ["LensResult", "DLAResult", "PatchscopeResult", "SweepResult", "LensEvaluation",
-                                  "LensComparison", "RelationEvaluation", "SelfIEResult"])
+                                  "LensComparison", "RelationEvaluation", "SelfIEResult", "AttentionResult",
+                                  "QKTerms", "Report"])
 def test_every_result_has_the_same_outputs(results, kind, tmp_path, capsys):
     res = results[kind]
     assert isinstance(res, mi_lenses.Result) and dataclasses.is_dataclass(res)

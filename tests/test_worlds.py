@@ -163,6 +163,37 @@ def test_patchscopes_patch_where_they_read(world):
     close(sw.surprisal, loop.surprisal, "sweep cached vs not", 1e-5)
 
 
+def test_attention_and_the_report(world, tmp_path, capsys):
+    """attention() on this world's model equals the HF model's eager attention probabilities, its q·k terms equal
+    the model's hook_attn_scores (rotary, GQA), and the report and its command run and leave no hooks."""
+    m = world.model
+    before = hook_counts(m)
+    res = mi_lenses.attention(m, RAGGED[:3])
+    for b, prompt in enumerate(RAGGED[:3]):
+        tokens = m.to_tokens(prompt)
+        with torch.no_grad():
+            att = world.hf(tokens, output_attentions=True).attentions
+        n = tokens.shape[1]
+        for l, a in enumerate(att):
+            close(res.patterns[b, l, :, :n, :n], a[0], f"{world.id} attention prompt {b} layer {l} vs HF", 1e-5)
+    _, cache = m.run_with_cache(m.to_tokens(PROMPT))
+    one = mi_lenses.attention(m, PROMPT, cache=cache)
+    for l in range(m.cfg.n_layers):
+        scores = cache[f"blocks.{l}.attn.hook_attn_scores"][0]
+        for h in range(m.cfg.n_heads):
+            terms = one.qk_terms(l, h)
+            close(terms.products.sum(-1), scores[h, -1], f"{world.id} q·k terms L{l}H{h}", 1e-5)
+    rep = mi_lenses.report(m, PROMPT, wrong=" city", patchscope_positions=3, progress=False)
+    assert rep.to_html(tmp_path / "r.html").count("var CircuitsVis=") == 1 and rep.sections[-1] == "attention"
+    rep.print(width=160)
+    from mi_lenses.cli import main
+
+    assert main(["report", PROMPT, "--model", str(world.folder), "--out", str(tmp_path / "c.html"), "--no-progress",
+                 "--sections", "logit_lens,attention"]) == 0
+    assert f"wrote {tmp_path / 'c.html'}" in capsys.readouterr().out
+    assert hook_counts(m) == before
+
+
 def test_renderers_and_commands(world, tmp_path, capsys):
     m = world.model
     before = hook_counts(m)
@@ -369,6 +400,8 @@ def _numbers(m) -> dict[str, torch.Tensor]:
     more = {f"cmp_{n}_{k}": torch.tensor(v) for n, d in cmp.stats.items() for k, v in d.items()}
     si = mi_lenses.selfie(m, PROMPT, layers=[1], inject_layer=0, max_new_tokens=3, stop_at_eos=False)
     more.update({f"jlens_{r}": w for r, w in jl.W.items()}, selfie_ids=si.generated_ids, selfie_rel=si.relevancy)
+    att = mi_lenses.attention(m, RAGGED[:3], induction_length=8)
+    more.update(att_patterns=att.patterns, att_induction=att.induction, att_qk=att.qk_terms(1, 0, batch=1).products)
     return {**more, "top_ids": res.top_ids, "logp": res.top_logits - res.logsumexp[..., None], "kl": res.kl,
             "entropy": res.entropy, "ce": res.cross_entropy, "dla_heads": dla.heads, "dla_mlps": dla.mlps,
             "dla_neurons": dla.neurons, "dla_actual": dla.actual, "ps_top_ids": ps.top_ids,

@@ -27,6 +27,49 @@ for label, rank, kl in zip(res.labels, res.target_ranks[:, 0, -1, 0].tolist(), r
     print(f"{label:>8}  rank {rank:>6}  KL {kl:6.2f} bits")
 
 # %% [markdown]
+# ## A repeated phrase: at which layer does the repeat become top-1?
+# A phrase the model has never seen is unpredictable the first time and copyable the second. Compare, per layer, how
+# often the lens's top-1 is the actual next token, and the next token's surprisal, over the first and the second
+# copy (from each copy's second token on: a 135M model needs one token of the repeat before it starts copying).
+#
+# Measured on SmolLM2-135M-Instruct (the cell prints it): the copy is a late-layer phenomenon. Up to layer 22 the two
+# copies look alike (median surprisal 41-57 bits, top-1 almost never right); from layer 23 the second copy pulls
+# away (41.5 vs 51.1 bits at 23, 30.2 vs 40.2 at 24, 9.1 vs 20.9 at 28). The repeat becomes the top-1 token mostly
+# at the output row: for 82 % of the second copy's positions (9 of 11), against 18 % of the first copy's, and for at
+# most 27 % at any earlier row (layer 27). SmolLM2's logit lens reads far from the output in the middle layers (see
+# the KL column above); the tuned lens (tutorial 02) reads the same states with much lower KL.
+
+# %%
+sentence = " Green ideas sleep furiously under purple mountains while seven cats dance."
+rep = mi_lenses.logit_lens(model, sentence + sentence)
+n = rep.tokens.shape[1] // 2
+next_ids = rep.tokens[0, 1:]
+hit = (rep.top_ids[:, 0, :-1, 0] == next_ids).float()  # [rows, positions]: top-1 == the actual next token
+surprisal = rep.cross_entropy_bits[:, 0, :-1]
+copies = {"first copy": list(range(1, n - 1)), "second copy": list(range(n + 1, 2 * n - 1))}
+print(f"{'row':>7}  " + "  ".join(f"{name}: top-1 ok, surprisal" for name in copies))
+for r in [*range(0, len(rep.labels) - 1, 4), 23, 24, 27, 28, len(rep.labels) - 1]:
+    cells = [f"{hit[r, cols].mean():17.2f} {surprisal[r, cols].median():9.1f} bits" for cols in copies.values()]
+    print(f"{rep.labels[r]:>7}  " + "  ".join(cells))
+
+# %% [markdown]
+# ## Copying a rare token
+# "axolotl" is rare: SmolLM2 splits it into ` ax`, `ol`, `ot`, `l`. Told the word once, the model copies it at the
+# end. Measured (the cell prints it): the rank of ` ax` at the last position is 7,767 at the embeddings and stays in
+# the thousands (2,481-4,723) through layer 23, drops to 267 at layer 24 and 26 at layer 29, and ` ax` is the top-1
+# token at the output (p = 0.30). Without the earlier mention (`"The secret word is"`) its rank at the output is
+# 3,485: the copy is what lifts it, and it arrives in the last six layers.
+
+# %%
+copy = mi_lenses.logit_lens(model, "The secret word is axolotl. Remember it. The secret word is", positions=-1,
+                            targets=" ax")
+ranks = copy.target_ranks[:, 0, 0, 0]
+for r in [0, 10, 20, 23, 24, 27, 29, len(copy.labels) - 1]:
+    print(f"{copy.labels[r]:>7}  rank of ' ax' {int(ranks[r]):>5}  p {float(copy.target_probs[r, 0, 0, 0]):.3f}")
+control = mi_lenses.logit_lens(model, "The secret word is", positions=-1, targets=" ax")
+print("without the earlier mention, rank at the output:", int(control.target_ranks[-1, 0, 0, 0]))
+
+# %% [markdown]
 # ## From a cache you already have (no second forward pass)
 
 # %%

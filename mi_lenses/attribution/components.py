@@ -110,7 +110,7 @@ def direct_logit_attribution(
         direction=dirn.label,
         answer=dirn.answer_strs,
         wrong=dirn.wrong_strs,
-        str_tokens=_str_tokens(view, batch, input is not None),
+        str_tokens=view.str_tokens(batch, known=input is not None),
         positions=(pos - torch.tensor(batch.offsets)).tolist(),
         embed_labels=[label for label, _ in view.embed_hooks],
         embed=parts.embed,
@@ -119,7 +119,7 @@ def direct_logit_attribution(
         mlps=parts.mlps,
         mlp_bias=parts.mlp_bias,
         neurons=parts.neurons,
-        sources=_real_sources(parts.sources, batch),
+        sources=batch.own_positions(parts.sources, dims=(-1,), fill=0.0),  # padding stays zero
         constants={k: v.detach().float().cpu() for k, v in dirn.constants.items()},
         actual=actual,
         actual_source=actual_source,
@@ -215,21 +215,3 @@ def _reduce(view: ModelView, cache: Any, dirn: Direction, pos: Tensor) -> _Parts
 def _keys(cache: Any) -> set[str]:
     keys = cache.keys() if hasattr(cache, "keys") else []
     return set(keys)
-
-
-def _real_sources(sources: Tensor, batch: Batch) -> Tensor:
-    """Source positions re-indexed by each prompt's own tokens (left padding removed); padding stays zero."""
-    if not batch.left_padded:
-        return sources
-    out = torch.zeros_like(sources)
-    for b, (o, n) in enumerate(zip(batch.offsets, batch.lengths)):
-        out[b, ..., :n] = sources[b, ..., o : o + n]
-    return out
-
-
-def _str_tokens(view: ModelView, batch: Batch, have_tokens: bool) -> list[list[str]]:
-    if not have_tokens:
-        return [[f"[{i}]" for i in range(n)] for n in batch.lengths]
-    real = batch.real_tokens()
-    vocab = view.id_to_str_map(torch.tensor([t for row in real for t in row]))
-    return [[vocab[t] for t in row] for row in real]

@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mi_lenses.errors import VerificationError
+from mi_lenses.errors import LensInputError, VerificationError
 from mi_lenses.results import LN2, Result, jsonable
 
 
@@ -240,8 +240,15 @@ class LensResult(Result):
 
         return lens_fragment(self, batch=self.check_batch(batch))
 
-    def table(self, *, batch: int = 0, value: Literal["prob", "rank"] = "prob"):
-        """A rich table of the top-1 token per layer (rows) and position (columns), with KL (and target ranks)."""
+    def table(self, *, batch: int = 0, value: Literal["prob", "rank"] = "prob", max_positions: int = 12,
+              max_layers: int | None = None):
+        """A rich table of the top-1 token per layer (rows) and position (columns: the last ``max_positions``), with
+        KL and every target's rank at the last position; ``max_layers`` strides the rows (the final row is always
+        kept)."""
         from mi_lenses.viz.terminal import lens_table
 
-        return lens_table(self, batch=self.check_batch(batch), value=value)
+        for name, v in (("max_positions", max_positions), ("max_layers", max_layers)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise LensInputError(f"{name} must be a positive int, got {v!r}.")
+        return lens_table(self, batch=self.check_batch(batch), value=value, max_positions=max_positions,
+                          max_layers=max_layers)

@@ -60,6 +60,20 @@ class Batch:
         rows = self.tokens.cpu().tolist()
         return [row[o : o + n] for row, o, n in zip(rows, self.offsets, self.lengths)]
 
+    def own_positions(self, t: Tensor, dims: tuple[int, ...], fill: float = float("nan")) -> Tensor:
+        """``t`` (batch first) with its position axes ``dims`` re-indexed by each prompt's own tokens: prompt ``b``'s
+        real tokens move to ``0 .. lengths[b] - 1`` (left padding removed), everything else is ``fill``. Returns
+        ``t`` itself when nothing is padded."""
+        if not self.padded:
+            return t
+        axes = {d % t.ndim for d in dims}
+        out = torch.full_like(t, fill)
+        for b, (o, n) in enumerate(zip(self.offsets, self.lengths)):
+            src = (b, *(slice(o, o + n) if d in axes else slice(None) for d in range(1, t.ndim)))
+            dst = (b, *(slice(0, n) if d in axes else slice(None) for d in range(1, t.ndim)))
+            out[dst] = t[src]
+        return out
+
     def next_ids(self, index: Int[Tensor, "B P"]) -> Int[Tensor, "B P"]:
         """The token after each selected position ``index`` (padded-sequence indices, -1 = none); -1 at a prompt's
         last real token and at masked columns."""

@@ -181,6 +181,75 @@ class ModelView:
         ``pattern`` (``[batch, head, query, key]``)."""
         return f"blocks.{layer}.attn.hook_{name}"
 
+    # ----------------------------------------------------------------------------------------- attention scores
+    @property
+    def d_head(self) -> int:
+        return int(self.cfg.d_head)
+
+    @property
+    def is_rotary(self) -> bool:
+        return getattr(self.cfg, "positional_embedding_type", "standard") == "rotary"
+
+    def qk_unsupported(self) -> str | None:
+        """Why the attention scores of this model are not ``scale * q · k`` (ALiBi, soft-capped scores), or None."""
+        if getattr(self.cfg, "positional_embedding_type", "standard") == "alibi":
+            return "this model adds ALiBi position biases to q · k"
+        cap = getattr(self.cfg, "attn_scores_soft_cap", -1.0)
+        if cap is not None and float(cap) > 0:
+            return f"this model soft-caps its attention scores (attn_scores_soft_cap={cap})"
+        return None
+
+    def qk_hooks(self, layer: int) -> list[str]:
+        """Every hook :meth:`attn_qk` may read in block ``layer`` (the ones this model has): the queries and keys
+        before and after rotary, and the rotary angles where the model exposes only those."""
+        names = [self.attn_hook(layer, n) for n in ("q", "k", "rot_q", "rot_k", "cos", "sin")]
+        return [n for n in names if n in self.model.hook_dict]
+
+    def attn_scale(self, layer: int) -> float:
+        """The factor block ``layer`` multiplies ``q · k`` by (usually ``1 / sqrt(d_head)``)."""
+        attn = self.model.blocks[layer].attn
+        if self.is_bridge:
+            scaling = getattr(getattr(attn, "original_component", None), "scaling", None)
+        else:
+            scale = getattr(attn, "attn_scale", None)
+            scaling = None if scale is None else 1.0 / float(scale)
+        return float(scaling) if scaling is not None else self.d_head ** -0.5
+
+    def attn_qk(self, cache: Any, layer: int) -> tuple[Float[Tensor, "B S H d"], Float[Tensor, "B S KV d"]]:
+        """The queries (one per query head) and keys (one per KV head under GQA) of block ``layer`` as they enter
+        the attention scores: after rotary on rotary models. ``scores[h, q, k] = attn_scale * q[q, h] · k[k,
+        kv_head(h)]`` (before the causal mask).
+
+        Rotary queries come from ``hook_rot_q``/``hook_rot_k`` where they fire; a bridge that exposes only the
+        rotary angles (``hook_cos``/``hook_sin``, e.g. GPT-NeoX) gets them rotated here on the first
+        ``cos.shape[-1]`` dimensions (the Hugging Face convention, which that bridge runs)."""
+
+        def get(name: str) -> Tensor | None:
+            try:
+                return cache[self.attn_hook(layer, name)]
+            except (KeyError, IndexError):
+                return None
+
+        q, k = get("rot_q"), get("rot_k")
+        if q is not None and k is not None:
+            return q.float(), k.float()
+        q, k, cos, sin = get("q"), get("k"), get("cos"), get("sin")
+        if q is None or k is None:
+            raise LensInputError(
+                f"the cache lacks the queries/keys of block {layer} (attn.hook_q/hook_k, or hook_rot_q/hook_rot_k "
+                "on rotary models): run model.run_with_cache(tokens) without a names_filter, or pass the prompt."
+            )
+        q, k = q.float(), k.float()
+        if cos is None or sin is None:
+            if self.is_rotary:
+                raise LensInputError(
+                    f"block {layer} is rotary but the cache has neither hook_rot_q/hook_rot_k nor hook_cos/hook_sin: "
+                    "cache them too (run_with_cache without a names_filter)."
+                )
+            return q, k
+        cos, sin = cos.float()[:, :, None, :], sin.float()[:, :, None, :]  # [B or 1, S, 1, r]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
     def mlp_hook(self, layer: int, name: str = "post") -> str:
         """Hook inside block ``layer``'s MLP: ``post`` is the input of ``W_out`` (post-activation, gated)."""
         return f"blocks.{layer}.mlp.hook_{name}"
@@ -279,6 +348,20 @@ class ModelView:
             raise LensInputError("empty prompt: pass some text (the lens needs at least one token).")
         return tokens.to(self.device)
 
+    @property
+    def prepends_bos(self) -> bool:
+        """Whether text is tokenised with a BOS token in front by default (SmolLM2: no)."""
+        return bool(self.model.to_tokens("a").shape[-1] > self.model.to_tokens("a", prepend_bos=False).shape[-1])
+
+    def str_tokens(self, batch: Batch, *, known: bool = True) -> list[list[str]]:
+        """Each prompt's real tokens as strings (padding left out); ``known=False`` (a cache without token ids):
+        placeholders ``[0]``, ``[1]``, ..."""
+        if not known:
+            return [[f"[{i}]" for i in range(n)] for n in batch.lengths]
+        real = batch.real_tokens()
+        vocab = self.id_to_str_map(torch.tensor([t for row in real for t in row]))
+        return [[vocab[t] for t in row] for row in real]
+
     def to_single_token(self, token: str | int) -> int:
         """The id of a token given as a string that must be exactly one token, or as an id."""
         if isinstance(token, bool):
@@ -308,3 +391,13 @@ class ModelView:
     def id_to_str_map(self, ids: Tensor) -> dict[int, str]:
         """Decoded string of each distinct id in ``ids`` (decoded once each)."""
         return {int(i): self.id_to_str(int(i)) for i in torch.unique(ids.flatten()).tolist()}
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding on the first ``cos.shape[-1]`` dimensions of ``x`` (Hugging Face's ``rotate_half`` layout:
+    the two halves of the rotated span are the paired coordinates)."""
+    r = cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    half = r // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    return torch.cat((rot * cos + rotated * sin, rest), dim=-1)

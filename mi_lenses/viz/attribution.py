@@ -39,7 +39,7 @@ def layer_bars(res, batch: int = 0, width: int = 720, bar_h: int = 14) -> str:
     attn = (res.heads[batch].sum(-1) + (res.attn_bias[batch] if res.attn_bias is not None else 0.0)).tolist()
     vmax = max([abs(v) for v in mlp + attn] + [1e-9])
     left, mid = 70, (width + 70) / 2
-    half = (width - left) / 2 - 10
+    half = (width - left) / 2 - 50  # room for the value label beside the longest bar
     height = 24 + L * (2 * bar_h + 6)
     parts = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg" font-size="10" '
              f'font-family="monospace">',
@@ -100,8 +100,9 @@ def source_views(res, batch: int = 0, head: tuple[int, int] | None = None, n_hea
     return views
 
 
-def dla_fragment(res, batch: int = 0, head: tuple[int, int] | None = None, top_k: int = 20) -> str:
-    """Everything about one prompt as an offline HTML fragment."""
+def dla_fragment(res, batch: int = 0, head: tuple[int, int] | None = None, top_k: int = 20, level: int = 2) -> str:
+    """Everything about one prompt as an offline HTML fragment (headings at ``level``)."""
+    h = f"h{level}"
     tops = res.top(1, kinds="head", batch=batch)
     head = head or _head_label(tops[0][0])
     pos = res.positions[batch]
@@ -114,14 +115,14 @@ def dla_fragment(res, batch: int = 0, head: tuple[int, int] | None = None, top_k
         f"Model's own value: {float(res.actual[batch]):+.4f} ({res.actual_source}); sum of all parts: "
         f"{float(res.total[batch]):+.4f}; constants: {consts}. Final-norm scale frozen from the run "
         f"({float(res.scale[batch]):.4g}). Prompt: <code>{html.escape(prompt)}</code></p>",
-        f"<h2>Largest parts</h2><ol>{top_parts}</ol>",
-        "<h2>Heads (layer x head)</h2>",
+        f"<{h}>Largest parts</{h}><ol>{top_parts}</ol>",
+        f"<{h}>Heads (layer x head)</{h}>",
         head_grid(res, batch),
-        "<h2>MLPs and attention per layer</h2>",
+        f"<{h}>MLPs and attention per layer</{h}>",
         layer_bars(res, batch),
-        "<h2>Top neurons</h2>",
+        f"<{h}>Top neurons</{h}>",
         neuron_table(res, batch, top_k),
-        f"<h2>Source positions through L{head[0]}H{head[1]}</h2>",
+        f"<{h}>Source positions through L{head[0]}H{head[1]}</{h}>",
         '<p class="note">Each token coloured by its contribution through the head (attention weight x value x W_O on '
         "the direction); the values sum to the head's direct effect. The second view switches between the largest "
         "heads.</p>",

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 from typing import Sequence
@@ -45,6 +46,7 @@ def __getattr__(name: str):
 
 def offline_html(fragment: str):
     """An HTML fragment as a circuitsvis ``RenderedHTML`` that renders offline in a notebook."""
+    fragment = dedupe_bundles(fragment)
     return _offline_html_class()(fragment, fragment)
 
 
@@ -56,7 +58,9 @@ def esc(text: str) -> str:
 
 
 def circuitsvis_block(components: Sequence) -> str:
-    """Several circuitsvis ``RenderedHTML`` objects as one offline block with the JS bundle inlined once."""
+    """Several circuitsvis ``RenderedHTML`` objects as one offline block: the JS bundle inlined once, as a classic
+    script (it defines the global ``CircuitsVis``), then one module script that renders every component. A page
+    holding several blocks keeps only the first bundle (:func:`dedupe_bundles`)."""
     divs, calls, bundle = [], [], None
     for comp in components:
         src = comp.local_src
@@ -64,12 +68,38 @@ def circuitsvis_block(components: Sequence) -> str:
         at = script.find(_MARK)
         if at < 0:  # unknown layout: fall back to each component's own inlined source
             return "\n".join(c.local_src for c in components)
-        divs.append(head.strip())
+        divs.append(_closed_div(head.strip()))
         bundle = bundle or script[:at]
         calls.append(script[at:].replace("</script>", "").strip())
     if not divs:
         return ""
-    return "\n".join(divs) + '\n<script crossorigin type="module">\n' + (bundle or "") + "\n".join(calls) + "\n</script>"
+    return (f"{_BUNDLE_OPEN}\n{(bundle or '').strip()}\n</script>\n" + "\n".join(divs)
+            + '\n<script type="module">\n' + "\n".join(calls) + "\n</script>")
+
+
+_BUNDLE_OPEN = '<script data-mi-lenses="circuitsvis-bundle">'
+
+
+def _closed_div(head: str) -> str:
+    """circuitsvis writes its mount point as ``<div id=... />``, which HTML does not close: the div would swallow
+    everything after it, and React would then replace all of that. Close it."""
+    if head.startswith("<div") and head.endswith("/>"):
+        return head[:-2].rstrip() + "></div>"
+    return head
+
+
+def dedupe_bundles(text: str) -> str:
+    """``text`` with every circuitsvis bundle after the first one removed (the first defines ``CircuitsVis`` for
+    all; the bundle holds no ``</script>``: circuitsvis strips it)."""
+    first = text.find(_BUNDLE_OPEN)
+    if first < 0:
+        return text
+    cut = text.index("</script>", first) + len("</script>")
+    head, tail = text[:cut], text[cut:]
+    while (at := tail.find(_BUNDLE_OPEN)) >= 0:
+        end = tail.index("</script>", at) + len("</script>")
+        tail = tail[:at] + tail[end:]
+    return head + tail
 
 
 def page(title: str, body: str) -> str:
@@ -78,11 +108,19 @@ def page(title: str, body: str) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: system-ui, -apple-system, sans-serif; margin: 24px; color: #222; }}
-h1 {{ font-size: 20px; }} h2 {{ font-size: 16px; margin-top: 28px; }}
+h1 {{ font-size: 20px; }} h2 {{ font-size: 17px; margin-top: 28px; }} h3 {{ font-size: 14px; margin: 20px 0 6px; }}
 .note {{ color: #666; font-size: 13px; }}
+.scroll {{ overflow-x: auto; max-width: 100%; }}
+.side {{ display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }}
+.side > div {{ min-width: 0; max-width: 100%; }}
+nav.toc {{ background: #f6f8fa; border: 1px solid #e1e4e8; padding: 8px 16px; display: inline-block; }}
+nav.toc ol {{ margin: 4px 0; padding-left: 20px; }}
+section {{ border-top: 1px solid #e1e4e8; margin-top: 24px; }}
+table.data {{ border-collapse: collapse; font-size: 12px; }}
+table.data td, table.data th {{ padding: 2px 8px; border-bottom: 1px solid #eee; text-align: right; white-space: nowrap; }}
 </style></head>
 <body><h1>{html.escape(title)}</h1>
-{body}
+{dedupe_bundles(body)}
 </body></html>
 """
 
@@ -97,11 +135,16 @@ def heat_grid(
     signed: bool = False,
 ) -> str:
     """An HTML table: one cell per (row, column) with text, a background shade and a hover title. Shades lie in
-    [0, 1] (sequential scale) or, with ``signed``, in [-1, 1] (diverging scale); NaN is white."""
-    out = ['<table style="border-collapse:collapse;font-family:monospace;font-size:12px">']
+    [0, 1] (sequential scale) or, with ``signed``, in [-1, 1] (diverging scale); NaN is white. Cells never wrap
+    (long tokens are cut with an ellipsis; the hover title has them whole), the table scrolls sideways when it is
+    wider than the page, and the row labels stay in view while it does."""
+    sticky = "position:sticky;left:0;background:#fff;z-index:1"
+    out = ['<div class="scroll"><table style="border-collapse:collapse;font-family:monospace;font-size:12px">']
     if caption:
         out.append(f'<caption style="text-align:left;padding:4px 0;font-family:sans-serif">{caption}</caption>')
-    out.append("<tr><th></th>" + "".join(f'<th style="padding:2px 4px">{esc(c)}</th>' for c in col_labels) + "</tr>")
+    out.append(f'<tr><th style="{sticky}"></th>' + "".join(
+        f'<th title="{html.escape(c)}" style="padding:2px 4px;white-space:nowrap;max-width:90px;overflow:hidden;'
+        f'text-overflow:ellipsis">{esc(c)}</th>' for c in col_labels) + "</tr>")
     for i, label in enumerate(row_labels):
         cells = []
         for j in range(len(col_labels)):
@@ -110,21 +153,29 @@ def heat_grid(
             title = f' title="{html.escape(titles[i][j])}"' if titles else ""
             cells.append(
                 f'<td{title} style="background:{bg};color:{text_on(s)};padding:2px 4px;border:1px solid #eee;'
-                f'max-width:90px;overflow:hidden;white-space:nowrap">{esc(text[i][j])}</td>'
+                f'max-width:90px;overflow:hidden;white-space:nowrap;text-overflow:ellipsis">{esc(text[i][j])}</td>'
             )
-        out.append(f'<tr><th style="text-align:right;padding:2px 6px">{esc(label)}</th>{"".join(cells)}</tr>')
-    out.append("</table>")
+        out.append(f'<tr><th style="text-align:right;padding:2px 6px;white-space:nowrap;{sticky}">{esc(label)}</th>'
+                   f'{"".join(cells)}</tr>')
+    out.append("</table></div>")
     return "\n".join(out)
 
 
 def line_chart(
-    x_labels: Sequence[str], series: dict[str, Sequence[float]], y_label: str, width: int = 720, height: int = 260
+    x_labels: Sequence[str], series: dict[str, Sequence[float]], y_label: str, width: int = 720, height: int = 260,
+    y_min: float | None = None, y_max: float | None = None,
 ) -> str:
-    """A small inline SVG line chart (one polyline per series)."""
-    colors = ["#08519c", "#e6550d", "#31a354", "#756bb1", "#636363", "#d62728", "#17becf", "#8c564b"]
+    """A small inline SVG line chart: one polyline per series, a dot per value with its exact value on hover.
+    The y axis spans the data (and 0) unless ``y_min``/``y_max`` fix it; x labels are strided to at most 16 and
+    always include the last one."""
+    from mi_lenses.viz.tokens import stride
+
+    colors = ["#08519c", "#e6550d", "#31a354", "#756bb1", "#636363", "#d6616b", "#8c6d31", "#17becf"]
     values = [v for s in series.values() for v in s if v is not None and math.isfinite(v)]
     lo, hi = (min(values + [0.0]), max(values + [1e-9])) if values else (0.0, 1.0)
-    left, right, top, bottom = 56, 12, 12, 48
+    lo, hi = (lo if y_min is None else y_min), (hi if y_max is None else y_max)
+    legend = min(170, 12 + 6 * max([len(name) for name in series] + [0]))  # the legend sits right of the plot
+    left, right, top, bottom = 56, legend, 12, 48
     n = max(len(x_labels) - 1, 1)
 
     def xy(i: int, v: float) -> tuple[float, float]:
@@ -133,14 +184,14 @@ def line_chart(
         return x, y
 
     parts = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg" font-size="10">']
-    parts.append(f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#999"/>')
+    parts.append(f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" '
+                 f'stroke="#999"/>')
     parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#999"/>')
     for t in range(5):
         v = lo + (hi - lo) * t / 4
         _, y = xy(0, v)
         parts.append(f'<text x="{left - 4}" y="{y + 3:.1f}" text-anchor="end">{v:.3g}</text>')
-    step = max(1, len(x_labels) // 16)
-    for i in range(0, len(x_labels), step):
+    for i in stride(len(x_labels), 16):
         x, _ = xy(i, lo)
         parts.append(
             f'<text x="{x:.1f}" y="{height - bottom + 12}" text-anchor="end" '
@@ -151,9 +202,42 @@ def line_chart(
         f'text-anchor="middle">{html.escape(y_label)}</text>'
     )
     for k, (name, vals) in enumerate(series.items()):
-        pts = " ".join(f"{xy(i, v)[0]:.1f},{xy(i, v)[1]:.1f}" for i, v in enumerate(vals) if v is not None and math.isfinite(v))
         c = colors[k % len(colors)]
-        parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{pts}"><title>{html.escape(name)}</title></polyline>')
-        parts.append(f'<text x="{width - right - 4}" y="{top + 12 + 12 * k}" text-anchor="end" fill="{c}">{html.escape(name)}</text>')
+        ok = [(i, float(v)) for i, v in enumerate(vals) if v is not None and math.isfinite(v)]
+        pts = " ".join(f"{xy(i, v)[0]:.1f},{xy(i, v)[1]:.1f}" for i, v in ok)
+        parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{pts}"><title>'
+                     f'{html.escape(name)}</title></polyline>')
+        parts += [f'<circle cx="{xy(i, v)[0]:.1f}" cy="{xy(i, v)[1]:.1f}" r="2.5" fill="{c}"><title>'
+                  f'{html.escape(name)} @ {html.escape(x_labels[i])}: {v:.4g}</title></circle>' for i, v in ok]
+        parts.append(f'<text x="{width - right + 8}" y="{top + 12 + 14 * k}" fill="{c}">'
+                     f'{html.escape(name)}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def _palette() -> bytes:
+    """The sequential scale as a 256-colour PNG palette."""
+    return bytes(c for i in range(256) for c in sequential(i / 255))
+
+
+def png_data_uri(values) -> str:
+    """A ``[height, width]`` tensor of values in [0, 1] as an inline PNG (``data:`` URI) on the sequential colour
+    scale (palette PNG, NaN white): small thumbnails that need no script and no network."""
+    import base64
+    import struct
+    import zlib
+
+    import torch
+
+    h, w = values.shape
+    palette = _palette()
+    idx = (torch.nan_to_num(values.float(), nan=0.0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    raw = b"".join(b"\x00" + row.tobytes() for row in idx)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))
+           + chunk(b"PLTE", palette) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")

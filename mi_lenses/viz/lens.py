@@ -9,6 +9,25 @@ import math
 import torch
 
 from mi_lenses.viz.html import circuitsvis_block, heat_grid, line_chart
+from mi_lenses.viz.tokens import distinct
+
+
+def column_labels(res, batch: int, cols: list[int]) -> list[str]:
+    """The input token of each column, with its position appended where the same token occurs twice."""
+    tokens = res.position_tokens[batch]
+    return distinct([tokens[j] for j in cols], [int(res.token_index[batch, j]) for j in cols])
+
+
+def best_tokens(res, batch: int, column: int, n: int) -> list[int]:
+    """The ``n`` token ids with the highest probability at *any* layer at ``column`` (among each layer's top-k):
+    a view that shows a few tokens shows the ones some layer believed most, not only the final layer's."""
+    best: dict[int, float] = {}
+    ids, probs = res.top_ids[:, batch, column].tolist(), res.top_probs[:, batch, column].tolist()
+    for r in range(len(res.labels)):
+        for i, p in zip(ids[r], probs[r]):
+            if i >= 0 and p > best.get(i, -1.0):
+                best[i] = p
+    return [i for i, _ in sorted(best.items(), key=lambda kv: -kv[1])[:n]]
 
 
 def _rows_top_first(n: int) -> list[int]:
@@ -31,17 +50,18 @@ def top1_grid(res, batch: int = 0, value: str = "prob") -> str:
         shade = [[float(probs[r, batch, j]) for j in cols] for r in order]
     text = [[toks[r][batch][j][0] for j in cols] for r in order]
     k = res.top_ids.shape[-1]
+    labels = column_labels(res, batch, cols)
+    top_probs = res.top_probs[:, batch].tolist()  # once: the property recomputes on every access
     titles = [
         [
-            f"{res.labels[r]} @ {res.position_tokens[batch][j]!r}: "
-            + ", ".join(f"{toks[r][batch][j][i]!r} {float(res.top_probs[r, batch, j, i]):.3f}" for i in range(k))
-            for j in cols
+            f"{res.labels[r]} @ {label!r}: "
+            + ", ".join(f"{toks[r][batch][j][i]!r} {top_probs[r][j][i]:.3f}" for i in range(k))
+            for j, label in zip(cols, labels)
         ]
         for r in order
     ]
     caption = f"Top-1 token per layer and position ({res.lens_name}), coloured by its {value}; hover for top-{k}."
-    return heat_grid([res.labels[r] for r in order], [res.position_tokens[batch][j] for j in cols], text, shade,
-                     titles, caption)
+    return heat_grid([res.labels[r] for r in order], labels, text, shade, titles, caption)
 
 
 def rank_grid(res, batch: int = 0, target: int | None = None) -> str:
@@ -56,8 +76,7 @@ def rank_grid(res, batch: int = 0, target: int | None = None) -> str:
     shade = [[1.0 - math.log1p(float(ranks[r, batch, j])) / worst if ranks[r, batch, j] >= 0 else math.nan
               for j in cols] for r in order]
     caption = f"Rank of {name} per layer and position (0 = top-1); darker = better rank."
-    return heat_grid([res.labels[r] for r in order], [res.position_tokens[batch][j] for j in cols], text, shade,
-                     None, caption)
+    return heat_grid([res.labels[r] for r in order], column_labels(res, batch, cols), text, shade, None, caption)
 
 
 def kl_chart(res, batch: int = 0) -> str:

@@ -1,0 +1,310 @@
+"""AttentionResult: every head's pattern and diagnostics; QKTerms: the ``q · k`` terms behind one attention row.
+
+Shapes: ``B`` prompts, ``L`` kept layers (``layers[i]`` is the block), ``H`` query heads, ``S`` positions (each
+prompt's own tokens, the longest prompt's length; padding is NaN), ``d`` = ``d_head``, ``KV`` key/value heads.
+
+Example:
+    >>> res = mi_lenses.attention(model, "The capital of France is")
+    >>> res.top_heads("sink", 1)[0][0].startswith("L")
+    True
+    >>> res.to_dataframe().columns.tolist()
+    ['batch', 'layer', 'head', 'label', 'sink', 'entropy_bits', 'previous_token', 'induction']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mi_lenses.errors import LensInputError, VerificationError
+from mi_lenses.indexing import resolve_index
+from mi_lenses.results import LN2, Result, jsonable
+
+Metric = Literal["sink", "entropy", "previous_token", "induction"]
+METRICS = ("sink", "entropy", "previous_token", "induction")
+
+
+@dataclass
+class AttentionResult(Result):
+    """Attention patterns ``[B, L, H, S, S]`` (query, key) and per-head diagnostics.
+
+    ``sink``, ``entropy`` (nats; ``entropy_bits``) and ``previous_token`` are ``[B, L, H]`` (means over queries
+    ``1 .. n-1`` of each prompt); ``induction`` is ``[L, H]`` from the repeated random tokens ``induction_tokens``.
+    ``q`` ``[B, L, S, H, d]`` and ``k`` ``[B, L, S, KV, d]`` are the queries and keys as they enter the scores (after
+    rotary), kept for :meth:`qk_terms`; ``scale[i]`` multiplies ``q · k`` in layer ``layers[i]``.
+    """
+
+    model_name: str
+    layers: list[int]
+    n_heads: int
+    n_kv_heads: int
+    str_tokens: list[list[str]]
+    lengths: list[int]
+    patterns: Float[Tensor, "B L H S S"] = field(repr=False)
+    sink: Float[Tensor, "B L H"]
+    entropy: Float[Tensor, "B L H"]
+    previous_token: Float[Tensor, "B L H"]
+    induction: Float[Tensor, "L H"] | None
+    induction_tokens: Int[Tensor, "R T"] | None = field(repr=False)
+    q: Float[Tensor, "B L S H d"] | None = field(repr=False)
+    k: Float[Tensor, "B L S KV d"] | None = field(repr=False)
+    scale: list[float] = field(repr=False)
+    score_error: Float[Tensor, " L"] = field(repr=False)  # max |scale q·k - hook_attn_scores| (relative); NaN: unchecked
+    qk_note: str | None = None  # why q and k are not kept
+
+    # ------------------------------------------------------------------------------------ structure
+    @property
+    def n_batch(self) -> int:
+        return int(self.patterns.shape[0])
+
+    @property
+    def title(self) -> str:
+        return f"Attention: {self.model_name}"
+
+    @property
+    def entropy_bits(self) -> Float[Tensor, "B L H"]:
+        return self.entropy / LN2
+
+    @property
+    def induction_length(self) -> int:
+        """Length of the random sequence ``r`` of the induction diagnostic (0 when it was skipped)."""
+        if self.induction_tokens is None:
+            return 0
+        return int(self.induction_tokens.shape[1]) // 2
+
+    def layer_index(self, layer: int) -> int:
+        """Index into the kept layers of block ``layer`` (negative counts from the last kept layer)."""
+        if isinstance(layer, int) and not isinstance(layer, bool) and layer < 0:
+            return resolve_index(layer, len(self.layers), "layer")
+        if layer not in self.layers:
+            raise LensInputError(f"layer {layer!r} is not in this result: it holds blocks {self.layers}.")
+        return self.layers.index(layer)
+
+    def check_head(self, head: int) -> int:
+        return resolve_index(head, self.n_heads, "head", f"this model has {self.n_heads} heads")
+
+    def metric(self, name: Metric, batch: int | None = 0) -> Float[Tensor, "L H"]:
+        """One diagnostic as ``[L, H]`` for prompt ``batch`` (``None``: the mean over prompts; ``induction`` does
+        not depend on the prompt). Entropy in bits."""
+        if name == "induction":
+            if self.induction is None:
+                raise LensInputError("the induction diagnostic was skipped: run attention(..., induction_length=40).")
+            return self.induction
+        values = {"sink": self.sink, "entropy": self.entropy_bits, "previous_token": self.previous_token}.get(name)
+        if values is None:
+            raise LensInputError(f"unknown metric {name!r}; use one of {METRICS}.")
+        return values.nanmean(0) if batch is None else values[self.check_batch(batch)]
+
+    def top_heads(self, metric: Metric, k: int = 5, *, batch: int | None = 0,
+                  lowest: bool = False) -> list[tuple[str, float]]:
+        """The ``k`` heads with the highest (``lowest``: lowest) ``metric`` as ``(label, value)``, labels
+        ``L{layer}H{head}``."""
+        vals = self.metric(metric, batch)
+        flat = torch.nan_to_num(vals.flatten(), nan=float("inf") if lowest else -float("inf"))
+        idx = flat.argsort(descending=not lowest)[: min(k, flat.numel())].tolist()
+        return [(f"L{self.layers[i // self.n_heads]}H{i % self.n_heads}", float(vals.flatten()[i])) for i in idx]
+
+    # ------------------------------------------------------------------------------------ the q·k terms
+    def qk_terms(self, layer: int, head: int, query: int = -1, *, batch: int = 0) -> "QKTerms":
+        """The neuron view's data for one head and query token: per key and ``d_head`` dimension the term
+        ``scale * q_d * k_d`` (after rotary; grouped-query attention: query head ``h`` reads KV head
+        ``h // (n_heads / n_kv_heads)``), their sums (the attention scores) and the softmax (the pattern row).
+        ``query`` counts in the prompt's own tokens (``-1``: its last)."""
+        if self.q is None or self.k is None:
+            raise LensInputError(f"this result keeps no queries and keys ({self.qk_note}): run "
+                                 "mi_lenses.attention(model, prompt) with qk=True on the prompt or a full cache.")
+        b = self.check_batch(batch)
+        i = self.layer_index(layer)
+        h = self.check_head(head)
+        n = self.lengths[b]
+        qpos = resolve_index(query, n, "query", f"prompt {b} has {n} tokens")
+        kv = h // (self.n_heads // self.n_kv_heads)
+        qv = self.q[b, i, qpos, h]
+        keys = self.k[b, i, : qpos + 1, kv]
+        products = qv[None, :] * keys * self.scale[i]  # [K, d]
+        scores = products.sum(-1)
+        return QKTerms(
+            model_name=self.model_name,
+            layer=self.layers[i],
+            head=h,
+            kv_head=kv,
+            query=qpos,
+            str_tokens=self.str_tokens[b][: qpos + 1],
+            scale=self.scale[i],
+            products=products,
+            scores=scores,
+            probs=scores.softmax(-1),
+            pattern=self.patterns[b, i, h, qpos, : qpos + 1].clone(),
+        )
+
+    # ------------------------------------------------------------------------------------ identities
+    def verify(self, atol: float = 1e-4) -> "AttentionResult":
+        """Check the identities; raise ``VerificationError`` naming the one that fails.
+
+        1. every pattern row sums to one over the prompt's real keys and puts nothing on later keys (causal);
+        2. ``scale * q · k`` reproduces the model's ``hook_attn_scores`` (where the run cached them);
+        3. the softmax of those scores reproduces the patterns.
+        """
+        from mi_lenses.attn.engine import causal_scores
+
+        for b, n in enumerate(self.lengths):
+            p = self.patterns[b, :, :, :n, :n]
+            err = (p.sum(-1) - 1).abs().max().item()
+            if not err <= atol:
+                raise VerificationError(f"attention rows of prompt {b} sum to 1 ± {err:.2e} (> {atol:.0e}): the "
+                                        "pattern reads padding or the wrong hook.")
+            upper = p.triu(1).abs().max().item()
+            if not upper <= atol:
+                raise VerificationError(f"prompt {b} attends to later tokens ({upper:.2e}): the patterns are not "
+                                        "causal, or positions are misaligned.")
+        bad = torch.nonzero(self.score_error > 1e-4)
+        if len(bad):
+            i = int(bad[0, 0])
+            raise VerificationError(
+                f"scale * q · k differs from hook_attn_scores in block {self.layers[i]} by "
+                f"{float(self.score_error[i]):.2e} (relative): the queries/keys (rotary, GQA) or the scale are not "
+                "the model's."
+            )
+        if self.q is not None and self.k is not None:
+            for b, n in enumerate(self.lengths):
+                for i in range(len(self.layers)):
+                    s = causal_scores(self.q[b, i], self.k[b, i], self.scale[i], n)
+                    err = (s.softmax(-1) - self.patterns[b, i, :, :n, :n]).abs().max().item()
+                    if not err <= atol:
+                        raise VerificationError(
+                            f"softmax(scale * q · k) differs from the pattern of block {self.layers[i]} (prompt "
+                            f"{b}) by {err:.2e}: the queries/keys do not reproduce the attention."
+                        )
+        return self
+
+    # ------------------------------------------------------------------------------------ exports
+    def to_dict(self, *, batch: int = 0, patterns: bool = False) -> dict[str, Any]:
+        """JSON-ready dict for one prompt: ``tokens``, ``layers``, per-head ``sink``/``entropy_bits``/
+        ``previous_token``/``induction`` as ``[layer][head]``, the top heads of each, and with ``patterns`` the
+        patterns ``[layer][head][query][key]`` over the prompt's tokens."""
+        b = self.check_batch(batch)
+        n = self.lengths[b]
+        out: dict[str, Any] = {
+            "model": self.model_name,
+            "tokens": self.str_tokens[b],
+            "layers": self.layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "sink": self.sink[b],
+            "entropy_bits": self.entropy_bits[b],
+            "previous_token": self.previous_token[b],
+            "induction": self.induction,
+            "induction_length": self.induction_length,
+            "top_heads": {m: self.top_heads(m, 5, batch=b) for m in METRICS
+                          if m != "induction" or self.induction is not None},
+        }
+        if patterns:
+            out["patterns"] = self.patterns[b, :, :, :n, :n]
+        return jsonable(out)
+
+    def to_dataframe(self, what: Literal["heads", "patterns"] = "heads"):
+        """Tidy pandas frame: ``"heads"`` (default), one row per (prompt, layer, head) with the diagnostics, or
+        ``"patterns"``, one row per (prompt, layer, head, query, key) of real tokens (keys up to the query)."""
+        import pandas as pd
+
+        B, L, H = self.sink.shape
+        if what == "heads":
+            b, i, h = torch.cartesian_prod(torch.arange(B), torch.arange(L), torch.arange(H)).unbind(-1)
+            layer = torch.tensor(self.layers)[i]
+            ind = self.induction[i, h].numpy() if self.induction is not None else float("nan")
+            return pd.DataFrame({"batch": b.numpy(), "layer": layer.numpy(), "head": h.numpy(),
+                                 "label": [f"L{a}H{c}" for a, c in zip(layer.tolist(), h.tolist())],
+                                 "sink": self.sink[b, i, h].numpy(), "entropy_bits": self.entropy_bits[b, i, h].numpy(),
+                                 "previous_token": self.previous_token[b, i, h].numpy(), "induction": ind})
+        if what == "patterns":
+            frames = []
+            for bb, n in enumerate(self.lengths):
+                qq, kk = torch.tril_indices(n, n)
+                for i, l in enumerate(self.layers):
+                    for h in range(H):
+                        frames.append(pd.DataFrame({"batch": bb, "layer": l, "head": h, "query": qq.numpy(),
+                                                    "key": kk.numpy(),
+                                                    "weight": self.patterns[bb, i, h, qq, kk].numpy()}))
+            return pd.concat(frames, ignore_index=True)
+        raise LensInputError(f"what must be 'heads' or 'patterns', got {what!r}.")
+
+    def table(self, *, batch: int = 0, value: Metric = "sink"):
+        """A rich table: layers (rows, last on top) x heads, each cell the head's ``value`` shaded; the caption
+        names the top heads of every diagnostic."""
+        from mi_lenses.viz.attention import attention_table
+
+        return attention_table(self, batch=self.check_batch(batch), value=value)
+
+    def fragment(self, *, batch: int = 0, layer: int | None = None, head: int | None = None,
+                 query: int = -1) -> str:
+        """The page body: diagnostics maps (sink share, entropy, previous-token, induction), the head view of
+        ``layer``, the model view (every layer x head) and the neuron view of ``head`` at ``query`` (default: the
+        head with the highest induction score, else previous-token score, and the last token)."""
+        from mi_lenses.viz.attention import attention_fragment
+
+        return attention_fragment(self, batch=self.check_batch(batch), layer=layer, head=head, query=query)
+
+
+@dataclass
+class QKTerms(Result):
+    """The terms of one attention row (the neuron view): ``products[key, d] = scale * q_d * k_d``; their sum over
+    ``d`` is ``scores[key]`` (the model's pre-softmax score), and ``probs = softmax(scores)`` equals ``pattern``
+    (the row the model's ``hook_pattern`` recorded)."""
+
+    model_name: str
+    layer: int
+    head: int
+    kv_head: int
+    query: int
+    str_tokens: list[str]
+    scale: float
+    products: Float[Tensor, "K d"] = field(repr=False)
+    scores: Float[Tensor, " K"]
+    probs: Float[Tensor, " K"]
+    pattern: Float[Tensor, " K"]
+
+    @property
+    def title(self) -> str:
+        return f"L{self.layer}H{self.head} at {self.str_tokens[self.query]!r}: {self.model_name}"
+
+    def top_dims(self, key: int | None = None, k: int = 8) -> list[tuple[int, float]]:
+        """The ``k`` dimensions with the largest ``|term|`` for ``key`` (default: the most attended key)."""
+        key = int(self.probs.argmax()) if key is None else resolve_index(key, len(self.str_tokens), "key")
+        row = self.products[key]
+        return [(int(d), float(row[d])) for d in row.abs().argsort(descending=True)[:k]]
+
+    def to_dict(self, *, batch: int = 0) -> dict[str, Any]:
+        self.check_batch(batch)
+        return jsonable({"model": self.model_name, "layer": self.layer, "head": self.head, "kv_head": self.kv_head,
+                         "query": self.query, "tokens": self.str_tokens, "scale": self.scale,
+                         "scores": self.scores, "probs": self.probs, "pattern": self.pattern,
+                         "products": self.products})
+
+    def to_dataframe(self):
+        """One row per (key, dimension) with the term, and the key's score and probability."""
+        import pandas as pd
+
+        K, d = self.products.shape
+        key, dim = torch.cartesian_prod(torch.arange(K), torch.arange(d)).unbind(-1)
+        return pd.DataFrame({"key": key.numpy(), "token": [self.str_tokens[i] for i in key.tolist()],
+                             "dim": dim.numpy(), "term": self.products[key, dim].numpy(),
+                             "score": self.scores[key].numpy(), "prob": self.probs[key].numpy()})
+
+    def table(self, *, batch: int = 0, k: int = 12):
+        """A rich table of the ``k`` most attended keys: score, probability and their largest terms."""
+        from mi_lenses.viz.attention import qk_table
+
+        self.check_batch(batch)
+        return qk_table(self, k=k)
+
+    def fragment(self, *, batch: int = 0, max_keys: int = 48) -> str:
+        """The neuron view: keys x dimensions of terms (diverging colours), each key's score and probability, and
+        the row over the prompt (circuitsvis). Prompts longer than ``max_keys`` show the most attended keys."""
+        from mi_lenses.viz.attention import neuron_view
+
+        self.check_batch(batch)
+        return neuron_view(self, max_keys=max_keys)

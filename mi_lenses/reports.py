@@ -1,0 +1,367 @@
+"""The report: one prompt, one forward pass, every lens, the attribution and the attention, on one offline page.
+
+:func:`report` answers a researcher's first three questions about a prompt: what does each layer believe (logit lens,
+the tuned lens beside it, the identity Patchscope against the logit lens), which parts wrote the answer (direct logit
+attribution: heads, MLPs, neurons, the source positions of the top heads) and where do the heads look (head, model
+and neuron views, attention sinks, previous-token and induction heads). Every section reuses the same cache, and
+each result inside is the ordinary result of its own entry point, verified as usual.
+
+Example:
+    >>> rep = mi_lenses.report(model, "The capital of France is", progress=False)
+    >>> rep.sections
+    ['logit_lens', 'patchscope', 'dla', 'attention']
+    >>> rep.prediction == rep.logit_lens.top_tokens[-1][0][-1][0]      # the model's own next token
+    True
+    >>> frame = rep.to_dataframe()         # one row per residual state, embed .. final
+    >>> list(frame.columns[:4])
+    ['layer', 'top1', 'top1_prob', 'rank_prediction']
+    >>> '<nav class="toc">' in rep.to_html(tmp / "report.html")
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+from jaxtyping import Float
+from torch import Tensor
+
+from mi_lenses.attn import AttentionResult, attention
+from mi_lenses.attn.engine import required_hooks as attention_hooks
+from mi_lenses.attribution import DLAResult, direct_logit_attribution
+from mi_lenses.attribution.components import required_hooks as dla_hooks
+from mi_lenses.errors import LensInputError
+from mi_lenses.lenses.logit_lens import logit_lens
+from mi_lenses.lenses.result import LensResult
+from mi_lenses.models.batch import PromptInput
+from mi_lenses.models.view import ModelView
+from mi_lenses.patchscopes import SweepResult, presets, sweep
+from mi_lenses.results import Result, jsonable
+
+Section = Literal["logit_lens", "tuned_lens", "patchscope", "dla", "attention"]
+SECTIONS: tuple[str, ...] = ("logit_lens", "tuned_lens", "patchscope", "dla", "attention")
+TRAJECTORY_TOKENS = 6  # tokens in the "top tokens per layer" chart
+
+
+@dataclass
+class Report(Result):
+    """Everything :func:`report` computed for one prompt. Each part is ``None`` when its section was skipped.
+
+    ``logit_lens``/``tuned_lens``: every layer x position (``targets``: the model's prediction, the attributed
+    answer, and the wrong token when given); ``trajectory``: the last position with exact probabilities of the tokens
+    some layer believed most (``targets``); ``patchscope``: the identity Patchscope at ``l* = l`` over the last
+    positions, with ``lens_precision`` (logit lens, ``resid_post``) and ``tuned_precision`` per layer on the same
+    positions (a hit: top-1 equals the model's own next-token prediction); ``dla``: the attribution of ``answer``
+    (minus ``wrong``) at the last position; ``attention``: every head.
+    """
+
+    model_name: str
+    prompt: str
+    str_tokens: list[str]
+    prediction: str
+    prediction_prob: float
+    answer: str
+    wrong: str | None
+    sections: list[str]
+    prediction_id: int = -1
+    answer_id: int = -1
+    wrong_id: int | None = None
+    logit_lens: LensResult | None = field(default=None, repr=False)
+    tuned_lens: LensResult | None = field(default=None, repr=False)
+    trajectory: LensResult | None = field(default=None, repr=False)
+    tuned_trajectory: LensResult | None = field(default=None, repr=False)
+    patchscope: SweepResult | None = field(default=None, repr=False)
+    lens_precision: Float[Tensor, " L"] | None = None
+    tuned_precision: Float[Tensor, " L"] | None = None
+    dla: DLAResult | None = field(default=None, repr=False)
+    attention: AttentionResult | None = field(default=None, repr=False)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        return f"Report: {self.model_name}"
+
+    @property
+    def top_head(self) -> tuple[int, int] | None:
+        """The head with the largest direct effect on the answer, ``(layer, head)`` (None without DLA)."""
+        if self.dla is None:
+            return None
+        label = self.dla.top(1, kinds="head", batch=0)[0][0]
+        layer, head = label[1:].split("H")
+        return int(layer), int(head)
+
+    def target_index(self, which: Literal["prediction", "answer", "wrong"]) -> int:
+        """The lenses' target column of the model's prediction, the answer or the wrong token."""
+        token = {"prediction": self.prediction_id, "answer": self.answer_id, "wrong": self.wrong_id}[which]
+        if token is None or self.logit_lens is None:
+            raise LensInputError(f"this report tracks no {which} token.")
+        return self.logit_lens.target_ids.tolist().index(token)
+
+    # ------------------------------------------------------------------------------------ per-layer summary
+    def per_layer(self) -> list[dict[str, Any]]:
+        """One record per residual state (the logit lens's rows, ``embed`` .. ``final``) at the last position: its
+        top-1 token and probability, the ranks of the prediction and the answer, KL to the final distribution and
+        entropy (bits), the tuned lens's, and the identity Patchscope's and the logit lens's precision@1 for the
+        same state (row ``r`` is the output of block ``r - 1``)."""
+        ll = self.logit_lens
+        if ll is None:
+            return []
+        last = ll.columns(0)[-1]
+        answer = self.target_index("answer")
+        out = []
+        for r, label in enumerate(ll.labels):
+            rec: dict[str, Any] = {
+                "layer": label,
+                "top1": ll.top_tokens[r][0][last][0],
+                "top1_prob": float(ll.top_probs[r, 0, last, 0]),
+                "rank_prediction": int(ll.final_top1_rank[r, 0, last]),
+                "rank_answer": int(ll.target_ranks[r, 0, last, answer]),
+                "kl_bits": float(ll.kl_bits[r, 0, last]),
+                "entropy_bits": float(ll.entropy_bits[r, 0, last]),
+            }
+            if self.tuned_lens is not None:
+                tl = self.tuned_lens
+                rec.update(tuned_top1=tl.top_tokens[r][0][last][0], tuned_top1_prob=float(tl.top_probs[r, 0, last, 0]),
+                           tuned_kl_bits=float(tl.kl_bits[r, 0, last]),
+                           tuned_entropy_bits=float(tl.entropy_bits[r, 0, last]))
+            if self.patchscope is not None:
+                block = r - 1
+                ok = 0 <= block < len(self.patchscope.source_layers)
+                rec["patchscope_prec_at_1"] = float(self.patchscope.per_layer()[block]) if ok else math.nan
+                rec["lens_prec_at_1"] = float(self.lens_precision[block]) if ok else math.nan
+                if self.tuned_precision is not None:
+                    rec["tuned_prec_at_1"] = float(self.tuned_precision[block]) if ok else math.nan
+            out.append(rec)
+        return out
+
+    # ------------------------------------------------------------------------------------ protocol
+    def to_dict(self, *, batch: int = 0) -> dict[str, Any]:
+        """JSON-ready: the prompt, the prediction, ``per_layer`` records, timings and each section's own
+        ``to_dict()``."""
+        self.check_batch(batch)
+        parts = {name: getattr(self, name) for name in ("logit_lens", "tuned_lens", "patchscope", "dla", "attention")}
+        return jsonable({
+            "model": self.model_name,
+            "prompt": self.prompt,
+            "tokens": self.str_tokens,
+            "prediction": self.prediction,
+            "prediction_prob": self.prediction_prob,
+            "answer": self.answer,
+            "wrong": self.wrong,
+            "sections": self.sections,
+            "seconds": self.seconds,
+            "per_layer": self.per_layer(),
+            **{name: part.to_dict() for name, part in parts.items() if part is not None},
+        })
+
+    def to_dataframe(self):
+        """:meth:`per_layer` as a tidy frame (one row per residual state)."""
+        import pandas as pd
+
+        return pd.DataFrame.from_records(self.per_layer())
+
+    def table(self, *, batch: int = 0, max_layers: int = 16):
+        """The terminal summary: the logit lens table, a per-layer table (strided to ``max_layers`` rows, the
+        final row always), the largest DLA parts and the top heads of every attention diagnostic."""
+        from mi_lenses.viz.report import report_table
+
+        self.check_batch(batch)
+        return report_table(self, max_layers=max_layers)
+
+    def fragment(self, *, batch: int = 0) -> str:
+        """The page body: a table of contents and one section per part."""
+        from mi_lenses.viz.report import report_fragment
+
+        self.check_batch(batch)
+        return report_fragment(self)
+
+
+def report(
+    model: Any,
+    prompt: PromptInput,
+    *,
+    lens: Any = None,
+    answer: str | int | None = None,
+    wrong: str | int | None = None,
+    sections: Sequence[Section] | None = None,
+    top_k: int = 5,
+    patchscope_positions: int = 8,
+    induction_length: int | None = None,
+    prepend_bos: bool | None = None,
+    progress: bool = True,
+) -> Report:
+    """Everything about one prompt (see the module docstring): logit lens, tuned lens (with ``lens``), identity
+    Patchscope vs logit lens, direct logit attribution and attention.
+
+    Args:
+        model: a TransformerLens model (``TransformerBridge`` or ``HookedTransformer``) or a ``ModelView``.
+        prompt: one prompt (text, or token ids ``[1, pos]``).
+        lens: a tuned lens (``TunedLens`` or a folder in either format) shown beside the logit lens.
+        answer: the token attributed by DLA and tracked by the lenses (exactly one token; default: the model's own
+            next-token prediction).
+        wrong: a token subtracted from the answer in DLA (``logit[answer] - logit[wrong]``), also tracked.
+        sections: any of ``"logit_lens"``, ``"tuned_lens"``, ``"patchscope"``, ``"dla"``, ``"attention"``
+            (default: all, ``"tuned_lens"`` only with ``lens``). Skip the Patchscope to save most of the time.
+        top_k: tokens kept per layer and position by the lenses.
+        patchscope_positions: the identity Patchscope runs at the prompt's last N positions (each one patched into
+            every layer).
+        induction_length: length of the random sequence of the attention's induction diagnostic (``0``: skip).
+        prepend_bos: override the model's BOS default when tokenising.
+        progress: a progress bar on stderr while it computes.
+
+    Returns:
+        :class:`Report` (``show()``, ``to_html(path)``, ``print()``, ``to_json()``, ``to_dataframe()``).
+    """
+    t_start = time.perf_counter()
+    view = ModelView(model)
+    chosen = _sections(sections, lens)
+    for name, v in (("top_k", top_k), ("patchscope_positions", patchscope_positions)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise LensInputError(f"{name} must be a positive int, got {v!r}.")
+    if lens is not None and not hasattr(lens, "transform"):
+        from mi_lenses.lenses.tuned.io import load_lens
+
+        lens = load_lens(lens, view.model)
+    batch = view.batch(prompt, prepend_bos=prepend_bos)
+    if batch.shape[0] != 1:
+        raise LensInputError(f"a report is about one prompt; got {batch.shape[0]}. Run it once per prompt.")
+    tokens = batch.tokens
+    wrong_id = None if wrong is None else view.to_single_token(wrong)
+    answer_id = None if answer is None else view.to_single_token(answer)
+
+    steps = ["forward pass", *chosen, "done"]
+    bar = _Progress(steps, progress)
+    seconds: dict[str, float] = {}
+    try:
+        # one forward pass for every section
+        names = {row.hook_name for point in ("resid_pre", "resid_post") for row in view.residual_rows(point)}
+        if "dla" in chosen:
+            names |= set(dla_hooks(view))
+        if "attention" in chosen:
+            names |= set(attention_hooks(view))
+        t0 = time.perf_counter()
+        logits, cache = view.run_with_cache(batch, names)
+        last_logp = logits[0, -1].float().log_softmax(-1)
+        pred_id = int(last_logp.argmax())
+        answer_id = pred_id if answer_id is None else answer_id
+        # ranks tracked by the lenses: the prediction, the answer, the wrong token (each once)
+        targets = list(dict.fromkeys([pred_id, answer_id] + ([wrong_id] if wrong_id is not None else [])))
+        seconds["forward pass"] = time.perf_counter() - t0
+        run = dict(cache=cache, logits=logits)
+        parts: dict[str, Any] = {}
+
+        def timed(step: str, fn):
+            bar.step(step)
+            t = time.perf_counter()
+            out = fn()
+            seconds[step] = time.perf_counter() - t
+            return out
+
+        if "logit_lens" in chosen:
+            parts["logit_lens"] = timed("logit_lens", lambda: logit_lens(view, tokens, top_k=top_k, targets=targets,
+                                                                        **run))
+            parts["trajectory"] = _trajectory(view, tokens, parts["logit_lens"], None, answer_id, run)
+        if "tuned_lens" in chosen:
+            parts["tuned_lens"] = timed("tuned_lens", lambda: lens(view, tokens, top_k=top_k, targets=targets, **run))
+            if "trajectory" in parts:
+                parts["tuned_trajectory"] = _trajectory(view, tokens, parts["logit_lens"], lens, answer_id, run,
+                                                        ids=parts["trajectory"].target_ids.tolist())
+        if "patchscope" in chosen:
+            sw, lp, tp = timed("patchscope", lambda: _patchscope(view, tokens, batch.lengths[0], patchscope_positions,
+                                                                lens if "tuned_lens" in chosen else None, run))
+            parts.update(patchscope=sw, lens_precision=lp, tuned_precision=tp)
+        if "dla" in chosen:
+            parts["dla"] = timed("dla", lambda: direct_logit_attribution(view, tokens, answer=answer_id, wrong=wrong_id,
+                                                                        **run))
+        if "attention" in chosen:
+            parts["attention"] = timed("attention", lambda: attention(view, tokens, cache=cache,
+                                                                      induction_length=induction_length,
+                                                                      prepend_bos=prepend_bos))
+        bar.step("done")
+    finally:
+        bar.close()
+    seconds["total"] = time.perf_counter() - t_start
+    text = view.str_tokens(batch)[0]
+    return Report(
+        model_name=view.name,
+        prompt=prompt if isinstance(prompt, str) else "".join(text),
+        str_tokens=text,
+        prediction=view.id_to_str(pred_id),
+        prediction_prob=float(last_logp[pred_id].exp()),
+        answer=view.id_to_str(answer_id),
+        wrong=None if wrong_id is None else view.id_to_str(wrong_id),
+        sections=chosen,
+        prediction_id=pred_id,
+        answer_id=answer_id,
+        wrong_id=wrong_id,
+        seconds=seconds,
+        **parts,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _sections(sections: Sequence[str] | None, lens: Any) -> list[str]:
+    if sections is None:
+        return [s for s in SECTIONS if s != "tuned_lens" or lens is not None]
+    if isinstance(sections, str):
+        sections = [sections]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise LensInputError(f"unknown report section(s) {unknown}; use some of {list(SECTIONS)}.")
+    if not sections:
+        raise LensInputError(f"no section chosen: pick some of {list(SECTIONS)} (or None for all).")
+    if "tuned_lens" in sections and lens is None:
+        raise LensInputError("the tuned_lens section needs a lens: pass lens=FOLDER (or --lens DIR).")
+    return [s for s in SECTIONS if s in sections]
+
+
+def _trajectory(view: ModelView, tokens: Tensor, ll: LensResult, lens: Any, answer_id: int, run: dict,
+                ids: list[int] | None = None) -> LensResult:
+    """The last position's exact probability per layer of the tokens some layer believed most (the answer too)."""
+    from mi_lenses.viz.lens import best_tokens
+
+    if ids is None:
+        last = ll.columns(0)[-1]
+        ids = list(dict.fromkeys(best_tokens(ll, 0, last, TRAJECTORY_TOKENS) + [answer_id]))
+    runner = lens if lens is not None else logit_lens
+    return runner(view, tokens, positions=[-1], top_k=1, targets=ids, **run)
+
+
+def _patchscope(view: ModelView, tokens: Tensor, n: int, last: int, lens: Any,
+                run: dict) -> tuple[SweepResult, Tensor, Tensor | None]:
+    """The identity Patchscope at ``l* = l`` over the last ``last`` positions, and the logit lens's (and tuned
+    lens's) precision@1 per block output on the same positions."""
+    positions = list(range(-min(last, n), 0))
+    sw = sweep(view, tokens, presets.identity(), target_layers="same", positions=positions, progress=False)
+
+    def precision(runner) -> Tensor:
+        res = runner(view, tokens, positions=positions, point="resid_post", top_k=1, **run)
+        hits = (res.top_ids[:, 0, :, 0] == res.final_top1[0][None]).float()  # [L + 1 rows, P]
+        return hits.mean(-1)[1:]  # row l + 1 is the output of block l
+
+    return sw, precision(logit_lens), None if lens is None else precision(lens)
+
+
+class _Progress:
+    """A tqdm bar over the report's steps (silent when off)."""
+
+    def __init__(self, steps: list[str], on: bool):
+        self.bar = None
+        if on:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(steps) - 1, desc="report", unit="step", leave=False)
+            self.bar.set_postfix_str(steps[0])
+
+    def step(self, name: str) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(name.replace("_", " "))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
