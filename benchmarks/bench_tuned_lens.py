@@ -7,12 +7,15 @@ through ``datasets``/``torchdata``, whose ``dataloader2`` no longer exists in to
 the model, its own ``TunedLens``/optimizer/scheduler and the batches. Then every lens is evaluated on the same
 held-out WikiText-2 test tokens with the same code (per-layer KL to the model's output, bits).
 
-Rows: ``tuned-lens 0.2.0 (fp32)``: their loop with its hard-coded bf16 autocast switched off, because on this CPU
-(AVX2, no native bf16) a bf16 matmul is ~100x slower than float32 and their loop as shipped would need hours per
-step; their bf16 per-layer step is timed separately on one layer (``their_bf16_layer_step``). ``ours`` (same recipe,
-zero init, float32); ``ours + warm start`` (least-squares warm start on --warm-tokens tokens, then the same steps);
-optionally ``ours bf16``. Our own bf16 layer step is timed against float32 with its error (``bf16_layer_step``).
-CPU utilisation = CPU seconds / (wall x threads) for each phase.
+Rows: ``tuned-lens 0.2.0 (fp32)``: their loop with its hard-coded bf16 autocast switched off (on CPUs without native
+bf16 a bf16 matmul is ~100x slower than float32 and their loop as shipped would need hours per step); their bf16
+per-layer step is timed separately on one layer (``their_bf16_layer_step``). ``ours`` (same recipe, zero init,
+float32); ``ours + warm start`` (least-squares warm start on --warm-tokens tokens, then the same steps). With
+``--with-bf16-run`` (CPUs with AVX512_BF16 or AMX): ``tuned-lens 0.2.0 as shipped`` (its bf16 autocast) and ``ours
+bf16`` (``bf16=True``), the equal-precision pair. Our own bf16 layer step is timed against float32 with its error
+(``bf16_layer_step``). Time to quality: the wall time of our fastest run that reaches the held-out KL their trainer
+ended at. CPU utilisation = CPU seconds / (wall x threads) for each phase; the CPU model and instruction sets are
+printed and recorded.
 
 Run::
 
@@ -35,6 +38,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 THEIRS = "tuned-lens 0.2.0 (fp32)"
+THEIRS_BF16 = "tuned-lens 0.2.0 as shipped (bf16 autocast)"
 TRAIN = ROOT / "mi_lenses" / "data" / "shakespeare_train.txt"  # shipped; --train-data / --eval-data for WikiText
 EVAL = ROOT / "mi_lenses" / "data" / "shakespeare_eval.txt"
 
@@ -170,6 +174,21 @@ def bf16_check(model, tokens, lens, layers=(15,), positions=64) -> dict:
     return out
 
 
+def _cpu() -> dict:
+    """The CPU's model name and vector instruction sets (from /proc/cpuinfo)."""
+    info = {"model": "?", "flags": []}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["model"] = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                info["flags"] = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma")))
+                break
+    except OSError:
+        pass
+    return info
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--train-data", default=str(TRAIN))
@@ -180,7 +199,9 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--warm-tokens", type=int, default=4096)
     ap.add_argument("--eval-tokens", type=int, default=512)
-    ap.add_argument("--with-bf16-run", action="store_true", help="also a full bf16 training row (slow on AVX2 CPUs)")
+    ap.add_argument("--with-bf16-run", action="store_true",
+                    help="also full bf16 training rows: theirs as shipped (bf16 autocast) and ours with bf16=True "
+                         "(slow on CPUs without native bf16)")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "tuned_lens.json"))
     args = ap.parse_args()
 
@@ -206,6 +227,8 @@ def main() -> None:
     batches = [{"input_ids": tokens[order[i : i + args.micro_batch]]} for i in range(0, len(order), args.micro_batch)]
     n_train = args.steps * args.tokens_per_step
     L, d, V = model.cfg.n_layers, model.cfg.d_model, model.W_U.shape[-1]
+    cpu = _cpu()
+    print(f"CPU {cpu['model']} [{' '.join(cpu['flags'])}]; kernels {torch.backends.cpu.get_cpu_capability()}")
     print(f"SmolLM2-135M: {L} layers, d_model {d}, vocab {V}; {args.steps} steps x {args.tokens_per_step} tokens; "
           f"threads {torch.get_num_threads()}", flush=True)
 
@@ -218,6 +241,12 @@ def main() -> None:
         print("theirs", rows[THEIRS], flush=True)
         their_bf16 = their_bf16_layer(hf, tokens[:1])
         print("their per-layer step, one layer, fp32 vs bf16 autocast:", their_bf16, flush=True)
+        if args.with_bf16_run:
+            t = train_theirs(hf, folder, batches, args.steps, args.tokens_per_step, args.micro_batch,
+                             Path(tmp) / "theirs_bf16", fp32=False)
+            rows[THEIRS_BF16] = {"train_s": t.wall, "cpu_util": t.util, "tokens_per_s": n_train / t.wall}
+            lenses[THEIRS_BF16] = load_lens(Path(tmp) / "theirs_bf16", model)
+            print("theirs as shipped", rows[THEIRS_BF16], flush=True)
 
         kw = dict(steps=args.steps, tokens_per_step=args.tokens_per_step, seq_len=args.seq_len,
                   micro_batch=args.micro_batch, progress=False)
@@ -258,6 +287,18 @@ def main() -> None:
         print(f"{name:26}{r['tokens_per_s']:10.2f}{r['speedup_vs_tuned_lens'] or 0:10.2f}{r['train_s']:8.0f}"
               f"{r['cpu_util']:9.2f}{r['mean_kl_bits']:14.3f}")
     print(f"{'logit lens':26}{'':37}{sum(evals['logit lens']) / len(layers):14.3f}")
+    # time to quality: how long each of our runs needed to reach the held-out KL their trainer ended at
+    ttq = {}
+    for theirs_name in [n for n in (THEIRS, THEIRS_BF16) if n in rows]:
+        goal = rows[theirs_name]["mean_kl_bits"]
+        ours = {n: r["train_s"] for n, r in rows.items() if n.startswith("ours") and r["mean_kl_bits"] <= goal}
+        best = min(ours.items(), key=lambda kv: kv[1]) if ours else None
+        ttq[theirs_name] = {"their_kl_bits": goal, "their_s": rows[theirs_name]["train_s"],
+                            "ours_fastest_run": None if best is None else best[0],
+                            "ours_s": None if best is None else best[1],
+                            "speedup": None if best is None else rows[theirs_name]["train_s"] / best[1]}
+        print(f"time to their held-out KL ({goal:.3f} bits): theirs {rows[theirs_name]['train_s']:.0f} s, ours "
+              + ("never" if best is None else f"{best[1]:.0f} s ({best[0]}): {ttq[theirs_name]['speedup']:.1f}x"))
     print("\nheld-out KL (bits) per layer:")
     names = list(evals)
     print(f"{'layer':>7} " + " ".join(f"{n[:20]:>20}" for n in names))
@@ -267,6 +308,8 @@ def main() -> None:
         "setup": {**vars(args), "threads": torch.get_num_threads(), "model": "SmolLM2-135M-Instruct (float32)",
                   "train_tokens": n_train, "eval_tokens": held.numel(), "flop_per_token_unembed": flop_tok},
         "rows": rows,
+        "time_to_quality": ttq,
+        "cpu": _cpu(),
         "bf16_layer_step": bf16,
         "their_bf16_layer_step": their_bf16,
         "layers": layers,
