@@ -158,12 +158,12 @@ def bf16_check(model, tokens, lens, layers=(15,), positions=64) -> dict:
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         obj = _Objective(ModelView(model), dtype)
         hs = [h[:positions] for h in obj.hidden(tokens)]
-        p, neg_h = obj.final(hs[-1])
+        target = obj.final(hs[-1])
         lens.zero_grad()
         kls = []
         with Timer() as t:
             for i in layers:
-                kls.append(obj.layer_step(lens, i, hs[i], p, neg_h, 1.0 / len(p)) / len(p) / math.log(2))
+                kls.append(obj.layer_step(lens, i, hs[i], target, 1.0 / len(target.p)) / len(target.p) / math.log(2))
         out[name] = {"s_per_layer": t.wall / len(layers), "cpu_util": t.util, "kl_bits": kls,
                      "grad": lens.weight.grad.clone()}
     g32, g16 = out["float32"].pop("grad"), out["bfloat16"].pop("grad")

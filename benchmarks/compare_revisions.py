@@ -64,9 +64,9 @@ obj = _Objective(ModelView(model))
 batch = tokens[:4]
 def tuned_step():
     hs = obj.hidden(batch)
-    p, neg_h = obj.final(hs[-1])
+    target = obj.final(hs[-1])
     for i in range(lens.n_layers):
-        obj.layer_step(lens, i, hs[i], p, neg_h, 1.0 / batch.numel())
+        obj.layer_step(lens, i, hs[i], target, 1.0 / batch.numel())
 
 def sweep():
     mi_lenses.patchscopes.sweep(model, tokens[:1, :16], positions=list(range(8, 16)), target_layers="same",

@@ -171,6 +171,19 @@ def test_decode_and_cache_match_hf_and_tl_modules(tiny):
             close(cache[f"blocks.{l}.hook_resid_pre"], hs[l], f"{tiny.id} resid_pre {l} == HF hidden_states[{l}]", 1e-5)
 
 
+def test_lse_grad_matches_autograd_through_the_full_decode(tiny):
+    """``Decoder.lse_grad`` (the fused flash-attention pass that tuned-lens training runs on) equals ``logsumexp`` of
+    the full decode and its autograd gradient, on every architecture (biases, soft-caps and all)."""
+    dec = ModelView(tiny.model).decoder
+    xn = dec.normalize(torch.randn(13, tiny.model.cfg.d_model, generator=torch.Generator().manual_seed(3)))
+    lse, grad = dec.lse_grad(xn)
+    x = xn.clone().requires_grad_(True)
+    ref = dec.logits(x, normalized=True).logsumexp(-1)
+    ref.sum().backward()
+    close(lse, ref.detach(), f"{tiny.id} lse", 1e-5)
+    close(grad, x.grad, f"{tiny.id} d lse / d xn", 1e-5)
+
+
 # =============================================================================================== 2. TL 4.3 logit_lens
 def test_matches_transformer_lens_logit_lens(tiny, targets):
     from transformer_lens.tools.analysis.logit_lens import logit_lens as tl_logit_lens

@@ -286,19 +286,23 @@ def test_import_from_tuned_lens_with_same_predictions(tiny, tl_api, tmp_path, mo
 
 
 # ============================================================================================ 4. training
-def test_kl_gradient_matches_autograd(tiny_pair):
-    """The closed-form per-layer KL gradient equals autograd through log_softmax of the full decode."""
-    m = tiny_pair.model
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "materialised"])
+def test_kl_gradient_matches_autograd(tiny, fused):
+    """The closed-form per-layer KL gradient equals autograd through log_softmax of the full decode, on both paths:
+    the fused one (flash-attention kernel over the vocabulary) and the one from materialised logits."""
+    m = tiny.model
     view = ModelView(m)
     obj = train_mod._Objective(view)
+    assert obj.fused == (view.decoder.softcap is None)
+    obj.fused = fused and obj.fused
     lens = random_lens(m, seed=2)
     tokens = rand_tokens(2, 8)
     hs = obj.hidden(tokens)
-    p, neg_h = obj.final(hs[-1])
-    n = len(p)
+    target = obj.final(hs[-1])
+    p, n = target.p, len(target.p)
     for i in range(lens.n_layers):
         lens.zero_grad()
-        kl = obj.layer_step(lens, i, hs[i], p, neg_h, 1.0 / n)
+        kl = obj.layer_step(lens, i, hs[i], target, 1.0 / n)
         g_ours = lens.weight.grad[i].clone(), lens.bias.grad[i].clone()
         lens.zero_grad()
         logq = view.decode(lens.translate(hs[i], i)).log_softmax(-1)

@@ -64,9 +64,14 @@ class BridgeKV:
 
     def forward(self, tokens: Tensor, cache: Any = None) -> tuple[Tensor, Any]:
         """Logits of ``tokens`` (continuing ``cache``) and the cache extended by them."""
-        kwargs: dict[str, Any] = {"use_cache": True}
-        if cache is not None:
-            kwargs["past_key_values"] = cache
+        if cache is None:
+            # a cache that keeps every position: transformers' default for sliding-window models (Gemma 2, Mistral)
+            # drops keys outside the window, which TransformerLens's attention bridges do not expect; the window is
+            # still applied, by the attention mask
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+        kwargs: dict[str, Any] = {"use_cache": True, "past_key_values": cache}
         with self.session():
             return self.model(tokens, return_type="logits_and_cache", **kwargs)
 

@@ -20,6 +20,8 @@ Engine notes.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -201,7 +203,7 @@ def patched_generate(
     out = torch.zeros(N, max_new_tokens, dtype=torch.long)
     kv = view.kv if use_kv_cache else None
     cache = None
-    with torch.no_grad():
+    with torch.no_grad(), (kv.session() if kv is not None else contextlib.nullcontext()):
         for step in range(max_new_tokens):
             if kv is not None and cache is not None:
                 feed = seq[:, -1:]
@@ -209,8 +211,10 @@ def patched_generate(
             else:
                 feed = seq
                 positions = list(rt.positions) + (list(range(T, seq.shape[1])) if patch_every_step else [])
-            hooks = patch_hooks(view, layers, vectors, positions) if positions else []
-            with view.model.hooks(fwd_hooks=hooks):
+            # a hook context only when there is a patch (entering one resets every hook point on exit)
+            hooked = view.model.hooks(fwd_hooks=patch_hooks(view, layers, vectors, positions)) if positions \
+                else contextlib.nullcontext()
+            with hooked:
                 if kv is not None:
                     logits, cache = kv.forward(feed, cache)
                 else:

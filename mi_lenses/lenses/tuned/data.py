@@ -19,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -154,12 +156,13 @@ def sample_from_model(view: ModelView, n_tokens: int, seq_len: int, seed: int = 
         b = min(batch, n_seq - b0)
         seq = torch.full((b, 1), start, dtype=torch.long, device=view.device)
         cache = None
-        while seq.shape[1] < seq_len:
-            if kv is not None:
-                logits, cache = kv.forward(seq if cache is None else seq[:, -1:], cache)
-            else:
-                logits = view.model(seq)
-            nxt = torch.multinomial(logits[:, -1].float().cpu().softmax(-1), 1, generator=g)
-            seq = torch.cat([seq, nxt.to(seq.device)], 1)
+        with torch.no_grad(), (kv.session() if kv is not None else contextlib.nullcontext()):
+            while seq.shape[1] < seq_len:
+                if kv is not None:
+                    logits, cache = kv.forward(seq if cache is None else seq[:, -1:], cache)
+                else:
+                    logits = view.model(seq)
+                nxt = torch.multinomial(logits[:, -1].float().cpu().softmax(-1), 1, generator=g)
+                seq = torch.cat([seq, nxt.to(seq.device)], 1)
         out.append(seq.cpu())
     return torch.cat(out)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError, MiLensesError
@@ -140,9 +141,26 @@ def _init_distributed(device: torch.device) -> _Dist:
 
 
 # ---------------------------------------------------------------------------------------------- the objective
+@dataclass
+class _Target:
+    """The final distribution of a micro-batch, what every layer's KL is measured against: probabilities ``p``,
+    ``sum p log p``, and (fused path) ``p @ W.T`` and ``p . b``, with which ``p . z = xn . (p @ W.T) + p . b`` for any
+    layer's logits ``z = xn @ W + b`` without computing them."""
+
+    p: Float[Tensor, "n vocab"]
+    neg_h: Float[Tensor, " n"]
+    pW: Float[Tensor, "n d_model"] | None = None
+    pb: Float[Tensor, " n"] | None = None
+
+
 class _Objective:
     """Hidden states of a batch and the KL objective of every layer against the final distribution, decoded by the
-    model's :class:`~mi_lenses.models.decode.Decoder`."""
+    model's :class:`~mi_lenses.models.decode.Decoder`.
+
+    In float32 without a logit soft-cap a layer's KL and gradient come from one fused pass,
+    :meth:`Decoder.lse_grad` (``KL = sum p log p - p . z + lse``, ``dKL/dxn = softmax(z) @ W.T - p @ W.T``);
+    otherwise (bf16 matmuls, soft-capped models) from the materialised logits.
+    """
 
     def __init__(self, view: ModelView, dtype: torch.dtype = torch.float32):
         self.view = view
@@ -150,6 +168,7 @@ class _Objective:
         # the lens rows in tuned-lens order (embed = resid_pre of block 0, ..., input of block L-1), then the final row
         self.names = [r.hook_name for r in view.residual_rows("resid_pre")]
         self.dtype = dtype
+        self.fused = dtype == torch.float32 and self.dec.softcap is None
 
     @torch.no_grad()
     def hidden(self, tokens: Tensor) -> list[Tensor]:
@@ -158,22 +177,35 @@ class _Objective:
         return [cache[n].reshape(-1, cache[n].shape[-1]).float() for n in self.names]
 
     @torch.no_grad()
-    def final(self, h_final: Tensor) -> tuple[Tensor, Tensor]:
-        """Final probabilities ``p`` and ``sum p log p`` per token."""
+    def final(self, h_final: Tensor) -> _Target:
+        """The final distribution of each token."""
         logp = torch.log_softmax(self.dec.logits(h_final, dtype=self.dtype), -1)
         p = logp.exp()
-        return p, torch.linalg.vecdot(p, logp)
+        target = _Target(p, torch.linalg.vecdot(p, logp))
+        if self.fused:
+            target.pW = p @ self.dec.W.T
+            target.pb = torch.zeros(len(p), device=p.device) if self.dec.b is None else p @ self.dec.b
+        return target
 
-    def layer_step(self, lens: TunedLens, i: int, h: Tensor, p: Tensor, neg_h: Tensor, scale: float) -> float:
+    def layer_step(self, lens: TunedLens, i: int, h: Tensor, target: _Target, scale: float) -> float:
         """Accumulate ``scale * sum_t KL(p_t || q_t)`` gradients into ``lens`` for layer ``i``; return the summed KL."""
         x = self.dec.normalize(lens.translate(h, i))  # graph only through the tiny translator
         with torch.no_grad():
-            z = self.dec.logits(x.detach(), normalized=True, dtype=self.dtype)
-            lse = torch.logsumexp(z, -1)
-            kl = (neg_h - torch.linalg.vecdot(p, z) + lse).sum()
-            # dKL/dz = softmax(z) - p (in place unless the cap's derivative still needs z); then back through W
-            dz = (z.sub_(lse[:, None]) if self.dec.softcap is None else z - lse[:, None]).exp_().sub_(p)
-            dx = self.dec.backward(dz, z, dtype=self.dtype).mul_(scale)
+            xd, p = x.detach(), target.p
+            if self.fused:
+                lse, grad = self.dec.lse_grad(xd)
+                kl = (target.neg_h - torch.linalg.vecdot(xd, target.pW) - target.pb + lse).sum()
+                dx = grad.sub_(target.pW).mul_(scale)
+            else:  # one matmul, then per block of rows in cache: lse, p . z and dKL/dz = (softmax(z) - p) * cap'
+                dz = torch.empty(p.shape, dtype=self.dtype, device=p.device)
+                kl = torch.zeros((), dtype=torch.float64)
+                for rows, z in self.dec.row_blocks(xd, self.dtype):
+                    lse = torch.logsumexp(z, -1)
+                    kl += float((target.neg_h[rows] - torch.linalg.vecdot(p[rows], z) + lse).sum())
+                    g = self.dec.cap_grad(z)
+                    q = z.sub_(lse[:, None]).exp_().sub_(p[rows])
+                    dz[rows] = q if g is None else q.mul_(g)
+                dx = self.dec.project(dz, self.dtype).mul_(scale)
         x.backward(dx)
         return float(kl)
 
@@ -382,10 +414,10 @@ class _Trainer:
         kl_sum = torch.zeros(L, dtype=torch.float64)
         for m0 in range(0, len(idx), cfg.micro_batch):
             hs = obj.hidden(self.tokens[idx[m0 : m0 + cfg.micro_batch]])
-            p, neg_h = obj.final(hs[-1])
+            target = obj.final(hs[-1])
             for i in range(L):
-                kl_sum[i] += obj.layer_step(lens, i, hs[i], p, neg_h, 1.0 / self.n_global)
-            del hs, p, neg_h
+                kl_sum[i] += obj.layer_step(lens, i, hs[i], target, 1.0 / self.n_global)
+            del hs, target
         for t in (kl_sum, lens.weight.grad, lens.bias.grad):
             self.dist.all_reduce(t)
         kl = kl_sum / self.n_global
