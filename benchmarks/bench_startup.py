@@ -1,7 +1,9 @@
 """Benchmark: start-up of the command line on the embedded SmolLM2 (warm model cache), against its anchor.
 
-Anchor: ``import transformer_lens`` in a fresh process plus one forward pass of the prompt (timed in a process that
-has the model loaded): the least a TransformerLens tool can cost. Ours: ``mi-lenses logit-lens PROMPT`` end to end, in
+Anchor: ``import transformer_lens`` plus one forward pass of the prompt (timed in a process that has the model
+loaded): the least a TransformerLens tool can cost. The import is taken two ways: the wall time of a fresh
+``python -c "import transformer_lens"`` process (interpreter start and exit included, as in our end-to-end number:
+the primary anchor) and the import alone, timed inside the process (the stricter one). Ours: ``mi-lenses logit-lens PROMPT`` end to end, in
 a fresh process, and its breakdown (imports, each step of ``load_model``, the lens, the table), each measured in fresh
 processes, ``--runs`` times; the median is reported with the ratio to the anchor and the CPU model and instruction
 sets.
@@ -52,9 +54,7 @@ hf.eval(); T["weights (HF model)"] = time.perf_counter() - t
 t = time.perf_counter()
 m = TransformerBridge.boot_transformers(str(folder), hf_model=hf, tokenizer=tok, device="cpu", dtype=torch.float32)
 T["boot the bridge"] = time.perf_counter() - t
-t = time.perf_counter(); m.enable_compatibility_mode(disable_warnings=True)
-T["compatibility mode"] = time.perf_counter() - t
-m.cfg.default_prepend_bos = bos; m.eval()
+m.cfg.default_prepend_bos = bos; m.eval()  # the CLI's plain logit lens skips compatibility mode (same numbers)
 import mi_lenses
 t = time.perf_counter(); res = mi_lenses.logit_lens(m, {PROMPT!r}); T["logit lens (forward pass included)"] = time.perf_counter() - t
 import io
@@ -99,23 +99,29 @@ def main() -> None:
     args = ap.parse_args()
     cli = [str(Path(sys.executable).parent / "mi-lenses"), "logit-lens", PROMPT]
     run(cli, 1)  # warm the model cache and the OS file cache
-    tl = [r[1] for r in run(IMPORT_TL, args.runs)]
+    tl_runs = run(IMPORT_TL, args.runs)
+    tl, tl_proc = [r[1] for r in tl_runs], [r[0] for r in tl_runs]
     fwd = [r[1] for r in run(FORWARD, args.runs)]
     ours = [r[0] for r in run(cli, args.runs)]
     parts = [r[1] for r in run(BREAKDOWN, args.runs)]
-    anchor = statistics.median(tl) + statistics.median(fwd)
+    anchor = statistics.median(tl_proc) + statistics.median(fwd)
+    anchor_inside = statistics.median(tl) + statistics.median(fwd)
     med = statistics.median(ours)
     breakdown = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
     print(f"CPU: {cpu_info()}")
-    print(f"anchor: import transformer_lens {statistics.median(tl):.2f} s + one forward pass "
-          f"{statistics.median(fwd):.3f} s = {anchor:.2f} s")
+    print(f"anchor: python -c 'import transformer_lens' {statistics.median(tl_proc):.2f} s (the import alone "
+          f"{statistics.median(tl):.2f} s) + one forward pass {statistics.median(fwd):.3f} s = {anchor:.2f} s "
+          f"({anchor_inside:.2f} s)")
     print(f"ours:   mi-lenses logit-lens {PROMPT!r}: {med:.2f} s (runs {', '.join(f'{t:.2f}' for t in ours)}) "
-          f"= {med / anchor:.2f}x the anchor (target <= 1.5x)")
+          f"= {med / anchor:.2f}x the anchor ({med / anchor_inside:.2f}x the import alone + forward; "
+          "target <= 1.5x)")
     print("breakdown (median of fresh processes):")
     for k, v in breakdown.items():
         print(f"  {k:<40} {v:6.2f} s")
     out = {"cpu": cpu_info(), "prompt": PROMPT, "runs": args.runs, "import_transformer_lens_s": tl,
-           "forward_s": fwd, "anchor_s": anchor, "cli_s": ours, "cli_median_s": med, "ratio": med / anchor,
+           "import_transformer_lens_process_s": tl_proc, "forward_s": fwd, "anchor_s": anchor,
+           "anchor_import_only_s": anchor_inside, "cli_s": ours, "cli_median_s": med, "ratio": med / anchor,
+           "ratio_vs_import_only": med / anchor_inside,
            "breakdown_s": breakdown}
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.json}")

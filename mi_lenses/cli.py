@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -32,6 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     except MiLensesError as err:
         print(f"mi-lenses: error: {err}", file=sys.stderr)
         return 2
+
+
+def entry() -> None:
+    """The ``mi-lenses`` console script: :func:`main`, then exit at once. Every output is complete by then (files are
+    written atomically and closed, the streams flushed here); skipping the interpreter's teardown of torch,
+    transformers and TransformerLens saves about 0.5 s per command."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise LensInputError(f"--top-k must be at least 1, got {args.top_k}.")
     t0 = time.perf_counter()
-    model = load(args)
+    # the logit lens decodes through the model's own final norm, so raw and folded weights give the same numbers;
+    # a tuned lens was trained on one residual basis: keep the default (compatibility mode) for it
+    model = load(args, compatibility_mode=bool(args.lens))
     t1 = time.perf_counter()
     if args.lens:
         res = tuned_lens(model, args.prompt, lens=args.lens, top_k=args.top_k, targets=args.target, point=args.point)

@@ -301,13 +301,13 @@ def converted_folder(path: Path, root: Path | None = None) -> Path:
 
 def _converted_gguf(path: Path, root: Path) -> tuple[Path, bool]:
     """De-quantise a GGUF into a cached HF folder (once, atomically) and return it with the BOS convention."""
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
     target = converted_folder(path, root)
     info_file = target / INFO_FILE
     if info_file.is_file() and (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         # Warm path: the header facts were recorded at conversion (parsing the GGUF header's vocabulary takes ~6 s).
         return target, bool(json.loads(info_file.read_text())["add_bos_token"])
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES  # 0.6 s: cold path only
+
     arch, add_bos = _gguf_info(path)
     supported = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - _NOT_DECODER)
     if arch not in supported:
