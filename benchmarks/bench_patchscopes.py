@@ -93,7 +93,7 @@ def main() -> None:
     rt = resolve_target(target, view)
     src_tokens = view.to_tokens(prompt)
     with Timer(threads) as t_loop:
-        states, logits = source_states(view, src_tokens, range(L))
+        states, logits = source_states(view, view.batch(src_tokens), range(L))
         pred = int(logits[0, -1].argmax())
         loop_top1 = {}
         with torch.no_grad():
@@ -127,7 +127,7 @@ def main() -> None:
     desc = presets.description()
     rt_d = resolve_target(desc, view)
     T = rt_d.tokens.shape[1]
-    states, _ = source_states(view, view.to_tokens(src.prompt), range(L))
+    states, _ = source_states(view, view.batch(view.to_tokens(src.prompt)), range(L))
     patched_generate(rt_d, torch.tensor([8]), states[8][0, -1][None], 2)  # warm-up
     results["generation"] = {"new_tokens": args.new_tokens, "target_prompt_tokens": T}
     print(f"(b) {args.new_tokens}-token patched generation, description preset (target prompt {T} tokens), "
