@@ -53,6 +53,17 @@ class Timer:
         return f"{self.wall:8.2f} s  (CPU utilisation {self.util:.2f})"
 
 
+def _cpu() -> str:
+    """The CPU's model name and vector instruction sets (from /proc/cpuinfo)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(l.split(":", 1)[1].strip() for l in lines if l.startswith("model name"))
+        flags = next(l.split(":", 1)[1].split() for l in lines if l.startswith("flags"))
+        return f"{model} [{' '.join(sorted(f for f in flags if f.startswith(('avx', 'amx'))))}]"
+    except (OSError, StopIteration):
+        return "?"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=90, help="pairs timed in the per-pair loop (900 = all)")
@@ -78,7 +89,8 @@ def main() -> None:
     L = view.n_layers
     prompt = "The Eiffel Tower is located in the city of"
     target = presets.identity()
-    results: dict = {"model": view.name, "threads": threads, "layers": L}
+    results: dict = {"model": view.name, "threads": threads, "layers": L, "cpu": _cpu()}
+    print(f"CPU {results['cpu']}; kernels {torch.backends.cpu.get_cpu_capability()}; threads {threads}")
 
     # ------------------------------------------------------------------ (a) sweep
     with torch.no_grad():  # warm-up
