@@ -171,9 +171,15 @@ def test_decode_and_cache_match_hf_and_tl_modules(tiny):
             close(cache[f"blocks.{l}.hook_resid_pre"], hs[l], f"{tiny.id} resid_pre {l} == HF hidden_states[{l}]", 1e-5)
 
 
-def test_lse_grad_matches_autograd_through_the_full_decode(tiny):
-    """``Decoder.lse_grad`` (the fused flash-attention pass that tuned-lens training runs on) equals ``logsumexp`` of
-    the full decode and its autograd gradient, on every architecture (biases, soft-caps and all)."""
+@pytest.mark.parametrize("fused", [True, False], ids=["flash-kernel", "materialised"])
+def test_lse_grad_matches_autograd_through_the_full_decode(tiny, fused, monkeypatch):
+    """``Decoder.lse_grad`` (the fused flash-attention pass that tuned-lens training runs on, and its materialised
+    fallback) equals ``logsumexp`` of the full decode and its autograd gradient, on every architecture."""
+    import mi_lenses.models.decode as decode
+
+    assert decode._flash_cpu_works(), "the CPU flash-attention kernel failed its probe in this torch build"
+    if not fused:
+        monkeypatch.setattr(decode, "_FLASH_OK", [False])
     dec = ModelView(tiny.model).decoder
     xn = dec.normalize(torch.randn(13, tiny.model.cfg.d_model, generator=torch.Generator().manual_seed(3)))
     lse, grad = dec.lse_grad(xn)

@@ -154,7 +154,7 @@ def test_command(llama_raw, tmp_path, capsys, monkeypatch):
     import mi_lenses.commands.report as command
     from mi_lenses.cli import main
 
-    monkeypatch.setattr(command, "load", lambda args: llama_raw.model)
+    monkeypatch.setattr(command, "load", lambda args, **kw: llama_raw.model)
     out = tmp_path / "r.html"
     assert main(["report", PROMPT, "--out", str(out), "--json", str(tmp_path / "r.json"), "--no-progress",
                  "--sections", "logit_lens,attention", "--wrong", " city"]) == 0
@@ -180,7 +180,7 @@ def test_terminal_lens_table_shows_target_ranks_and_distinct_repeats(llama_raw, 
     last = int(res.target_ranks[-1, 0, -1, 0])
     assert re.search(rf"final .*│ +{last} │", out)
     cmd = pytest.MonkeyPatch()
-    cmd.setattr(command, "load", lambda args: llama_raw.model)
+    cmd.setattr(command, "load", lambda args, **kw: llama_raw.model)
     try:
         assert main(["logit-lens", TEXT, "--target", " city"]) == 0
     finally:

@@ -166,7 +166,7 @@ class Decoder:
         never materialised (tuned-lens training's per-layer cost is this call). Elsewhere it decodes the full logits.
         """
         xn = xn.float()
-        if self.softcap is None and xn.device.type == "cpu" and _FLASH_CPU is not None:
+        if self.softcap is None and xn.device.type == "cpu" and _flash_cpu_works():
             WT = self._copies.get("T")
             if WT is None:  # the kernel needs a contiguous [vocab, d_model] copy (it misreads a transposed view)
                 WT = self._copies["T"] = self.W.T.contiguous()
@@ -212,8 +212,29 @@ class Decoder:
         return self.project(dz, dtype)
 
 
-# PyTorch's CPU flash-attention kernel, which also returns the logsumexp (present since torch 2.3)
+# PyTorch's CPU flash-attention kernel, which also returns the logsumexp (a private op, present since torch 2.3)
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_OK: list[bool] = []
+
+
+def _flash_cpu_works() -> bool:
+    """Whether the kernel exists and, probed once on a small case with a bias, gives the logsumexp and the softmax
+    average of the materialised computation; if not, :meth:`Decoder.lse_grad` materialises (same numbers, slower)."""
+    if not _FLASH_OK:
+        ok = False
+        if _FLASH_CPU is not None:
+            try:
+                g = torch.Generator().manual_seed(0)
+                x, wt, b = (torch.randn(*shape, generator=g) for shape in ((3, 8), (40, 8), (40,)))
+                out, lse = _FLASH_CPU(x[None, None], wt[None, None], wt[None, None], 0.0, False,
+                                      attn_mask=b.view(1, 1, 1, -1), scale=1.0)
+                z = x @ wt.T + b
+                ok = bool(torch.allclose(lse[0, 0], z.logsumexp(-1), atol=1e-5)
+                          and torch.allclose(out[0, 0], z.softmax(-1) @ wt, atol=1e-5))
+            except (RuntimeError, TypeError):  # another signature or a missing kernel in this torch build
+                ok = False
+        _FLASH_OK.append(ok)
+    return _FLASH_OK[0]
 
 
 # ---------------------------------------------------------------------------------------------- one per model
