@@ -156,12 +156,14 @@ def test_transformer_lens_backend_names_the_fix_on_compat_mode(builder):
         close(a.W[r], b.W[r], f"compat vs raw row {r}", 1e-4)
 
 
-def test_jacobian_lens_with_a_missing_row_names_the_rows(llama_raw):
+def test_a_lens_fitted_on_some_rows_reads_those_by_default_and_names_them_otherwise(llama_raw):
     m = llama_raw.model
     lens = mi_lenses.JacobianLens({1: torch.eye(m.cfg.d_model)}, n_layers=m.cfg.n_layers, d_model=m.cfg.d_model)
+    assert lens(m, PROMPT).labels == lens(m, PROMPT, layers=lens.rows).labels == ["1_pre", "final"]
     with pytest.raises(LensInputError, match=r"reads rows \[1, 3\]"):
-        lens(m, PROMPT)
-    assert lens(m, PROMPT, layers=lens.rows).labels == ["1_pre", "final"]
+        lens(m, PROMPT, layers=[0, 1])
+    with pytest.raises(LensInputError, match=r"has no map for resid_mid"):
+        lens(m, PROMPT, point="resid_mid")
 
 
 # ------------------------------------------------------------------------------------------------ Future Lens

@@ -59,6 +59,7 @@ class Lens:
     name: str = "lens"
     ahead: int = 0
     maps_final: bool = False
+    rows: list[int] | None = None  # the rows (lens indices) a lens can read, when not all: the default ``layers``
 
     def bind(self, model: Any) -> "Lens":
         """The lens to run on ``model`` (raise ``LensInputError`` if it does not belong to it)."""
@@ -164,7 +165,8 @@ def run_lens(
         cache: an ``ActivationCache`` holding the residual hooks; ``logits`` (the model output of that run) enables
             ``verify()``.
         attention_mask: with token ids: 1 on real tokens, 0 on padding (left or right); padding is never read.
-        layers: row indices (embedding row .. final row; negative allowed); default all.
+        layers: row indices (embedding row .. final row; negative allowed); default all, or the rows a lens that
+            reads only some has (``lens.rows``, e.g. a Jacobian lens fitted on a few rows).
         positions: token positions, counted in each prompt's own tokens (``-1``: each prompt's last real token);
             default all. A position a shorter prompt lacks is masked for it.
         point: ``"resid_pre"`` (default; row ``l`` is the input of block ``l``), ``"resid_mid"`` or ``"resid_post"``.
@@ -251,14 +253,21 @@ def _prepare(view: ModelView, lens: Lens, *, layers: IndexSpec, point: str, top_
     for name, v in (("position_chunk", position_chunk), ("vocab_tile", 1 if vocab_tile is None else vocab_tile)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise LensInputError(f"{name} must be a positive int, got {v!r}.")
+    bound = lens.bind(view.model) if hasattr(lens, "bind") else lens
     all_rows = view.residual_rows(point)
-    hint = f"the lens has {len(all_rows)} rows, 0 (embed) .. {len(all_rows) - 1} (final output)"
-    rows = [all_rows[i] for i in resolve_indices(layers, len(all_rows), "layer", hint)]
+    if layers is None and getattr(bound, "rows", None) is not None:  # a lens fitted on some rows reads those
+        readable = set(bound.rows)
+        rows = [r for r in all_rows if r.lens_index in readable]
+        if not rows:
+            raise LensInputError(f"this {getattr(bound, 'name', 'lens')} reads rows {sorted(readable)}, none of which "
+                                 f"exists at point={point!r}; pass layers= or use point='resid_pre'.")
+    else:
+        hint = f"the lens has {len(all_rows)} rows, 0 (embed) .. {len(all_rows) - 1} (final output)"
+        rows = [all_rows[i] for i in resolve_indices(layers, len(all_rows), "layer", hint)]
     if targets is None:
         target_ids: list[int] = []
     else:
         target_ids = [view.to_single_token(t) for t in ([targets] if isinstance(targets, (str, int)) else targets)]
-    bound = lens.bind(view.model) if hasattr(lens, "bind") else lens
     ahead = getattr(bound, "ahead", 0)
     if not isinstance(ahead, int) or isinstance(ahead, bool) or ahead < 0:
         raise LensInputError(f"a lens's `ahead` must be an int >= 0, got {ahead!r}.")
