@@ -59,8 +59,9 @@ ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "A
 
 
 def cpu_info() -> dict:
-    """The CPU's model name and its vector instruction sets (from /proc/cpuinfo)."""
-    info = {"model": platform.processor() or platform.machine(), "flags": []}
+    """The CPU's model name, its vector instruction sets (from /proc/cpuinfo) and core count; every benchmark records
+    it (``describe_cpu`` prints it)."""
+    info = {"model": platform.processor() or platform.machine(), "flags": [], "cores": os.cpu_count()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -71,6 +72,12 @@ def cpu_info() -> dict:
     except OSError:
         pass
     return info
+
+
+def describe_cpu(info: dict | None = None) -> str:
+    """``model [instruction sets], N cores`` on one line."""
+    info = info or cpu_info()
+    return f"{info['model']} [{' '.join(info['flags'])}], {info['cores']} cores"
 
 
 # ------------------------------------------------------------------------------------------------ measurement
@@ -389,7 +396,6 @@ def worker_bf16(cfg: dict, out_dir: Path) -> dict:
 
 def worker_profile(cfg: dict) -> dict:
     """torch.profiler over ours on ``profile_seqs`` sequences: where the time goes."""
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     model, tokens, logits, cache, _ = load_everything(cfg, seqs=cfg["profile_seqs"])

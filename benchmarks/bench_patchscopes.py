@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_logit_lens import cpu_info, describe_cpu
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 TARGETS = {"sweep_speedup_min": 10.0, "kv_speedup_min": 3.0}
@@ -51,17 +53,6 @@ class Timer:
 
     def __str__(self) -> str:
         return f"{self.wall:8.2f} s  (CPU utilisation {self.util:.2f})"
-
-
-def _cpu() -> str:
-    """The CPU's model name and vector instruction sets (from /proc/cpuinfo)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        model = next(l.split(":", 1)[1].strip() for l in lines if l.startswith("model name"))
-        flags = next(l.split(":", 1)[1].split() for l in lines if l.startswith("flags"))
-        return f"{model} [{' '.join(sorted(f for f in flags if f.startswith(('avx', 'amx'))))}]"
-    except (OSError, StopIteration):
-        return "?"
 
 
 def main() -> None:
@@ -89,8 +80,8 @@ def main() -> None:
     L = view.n_layers
     prompt = "The Eiffel Tower is located in the city of"
     target = presets.identity()
-    results: dict = {"model": view.name, "threads": threads, "layers": L, "cpu": _cpu()}
-    print(f"CPU {results['cpu']}; kernels {torch.backends.cpu.get_cpu_capability()}; threads {threads}")
+    results: dict = {"model": view.name, "threads": threads, "layers": L, "cpu": cpu_info()}
+    print(f"CPU {describe_cpu(results['cpu'])}; kernels {torch.backends.cpu.get_cpu_capability()}; threads {threads}")
 
     # ------------------------------------------------------------------ (a) sweep
     with torch.no_grad():  # warm-up

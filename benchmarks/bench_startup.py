@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_logit_lens import describe_cpu
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The capital of France is"
 
@@ -82,16 +84,6 @@ def run(code_or_argv, runs: int) -> list:
     return out
 
 
-def cpu_info() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
-        return f"{model} [{' '.join(sorted(f for f in flags if f.startswith(('avx', 'amx'))))}], {os.cpu_count()} cores"
-    except (OSError, StopIteration):
-        return "?"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -108,7 +100,7 @@ def main() -> None:
     anchor_inside = statistics.median(tl) + statistics.median(fwd)
     med = statistics.median(ours)
     breakdown = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
-    print(f"CPU: {cpu_info()}")
+    print(f"CPU: {describe_cpu()}")
     print(f"anchor: python -c 'import transformer_lens' {statistics.median(tl_proc):.2f} s (the import alone "
           f"{statistics.median(tl):.2f} s) + one forward pass {statistics.median(fwd):.3f} s = {anchor:.2f} s "
           f"({anchor_inside:.2f} s)")
@@ -118,7 +110,7 @@ def main() -> None:
     print("breakdown (median of fresh processes):")
     for k, v in breakdown.items():
         print(f"  {k:<40} {v:6.2f} s")
-    out = {"cpu": cpu_info(), "prompt": PROMPT, "runs": args.runs, "import_transformer_lens_s": tl,
+    out = {"cpu": describe_cpu(), "prompt": PROMPT, "runs": args.runs, "import_transformer_lens_s": tl,
            "import_transformer_lens_process_s": tl_proc, "forward_s": fwd, "anchor_s": anchor,
            "anchor_import_only_s": anchor_inside, "cli_s": ours, "cli_median_s": med, "ratio": med / anchor,
            "ratio_vs_import_only": med / anchor_inside,

@@ -35,6 +35,7 @@ import types
 from pathlib import Path
 
 import torch
+from bench_logit_lens import cpu_info, describe_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 THEIRS = "tuned-lens 0.2.0 (fp32)"
@@ -174,21 +175,6 @@ def bf16_check(model, tokens, lens, layers=(15,), positions=64) -> dict:
     return out
 
 
-def _cpu() -> dict:
-    """The CPU's model name and vector instruction sets (from /proc/cpuinfo)."""
-    info = {"model": "?", "flags": []}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["model"] = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                info["flags"] = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma")))
-                break
-    except OSError:
-        pass
-    return info
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--train-data", default=str(TRAIN))
@@ -229,8 +215,8 @@ def main() -> None:
     batches = [{"input_ids": tokens[order[i : i + args.micro_batch]]} for i in range(0, len(order), args.micro_batch)]
     n_train = args.steps * args.tokens_per_step
     L, d, V = model.cfg.n_layers, model.cfg.d_model, model.W_U.shape[-1]
-    cpu = _cpu()
-    print(f"CPU {cpu['model']} [{' '.join(cpu['flags'])}]; kernels {torch.backends.cpu.get_cpu_capability()}")
+    cpu = cpu_info()
+    print(f"CPU {describe_cpu(cpu)}; kernels {torch.backends.cpu.get_cpu_capability()}")
     print(f"SmolLM2-135M: {L} layers, d_model {d}, vocab {V}; {args.steps} steps x {args.tokens_per_step} tokens; "
           f"threads {torch.get_num_threads()}", flush=True)
 
@@ -313,7 +299,7 @@ def main() -> None:
                   "train_tokens": n_train, "eval_tokens": held.numel(), "flop_per_token_unembed": flop_tok},
         "rows": rows,
         "time_to_quality": ttq,
-        "cpu": _cpu(),
+        "cpu": cpu,
         "bf16_layer_step": bf16,
         "their_bf16_layer_step": their_bf16,
         "layers": layers,

@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench_logit_lens import cpu_info
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOADS = ("logit_lens", "dla", "tuned_step", "sweep")
@@ -82,23 +83,6 @@ for _ in range(cfg["repeats"]):
     t.append([time.perf_counter() - w0, time.process_time() - c0])
 print(json.dumps(t))
 '''
-
-
-def cpu_info() -> dict:
-    info = {"machine": platform.machine(), "model": platform.processor(), "flags": []}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name"):
-                info["model"] = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                info["flags"] = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
-                break
-    except OSError:
-        pass
-    info["cores"] = os.cpu_count()
-    return info
 
 
 def text_file() -> Path:

@@ -18,7 +18,6 @@ logits are separated by more than the tolerance, and must lie within the tie bra
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

@@ -100,7 +100,7 @@ def test_jacobians_equal_autograd_functional_jacobian(llama_raw):
     m = llama_raw.model
     view = mi_lenses.ModelView(m)
     tokens = m.to_tokens(PROMPT)
-    S, t, tp = tokens.shape[1], 2, tokens.shape[1] - 1
+    t, tp = 2, tokens.shape[1] - 1
     jac, states, final = residual_jacobians(view, tokens, [0, 2], sources=[t], targets=[tp], dim_batch=5)
     rows = view.residual_rows()
     for r in (0, 2):

@@ -165,7 +165,7 @@ def residual_jacobians(
     parameters are frozen meanwhile (so the graph starts at the earliest row) and restored on exit; the hooks are
     removed also on exceptions.
     """
-    d, L = view.d_model, view.n_layers
+    d = view.d_model
     all_rows = view.residual_rows("resid_pre")
     names = {r: all_rows[r].hook_name for r in rows}
     final = all_rows[-1].hook_name
