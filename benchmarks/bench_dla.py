@@ -143,6 +143,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_dla_") as tmp:
         out_dir = Path(tmp)
         (out_dir / "config.json").write_text(json.dumps(cfg))
+        cpu = _bench_ll().cpu_info()
+        print(f"CPU {_bench_ll().describe_cpu(cpu)}")
         print(f"SmolLM2, every neuron at every position; full {args.seqs} x {args.seq_len}, plain TL at "
               f"{args.plain_seqs} x {args.plain_len}", flush=True)
         runs = {}
@@ -174,7 +176,8 @@ def main() -> None:
     result = {
         "benchmark": "dla_neurons",
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "cpu": cpu},
         "config": cfg,
         "targets": TARGETS,
         "runs": runs,
