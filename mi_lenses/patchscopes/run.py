@@ -203,7 +203,7 @@ def patched_generate(
     out = torch.zeros(N, max_new_tokens, dtype=torch.long)
     kv = view.kv if use_kv_cache else None
     cache = None
-    with torch.no_grad(), (kv.session() if kv is not None else contextlib.nullcontext()):
+    with torch.inference_mode(), (kv.session() if kv is not None else contextlib.nullcontext()):
         for step in range(max_new_tokens):
             if kv is not None and cache is not None:
                 feed = seq[:, -1:]

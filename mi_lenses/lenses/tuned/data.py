@@ -156,7 +156,7 @@ def sample_from_model(view: ModelView, n_tokens: int, seq_len: int, seed: int = 
         b = min(batch, n_seq - b0)
         seq = torch.full((b, 1), start, dtype=torch.long, device=view.device)
         cache = None
-        with torch.no_grad(), (kv.session() if kv is not None else contextlib.nullcontext()):
+        with torch.inference_mode(), (kv.session() if kv is not None else contextlib.nullcontext()):
             while seq.shape[1] < seq_len:
                 if kv is not None:
                     logits, cache = kv.forward(seq if cache is None else seq[:, -1:], cache)
@@ -164,5 +164,5 @@ def sample_from_model(view: ModelView, n_tokens: int, seq_len: int, seed: int = 
                     logits = view.model(seq)
                 nxt = torch.multinomial(logits[:, -1].float().cpu().softmax(-1), 1, generator=g)
                 seq = torch.cat([seq, nxt.to(seq.device)], 1)
-        out.append(seq.cpu())
+        out.append(seq.cpu().clone())  # a normal tensor: inference-mode tensors refuse later in-place updates
     return torch.cat(out)
