@@ -40,9 +40,12 @@ def entry() -> None:
     written atomically and closed, the streams flushed here); skipping the interpreter's teardown of torch,
     transformers and TransformerLens saves about 0.5 s per command."""
     code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # the reader went away (``mi-lenses ... | head``): nothing left to say
+        pass
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

@@ -176,7 +176,8 @@ def test_lse_grad_matches_autograd_through_the_full_decode(tiny, fused, monkeypa
     fallback) equals ``logsumexp`` of the full decode and its autograd gradient, on every architecture."""
     import mi_lenses.models.decode as decode
 
-    assert decode._flash_cpu_works(), "the CPU flash-attention kernel failed its probe in this torch build"
+    if fused and not decode._flash_cpu_works():
+        pytest.skip("this torch build has no working CPU flash-attention kernel (lse_grad materialises instead)")
     if not fused:
         monkeypatch.setattr(decode, "_FLASH_OK", [False])
     dec = ModelView(tiny.model).decoder

@@ -286,15 +286,17 @@ def test_import_from_tuned_lens_with_same_predictions(tiny, tl_api, tmp_path, mo
 
 
 # ============================================================================================ 4. training
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "materialised"])
-def test_kl_gradient_matches_autograd(tiny, fused):
-    """The closed-form per-layer KL gradient equals autograd through log_softmax of the full decode, on both paths:
-    the fused one (flash-attention kernel over the vocabulary) and the one from materialised logits."""
+@pytest.mark.parametrize("path", ["fused", "materialised", "row-blocks"])
+def test_kl_gradient_matches_autograd(tiny, path):
+    """The closed-form per-layer KL gradient equals autograd through log_softmax of the full decode, on every path:
+    the fused one (flash-attention kernel over the vocabulary), the materialised logits in one block, and in
+    blocks of 8 rows (two blocks here)."""
     m = tiny.model
     view = ModelView(m)
     obj = train_mod._Objective(view)
     assert obj.fused == (view.decoder.softcap is None)
-    obj.fused = fused and obj.fused
+    obj.fused = path == "fused" and obj.fused
+    obj.block_bytes = 1 if path == "row-blocks" else None
     lens = random_lens(m, seed=2)
     tokens = rand_tokens(2, 8)
     hs = obj.hidden(tokens)
@@ -311,6 +313,26 @@ def test_kl_gradient_matches_autograd(tiny, fused):
         close(kl / n, ref.mean().item(), f"layer {i} KL", 1e-5)
         close(g_ours[0], lens.weight.grad[i], f"layer {i} dA", 1e-5)
         close(g_ours[1], lens.bias.grad[i], f"layer {i} db", 1e-5)
+
+
+def test_bf16_kl_step_is_close_to_float32(tiny_pair):
+    """The bf16 path (bf16 matmuls, float32 reductions, blocks of rows) gives the float32 KL and gradient to bf16
+    precision."""
+    m = tiny_pair.model
+    lens = random_lens(m, seed=3)
+    tokens = rand_tokens(2, 8)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        obj = train_mod._Objective(ModelView(m), dtype)
+        obj.block_bytes = 1
+        hs = obj.hidden(tokens)
+        target = obj.final(hs[-1])
+        lens.zero_grad()
+        kl = obj.layer_step(lens, 1, hs[1], target, 1.0)
+        out[dtype] = kl, lens.weight.grad[1].clone()
+    (kl32, g32), (kl16, g16) = out[torch.float32], out[torch.bfloat16]
+    assert abs(kl16 - kl32) <= 2e-2 * abs(kl32) + 1e-3, (kl16, kl32)
+    assert float((g16 - g32).norm() / g32.norm()) < 5e-2
 
 
 def test_training_lowers_held_out_kl(llama_raw):

@@ -166,7 +166,7 @@ class Decoder:
         never materialised (tuned-lens training's per-layer cost is this call). Elsewhere it decodes the full logits.
         """
         xn = xn.float()
-        if self.softcap is None and xn.device.type == "cpu" and _flash_cpu_works():
+        if self.fused_lse_grad(xn.device):
             WT = self._copies.get("T")
             if WT is None:  # the kernel needs a contiguous [vocab, d_model] copy (it misreads a transposed view)
                 WT = self._copies["T"] = self.W.T.contiguous()
@@ -176,17 +176,32 @@ class Decoder:
             return lse[0, 0], out[0, 0]
         z = self.logits(xn, normalized=True)
         lse = torch.logsumexp(z, -1)
+        if self.softcap is None:
+            return lse, self.project(z.sub_(lse[:, None]).exp_())  # in place: one [n, vocab] buffer
         return lse, self.backward(torch.exp(z - lse[:, None]), z)
 
+    def fused_lse_grad(self, device: torch.device) -> bool:
+        """Whether :meth:`lse_grad` runs fused on ``device`` (the CPU, no soft-cap, PyTorch's kernel passed its
+        probe); elsewhere it materialises the logits."""
+        return self.softcap is None and torch.device(device).type == "cpu" and _flash_cpu_works()
+
+    def release(self) -> None:
+        """Drop the extra weight copies (the transposed unembedding of :meth:`lse_grad`, low-precision copies); they
+        are rebuilt on demand."""
+        self._copies.clear()
+
     def row_blocks(self, xn: Float[Tensor, "n d_model"], dtype: torch.dtype = torch.float32,
-                   block_bytes: int = 2 << 20) -> Iterator[tuple[slice, Float[Tensor, "r d_vocab"]]]:
+                   block_bytes: int | None = None) -> Iterator[tuple[slice, Float[Tensor, "r d_vocab"]]]:
         """Capped float32 logits of normalised vectors ``xn``, a block of rows at a time: one matmul (in ``dtype``)
-        for all rows, then each block of about ``block_bytes`` converted, biased and capped while it is in cache.
-        Yields ``(rows, z)``; ``z`` is the caller's to modify in place. (Measured on a 49k vocabulary: blocks of 8-32
-        rows run alike, 2 rows 35% slower.)"""
+        for all rows, then each block converted, biased and capped while it is in cache. Yields ``(rows, z)``; ``z``
+        is the caller's to modify in place. Blocks hold about ``block_bytes`` of float32 logits, at least 8 rows
+        (default 2 MiB on the CPU, measured: on a 49k vocabulary 8-32 rows run alike, 2 rows 35% slower; one block
+        elsewhere, where many small kernels would cost more than the memory they save)."""
         W, _ = self.weights(dtype)
         raw = xn.to(dtype) @ W
-        step = max(1, block_bytes // (4 * W.shape[1]))
+        if block_bytes is None:
+            block_bytes = ROW_BLOCK_BYTES if raw.device.type == "cpu" else 4 * raw.numel()
+        step = max(1, min(len(raw), max(8, block_bytes // (4 * W.shape[1]))))
         for a in range(0, len(raw), step):
             z = raw[a : a + step].float()
             if self.b is not None:
@@ -212,6 +227,8 @@ class Decoder:
         return self.project(dz, dtype)
 
 
+ROW_BLOCK_BYTES = 2 << 20  # row_blocks on the CPU
+
 # PyTorch's CPU flash-attention kernel, which also returns the logsumexp (a private op, present since torch 2.3)
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_OK: list[bool] = []
@@ -224,8 +241,8 @@ def _flash_cpu_works() -> bool:
         ok = False
         if _FLASH_CPU is not None:
             try:
-                g = torch.Generator().manual_seed(0)
-                x, wt, b = (torch.randn(*shape, generator=g) for shape in ((3, 8), (40, 8), (40,)))
+                g = torch.Generator().manual_seed(0)  # several query and key blocks of the kernel, a broadcast bias
+                x, wt, b = (torch.randn(*shape, generator=g) for shape in ((70, 8), (1100, 8), (1100,)))
                 out, lse = _FLASH_CPU(x[None, None], wt[None, None], wt[None, None], 0.0, False,
                                       attn_mask=b.view(1, 1, 1, -1), scale=1.0)
                 z = x @ wt.T + b

@@ -46,6 +46,7 @@ class BridgeKV:
     def __init__(self, model: Any):
         self.model = model
         self._in_session = False
+        self.keep_all_positions = _has_sliding_window(model)
 
     @contextlib.contextmanager
     def session(self) -> Iterator["BridgeKV"]:
@@ -64,14 +65,16 @@ class BridgeKV:
 
     def forward(self, tokens: Tensor, cache: Any = None) -> tuple[Tensor, Any]:
         """Logits of ``tokens`` (continuing ``cache``) and the cache extended by them."""
-        if cache is None:
+        if cache is None and self.keep_all_positions:
             # a cache that keeps every position: transformers' default for sliding-window models (Gemma 2, Mistral)
             # drops keys outside the window, which TransformerLens's attention bridges do not expect; the window is
-            # still applied, by the attention mask
+            # still applied, by the attention mask. Other models keep transformers' own cache layout.
             from transformers import DynamicCache
 
             cache = DynamicCache()
-        kwargs: dict[str, Any] = {"use_cache": True, "past_key_values": cache}
+        kwargs: dict[str, Any] = {"use_cache": True}
+        if cache is not None:
+            kwargs["past_key_values"] = cache
         with self.session():
             return self.model(tokens, return_type="logits_and_cache", **kwargs)
 
@@ -128,17 +131,32 @@ class HookedKV:
         return 0 if cache is None else int(cache.entries[0].past_keys.shape[1])
 
 
+def _has_sliding_window(model: Any) -> bool:
+    """Whether the wrapped HF model has sliding-window attention layers (from its config's ``layer_types``, or its
+    ``sliding_window`` where a config has no layer types)."""
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    if config is None:
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return any("sliding" in str(t) for t in layer_types)
+    return getattr(config, "sliding_window", None) is not None
+
+
 def kv_cache(model: Any) -> BridgeKV | HookedKV | None:
-    """The model's KV-cache adapter, or ``None`` when cached forward passes do not work on it (probed once)."""
+    """The model's KV-cache adapter, or ``None`` when cached forward passes do not work on it: probed once per
+    model, the cache must grow by the tokens fed and a cached step must give the logits of a full forward pass."""
     kv = BridgeKV(model) if is_bridge(model) else HookedKV(model)
     if model not in _PROBED:
         ok = False
         try:
-            probe = torch.zeros(1, 2, dtype=torch.long, device=model.W_U.device)
+            probe = torch.tensor([[1, 2]], dtype=torch.long, device=model.W_U.device) % model.cfg.d_vocab
             with torch.no_grad():
+                full = model(probe)[0, -1].float()
                 _, cache = kv.forward(probe[:, :1])
-                _, cache = kv.forward(probe[:, 1:], cache)
-            ok = kv.length(cache) == 2
+                step, cache = kv.forward(probe[:, 1:], cache)
+            err = float((step[0, -1].float() - full).abs().max())
+            ok = kv.length(cache) == 2 and err <= 1e-3 * float(full.abs().max()) + 1e-4
         except Exception:  # noqa: BLE001 - any failure means: recompute instead
             ok = False
         _PROBED[model] = ok

@@ -157,10 +157,13 @@ class _Objective:
     """Hidden states of a batch and the KL objective of every layer against the final distribution, decoded by the
     model's :class:`~mi_lenses.models.decode.Decoder`.
 
-    In float32 without a logit soft-cap a layer's KL and gradient come from one fused pass,
+    On the CPU in float32 without a logit soft-cap a layer's KL and gradient come from one fused pass,
     :meth:`Decoder.lse_grad` (``KL = sum p log p - p . z + lse``, ``dKL/dxn = softmax(z) @ W.T - p @ W.T``);
-    otherwise (bf16 matmuls, soft-capped models) from the materialised logits.
+    otherwise (GPUs, bf16 matmuls, soft-capped models) from the materialised logits, a block of rows at a time
+    (``block_bytes``: see :meth:`Decoder.row_blocks`).
     """
+
+    block_bytes: int | None = None
 
     def __init__(self, view: ModelView, dtype: torch.dtype = torch.float32):
         self.view = view
@@ -168,7 +171,7 @@ class _Objective:
         # the lens rows in tuned-lens order (embed = resid_pre of block 0, ..., input of block L-1), then the final row
         self.names = [r.hook_name for r in view.residual_rows("resid_pre")]
         self.dtype = dtype
-        self.fused = dtype == torch.float32 and self.dec.softcap is None
+        self.fused = dtype == torch.float32 and self.dec.fused_lse_grad(view.device)
 
     @torch.no_grad()
     def hidden(self, tokens: Tensor) -> list[Tensor]:
@@ -198,10 +201,10 @@ class _Objective:
                 dx = grad.sub_(target.pW).mul_(scale)
             else:  # one matmul, then per block of rows in cache: lse, p . z and dKL/dz = (softmax(z) - p) * cap'
                 dz = torch.empty(p.shape, dtype=self.dtype, device=p.device)
-                kl = torch.zeros((), dtype=torch.float64)
-                for rows, z in self.dec.row_blocks(xd, self.dtype):
+                kl = torch.zeros((), dtype=torch.float64, device=p.device)
+                for rows, z in self.dec.row_blocks(xd, self.dtype, self.block_bytes):
                     lse = torch.logsumexp(z, -1)
-                    kl += float((target.neg_h[rows] - torch.linalg.vecdot(p[rows], z) + lse).sum())
+                    kl += (target.neg_h[rows] - torch.linalg.vecdot(p[rows], z) + lse).sum()
                     g = self.dec.cap_grad(z)
                     q = z.sub_(lse[:, None]).exp_().sub_(p[rows])
                     dz[rows] = q if g is None else q.mul_(g)
@@ -292,9 +295,12 @@ def train_lens(
                              f"({', '.join(f.name for f in dataclasses.fields(TrainConfig))}).")
     trainer = _Trainer.prepare(model, data, out, dataclasses.replace(config or TrainConfig(), **overrides), resume,
                                lens)
-    trainer.start(resume)
-    trainer.run()
-    return trainer.finish(data)
+    try:
+        trainer.start(resume)
+        trainer.run()
+        return trainer.finish(data)
+    finally:
+        trainer.obj.dec.release()  # the training-only weight copies (e.g. 113 MB for SmolLM2)
 
 
 @dataclass
