@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
+
+from bench_logit_lens import describe_cpu
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -52,7 +53,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import mi_lenses
 
-    print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}")
+    print(f"CPU: {describe_cpu()}; torch {torch.__version__}, threads {args.threads}")
     print("command:", " ".join(sys.argv))
     model = mi_lenses.load_model()
     out: dict = {"command": " ".join(sys.argv), "beta": args.beta, "n_train": args.n_train, "relations": {}}

@@ -2,7 +2,7 @@
 a screenshot of the page and of each view, plus the terminal summary as SVG. Run ``bash scripts/screenshots.sh``.
 
 Everything runs offline. The tuned lens shown beside the logit lens is fitted here by the least-squares warm start
-alone (``--lens-tokens`` tokens of WikiText-2 when ``../shared/data`` is there, else of this repository's README),
+alone (``--lens-tokens`` tokens of WikiText-2 when ``../shared/data`` is there, else of the text shipped with mi_lenses),
 unless ``--lens DIR`` names a trained one.
 """
 
@@ -52,8 +52,8 @@ def main() -> int:
     model = mi_lenses.load_model()
     lens = args.lens
     if lens is None:
-        shared = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
-        data = shared if shared.is_file() else ROOT / "README.md"
+        shared = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"  # optional, where it exists
+        data = shared if shared.is_file() else Path(mi_lenses.data.TRAIN_TEXT)
         t = time.perf_counter()
         lens = mi_lenses.train_lens(model, data, steps=0, warm_start_tokens=args.lens_tokens, progress=False)
         print(f"warm-start lens on {args.lens_tokens} tokens of {data.name} in {time.perf_counter() - t:.0f} s")

@@ -411,19 +411,27 @@ def _numbers(m) -> dict[str, torch.Tensor]:
             "ps_logp": ps.top_logprobs, "ps_generated": ps.generated_ids}
 
 
-def test_both_worlds_give_the_same_numbers(world):
-    if not REFS:
-        pytest.skip("set MI_LENSES_WORLD_REFS to compare with the other TransformerLens world (CI does)")
-    path = Path(REFS) / f"{world.arch}-{world.mode}.pt"
-    ours = _numbers(world.model)
+def _reference(name: str, ours: dict) -> dict | None:
+    """The 4.x bridge writes its numbers to ``$MI_LENSES_WORLD_REFS/name`` (and gets ``None``); the 3.x world reads
+    them back to compare (a missing file fails under CI, is skipped elsewhere)."""
+    path = Path(REFS) / name
     if KIND == "bridge":
         torch.save(ours, path)
-        return
+        return None
     if not path.is_file():
         if os.environ.get("CI") == "true":
             pytest.fail(f"{path} is missing: run the TransformerLens 4.x suite first (scripts/test.sh does).")
         pytest.skip(f"no reference {path} from a TransformerLens 4.x run")
-    theirs = torch.load(path, weights_only=True)
+    return torch.load(path, weights_only=True)
+
+
+def test_both_worlds_give_the_same_numbers(world):
+    if not REFS:
+        pytest.skip("set MI_LENSES_WORLD_REFS to compare with the other TransformerLens world (CI does)")
+    ours = _numbers(world.model)
+    theirs = _reference(f"{world.arch}-{world.mode}.pt", ours)
+    if theirs is None:
+        return
     for key, ref in theirs.items():
         mine = ours[key]
         if ref.dtype == torch.long:
@@ -455,15 +463,9 @@ def test_embedded_model_in_this_world(smol):
             "dla_heads": dla.heads, "dla_actual": dla.actual}
     if not REFS:
         pytest.skip("set MI_LENSES_WORLD_REFS to compare with the other TransformerLens world (CI does)")
-    path = Path(REFS) / "smollm2.pt"
-    if KIND == "bridge":
-        torch.save(ours, path)
+    theirs = _reference("smollm2.pt", ours)
+    if theirs is None:
         return
-    if not path.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{path} is missing: run the TransformerLens 4.x suite first (scripts/test.sh does).")
-        pytest.skip(f"no reference {path} from a TransformerLens 4.x run")
-    theirs = torch.load(path, weights_only=True)
     assert torch.equal(ours["top_ids"], theirs["top_ids"])
     for key in ("logp", "kl", "dla_heads", "dla_actual"):
         close(ours[key], theirs[key], f"SmolLM2 {key} vs the 4.x bridge", 1e-5)
