@@ -404,7 +404,7 @@ def worker_profile(cfg: dict) -> dict:
     # wrap row_stats (the streamed non-final rows) and final_row (the final row) so their shares are visible
     import importlib
 
-    ll = importlib.import_module("mi_lenses.lenses.logit_lens")  # the module (the package re-exports the function)
+    ll = importlib.import_module("mi_lenses.lenses.engine")  # the module that calls them
 
     def wrap(fn, label):
         def wrapped(*a, **k):

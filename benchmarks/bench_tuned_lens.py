@@ -196,8 +196,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import mi_lenses
-    from mi_lenses.lenses.tuned import evaluate_lens, load_lens, train_lens
-    from mi_lenses.lenses.tuned.data import load_tokens
+    from mi_lenses import evaluate_lens, load_lens, train_lens
+    from mi_lenses.data import load_tokens
     from mi_lenses.lenses.tuned.train import _step_sequences
     from mi_lenses.models.loading import converted_folder, embedded_gguf_path
     from mi_lenses.atomic import write_atomic

@@ -89,7 +89,7 @@ def main() -> None:
     t_ll = time.perf_counter() - t1
     tuned_prec = tuned_surprisal = None
     if args.lens:
-        from mi_lenses.lenses.tuned import load_lens
+        from mi_lenses import load_lens
 
         tuned = load_lens(args.lens, model)
         rows = {r.hook_name: r for r in view.residual_rows("resid_post")}  # block l's output -> lens index l + 1

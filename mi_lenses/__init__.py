@@ -3,8 +3,9 @@
 Every name is importable from here:
 
 * lenses: :func:`logit_lens`, :func:`tuned_lens`, :class:`LogitLens`, :class:`TunedLens`, :class:`Lens`,
-  :func:`run_lens`; tuned-lens training and files: :func:`train_lens`, :class:`TrainConfig`, :func:`evaluate_lens`,
-  :func:`load_lens`, :func:`save_lens`;
+  :func:`run_lens` with its options (:class:`LensOptions`); affine lenses (:class:`AffineLens`, :class:`RowMapLens`)
+  and their files (:func:`load_lens`, :func:`save_lens`); tuned-lens training: :func:`train_lens`,
+  :class:`TrainConfig`, :func:`evaluate_lens`;
 * attribution: :func:`direct_logit_attribution`, :func:`neuron_attribution`;
 * attention: :func:`attention` (patterns, sinks, entropy, previous-token and induction scores, q·k terms);
 * Patchscopes: :func:`patchscope`, :func:`sweep`, :class:`Source`, :class:`Target`, ``presets``, :func:`fit_map`;
@@ -23,23 +24,28 @@ Example:
     True
 """
 
+from mi_lenses import data, diffusion, patchscopes  # noqa: E402  (subpackages: shipped text, mi_lenses.patchscopes.verify)
 from mi_lenses.attn import AttentionResult, QKTerms, attention
 from mi_lenses.attribution import DLAResult, direct_logit_attribution, neuron_attribution
+from mi_lenses.diffusion import DiffusionLensResult, diffusion_lens
 from mi_lenses.errors import LensInputError, MiLensesError, ModelLoadError, VerificationError
-from mi_lenses.lenses import Lens, LensResult, LogitLens, logit_lens, run_lens
-from mi_lenses.lenses.attribute import AttributeLens, RelationEvaluation, evaluate_attribute_lens, fit_attribute_lens
+from mi_lenses.lenses import Lens, LensOptions, LensResult, LogitLens, logit_lens, run_lens
+from mi_lenses.lenses.affine import AffineLens, RowMapLens, load_lens, save_lens
+from mi_lenses.lenses.attribute import (
+    AttributeLens,
+    RelationEvaluation,
+    evaluate_attribute_lens,
+    fit_attribute_lens,
+)
 from mi_lenses.lenses.compare import LensComparison, compare_lenses
 from mi_lenses.lenses.future import FutureLens, fit_future_lens
 from mi_lenses.lenses.future_prompt import FuturePromptLens, fit_future_prompt
 from mi_lenses.lenses.jacobian import JacobianLens, fit_jacobian_lens
-from mi_lenses.lenses.rowmap import RowMapLens, load_row_map
 from mi_lenses.lenses.tuned import (
     LensEvaluation,
     TrainConfig,
     TunedLens,
     evaluate_lens,
-    load_lens,
-    save_lens,
     train_lens,
     tuned_lens,
 )
@@ -58,13 +64,14 @@ from mi_lenses.patchscopes import (
     selfie,
     sweep,
 )
-from mi_lenses import data, diffusion, patchscopes  # noqa: E402  (subpackages: shipped text, mi_lenses.patchscopes.verify)
-from mi_lenses.diffusion import DiffusionLensResult, diffusion_lens
 from mi_lenses.reports import Report, report
 from mi_lenses.results import Result
 
 __version__ = "0.1.0"
+load_row_map = load_lens  # the name of mi_lenses 0.1: one loader reads every lens folder
+
 __all__ = [
+    "AffineLens",
     "AffineMap",
     "AttentionResult",
     "AttributeLens",
@@ -77,6 +84,7 @@ __all__ = [
     "LensComparison",
     "LensEvaluation",
     "LensInputError",
+    "LensOptions",
     "LensResult",
     "LogitLens",
     "MiLensesError",

@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        mi_lenses.commands.check_outputs(args)  # before any model work
         return args.func(args)
     except MiLensesError as err:
         print(f"mi-lenses: error: {err}", file=sys.stderr)

@@ -23,20 +23,21 @@ Example (a real pipeline, minutes per layer on a CPU)::
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
+from rich.table import Table
 from torch import Tensor
 
+from mi_lenses.atomic import write_files_atomic
 from mi_lenses.errors import LensInputError, ModelLoadError
 from mi_lenses.indexing import IndexSpec, resolve_indices
-from mi_lenses.results import Result, jsonable
+from mi_lenses.results import Result, dataframe, jsonable
+from mi_lenses.viz.more_lenses import diffusion_fragment
 
 EXTRA = "pip install 'mi-lenses[diffusion]'"
 
@@ -132,7 +133,6 @@ class DiffusionLensResult(Result):
         return f"Diffusion Lens: {self.prompt}"
 
     def _stats(self, img: Any) -> dict[str, float]:
-        import numpy as np
 
         a = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
         return {"mean": float(a.mean()), "std": float(a.std())}
@@ -145,14 +145,11 @@ class DiffusionLensResult(Result):
                          "pixel_stats": [[self._stats(im) for im in row] for row in self.images]})
 
     def to_dataframe(self):
-        import pandas as pd
-
-        return pd.DataFrame([{"layer": l, "image": j, "seed": self.seeds[j], **self._stats(im),
+        return dataframe([{"layer": l, "image": j, "seed": self.seeds[j], **self._stats(im),
                               "file": None if self.files is None else self.files[i][j]}
-                             for i, l in enumerate(self.layers) for j, im in enumerate(self.images[i])])
+                          for i, l in enumerate(self.layers) for j, im in enumerate(self.images[i])])
 
     def table(self, *, batch: int = 0):
-        from rich.table import Table
 
         self.check_batch(batch)
         t = Table(title=f"Diffusion Lens · {self.prompt!r} · {len(self.seeds)} image(s) per layer")
@@ -166,25 +163,11 @@ class DiffusionLensResult(Result):
     def fragment(self, *, batch: int = 0) -> str:
         """The gallery: one row per layer, one column per seed, images inlined (offline)."""
         self.check_batch(batch)
-
-        def data_uri(img: Any) -> str:
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-        head = "".join(f"<th>seed {s}</th>" for s in self.seeds)
-        rows = "".join(f"<tr><th>layer {l}/{self.n_layers}</th>" + "".join(
-            f'<td><img src="{data_uri(im)}" style="width:192px;image-rendering:pixelated"/></td>'
-            for im in self.images[i]) + "</tr>" for i, l in enumerate(self.layers))
-        s = self.settings
-        return (f'<p class="note">{html.escape(self.prompt)}: text-encoder layer l, through the encoder\'s final '
-                f"layer norm, conditions the diffusion model; same seeds in every row. {s.get('steps')} steps, "
-                f"guidance {s.get('guidance_scale')}.</p><table><tr><th></th>{head}</tr>{rows}</table>")
+        return diffusion_fragment(self)
 
     def save_gallery(self, folder: str | os.PathLike) -> Path:
         """Write ``layer{l:02d}_seed{s}.png`` per image and an offline ``index.html`` into ``folder``, atomically
         (the page last)."""
-        from mi_lenses.atomic import write_files_atomic
 
         writers, files = [], []
         for i, l in enumerate(self.layers):

@@ -13,5 +13,18 @@ class ModelLoadError(MiLensesError, ValueError):
     """A model could not be found or converted; the message says what to pass instead."""
 
 
+class OutputError(MiLensesError, OSError):
+    """A path mi_lenses was asked to write cannot be written (a folder where a file goes, a read-only or virtual file
+    system, a full disk); the message names the path and the fix, and nothing was written there."""
+
+
 class VerificationError(MiLensesError, AssertionError):
     """An identity does not hold: the numbers must not be trusted."""
+
+
+class MissingHookError(LensInputError, KeyError):
+    """A cache lacks an activation an analysis reads (also a ``KeyError``, as a missing cache key is); the message
+    names the hook and how to cache it."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 from jaxtyping import Float
 from torch import Tensor
@@ -34,15 +34,19 @@ from mi_lenses.attn.engine import required_hooks as attention_hooks
 from mi_lenses.attribution import DLAResult, direct_logit_attribution
 from mi_lenses.attribution.components import required_hooks as dla_hooks
 from mi_lenses.errors import LensInputError
+from mi_lenses.lenses.affine import load_lens
+from mi_lenses.lenses.lens import Lens
 from mi_lenses.lenses.logit_lens import logit_lens
 from mi_lenses.lenses.result import LensResult
 from mi_lenses.models.batch import PromptInput
 from mi_lenses.models.view import ModelView
 from mi_lenses.patchscopes import SweepResult, presets, sweep
-from mi_lenses.results import Result, jsonable
+from mi_lenses.progress import bar
+from mi_lenses.results import Result, dataframe, jsonable
+from mi_lenses.viz.lens import best_tokens
+from mi_lenses.viz.report import report_fragment, report_table
 
 Section = Literal["logit_lens", "tuned_lens", "patchscope", "dla", "attention"]
-SECTIONS: tuple[str, ...] = ("logit_lens", "tuned_lens", "patchscope", "dla", "attention")
 TRAJECTORY_TOKENS = 6  # tokens in the "top tokens per layer" chart
 
 
@@ -142,7 +146,7 @@ class Report(Result):
         """JSON-ready: the prompt, the prediction, ``per_layer`` records, timings and each section's own
         ``to_dict()``."""
         self.check_batch(batch)
-        parts = {name: getattr(self, name) for name in ("logit_lens", "tuned_lens", "patchscope", "dla", "attention")}
+        parts = {name: getattr(self, name) for name in SECTIONS}
         return jsonable({
             "model": self.model_name,
             "prompt": self.prompt,
@@ -159,21 +163,17 @@ class Report(Result):
 
     def to_dataframe(self):
         """:meth:`per_layer` as a tidy frame (one row per residual state)."""
-        import pandas as pd
-
-        return pd.DataFrame.from_records(self.per_layer())
+        return dataframe(self.per_layer())
 
     def table(self, *, batch: int = 0, max_layers: int = 16):
         """The terminal summary: the logit lens table, a per-layer table (strided to ``max_layers`` rows, the
         final row always), the largest DLA parts and the top heads of every attention diagnostic."""
-        from mi_lenses.viz.report import report_table
 
         self.check_batch(batch)
         return report_table(self, max_layers=max_layers)
 
     def fragment(self, *, batch: int = 0) -> str:
         """The page body: a table of contents and one section per part."""
-        from mi_lenses.viz.report import report_fragment
 
         self.check_batch(batch)
         return report_fragment(self)
@@ -191,6 +191,7 @@ def report(
     patchscope_positions: int = 8,
     induction_length: int | None = None,
     prepend_bos: bool | None = None,
+    beyond_context: bool = False,
     progress: bool = True,
 ) -> Report:
     """Everything about one prompt (see the module docstring): logit lens, tuned lens (with ``lens``), identity
@@ -210,79 +211,48 @@ def report(
             every layer).
         induction_length: length of the random sequence of the attention's induction diagnostic (``0``: skip).
         prepend_bos: override the model's BOS default when tokenising.
-        progress: a progress bar on stderr while it computes.
+        beyond_context: accept a prompt longer than the model's context (``cfg.n_ctx``).
+        progress: a progress bar on stderr while it computes (it appears after a couple of seconds).
 
     Returns:
         :class:`Report` (``show()``, ``to_html(path)``, ``print()``, ``to_json()``, ``to_dataframe()``).
     """
     t_start = time.perf_counter()
     view = ModelView(model)
-    chosen = _sections(sections, lens)
+    chosen = [SECTION_TABLE[name] for name in _sections(sections, lens)]
     for name, v in (("top_k", top_k), ("patchscope_positions", patchscope_positions)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise LensInputError(f"{name} must be a positive int, got {v!r}.")
-    if lens is not None and not hasattr(lens, "transform"):
-        from mi_lenses.lenses.tuned.io import load_lens
-
+    if lens is not None and not isinstance(lens, Lens):
         lens = load_lens(lens, view.model)
-    batch = view.batch(prompt, prepend_bos=prepend_bos)
+    batch = view.batch(prompt, prepend_bos=prepend_bos, beyond_context=beyond_context)
     if batch.shape[0] != 1:
         raise LensInputError(f"a report is about one prompt; got {batch.shape[0]}. Run it once per prompt.")
-    tokens = batch.tokens
     wrong_id = None if wrong is None else view.to_single_token(wrong)
     answer_id = None if answer is None else view.to_single_token(answer)
-
-    steps = ["forward pass", *chosen, "done"]
-    bar = _Progress(steps, progress)
     seconds: dict[str, float] = {}
-    try:
+    with bar(len(chosen) + 1, "report", enabled=progress) as b:
         # one forward pass for every section
         names = {row.hook_name for point in ("resid_pre", "resid_post") for row in view.residual_rows(point)}
-        if "dla" in chosen:
-            names |= set(dla_hooks(view))
-        if "attention" in chosen:
-            names |= set(attention_hooks(view))
+        for section in chosen:
+            names |= set(section.hooks(view))
         t0 = time.perf_counter()
-        logits, cache = view.run_with_cache(batch, names)
+        logits, cache = view.run_with_cache(batch, names, progress=progress)
         last_logp = logits[0, -1].float().log_softmax(-1)
         pred_id = int(last_logp.argmax())
         answer_id = pred_id if answer_id is None else answer_id
         # ranks tracked by the lenses: the prediction, the answer, the wrong token (each once)
         targets = list(dict.fromkeys([pred_id, answer_id] + ([wrong_id] if wrong_id is not None else [])))
+        ctx = _Context(view, batch.tokens, batch.lengths[0], cache, logits, lens, answer_id, wrong_id, targets, top_k,
+                       patchscope_positions, induction_length, prepend_bos, [s.name for s in chosen])
         seconds["forward pass"] = time.perf_counter() - t0
-        run = dict(cache=cache, logits=logits)
-        parts: dict[str, Any] = {}
-
-        def timed(step: str, fn):
-            bar.step(step)
+        b.update(1)
+        for section in chosen:
+            b.set_postfix_str(section.name.replace("_", " "))
             t = time.perf_counter()
-            out = fn()
-            seconds[step] = time.perf_counter() - t
-            return out
-
-        if "logit_lens" in chosen:
-            parts["logit_lens"] = timed("logit_lens", lambda: logit_lens(view, tokens, top_k=top_k, targets=targets,
-                                                                        **run))
-            parts["trajectory"] = _trajectory(view, tokens, parts["logit_lens"], None, answer_id, run)
-        if "tuned_lens" in chosen:
-            parts["tuned_lens"] = timed("tuned_lens", lambda: lens(view, tokens, top_k=top_k, targets=targets, **run))
-            if "trajectory" in parts:
-                parts["tuned_trajectory"] = _trajectory(view, tokens, parts["logit_lens"], lens, answer_id, run,
-                                                        ids=parts["trajectory"].target_ids.tolist())
-        if "patchscope" in chosen:
-            sw, lp, tp = timed("patchscope", lambda: _patchscope(view, tokens, batch.lengths[0], patchscope_positions,
-                                                                lens if "tuned_lens" in chosen else None, run))
-            parts.update(patchscope=sw, lens_precision=lp, tuned_precision=tp)
-        if "dla" in chosen:
-            parts["dla"] = timed("dla", lambda: direct_logit_attribution(view, tokens, answer=answer_id, wrong=wrong_id,
-                                                                        **run))
-        if "attention" in chosen:
-            parts["attention"] = timed("attention", lambda: attention(view, tokens, cache=cache,
-                                                                      induction_length=induction_length,
-                                                                      prepend_bos=prepend_bos))
-        bar.step("done")
-    finally:
-        bar.close()
+            ctx.parts.update(section.compute(ctx))
+            seconds[section.name] = time.perf_counter() - t
+            b.update(1)
     seconds["total"] = time.perf_counter() - t_start
     text = view.str_tokens(batch)[0]
     return Report(
@@ -293,13 +263,99 @@ def report(
         prediction_prob=float(last_logp[pred_id].exp()),
         answer=view.id_to_str(answer_id),
         wrong=None if wrong_id is None else view.id_to_str(wrong_id),
-        sections=chosen,
+        sections=ctx.sections,
         prediction_id=pred_id,
         answer_id=answer_id,
         wrong_id=wrong_id,
         seconds=seconds,
-        **parts,
+        **ctx.parts,
     )
+
+
+# ------------------------------------------------------------------------------------------------ the sections
+@dataclass
+class _Context:
+    """What every section reads: the prompt's one forward pass and the report's options; ``parts`` collects the
+    Report fields the sections computed so far (in table order)."""
+
+    view: ModelView
+    tokens: Tensor
+    n_tokens: int
+    cache: Any
+    logits: Tensor
+    lens: Any
+    answer_id: int
+    wrong_id: int | None
+    targets: list[int]
+    top_k: int
+    patchscope_positions: int
+    induction_length: int | None
+    prepend_bos: bool | None
+    sections: list[str]
+    parts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run(self) -> dict[str, Any]:
+        """The shared cache, as every entry point takes it (no forward pass of their own, no bar of their own)."""
+        return dict(cache=self.cache, logits=self.logits, progress=False)
+
+
+@dataclass(frozen=True)
+class _Section:
+    """One section of the report: the hooks it adds to the shared forward pass, and what it computes from it
+    (the ``Report`` fields it fills)."""
+
+    name: str
+    hooks: Callable[[ModelView], Iterable[str]]
+    compute: Callable[[_Context], dict[str, Any]]
+
+
+def _logit_lens(c: _Context) -> dict[str, Any]:
+    ll = logit_lens(c.view, c.tokens, top_k=c.top_k, targets=c.targets, **c.run)
+    return {"logit_lens": ll, "trajectory": _trajectory(c, ll, None)}
+
+
+def _tuned_lens(c: _Context) -> dict[str, Any]:
+    out = {"tuned_lens": c.lens(c.view, c.tokens, top_k=c.top_k, targets=c.targets, **c.run)}
+    if "trajectory" in c.parts:  # the same tokens as the logit lens's trajectory
+        out["tuned_trajectory"] = _trajectory(c, c.parts["logit_lens"], c.lens,
+                                              ids=c.parts["trajectory"].target_ids.tolist())
+    return out
+
+
+def _patchscope(c: _Context) -> dict[str, Any]:
+    """The identity Patchscope at ``l* = l`` over the last positions, and the logit lens's (and tuned lens's)
+    precision@1 per block output on the same positions."""
+    positions = list(range(-min(c.patchscope_positions, c.n_tokens), 0))
+    sw = sweep(c.view, c.tokens, presets.identity(), target_layers="same", positions=positions, progress=False)
+
+    def precision(runner: Any) -> Tensor:
+        res = runner(c.view, c.tokens, positions=positions, point="resid_post", top_k=1, **c.run)
+        hits = (res.top_ids[:, 0, :, 0] == res.final_top1[0][None]).float()  # [L + 1 rows, P]
+        return hits.mean(-1)[1:]  # row l + 1 is the output of block l
+
+    tuned = c.lens if "tuned_lens" in c.sections else None
+    return {"patchscope": sw, "lens_precision": precision(logit_lens),
+            "tuned_precision": None if tuned is None else precision(tuned)}
+
+
+def _dla(c: _Context) -> dict[str, Any]:
+    return {"dla": direct_logit_attribution(c.view, c.tokens, answer=c.answer_id, wrong=c.wrong_id, **c.run)}
+
+
+def _attention(c: _Context) -> dict[str, Any]:
+    return {"attention": attention(c.view, c.tokens, cache=c.cache, induction_length=c.induction_length,
+                                   prepend_bos=c.prepend_bos, progress=False)}
+
+
+SECTION_TABLE: dict[str, _Section] = {s.name: s for s in (
+    _Section("logit_lens", lambda view: (), _logit_lens),
+    _Section("tuned_lens", lambda view: (), _tuned_lens),
+    _Section("patchscope", lambda view: (), _patchscope),
+    _Section("dla", dla_hooks, _dla),
+    _Section("attention", attention_hooks, _attention),
+)}
+SECTIONS: tuple[str, ...] = tuple(SECTION_TABLE)  # in page order
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -318,50 +374,10 @@ def _sections(sections: Sequence[str] | None, lens: Any) -> list[str]:
     return [s for s in SECTIONS if s in sections]
 
 
-def _trajectory(view: ModelView, tokens: Tensor, ll: LensResult, lens: Any, answer_id: int, run: dict,
-                ids: list[int] | None = None) -> LensResult:
+def _trajectory(c: _Context, ll: LensResult, lens: Any, ids: list[int] | None = None) -> LensResult:
     """The last position's exact probability per layer of the tokens some layer believed most (the answer too)."""
-    from mi_lenses.viz.lens import best_tokens
-
     if ids is None:
         last = ll.columns(0)[-1]
-        ids = list(dict.fromkeys(best_tokens(ll, 0, last, TRAJECTORY_TOKENS) + [answer_id]))
+        ids = list(dict.fromkeys(best_tokens(ll, 0, last, TRAJECTORY_TOKENS) + [c.answer_id]))
     runner = lens if lens is not None else logit_lens
-    return runner(view, tokens, positions=[-1], top_k=1, targets=ids, **run)
-
-
-def _patchscope(view: ModelView, tokens: Tensor, n: int, last: int, lens: Any,
-                run: dict) -> tuple[SweepResult, Tensor, Tensor | None]:
-    """The identity Patchscope at ``l* = l`` over the last ``last`` positions, and the logit lens's (and tuned
-    lens's) precision@1 per block output on the same positions."""
-    positions = list(range(-min(last, n), 0))
-    sw = sweep(view, tokens, presets.identity(), target_layers="same", positions=positions, progress=False)
-
-    def precision(runner) -> Tensor:
-        res = runner(view, tokens, positions=positions, point="resid_post", top_k=1, **run)
-        hits = (res.top_ids[:, 0, :, 0] == res.final_top1[0][None]).float()  # [L + 1 rows, P]
-        return hits.mean(-1)[1:]  # row l + 1 is the output of block l
-
-    return sw, precision(logit_lens), None if lens is None else precision(lens)
-
-
-class _Progress:
-    """A tqdm bar over the report's steps (silent when off)."""
-
-    def __init__(self, steps: list[str], on: bool):
-        self.bar = None
-        if on:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=len(steps) - 1, desc="report", unit="step", leave=False)
-            self.bar.set_postfix_str(steps[0])
-
-    def step(self, name: str) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(name.replace("_", " "))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
+    return runner(c.view, c.tokens, positions=[-1], top_k=1, targets=ids, **c.run)

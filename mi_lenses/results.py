@@ -24,9 +24,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
+from rich.console import Console
+
+from mi_lenses.atomic import write_atomic
+from mi_lenses.indexing import resolve_index
+from mi_lenses.viz.html import offline_html, page
 
 LN2 = math.log(2.0)  # nats per bit: every ``*_bits`` value is the stored nats divided by this
 
@@ -45,7 +51,6 @@ class Result:
 
     def check_batch(self, batch: int) -> int:
         """``batch`` as an index into the prompts (negative from the end), or a clear error."""
-        from mi_lenses.indexing import resolve_index
 
         return resolve_index(batch, self.n_batch, "batch", f"this result holds {self.n_batch} prompt(s)")
 
@@ -65,24 +70,19 @@ class Result:
     # ------------------------------------------------------------------------------------------ shared
     def show(self, *, batch: int = 0, **options: Any):
         """Render in a notebook: an offline circuitsvis ``RenderedHTML``."""
-        from mi_lenses.viz.html import offline_html
 
         return offline_html(self.fragment(batch=batch, **options))
 
     def print(self, *, batch: int = 0, width: int | None = None, **options: Any) -> None:
         """Print :meth:`table` to the terminal."""
-        from rich.console import Console
 
         Console(width=width).print(self.table(batch=batch, **options))
 
     def to_html(self, path: str | os.PathLike | None = None, *, batch: int = 0, **options: Any) -> str:
         """A standalone offline HTML page (circuitsvis bundle inlined); written atomically to ``path`` if given."""
-        from mi_lenses.viz.html import page
 
         text = page(self.title, self.fragment(batch=batch, **options))
         if path is not None:
-            from mi_lenses.atomic import write_atomic
-
             write_atomic(path, text)
         return text
 
@@ -99,7 +99,6 @@ def renamed(value: Any, old_value: Any, old: str, new: str) -> Any:
     else ``value``."""
     if old_value is UNSET:
         return value
-    import warnings
 
     warnings.warn(f"the {old}= keyword is deprecated: use {new}= (same meaning).", DeprecationWarning, stacklevel=3)
     return old_value
@@ -127,12 +126,18 @@ def jsonable(value: Any, digits: int | None = 6) -> Any:
     return value
 
 
+def dataframe(data: Any) -> Any:
+    """A pandas ``DataFrame`` of records (a list of dicts) or columns (a dict of lists): what every
+    ``to_dataframe()`` returns."""
+    import pandas as pd  # deferred: pandas costs ~0.6 s of start-up, and only to_dataframe() needs it
+
+    return pd.DataFrame(data)
+
+
 def write_json(path: str | os.PathLike | None, data: Any, digits: int | None = None) -> str:
     """``data`` as indented JSON text (through :func:`jsonable`, rounding floats to ``digits`` places if given);
     written atomically to ``path`` if given."""
     text = json.dumps(jsonable(data, digits), indent=1, ensure_ascii=False)
     if path is not None:
-        from mi_lenses.atomic import write_atomic
-
         write_atomic(path, text)
     return text

@@ -170,7 +170,7 @@ def test_from_the_users_cache(tiny_pair):
         res.qk_terms(0, 0)
     assert "No neuron view" in res.to_html()
     _, none = m.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
-    with pytest.raises(LensInputError, match="has no 'blocks.0.attn.hook_pattern'.*without a names_filter"):
+    with pytest.raises(LensInputError, match="lacks the hook 'blocks.0.attn.hook_pattern'.*without a names_filter"):
         mi_lenses.attention(m, tokens, cache=none)
 
 

@@ -40,6 +40,11 @@ class Env:
         (tmp / "short.txt").write_text("too short")
 
 
+def _long_prompt() -> str:
+    """A prompt of more tokens than the tiny models' context (64)."""
+    return " ".join(["The capital of France is Paris."] * 30)
+
+
 def _cache_without(env: Env) -> Any:
     return env.m.run_with_cache(env.tokens, names_filter=lambda n: n == "blocks.0.hook_resid_pre")[1]
 
@@ -103,6 +108,18 @@ API: dict[str, tuple[Callable[[Env], Any], list[str]]] = {
     "target of several tokens": (lambda e: mi_lenses.logit_lens(e.m, PROMPT, targets=" capital"),
                                  ["not a single token", "mind the leading space"]),
     "target id out of range": (lambda e: mi_lenses.logit_lens(e.m, PROMPT, targets=[10**6]), ["out of range"]),
+    "prompt longer than the context": (lambda e: mi_lenses.logit_lens(e.m, _long_prompt()),
+                                       ["context window is 64", "beyond_context=True"]),
+    "prompt longer than the context (DLA)": (lambda e: mi_lenses.direct_logit_attribution(
+        e.m, _long_prompt(), answer="Paris"), ["context window is 64"]),
+    "prompt longer than the context (report)": (lambda e: mi_lenses.report(e.m, _long_prompt(), progress=False),
+                                                ["context window is 64"]),
+    "token ids longer than the context": (lambda e: mi_lenses.attention(e.m, torch.ones(1, 65, dtype=torch.long)),
+                                          ["65 tokens", "context window is 64"]),
+    "result written to a folder": (lambda e: mi_lenses.logit_lens(e.m, PROMPT).to_json(e.tmp),
+                                   ["is a folder, not a file"]),
+    "page written to a read-only file system": (lambda e: mi_lenses.logit_lens(e.m, PROMPT).to_html("/proc/x.html"),
+                                                ["cannot write /proc/x.html"]),
     # caches
     "cache missing the hooks": (lambda e: mi_lenses.logit_lens(e.m, e.tokens, cache=_cache_without(e)), ["names_filter"]),
     "tokens of another run than the cache": (lambda e: mi_lenses.logit_lens(
@@ -147,10 +164,15 @@ API: dict[str, tuple[Callable[[Env], Any], list[str]]] = {
     "lens with integer weights": (lambda e: mi_lenses.load_lens(_lens_file(
         e, "ints", lambda s: {k: v.long() for k, v in s.items()}), e.m), ["expected floating point"]),
     # training data and options
-    "data path that does not exist": (lambda e: mi_lenses.train_lens(e.m, str(e.tmp / "nope.txt"), progress=False),
+    "data path that does not exist": (lambda e: mi_lenses.train_lens(e.m, str(e.tmp / "nope.txt"), seq_len=16,
+                                                                     tokens_per_step=64, progress=False),
                                       ["neither a file/folder nor a dataset"]),
-    "data shorter than one sequence": (lambda e: mi_lenses.train_lens(e.m, e.tmp / "short.txt", progress=False),
+    "data shorter than one sequence": (lambda e: mi_lenses.train_lens(e.m, e.tmp / "short.txt", seq_len=16,
+                                                                      tokens_per_step=64, progress=False),
                                        ["fewer than one sequence"]),
+    "training sequences longer than the context": (lambda e: mi_lenses.train_lens(e.m, e.tmp / "short.txt",
+                                                                                  progress=False),
+                                                   ["context window is 64", "smaller seq_len"]),
     "tokens per step not a multiple of the sequence": (lambda e: mi_lenses.train_lens(
         e.m, e.tmp / "short.txt", tokens_per_step=100, seq_len=16), ["multiple of seq_len"]),
     "unknown training option": (lambda e: mi_lenses.train_lens(e.m, e.tmp / "short.txt", stpes=3), ["unknown options"]),
@@ -207,8 +229,17 @@ CLI: dict[str, tuple[Callable[[Env], list[str]], list[str]]] = {
     "CLI: folder without a lens": (lambda e: ["tuned-lens", "eval", "--model", str(e.folder), "--lens",
                                               str(e.tmp / "empty")], ["holds no lens"]),
     "CLI: training data that does not exist": (lambda e: ["tuned-lens", "train", "--model", str(e.folder), "--data",
-                                                          str(e.tmp / "nope.txt"), "--out", str(e.tmp / "o")],
+                                                          str(e.tmp / "nope.txt"), "--out", str(e.tmp / "o"),
+                                                          "--seq-len", "16", "--tokens-per-step", "64"],
                                                ["neither a file/folder"]),
+    "CLI: prompt longer than the context": (lambda e: ["logit-lens", _long_prompt(), "--model", str(e.folder)],
+                                            ["context window is 64", "--beyond-context"]),
+    "CLI: JSON path that is a folder": (lambda e: ["logit-lens", "x", "--model", str(e.folder), "--json", "/"],
+                                        ["--json", "is a folder, not a file"]),
+    "CLI: page on a read-only file system": (lambda e: ["report", "x", "--model", str(e.folder), "--out",
+                                                        "/proc/version"], ["--out", "/proc/version", "not writable"]),
+    "CLI: output folder that is a file": (lambda e: ["tuned-lens", "train", "--model", str(e.folder), "--out",
+                                                     str(e.tmp / "short.txt")], ["--out", "is not a folder"]),
     "CLI: device that does not exist": (lambda e: ["logit-lens", "x", "--model", str(e.folder), "--device", "cuda:7"],
                                         ["use device='cpu'"]),
 }
@@ -240,7 +271,7 @@ def test_readme_lists_every_case():
 
 # ------------------------------------------------------------------------------------------------ every file we read
 def _own_lens(env: Env, name: str, edit: Callable[[dict], dict]) -> Path:
-    """A copy of our own-format lens with ``lens.safetensors`` edited and its checksum updated (so the content
+    """A copy of our own-format lens with ``maps.safetensors`` edited and its checksum updated (so the content
     checks, not the checksum, must catch it)."""
     import hashlib
 
@@ -248,9 +279,9 @@ def _own_lens(env: Env, name: str, edit: Callable[[dict], dict]) -> Path:
 
     folder = env.tmp / name
     mi_lenses.TunedLens.from_model(env.m).save(folder)
-    save_file(edit(load_file(folder / "lens.safetensors")), str(folder / "lens.safetensors"))
+    save_file(edit(load_file(folder / "maps.safetensors")), str(folder / "maps.safetensors"))
     cfg = json.loads((folder / "mi_lens.json").read_text())
-    cfg["sha256"] = hashlib.sha256((folder / "lens.safetensors").read_bytes()).hexdigest()
+    cfg["sha256"] = hashlib.sha256((folder / "maps.safetensors").read_bytes()).hexdigest()
     (folder / "mi_lens.json").write_text(json.dumps(cfg))
     return folder
 
@@ -288,9 +319,9 @@ def _pickle_bytes() -> bytes:
 
 FILES: dict[str, tuple[Callable[[Env], Any], list[str]]] = {
     "own lens: NaN weights": (lambda e: mi_lenses.load_lens(_own_lens(
-        e, "own_nan", lambda s: {**s, "bias": s["bias"] * float("nan")}), e.m), ["non-finite"]),
+        e, "own_nan", lambda s: {**s, "b.0": s["b.0"] * float("nan")}), e.m), ["non-finite"]),
     "own lens: wrong shape": (lambda e: mi_lenses.load_lens(_own_lens(
-        e, "own_shape", lambda s: {**s, "weight": s["weight"][:1]}), e.m), ["shape"]),
+        e, "own_shape", lambda s: {**s, "A.1": s["A.1"][:1]}), e.m), ["shape"]),
     "own lens: integer weights": (lambda e: mi_lenses.load_lens(_own_lens(
         e, "own_int", lambda s: {k: v.long() for k, v in s.items()}), e.m), ["expected floating point"]),
     "own lens: truncated": (lambda e: mi_lenses.load_lens(_truncated_own(e), e.m), ["corrupt or truncated"]),
@@ -319,8 +350,8 @@ FILES: dict[str, tuple[Callable[[Env], Any], list[str]]] = {
 def _truncated_own(env: Env) -> Path:
     folder = env.tmp / "own_trunc"
     mi_lenses.TunedLens.from_model(env.m).save(folder)
-    data = (folder / "lens.safetensors").read_bytes()
-    (folder / "lens.safetensors").write_bytes(data[: len(data) // 3])
+    data = (folder / "maps.safetensors").read_bytes()
+    (folder / "maps.safetensors").write_bytes(data[: len(data) // 3])
     return folder
 
 

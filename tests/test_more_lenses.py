@@ -77,15 +77,18 @@ def test_surprisal_and_precision_of_the_logit_lens(tiny_pair):
 def test_native_jacobian_fit_equals_transformer_lens_fit_and_readout(builder, arch):
     pytest.importorskip("transformer_lens.tools.analysis.jacobian_lens")
     m = builder.get(arch, "raw").model
-    ours = mi_lenses.fit_jacobian_lens(m, LONG, skip_first_positions=4, progress=False)
-    theirs = mi_lenses.fit_jacobian_lens(m, LONG, skip_first_positions=4, progress=False, backend="transformer_lens")
+    # 48 tokens per prompt: within every tiny model's context (TransformerLens cuts prompts at n_ctx on its own, at
+    # 63 or 64 tokens depending on the tokenizer, which would make the two fits read different prompts)
+    ours = mi_lenses.fit_jacobian_lens(m, LONG, seq_len=48, skip_first_positions=4, progress=False)
+    theirs = mi_lenses.fit_jacobian_lens(m, LONG, seq_len=48, skip_first_positions=4, progress=False,
+                                         backend="transformer_lens")
     assert theirs.rows == list(range(1, m.cfg.n_layers + 1)) and ours.rows == list(range(m.cfg.n_layers + 1))
     for r in theirs.W:
         close(ours.W[r], theirs.W[r], f"{arch} J row {r}", 1e-5)
     # our lens (TL's matrices) read in our engine == TransformerLens's own readout, top-5 ids per layer and position
     from transformer_lens.tools.analysis.jacobian_lens import JacobianLens as TLJ
 
-    tl = TLJ.fit(m, LONG, corpus="t", skip_first_positions=4, show_progress=False)
+    tl = TLJ.fit(m, LONG, corpus="t", skip_first_positions=4, show_progress=False, max_seq_len=48)
     out = tl.readout(m, PROMPT, top_k=5, return_full_logits=True)
     res = theirs(m, PROMPT, top_k=5, layers=theirs.rows)  # rows 1..L: TL's layer l (output of block l) is row l + 1
     assert set(out.lens_topk_indices) == set(range(m.cfg.n_layers))
@@ -120,7 +123,7 @@ def test_jacobian_fit_restores_weights_and_hooks_on_error(llama_raw, monkeypatch
 
     monkeypatch.setattr(torch.autograd, "grad", boom)
     with pytest.raises(RuntimeError, match="boom"):
-        mi_lenses.fit_jacobian_lens(m, LONG[:1], skip_first_positions=2, progress=False)
+        mi_lenses.fit_jacobian_lens(m, LONG[:1], seq_len=64, skip_first_positions=2, progress=False)
     assert [p.requires_grad for p in m.parameters()] == flags
     assert hook_counts(m) == before
 
@@ -131,7 +134,7 @@ def test_identity_jacobian_lens_is_the_logit_lens_and_files_round_trip(tiny_pair
     a, b = ident(m, PROMPT), mi_lenses.logit_lens(m, PROMPT)
     assert torch.equal(a.top_ids, b.top_ids)
     close(a.kl, b.kl, "identity J", 1e-6)
-    fitted = mi_lenses.fit_jacobian_lens(m, LONG[:2], skip_first_positions=2, progress=False)
+    fitted = mi_lenses.fit_jacobian_lens(m, LONG[:2], seq_len=64, skip_first_positions=2, progress=False)
     fitted.save(tmp_path / "j")
     again = mi_lenses.load_row_map(tmp_path / "j", m)
     close(again(m, PROMPT).kl, fitted(m, PROMPT).kl, "round trip", 0)
@@ -147,11 +150,11 @@ def test_transformer_lens_backend_names_the_fix_on_compat_mode(builder):
     pytest.importorskip("transformer_lens.tools.analysis.jacobian_lens")
     m = builder.get("llama_gqa", "compat").model
     with pytest.raises(LensInputError, match="compatibility_mode=False"):
-        mi_lenses.fit_jacobian_lens(m, LONG[:1], skip_first_positions=2, backend="transformer_lens", progress=False)
+        mi_lenses.fit_jacobian_lens(m, LONG[:1], seq_len=64, skip_first_positions=2, backend="transformer_lens", progress=False)
     # native works there, and on an RMSNorm model compatibility mode leaves the residual stream (hence J) unchanged
     raw = builder.get("llama_gqa", "raw").model
-    a = mi_lenses.fit_jacobian_lens(m, LONG[:1], skip_first_positions=2, progress=False)
-    b = mi_lenses.fit_jacobian_lens(raw, LONG[:1], skip_first_positions=2, progress=False)
+    a = mi_lenses.fit_jacobian_lens(m, LONG[:1], seq_len=64, skip_first_positions=2, progress=False)
+    b = mi_lenses.fit_jacobian_lens(raw, LONG[:1], seq_len=64, skip_first_positions=2, progress=False)
     for r in a.W:
         close(a.W[r], b.W[r], f"compat vs raw row {r}", 1e-4)
 

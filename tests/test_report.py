@@ -192,7 +192,7 @@ def test_long_prompts_stride_scroll_and_keep_the_last_layer(llama_raw, capsys):
     from mi_lenses.viz.html import esc, line_chart
 
     m = llama_raw.model
-    text = " ".join(["one two three four five six seven eight nine ten"] * 6)  # ~60 tokens (n_ctx 64)
+    text = " ".join(["one two three four five six seven eight nine ten"] * 2)  # 55 tokens (n_ctx 64)
     res = mi_lenses.logit_lens(m, text, targets=" city")
     n = len(res.positions)
     assert n > 50

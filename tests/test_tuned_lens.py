@@ -20,10 +20,11 @@ import torch
 from conftest import PROMPT
 
 from mi_lenses.errors import LensInputError
-from mi_lenses.lenses.logit_lens import logit_lens, run_lens
-from mi_lenses.lenses.tuned import TrainingError, TunedLens, evaluate_lens, load_lens, save_lens, train_lens
+from mi_lenses.lenses import logit_lens, run_lens
+from mi_lenses import load_lens, save_lens
+from mi_lenses.lenses.tuned import TrainingError, TunedLens, evaluate_lens, train_lens
 from mi_lenses.lenses.tuned import train as train_mod
-from mi_lenses.lenses.tuned.data import load_tokens
+from mi_lenses.data import load_tokens
 from mi_lenses.models.view import ModelView
 
 ROOT = Path(__file__).parents[1]
@@ -90,8 +91,10 @@ def test_own_format_round_trip(tiny_pair, tmp_path):
     lens = random_lens(m, seed=3)
     lens.save(tmp_path / "lens")
     files = sorted(p.name for p in (tmp_path / "lens").iterdir())
-    assert files == ["lens.safetensors", "mi_lens.json"]
+    assert files == ["maps.safetensors", "mi_lens.json"]
     cfg = json.loads((tmp_path / "lens" / "mi_lens.json").read_text())
+    assert (cfg["format"], cfg["kind"], cfg["form"], cfg["rows"]) == ("mi_lenses.affine_lens", "tuned", "residual",
+                                                                      list(range(ModelView(m).n_layers)))
     view = ModelView(m)
     assert (cfg["n_layers"], cfg["d_model"], cfg["model_name"]) == (view.n_layers, view.d_model, view.name)
     assert len(cfg["unembed_hash"]) == 64
@@ -140,7 +143,7 @@ def test_corrupt_own_files(llama_raw, tmp_path):
         edit(d)
         return d
 
-    w = "lens.safetensors"
+    w = "maps.safetensors"
     cases = {
         "truncated": lambda d: (d / w).write_bytes((d / w).read_bytes()[:-100]),
         "bitflip": lambda d: (d / w).write_bytes((d / w).read_bytes()[:-8] + b"\x00" * 8),
@@ -455,7 +458,7 @@ def test_cli_train_eval_and_logit_lens(hf_folder, tmp_path, capsys):
     assert (out / "mi_lens.json").is_file()
     js = tmp_path / "ev.json"
     assert main(["tuned-lens", "eval", "--lens", str(out), "--model", str(hf_folder), "--data", str(text),
-                 "--max-tokens", "128", "--json", str(js)]) == 0
+                 "--max-tokens", "128", "--seq-len", "32", "--json", str(js)]) == 0
     d = json.loads(js.read_text())
     assert set(d) >= {"layers", "logit_lens", "tuned_lens", "final_ce_bits"}
     assert len(d["logit_lens"]["kl_bits"]) == len(d["tuned_lens"]["ce_bits"]) == len(d["layers"]) == 3
@@ -544,7 +547,7 @@ def test_tutorial_runs(smol, tmp_path, monkeypatch):
 
 def test_sampling_uses_the_kv_cache_and_equals_recompute(llama_raw, monkeypatch):
     """``model:N`` data is sampled one token per step on the KV cache; the tokens equal a full recompute per step."""
-    from mi_lenses.lenses.tuned.data import sample_from_model
+    from mi_lenses.data import sample_from_model
 
     view = ModelView(llama_raw.model)
     calls = []

@@ -279,7 +279,7 @@ def test_more_lenses_hold_their_identities(world):
     # Future Lens: ahead=0 at the final row is the identity map
     data = torch.randint(3, m.cfg.d_vocab, (6, 16), generator=torch.Generator().manual_seed(0))
     fl = mi_lenses.fit_future_lens(m, data, ahead=0, rows=[-1], ridge=0.0, progress=False)
-    from mi_lenses.lenses.tuned.lens import residual_is_centered
+    from mi_lenses.models.identity import residual_is_centered
 
     # W h = h on every residual the model can produce. On a mean-free residual (LayerNorm, compatibility mode) the
     # unregularised fit is only determined on mean-free vectors (the min-norm answer is P = I - 11^T/d, but the

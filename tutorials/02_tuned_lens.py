@@ -13,8 +13,8 @@
 import os
 
 import mi_lenses
-from mi_lenses.lenses.tuned import TunedLens, evaluate_lens, load_lens, train_lens
-from mi_lenses.lenses.tuned.data import load_tokens
+from mi_lenses import TunedLens, evaluate_lens, load_lens, train_lens
+from mi_lenses.data import load_tokens
 
 from mi_lenses.data import EVAL_TEXT, TRAIN_TEXT
 

@@ -35,11 +35,11 @@ import torch
 from torch import Tensor
 
 from mi_lenses.attn.result import AttentionResult
+from mi_lenses.attn.scores import causal_scores
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import IndexSpec, resolve_indices
-from mi_lenses.models.batch import Batch, PromptInput, match_cache
+from mi_lenses.models.batch import Batch, Cached, PromptInput, cached_forward
 from mi_lenses.models.view import ModelView
-
 
 DEFAULT_INDUCTION_LENGTH = 40
 
@@ -68,6 +68,8 @@ def attention(
     induction_batch: int = 4,
     seed: int = 0,
     qk: bool = True,
+    beyond_context: bool = False,
+    progress: bool = True,
     check: bool = True,
 ) -> AttentionResult:
     """Attention patterns ``[batch, layer, head, query, key]`` of ``input`` (or of a cache), with per-head
@@ -87,6 +89,8 @@ def attention(
         induction_batch: random sequences averaged over; ``seed`` draws them.
         qk: keep the queries and keys after rotary (``[batch, layer, pos, head, d_head]``) for
             :meth:`~mi_lenses.attn.result.AttentionResult.qk_terms` (the neuron view).
+        beyond_context: accept prompts longer than the model's context (``cfg.n_ctx``).
+        progress: show a bar over a long forward pass.
         check: verify the patterns (rows sum to one, causal), and that ``scale * q · k`` reproduces the model's
             ``hook_attn_scores`` and its softmax the patterns.
 
@@ -104,12 +108,15 @@ def attention(
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             raise LensInputError(f"{name} must be an int >= {low}, got {v!r}.")
     chosen = resolve_indices(layers, view.n_layers, "layer", f"this model has {view.n_layers} blocks")
-    if input is None and cache is None:
-        raise LensInputError("pass a prompt, a list of prompts, tokens, or cache=ActivationCache.")
     unsupported = view.qk_unsupported() if qk else "qk=False was passed"
     users = cache is not None
     # forward, reduce
-    batch, cache = _forward(view, input, cache, chosen, unsupported is None, attention_mask, prepend_bos)
+    run = cached_forward(view, input, names=required_hooks(view, chosen, qk=unsupported is None), what="attention()",
+                         cache=cache, attention_mask=attention_mask, prepend_bos=prepend_bos,
+                         required=[view.attn_hook(chosen[0], "pattern")],
+                         hint=" (or with mi_lenses.attn.required_hooks(model))", beyond_context=beyond_context,
+                         progress=progress)
+    batch, cache = run.batch, run
     parts = _reduce(view, cache, batch, chosen, unsupported is None, users)
     unsupported = unsupported or parts.qk_note
     induction, ind_tokens = (None, None)
@@ -141,23 +148,6 @@ def attention(
     return result
 
 
-# ------------------------------------------------------------------------------------------------ forward
-def _forward(view: ModelView, input: Any, cache: Any, layers: list[int], qk: bool, attention_mask: Any,
-             prepend_bos: bool | None) -> tuple[Batch, "_Batched"]:
-    """The batch and a cache with the patterns of ``layers`` (one forward pass unless the caller brought a cache)."""
-    batch = view.batch(input, prepend_bos=prepend_bos, attention_mask=attention_mask) if input is not None else None
-    if cache is None:
-        _, cache = view.run_with_cache(batch, required_hooks(view, layers, qk=qk))
-    cache = _Batched(cache)
-    first = cache.get(view.attn_hook(layers[0], "pattern"))
-    if first is None:
-        raise LensInputError(
-            f"the cache has no {view.attn_hook(layers[0], 'pattern')!r}: run model.run_with_cache(tokens) without a "
-            "names_filter (or with mi_lenses.attn.required_hooks(model)), or pass the prompt instead."
-        )
-    return match_cache(batch, (first.shape[0], first.shape[-1]), attention_mask), cache
-
-
 # ------------------------------------------------------------------------------------------------ reduce
 @dataclass
 class _Parts:
@@ -169,7 +159,7 @@ class _Parts:
     qk_note: str | None  # why q and k are not kept
 
 
-def _reduce(view: ModelView, cache: "_Batched", batch: Batch, layers: list[int], qk: bool, users: bool) -> _Parts:
+def _reduce(view: ModelView, cache: Cached, batch: Batch, layers: list[int], qk: bool, users: bool) -> _Parts:
     """Patterns, queries and keys of every layer re-indexed by each prompt's own tokens, and the largest error of
     ``scale * q · k`` against the cached ``hook_attn_scores``."""
     B, S = batch.shape
@@ -211,40 +201,6 @@ def _reduce(view: ModelView, cache: "_Batched", batch: Batch, layers: list[int],
 def _is_cache(obj: Any) -> bool:
     """An ActivationCache (or a dict of hook tensors) given where the prompt goes."""
     return obj is not None and not isinstance(obj, (str, Tensor, list, tuple)) and hasattr(obj, "keys")
-
-
-class _Batched:
-    """A cache read with a batch dimension (``run_with_cache(remove_batch_dim=True)`` drops it); missing hooks are
-    ``None``."""
-
-    _NDIM = {"pattern": 4, "attn_scores": 4, "q": 4, "k": 4, "rot_q": 4, "rot_k": 4, "cos": 3, "sin": 3}
-
-    def __init__(self, cache: Any):
-        self.cache = cache
-
-    def get(self, name: str) -> Tensor | None:
-        try:
-            t = self.cache[name]
-        except (KeyError, IndexError):
-            return None
-        want = self._NDIM.get(name.rsplit("hook_", 1)[-1])
-        return t[None] if want is not None and t.ndim == want - 1 else t
-
-    def __getitem__(self, name: str) -> Tensor:
-        t = self.get(name)
-        if t is None:
-            raise KeyError(name)
-        return t
-
-
-def causal_scores(q: Tensor, k: Tensor, scale: float, n: int) -> Tensor:
-    """``scale * q · k`` of one prompt's first ``n`` tokens, ``[H, n, n]``, with the causal mask (-inf above the
-    diagonal). ``q`` is ``[S, H, d]``; ``k`` is ``[S, KV, d]``, one slice per key/value head: query head ``h`` reads
-    KV head ``h // (H / KV)`` (grouped-query attention, the layout of ``ModelView.expand_kv``)."""
-    kk = k[:n].repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    s = torch.einsum("qhd,khd->hqk", q[:n], kk) * scale
-    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
-    return s.masked_fill(upper, -torch.inf)
 
 
 def _score_error(q: Tensor, k: Tensor, scale: float, scores: Tensor, lengths: list[int]) -> float:

@@ -20,9 +20,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mi_lenses.attn.scores import causal_scores
 from mi_lenses.errors import LensInputError, VerificationError
 from mi_lenses.indexing import resolve_index
-from mi_lenses.results import LN2, Result, jsonable
+from mi_lenses.results import LN2, Result, dataframe, jsonable
+from mi_lenses.viz.attention import attention_fragment, attention_table, neuron_view, qk_table
 
 Metric = Literal["sink", "entropy", "previous_token", "induction"]
 METRICS = ("sink", "entropy", "previous_token", "induction")
@@ -149,7 +151,6 @@ class AttentionResult(Result):
         2. ``scale * q · k`` reproduces the model's ``hook_attn_scores`` (where the run cached them);
         3. the softmax of those scores reproduces the patterns.
         """
-        from mi_lenses.attn.engine import causal_scores
 
         for b, n in enumerate(self.lengths):
             p = self.patterns[b, :, :, :n, :n]
@@ -209,33 +210,32 @@ class AttentionResult(Result):
     def to_dataframe(self, what: Literal["heads", "patterns"] = "heads"):
         """Tidy pandas frame: ``"heads"`` (default), one row per (prompt, layer, head) with the diagnostics, or
         ``"patterns"``, one row per (prompt, layer, head, query, key) of real tokens (keys up to the query)."""
-        import pandas as pd
-
         B, L, H = self.sink.shape
         if what == "heads":
             b, i, h = torch.cartesian_prod(torch.arange(B), torch.arange(L), torch.arange(H)).unbind(-1)
             layer = torch.tensor(self.layers)[i]
             ind = self.induction[i, h].numpy() if self.induction is not None else float("nan")
-            return pd.DataFrame({"batch": b.numpy(), "layer": layer.numpy(), "head": h.numpy(),
-                                 "label": [f"L{a}H{c}" for a, c in zip(layer.tolist(), h.tolist())],
-                                 "sink": self.sink[b, i, h].numpy(), "entropy_bits": self.entropy_bits[b, i, h].numpy(),
-                                 "previous_token": self.previous_token[b, i, h].numpy(), "induction": ind})
+            return dataframe({"batch": b.numpy(), "layer": layer.numpy(), "head": h.numpy(),
+                              "label": [f"L{a}H{c}" for a, c in zip(layer.tolist(), h.tolist())],
+                              "sink": self.sink[b, i, h].numpy(), "entropy_bits": self.entropy_bits[b, i, h].numpy(),
+                              "previous_token": self.previous_token[b, i, h].numpy(), "induction": ind})
         if what == "patterns":
-            frames = []
+            cols: dict[str, list[Tensor]] = {"batch": [], "layer": [], "head": [], "query": [], "key": [], "weight": []}
             for bb, n in enumerate(self.lengths):
                 qq, kk = torch.tril_indices(n, n)
                 for i, l in enumerate(self.layers):
                     for h in range(H):
-                        frames.append(pd.DataFrame({"batch": bb, "layer": l, "head": h, "query": qq.numpy(),
-                                                    "key": kk.numpy(),
-                                                    "weight": self.patterns[bb, i, h, qq, kk].numpy()}))
-            return pd.concat(frames, ignore_index=True)
+                        for name, v in (("batch", bb), ("layer", l), ("head", h)):
+                            cols[name].append(torch.full((len(qq),), v))
+                        cols["query"].append(qq)
+                        cols["key"].append(kk)
+                        cols["weight"].append(self.patterns[bb, i, h, qq, kk])
+            return dataframe({name: torch.cat(parts).numpy() for name, parts in cols.items()})
         raise LensInputError(f"what must be 'heads' or 'patterns', got {what!r}.")
 
     def table(self, *, batch: int = 0, value: Metric = "sink"):
         """A rich table: layers (rows, last on top) x heads, each cell the head's ``value`` shaded; the caption
         names the top heads of every diagnostic."""
-        from mi_lenses.viz.attention import attention_table
 
         return attention_table(self, batch=self.check_batch(batch), value=value)
 
@@ -244,7 +244,6 @@ class AttentionResult(Result):
         """The page body: diagnostics maps (sink share, entropy, previous-token, induction), the head view of
         ``layer``, the model view (every layer x head) and the neuron view of ``head`` at ``query`` (default: the
         head with the highest induction score, else previous-token score, and the last token)."""
-        from mi_lenses.viz.attention import attention_fragment
 
         return attention_fragment(self, batch=self.check_batch(batch), layer=layer, head=head, query=query)
 
@@ -286,17 +285,14 @@ class QKTerms(Result):
 
     def to_dataframe(self):
         """One row per (key, dimension) with the term, and the key's score and probability."""
-        import pandas as pd
-
         K, d = self.products.shape
         key, dim = torch.cartesian_prod(torch.arange(K), torch.arange(d)).unbind(-1)
-        return pd.DataFrame({"key": key.numpy(), "token": [self.str_tokens[i] for i in key.tolist()],
-                             "dim": dim.numpy(), "term": self.products[key, dim].numpy(),
-                             "score": self.scores[key].numpy(), "prob": self.probs[key].numpy()})
+        return dataframe({"key": key.numpy(), "token": [self.str_tokens[i] for i in key.tolist()],
+                          "dim": dim.numpy(), "term": self.products[key, dim].numpy(),
+                          "score": self.scores[key].numpy(), "prob": self.probs[key].numpy()})
 
     def table(self, *, batch: int = 0, k: int = 12):
         """A rich table of the ``k`` most attended keys: score, probability and their largest terms."""
-        from mi_lenses.viz.attention import qk_table
 
         self.check_batch(batch)
         return qk_table(self, k=k)
@@ -304,7 +300,6 @@ class QKTerms(Result):
     def fragment(self, *, batch: int = 0, max_keys: int = 48) -> str:
         """The neuron view: keys x dimensions of terms (diverging colours), each key's score and probability, and
         the row over the prompt (circuitsvis). Prompts longer than ``max_keys`` show the most attended keys."""
-        from mi_lenses.viz.attention import neuron_view
 
         self.check_batch(batch)
         return neuron_view(self, max_keys=max_keys)

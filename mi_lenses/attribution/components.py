@@ -40,8 +40,9 @@ from mi_lenses.attribution.result import DLAResult
 from mi_lenses.attribution.sources import source_attribution
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import resolve_positions
-from mi_lenses.models.batch import Batch, PromptInput, match_cache
+from mi_lenses.models.batch import Cached, PromptInput, cached_forward
 from mi_lenses.models.view import ModelView
+from mi_lenses.progress import bar
 
 
 def required_hooks(model: Any) -> list[str]:
@@ -69,6 +70,8 @@ def direct_logit_attribution(
     attention_mask: Tensor | None = None,
     prepend_bos: bool | None = None,
     through_final_norm: bool = True,
+    beyond_context: bool = False,
+    progress: bool = True,
     check: bool = True,
 ) -> DLAResult:
     """Attribute a logit, a logit difference or a direction to every embedding, head, MLP, neuron and source position.
@@ -86,6 +89,8 @@ def direct_logit_attribution(
             the result is checked against the model's own logits, else ``actual`` is computed from the final
             residual stream.
         attention_mask: with token ids: 1 on real tokens, 0 on padding (left or right).
+        beyond_context: accept prompts longer than the model's context (``cfg.n_ctx``).
+        progress: show a bar over the layers when the attribution takes more than a couple of seconds.
         check: run ``verify()`` when the model's logits are known (always, unless you pass ``False``).
 
     Returns:
@@ -98,12 +103,15 @@ def direct_logit_attribution(
     view = ModelView(model)
     if not isinstance(position, int) or isinstance(position, bool):
         raise LensInputError(f"position must be an int (negative counts from each prompt's end), got {position!r}.")
-    if input is None and cache is None:
-        raise LensInputError("pass a prompt, a list of prompts, tokens, or cache=ActivationCache.")
-    batch, cache, logits = _forward(view, input, cache, logits, attention_mask, prepend_bos)
+    run = cached_forward(view, input, names=required_hooks(view), what="direct logit attribution", cache=cache,
+                         logits=logits, attention_mask=attention_mask, prepend_bos=prepend_bos,
+                         shape_hook=view.final_resid_hook,
+                         hint=" (or with mi_lenses.attribution.required_hooks(model))",
+                         beyond_context=beyond_context, progress=progress)
+    batch, cache, logits = run.batch, run, run.logits
     pos = resolve_positions([position], batch.lengths, batch.offsets, every_prompt=True).index[:, 0]
     dirn = resolve_direction(view, batch.shape[0], answer, wrong, direction, through_final_norm)
-    parts = _reduce(view, cache, dirn, pos)
+    parts = _reduce(view, cache, dirn, pos, progress)
     actual, actual_source = model_value(view, dirn, logits, parts.resid, torch.arange(batch.shape[0]), pos)
     result = DLAResult(
         model_name=view.name,
@@ -132,26 +140,6 @@ def direct_logit_attribution(
     return result
 
 
-# ------------------------------------------------------------------------------------------------ forward
-def _forward(view: ModelView, input: Any, cache: Any, logits: Tensor | None, attention_mask: Any,
-             prepend_bos: bool | None) -> tuple[Batch, Any, Tensor | None]:
-    batch = view.batch(input, prepend_bos=prepend_bos, attention_mask=attention_mask) if input is not None else None
-    names = required_hooks(view)
-    if cache is None:
-        logits, cache = view.run_with_cache(batch, names)
-    missing = [n for n in names if n not in _keys(cache)]
-    if missing:
-        raise LensInputError(
-            f"the cache lacks {len(missing)} hook(s) DLA needs, e.g. {missing[:3]}: run model.run_with_cache(tokens) "
-            "without a names_filter (or with mi_lenses.attribution.required_hooks(model)), or pass the prompt instead."
-        )
-    resid = cache[view.final_resid_hook]
-    if resid.ndim != 3:
-        raise LensInputError(f"expected a cache with a batch dimension ([batch, pos, d_model]), got "
-                             f"{tuple(resid.shape)}.")
-    return match_cache(batch, resid.shape[:2], attention_mask), cache, logits
-
-
 # ------------------------------------------------------------------------------------------------ reduce
 @dataclass
 class _Parts:
@@ -168,7 +156,7 @@ class _Parts:
 
 
 @torch.no_grad()
-def _reduce(view: ModelView, cache: Any, dirn: Direction, pos: Tensor) -> _Parts:
+def _reduce(view: ModelView, cache: Cached, dirn: Direction, pos: Tensor, progress: bool) -> _Parts:
     """Every component's output at each row's position, dotted with the row's effective direction."""
     pos_list = pos.tolist()
 
@@ -188,6 +176,7 @@ def _reduce(view: ModelView, cache: Any, dirn: Direction, pos: Tensor) -> _Parts
     mlps, mlp_bias, neurons = torch.zeros(B, L), torch.zeros(B, L), torch.zeros(B, L, view.d_mlp)
     sources = torch.zeros(B, L, H, S)
     has_b_O = has_b_out = False
+    progress_bar = bar(L, "direct logit attribution", unit="layer", enabled=progress)
     for l in range(L):
         z = at(cache[view.attn_hook(l, "z")])  # [B, H, d_head]
         wod = torch.einsum("hdm,bm->bhd", view.W_O(l).to(dev), d_eff)  # W_O[h] @ d'
@@ -206,6 +195,8 @@ def _reduce(view: ModelView, cache: Any, dirn: Direction, pos: Tensor) -> _Parts
             if b_out is not None:
                 has_b_out = True
                 mlp_bias[:, l] = (d_eff @ b_out.to(dev)).cpu()
+        progress_bar.update(1)
+    progress_bar.close()
     embed = torch.stack([proj(hook) for _, hook in view.embed_hooks], -1)  # [B, E]
     return _Parts(resid, scale, embed, heads, attn_bias if has_b_O else None, attn_out,
                   mlps if view.has_mlp else None, mlp_bias if has_b_out else None, neurons, sources)

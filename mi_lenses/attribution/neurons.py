@@ -21,7 +21,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mi_lenses.attribution.directions import Direction, TokenSpec, centred_vectors, final_scale, resolve_direction
+from mi_lenses.attribution.directions import (
+    Direction,
+    TokenSpec,
+    centred_vectors,
+    final_scale,
+    resolve_direction,
+)
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import IndexSpec, resolve_indices
 from mi_lenses.models.view import ModelView

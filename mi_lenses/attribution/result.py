@@ -20,7 +20,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError, VerificationError
-from mi_lenses.results import UNSET, Result, jsonable, renamed
+from mi_lenses.results import UNSET, Result, dataframe, jsonable, renamed
+from mi_lenses.viz.attribution import dla_fragment, dla_table
 
 KINDS = ("embed", "pos_embed", "head", "attn_bias", "mlp", "constant")
 
@@ -252,28 +253,25 @@ class DLAResult(Result):
     def to_dataframe(self, what: Literal["components", "neurons", "sources"] = "components"):
         """Tidy pandas frame, one row per (prompt, unit): ``what`` = ``"components"`` (default), ``"neurons"`` (every
         neuron) or ``"sources"`` (every head x source position of each prompt's real tokens)."""
-        import pandas as pd
-
         if what == "components":
             comps = self.components()
-            return pd.DataFrame([{"batch": b, **c.as_dict(v)} for b, row in enumerate(self.values().tolist())
-                                 for c, v in zip(comps, row)])
+            return dataframe([{"batch": b, **c.as_dict(v)} for b, row in enumerate(self.values().tolist())
+                              for c, v in zip(comps, row)])
         if what == "neurons":
             B, L, N = self.neurons.shape
             b, l, n = torch.cartesian_prod(torch.arange(B), torch.arange(L), torch.arange(N)).unbind(-1)
-            return pd.DataFrame({"batch": b.numpy(), "label": [f"L{i}N{j}" for i, j in zip(l.tolist(), n.tolist())],
-                                 "kind": "neuron", "layer": l.numpy(), "neuron": n.numpy(),
-                                 "value": self.neurons.flatten().numpy()})
+            return dataframe({"batch": b.numpy(), "label": [f"L{i}N{j}" for i, j in zip(l.tolist(), n.tolist())],
+                              "kind": "neuron", "layer": l.numpy(), "neuron": n.numpy(),
+                              "value": self.neurons.flatten().numpy()})
         if what == "sources":
-            return pd.DataFrame([{"batch": b, "label": f"L{l}H{h}", "layer": l, "head": h, "source": s, "token": t,
-                                  "value": float(self.sources[b, l, h, s])}
-                                 for b, toks in enumerate(self.str_tokens) for l in range(self.n_layers)
-                                 for h in range(self.n_heads) for s, t in enumerate(toks)])
+            return dataframe([{"batch": b, "label": f"L{l}H{h}", "layer": l, "head": h, "source": s, "token": t,
+                               "value": float(self.sources[b, l, h, s])}
+                              for b, toks in enumerate(self.str_tokens) for l in range(self.n_layers)
+                              for h in range(self.n_heads) for s, t in enumerate(toks)])
         raise LensInputError(f"what must be 'components', 'neurons' or 'sources', got {what!r}.")
 
     def table(self, *, batch: int | None = 0, k: int = 15, row: Any = UNSET):
         """A rich table of the ``k`` largest parts and neurons (``batch=None``: means over prompts)."""
-        from mi_lenses.viz.attribution import dla_table
 
         batch = renamed(batch, row, "row", "batch")
         return dla_table(self, k=k, batch=None if batch is None else self.check_batch(batch))
@@ -282,6 +280,5 @@ class DLAResult(Result):
                  row: Any = UNSET) -> str:
         """The page body: layer x head heat map, MLP bars, top neurons, tokens through ``head`` (default the head
         with the largest ``|value|``)."""
-        from mi_lenses.viz.attribution import dla_fragment
 
         return dla_fragment(self, batch=self.check_batch(renamed(batch, row, "row", "batch")), head=head, top_k=top_k)

@@ -4,6 +4,10 @@ Each module defines ``register(sub, parents)``: it adds its subparser to ``sub``
 inheriting the shared flags from ``parents`` (:class:`Parents`), and sets ``func=run`` where ``run(args) -> int`` does
 the work. ``mi_lenses.cli`` discovers the modules in this package, so adding a command never touches another command's
 file. Errors derived from ``mi_lenses.errors.MiLensesError`` are printed as one line and exit with status 2.
+
+Flags of options records (:class:`~mi_lenses.lenses.options.LensOptions`, ``TrainConfig``) are derived from their
+fields (:func:`add_dataclass_options`), and every output path is declared with :func:`add_output`, so
+``mi_lenses.cli`` checks that it can be written before any model is loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from mi_lenses.atomic import check_output
+from mi_lenses.models.loading import load_model
 
 
 @dataclass(frozen=True)
@@ -27,25 +34,49 @@ def parents() -> Parents:
     model.add_argument("--model", default=None,
                        help="GGUF file, Hugging Face folder or hub name (default: the embedded SmolLM2-135M)")
     model.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    model.add_argument("--beyond-context", action="store_true",
+                       help="accept prompts longer than the model's context (cfg.n_ctx; refused by default)")
     outputs = argparse.ArgumentParser(add_help=False)
-    outputs.add_argument("--json", default=None, help="also write the result as JSON here")
-    outputs.add_argument("--html", default=None, help="also write a standalone offline HTML page here")
+    add_output(outputs, "--json", default=None, help="also write the result as JSON here")
+    add_output(outputs, "--html", default=None, help="also write a standalone offline HTML page here")
     return Parents(model, outputs)
 
 
+def add_output(parser: argparse.ArgumentParser, flag: str, *, folder: bool = False, **kwargs: Any) -> None:
+    """Add an output-path flag; ``mi_lenses.cli`` checks that the path can be written (a file, or with ``folder`` a
+    folder of files) before the command runs."""
+    action = parser.add_argument(flag, **kwargs)
+    parser.set_defaults(output_paths={**(parser.get_default("output_paths") or {}), action.dest: folder})
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output path of the command can be written (else a ``LensInputError`` naming the flag and the fix)."""
+    for dest, folder in (getattr(args, "output_paths", None) or {}).items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            check_output(value, "--" + dest.replace("_", "-"), folder=folder)
+
+
 def add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--flag`` per field of the dataclass ``cls`` (with ``metadata["help"]``), default and help taken from the
-    field, so the command line and the Python API cannot drift. Booleans become switches."""
+    """One ``--flag`` per field of the dataclass ``cls`` whose ``metadata["cli"]`` is not False/None, default and help
+    taken from the field, so the command line and the Python API cannot drift. ``metadata["cli"]`` may be a dict of
+    ``argparse`` settings (``flag``, ``type``, ``choices``, ``action``); otherwise booleans become switches and the
+    type comes from the annotation."""
     for f in dataclasses.fields(cls):
-        if f.metadata.get("cli", True) is False:
+        cli = f.metadata.get("cli", True)
+        if cli is False or cli is None:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", default=f.default, help=f.metadata.get("help"))
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
-            parser.add_argument(flag, type=kind, default=f.default,
-                                help=f"{f.metadata.get('help', '')} (default {f.default})")
+        settings = dict(cli) if isinstance(cli, dict) else {}
+        flag = settings.pop("flag", "--" + f.name.replace("_", "-"))
+        help_text = f.metadata.get("help", "")
+        if f.type in (bool, "bool") and not settings:
+            parser.add_argument(flag, dest=f.name, action="store_true", default=f.default, help=help_text)
+            continue
+        if not settings:
+            settings["type"] = {"int": int, "float": float, "str": str}.get(
+                f.type if isinstance(f.type, str) else f.type.__name__)
+        shown = "" if f.default is None else f" (default {f.default})"
+        parser.add_argument(flag, dest=f.name, default=f.default, help=f"{help_text}{shown}", **settings)
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
@@ -58,8 +89,6 @@ def load(args: argparse.Namespace, name: str | None = None, device: str | None =
          compatibility_mode: bool = True) -> Any:
     """The model named by ``--model`` (or ``name``) on ``--device`` (or ``device``); ``compatibility_mode=False``
     skips folding the norms (0.6 s for SmolLM2) where a command's numbers do not depend on it."""
-    from mi_lenses.models.loading import load_model
-
     return load_model(name if name is not None else args.model, device=device or args.device,
                       compatibility_mode=compatibility_mode)
 

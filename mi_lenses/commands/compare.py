@@ -15,21 +15,26 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
-from mi_lenses.commands import Parents, load, write_outputs
+from mi_lenses.commands import Parents, add_output, load, write_outputs
+from mi_lenses.data import EVAL_TEXT, TRAIN_TEXT
 from mi_lenses.errors import LensInputError
+from mi_lenses.lenses.affine import load_lens
+from mi_lenses.lenses.compare import DEFAULT_MAX_TOKENS, compare_lenses
 from mi_lenses.lenses.compare import LENS_NAMES as LENSES
+from mi_lenses.lenses.future import fit_future_lens
+from mi_lenses.lenses.jacobian import fit_jacobian_lens
 
 
 def register(sub, parents: Parents) -> None:
-    from mi_lenses.data import EVAL_TEXT, TRAIN_TEXT
-
     p = sub.add_parser("compare", parents=[parents.model, parents.outputs],
                        help="compare lenses (logit, tuned, Patchscopes, Jacobian, Future) on the same held-out tokens")
     p.add_argument("--data", default=str(EVAL_TEXT),
                    help="held-out text: a file or folder, a cached `datasets` name, or 'model[:N]' (default: the "
                         "held-out text shipped with mi_lenses)")
-    p.add_argument("--max-tokens", type=int, default=2048, help="evaluate on at most N tokens (default 2048)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"evaluate on at most N tokens (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
     p.add_argument("--lenses", default=None,
@@ -48,9 +53,10 @@ def register(sub, parents: Parents) -> None:
     p.add_argument("--ahead", type=int, default=1,
                    help="positions beyond the next token that a fitted Future Lens predicts (default 1)")
     p.add_argument("--top-k", default="1,5,10", help="k of precision@k, comma list (default 1,5,10)")
-    p.add_argument("--point", choices=("resid_post", "resid_pre"), default="resid_post",
-                   help="rows: block outputs (default; Patchscope layer l is row l_post) or block inputs")
-    p.add_argument("--save-fitted", default=None, help="save lenses fitted here into this folder (NAME subfolders)")
+    p.add_argument("--point", choices=("resid_pre", "resid_post"), default="resid_pre",
+                   help="rows: block inputs (default) or block outputs (Patchscope layer l is row l_post)")
+    add_output(p, "--save-fitted", folder=True, default=None,
+               help="save lenses fitted here into this folder (NAME subfolders)")
     p.set_defaults(func=run)
 
 
@@ -65,8 +71,6 @@ def _names(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mi_lenses.lenses.compare import compare_lenses
-
     names = _names(args)
     try:
         top_k = [int(k) for k in args.top_k.split(",") if k.strip()]
@@ -84,33 +88,23 @@ def run(args: argparse.Namespace) -> int:
     lenses = {n: n for n in names}
     fitted = {}
     if "tuned" in names:
-        from mi_lenses.lenses.tuned.io import load_lens
-
         lenses["tuned"] = load_lens(args.lens, model)
     for name, folder in (("jacobian", args.jacobian_lens), ("future", args.future_lens)):
         if name not in names:
             continue
         if folder:
-            from mi_lenses.lenses.rowmap import load_row_map
-
-            lenses[name] = load_row_map(folder, model)
+            lenses[name] = load_lens(folder, model)
             continue
         t1 = time.perf_counter()
         if name == "jacobian":
-            from mi_lenses.lenses.jacobian import fit_jacobian_lens
-
             lens = fit_jacobian_lens(model, args.fit_data, max_tokens=args.jacobian_prompts * args.jacobian_seq_len,
                                      seq_len=args.jacobian_seq_len)
         else:
-            from mi_lenses.lenses.future import fit_future_lens
-
             lens = fit_future_lens(model, args.fit_data, ahead=args.ahead, max_tokens=args.fit_tokens,
                                    seq_len=args.seq_len)
         print(f"fitted the {lens.name} on {args.fit_data} in {time.perf_counter() - t1:.0f} s")
         lenses[name] = fitted[name] = lens
     if args.save_fitted:
-        from pathlib import Path
-
         for name, lens in fitted.items():
             print(f"wrote {lens.save(Path(args.save_fitted) / name)}")
     res = compare_lenses(model, args.data, lenses, max_tokens=args.max_tokens, seq_len=args.seq_len,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from mi_lenses.commands import Parents, write_outputs
+from mi_lenses.commands import Parents, add_output, write_outputs
+from mi_lenses.diffusion import diffusion_lens, load_pipeline
 from mi_lenses.errors import LensInputError
 
 
@@ -27,12 +28,11 @@ def register(sub, parents: Parents) -> None:
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--out", default=None, help="write the gallery (PNGs + index.html) into this folder")
+    add_output(p, "--out", folder=True, default=None, help="write the gallery (PNGs + index.html) into this folder")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mi_lenses.diffusion import diffusion_lens, load_pipeline
 
     layers = None
     if args.layers:

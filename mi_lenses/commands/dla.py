@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from mi_lenses.attribution import direct_logit_attribution
 from mi_lenses.commands import Parents, load, write_outputs
 from mi_lenses.errors import LensInputError
 
@@ -28,14 +29,13 @@ def register(sub, parents: Parents) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mi_lenses.attribution import direct_logit_attribution
-
     if args.top_k < 1:
         raise LensInputError(f"--top-k must be at least 1, got {args.top_k}.")
     t0 = time.perf_counter()
     model = load(args)
     t1 = time.perf_counter()
-    res = direct_logit_attribution(model, args.prompt, answer=args.answer, wrong=args.wrong, position=args.position)
+    res = direct_logit_attribution(model, args.prompt, answer=args.answer, wrong=args.wrong, position=args.position,
+                                   beyond_context=args.beyond_context)
     t2 = time.perf_counter()
     res.print(k=args.top_k)
     print(f"model loaded in {t1 - t0:.1f} s, attribution in {t2 - t1:.2f} s; parts verified against the model's "

@@ -18,6 +18,7 @@ import time
 
 from mi_lenses.commands import Parents, load, write_outputs
 from mi_lenses.errors import LensInputError
+from mi_lenses.patchscopes import AffineMap, Source, Target, patchscope, presets, sweep
 
 PRESET_NAMES = ("identity", "identity_q", "description", "attribute", "multi_hop", "future_lens", "selfie")
 
@@ -65,7 +66,6 @@ def _layers(text: str | None, what: str, allow_same: bool = False):
 
 
 def _target(args):
-    from mi_lenses.patchscopes import Target, presets
 
     if args.target in presets.PRESETS:
         tgt = presets.PRESETS[args.target]()
@@ -80,7 +80,6 @@ def _target(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    from mi_lenses.patchscopes import AffineMap, Source, patchscope, sweep
 
     if args.top_k < 1:
         raise LensInputError(f"--top-k must be at least 1, got {args.top_k}.")

@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import time
 
-from mi_lenses.commands import Parents, load, write_outputs
+from mi_lenses.commands import Parents, add_output, load, write_outputs
 from mi_lenses.errors import LensInputError
+from mi_lenses.reports import SECTIONS, report
 
 
 def register(sub, parents: Parents) -> None:
-    from mi_lenses.reports import SECTIONS
-
     p = sub.add_parser("report", parents=[parents.model, parents.outputs],
                        help="one offline page: logit lens, tuned lens, Patchscope, DLA and attention of a prompt")
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--out", default="report.html", help="the page to write (default report.html)")
+    add_output(p, "--out", default="report.html", help="the page to write (default report.html)")
     p.add_argument("--lens", default=None, help="a tuned-lens folder (either format), shown beside the logit lens")
     p.add_argument("--answer", default=None,
                    help="the token attributed and tracked (exactly one token; default: the model's own prediction)")
@@ -39,8 +38,6 @@ def register(sub, parents: Parents) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mi_lenses.reports import report
-
     sections = None
     if args.sections is not None:
         sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -52,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     model = load(args)
     t1 = time.perf_counter()
     rep = report(model, args.prompt, lens=args.lens, answer=args.answer, wrong=args.wrong, sections=sections,
-                 top_k=args.top_k, patchscope_positions=args.patchscope_positions, progress=not args.no_progress)
+                 top_k=args.top_k, patchscope_positions=args.patchscope_positions, beyond_context=args.beyond_context, progress=not args.no_progress)
     rep.print()
     rep.to_html(args.out)
     print(f"model loaded in {t1 - t0:.1f} s, report in {rep.seconds['total']:.1f} s; wrote {args.out}")

@@ -13,14 +13,23 @@ import argparse
 import os
 import time
 
-from mi_lenses.commands import Parents, add_dataclass_options, dataclass_from_args, load, write_outputs
+from mi_lenses.commands import (
+    Parents,
+    add_dataclass_options,
+    add_output,
+    dataclass_from_args,
+    load,
+    write_outputs,
+)
+from mi_lenses.data import EVAL_TEXT, TRAIN_TEXT
 from mi_lenses.errors import LensInputError
+from mi_lenses.lenses.affine import load_lens
+from mi_lenses.lenses.compare import DEFAULT_MAX_TOKENS
+from mi_lenses.lenses.tuned.evaluate import evaluate_lens
+from mi_lenses.lenses.tuned.train import TrainConfig, train_lens
 
 
 def register(sub, parents: Parents) -> None:
-    from mi_lenses.data import EVAL_TEXT, TRAIN_TEXT
-    from mi_lenses.lenses.tuned.train import TrainConfig
-
     tl = sub.add_parser("tuned-lens", help="train or evaluate a tuned lens")
     tsub = tl.add_subparsers(dest="tuned_command", required=True)
 
@@ -29,7 +38,8 @@ def register(sub, parents: Parents) -> None:
     tr.add_argument("--data", default=str(TRAIN_TEXT),
                     help="text file or folder, a cached `datasets` name NAME[:CONFIG][@SPLIT], or 'model[:N]' to "
                          "sample N tokens from the model (default: the public-domain text shipped with mi_lenses)")
-    tr.add_argument("--out", required=True, help="output folder (the lens; checkpoints in OUT/checkpoint)")
+    add_output(tr, "--out", folder=True, required=True,
+               help="output folder (the lens; checkpoints in OUT/checkpoint)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     add_dataclass_options(tr, TrainConfig)
     tr.set_defaults(func=run_train)
@@ -39,14 +49,13 @@ def register(sub, parents: Parents) -> None:
     ev.add_argument("--lens", required=True, help="lens folder (mi_lenses or tuned-lens format)")
     ev.add_argument("--data", default=str(EVAL_TEXT),
                     help="held-out text, same kinds as for train (default: the shipped held-out text)")
-    ev.add_argument("--max-tokens", type=int, default=16384, help="evaluate on at most N tokens (default 16384)")
+    ev.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                    help=f"evaluate on at most N tokens (default {DEFAULT_MAX_TOKENS})")
     ev.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     ev.set_defaults(func=run_eval)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from mi_lenses.lenses.tuned.train import TrainConfig, train_lens
-
     cfg = dataclass_from_args(TrainConfig, args)
     cfg.validate()
     t0 = time.perf_counter()
@@ -65,9 +74,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from mi_lenses.lenses.tuned.evaluate import evaluate_lens
-    from mi_lenses.lenses.tuned.io import load_lens
-
     if args.max_tokens is not None and args.max_tokens < args.seq_len:
         raise LensInputError(f"--max-tokens ({args.max_tokens}) must be at least --seq-len ({args.seq_len}).")
     model = load(args)

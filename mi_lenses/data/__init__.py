@@ -1,5 +1,6 @@
-"""Text shipped with mi_lenses (public domain; see ``README.md`` in this folder): the defaults of the tuned-lens
-commands, the tests, the tutorials and the benchmarks, so nothing outside the repository is needed.
+"""Text for fitting and evaluating lenses: the public-domain text shipped with mi_lenses (see ``README.md`` in this
+folder; the defaults of the commands, the tests, the tutorials and the benchmarks, so nothing outside the repository
+is needed) and :func:`load_tokens`, which packs any text source into token sequences.
 
 Example:
     >>> TRAIN_TEXT.name, EVAL_TEXT.name
@@ -10,8 +11,10 @@ Example:
 
 from pathlib import Path
 
+from mi_lenses.data.tokens import load_tokens, pack, sample_from_model
+
 DATA_DIR = Path(__file__).resolve().parent
 TRAIN_TEXT = DATA_DIR / "shakespeare_train.txt"  # 240 kB: training a tuned lens, fitting maps
 EVAL_TEXT = DATA_DIR / "shakespeare_eval.txt"  # 60 kB, disjoint: held-out evaluation
 
-__all__ = ["DATA_DIR", "EVAL_TEXT", "TRAIN_TEXT"]
+__all__ = ["DATA_DIR", "EVAL_TEXT", "TRAIN_TEXT", "load_tokens", "pack", "sample_from_model"]

@@ -28,18 +28,21 @@ Example:
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+from rich.table import Table
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError
+from mi_lenses.lenses.affine import RowMapLens
 from mi_lenses.lenses.jacobian import residual_jacobians
-from mi_lenses.lenses.rowmap import RowMapLens
+from mi_lenses.models.identity import model_identity
 from mi_lenses.models.view import ModelView
-from mi_lenses.results import Result, jsonable
+from mi_lenses.progress import track
+from mi_lenses.results import Result, dataframe, jsonable
+from mi_lenses.viz.more_lenses import relation_fragment
 
 
 class AttributeLens(RowMapLens):
@@ -90,7 +93,6 @@ def fit_attribute_lens(
     """Fit the LRE of a relation on the first ``n_train`` of ``samples`` (subjects, or ``(subject, object)`` pairs;
     objects are only used by :func:`evaluate_attribute_lens`), one ``W, b`` per row (0 = embeddings ...
     ``n_layers`` = final; default all). ``beta`` scales ``W`` when the lens is read (the paper's 2.5)."""
-    from mi_lenses.lenses.tuned.lens import model_identity
 
     view = ModelView(model)
     pairs = [_sample(s) for s in samples]
@@ -101,9 +103,8 @@ def fit_attribute_lens(
     rows = list(range(L + 1)) if rows is None else sorted({int(r) % (L + 1) for r in rows})
     W = {r: torch.zeros(view.d_model, view.d_model, dtype=torch.float64) for r in rows}
     b = {r: torch.zeros(view.d_model, dtype=torch.float64) for r in rows}
-    from tqdm.auto import tqdm
 
-    for subject, _ in tqdm(train, desc="fitting LRE", unit="subject", disable=not progress):
+    for subject, _ in track(train, "fitting LRE", unit="subject", enabled=progress):
         tokens, s_pos = subject_prompt(view, template, subject)
         S = tokens.shape[1]
         jac, states, final = residual_jacobians(view, tokens, rows, sources=[s_pos], targets=[S - 1],
@@ -158,15 +159,12 @@ class RelationEvaluation(Result):
                          "lm_top1": self.lm_top1, "lre_top1": self.lre_top1})
 
     def to_dataframe(self):
-        import pandas as pd
-
-        return pd.DataFrame([{"layer": lab, "layer_index": r, "subject": s, "object": self.objects[i],
+        return dataframe([{"layer": lab, "layer_index": r, "subject": s, "object": self.objects[i],
                               "lm_top1": self.lm_top1[i], "lre_top1": self.lre_top1[r][i],
                               "faithful": self.lre_top1[r][i] == self.lm_top1[i]}
-                             for r, lab in enumerate(self.layers) for i, s in enumerate(self.subjects)])
+                          for r, lab in enumerate(self.layers) for i, s in enumerate(self.subjects)])
 
     def table(self, *, batch: int = 0):
-        from rich.table import Table
 
         self.check_batch(batch)
         t = Table(title=f"{self.template!r} · beta {self.beta:g} · {self.n_subjects} held-out subjects",
@@ -180,25 +178,10 @@ class RelationEvaluation(Result):
         return t
 
     def fragment(self, *, batch: int = 0) -> str:
-        from mi_lenses.viz.html import line_chart
-
         self.check_batch(batch)
-        series = {"faithfulness": self.faithfulness}
-        if self.accuracy and self.accuracy[0] is not None:
-            series["accuracy (objects)"] = self.accuracy
-        head = "".join(f"<th>{html.escape(s)}</th>" for s in self.subjects)
-        body = "".join(f"<tr><td>{html.escape(lab)}</td>" + "".join(
-            f"<td style='color:{'#1a7f37' if p == self.lm_top1[i] else '#b3261e'}'>{html.escape(repr(p))}</td>"
-            for i, p in enumerate(self.lre_top1[r])) + "</tr>" for r, lab in enumerate(self.layers))
-        lm = "".join(f"<td>{html.escape(repr(p))}</td>" for p in self.lm_top1)
-        return (f'<p class="note">{html.escape(self.template)} · beta {self.beta:g}: LRE top-1 from the subject '
-                f"state of each layer, on held-out subjects (green: equals the LM's own top-1).</p>"
-                + line_chart(self.layers, series, "fraction")
-                + f"<table style='font-size:12px'><tr><th>layer</th>{head}</tr><tr><td><b>LM</b></td>{lm}</tr>"
-                + body + "</table>")
+        return relation_fragment(self)
 
 
-@torch.no_grad()
 def evaluate_attribute_lens(lens: AttributeLens, model: Any, samples: Sequence[str | tuple[str, str]]) -> \
         RelationEvaluation:
     """Faithfulness (and accuracy, given objects) of ``lens`` on held-out ``samples``, per fitted row."""

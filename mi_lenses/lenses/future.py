@@ -28,9 +28,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from mi_lenses.data import load_tokens
 from mi_lenses.errors import LensInputError
-from mi_lenses.lenses.rowmap import RowMapLens
+from mi_lenses.lenses.affine import RowMapLens
+from mi_lenses.models.identity import model_identity
 from mi_lenses.models.view import ModelView
+from mi_lenses.progress import track
 
 
 class FutureLens(RowMapLens):
@@ -44,7 +47,6 @@ class FutureLens(RowMapLens):
     @classmethod
     def identity(cls, model: Any, ahead: int = 0) -> "FutureLens":
         """``W = I, b = 0`` on every row: the logit lens, read as a prediction ``ahead`` tokens further."""
-        from mi_lenses.lenses.tuned.lens import model_identity
 
         view = ModelView(model)
         eye = torch.eye(view.d_model)
@@ -104,8 +106,6 @@ def fit_future_lens(
     docstring): for every row ``r`` (0 = embeddings ... ``n_layers`` = final; default all), least squares from
     ``h_r[t]`` to ``h_final[t + ahead]`` over every ``t`` of ``data`` (a text source for
     :func:`~mi_lenses.lenses.tuned.data.load_tokens`, or token ids ``[n_seq, seq_len]``)."""
-    from mi_lenses.lenses.tuned.data import load_tokens
-    from mi_lenses.lenses.tuned.lens import model_identity
 
     view = ModelView(model)
     if not isinstance(ahead, int) or isinstance(ahead, bool) or ahead < 0:
@@ -119,11 +119,8 @@ def fit_future_lens(
     names = {r: all_rows[r].hook_name for r in rows}
     final = all_rows[-1].hook_name
     eqs = {r: NormalEquations(view.d_model, view.d_model) for r in rows}
-    from tqdm.auto import tqdm
-
     S = tokens.shape[1]
-    for b0 in tqdm(range(0, len(tokens), batch_size), desc="fitting Future Lens", unit="batch",
-                   disable=not progress):
+    for b0 in track(range(0, len(tokens), batch_size), "fitting Future Lens", unit="batch", enabled=progress):
         tb = tokens[b0 : b0 + batch_size].to(view.device)
         _, cache = view.run_with_cache(view.batch(tb), {*names.values(), final})
         Y = cache[final][:, ahead:].reshape(-1, view.d_model)

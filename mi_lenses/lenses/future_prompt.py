@@ -30,12 +30,18 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mi_lenses.data import load_tokens
 from mi_lenses.errors import LensInputError
-from mi_lenses.lenses.logit_lens import Lens
+from mi_lenses.lenses.lens import Lens
+from mi_lenses.models.hooks import write_hooks
+from mi_lenses.models.identity import model_identity
 from mi_lenses.models.view import ModelView, ResidualRow
-from mi_lenses.patchscopes.presets import FUTURE_LENS_PROMPT
+from mi_lenses.progress import track
 
 EMBED_HOOK = "hook_embed"
+
+# The Future Lens paper's fixed prompt (Pal et al. 2023), the learned prompt's initialisation
+FUTURE_LENS_PROMPT = 'Hello! Could you please tell me more about "'
 
 
 class FuturePromptLens(Lens):
@@ -85,7 +91,6 @@ def soft_prompt_run(view: ModelView, ids: Tensor, prompts: Tensor, names: Sequen
     """The final residual stream at the last position of a run whose token embeddings are ``prompts``
     ``[n, m, d]`` (positions from ``ids``), with ``vectors[i]`` written at the last position of hook ``names[i]``.
     Differentiable in ``prompts``; hooks removed on exit."""
-    from mi_lenses.patchscopes.run import write_hooks
 
     n, m = prompts.shape[:2]
     got: dict[str, Tensor] = {}
@@ -122,8 +127,6 @@ def fit_future_prompt(
     ``data`` (a text source or token ids ``[n_seq, seq_len]``): each Adam step samples ``batch_size`` positions
     ``t`` and minimises the mean KL(model at ``t + ahead`` || lens) over them, for every row at once (one forward and
     backward pass of ``rows x batch_size`` soft-prompt runs). ``meta["loss"]`` records the mean KL (nats) per step."""
-    from mi_lenses.lenses.tuned.data import load_tokens
-    from mi_lenses.lenses.tuned.lens import model_identity
 
     view = ModelView(model)
     if not isinstance(ahead, int) or ahead < 0:
@@ -159,12 +162,11 @@ def fit_future_prompt(
     dec = view.decoder
     losses: list[float] = []
     params = [(p, p.requires_grad) for p in view.model.parameters()]
-    from tqdm.auto import tqdm
 
     try:
         for p, _ in params:
             p.requires_grad_(False)
-        for _ in tqdm(range(steps), desc="training Future Lens prompts", unit="step", disable=not progress):
+        for _ in track(range(steps), "training Future Lens prompts", enabled=progress):
             idx = torch.randint(0, F.shape[0], (batch_size,), generator=g)
             with torch.no_grad():
                 target = dec.logits(F[idx]).log_softmax(-1)  # [B, V]

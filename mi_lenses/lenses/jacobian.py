@@ -39,9 +39,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mi_lenses.data import load_tokens
 from mi_lenses.errors import LensInputError
-from mi_lenses.lenses.rowmap import RowMapLens
+from mi_lenses.lenses.affine import RowMapLens
+from mi_lenses.models.batch import check_context
+from mi_lenses.models.identity import model_identity
 from mi_lenses.models.view import ModelView
+from mi_lenses.progress import track
 
 Backend = Literal["native", "transformer_lens"]
 
@@ -56,7 +60,6 @@ class JacobianLens(RowMapLens):
     @classmethod
     def identity(cls, model: Any) -> "JacobianLens":
         """Every ``J = I``: exactly the logit lens (a reference point and a test identity)."""
-        from mi_lenses.lenses.tuned.lens import model_identity
 
         view = ModelView(model)
         eye = torch.eye(view.d_model)
@@ -67,7 +70,6 @@ class JacobianLens(RowMapLens):
     def from_transformer_lens(cls, tl_lens: Any, model: Any) -> "JacobianLens":
         """Wrap a TransformerLens ``JacobianLens`` (fitted, or loaded from an artifact): its layer ``l`` (output of
         block ``l``) becomes our row ``l + 1``; it has no embedding row. Checked against ``model``."""
-        from mi_lenses.lenses.tuned.lens import model_identity
 
         view = ModelView(model)
         if int(tl_lens.d_model) != view.d_model:
@@ -99,7 +101,7 @@ def fit_jacobian_lens(
 
     Args:
         data: prompts (a list of strings, each truncated to ``seq_len`` tokens), or a text source for
-            :func:`~mi_lenses.lenses.tuned.data.load_tokens` / token ids ``[n_seq, seq_len]`` (native backend).
+            :func:`~mi_lenses.data.load_tokens` / token ids ``[n_seq, seq_len]`` (native backend).
         backend: ``"native"`` or ``"transformer_lens"`` (TL >= 4.3's ``JacobianLens.fit``; raw bridges, prompts
             as strings).
         rows: lens rows to fit (0 = embeddings ... ``n_layers - 1``; default all; native backend).
@@ -119,7 +121,6 @@ def fit_jacobian_lens(
     if backend == "transformer_lens":
         return _fit_with_transformer_lens(view, data, seq_len=seq_len, skip=skip_first_positions,
                                           dim_batch=dim_batch, progress=progress)
-    from mi_lenses.lenses.tuned.lens import model_identity
 
     L = view.n_layers
     rows = list(range(L)) if rows is None else sorted({int(r) % (L + 1) for r in rows})
@@ -128,9 +129,8 @@ def fit_jacobian_lens(
     sums = {r: torch.zeros(view.d_model, view.d_model, dtype=torch.float64) for r in rows}
     n_done = 0
     sequences = list(_sequences(view, data, seq_len, max_tokens))
-    from tqdm.auto import tqdm
 
-    for tokens in tqdm(sequences, desc="fitting Jacobian lens", unit="prompt", disable=not progress):
+    for tokens in track(sequences, "fitting Jacobian lens", unit="prompt", enabled=progress):
         S = tokens.shape[-1]
         valid = list(range(skip_first_positions, S - 1))
         if not valid:
@@ -216,13 +216,14 @@ def _sequences(view: ModelView, data: Any, seq_len: int, max_tokens: int | None)
     """``[1, S]`` token rows from prompts (strings), token ids or a text source."""
     if isinstance(data, (list, tuple)) and data and all(isinstance(p, str) for p in data):
         for p in data:
-            yield view.to_tokens(p)[:, :seq_len]
+            tokens = view.to_tokens(p)[:, :seq_len]
+            check_context(view, tokens.shape[1], "a fitting prompt (cut to seq_len tokens)",
+                          fix="Pass a smaller seq_len.")
+            yield tokens
         return
     if isinstance(data, Tensor):
         tokens = data if data.ndim == 2 else data[None]
     else:
-        from mi_lenses.lenses.tuned.data import load_tokens
-
         tokens = load_tokens(data, view, seq_len, max_tokens=max_tokens)
     for row in tokens:
         yield row[None]

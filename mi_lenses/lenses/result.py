@@ -23,7 +23,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError, VerificationError
-from mi_lenses.results import LN2, Result, jsonable
+from mi_lenses.results import LN2, Result, dataframe, jsonable
+from mi_lenses.viz.lens import lens_fragment
+from mi_lenses.viz.terminal import lens_table
 
 
 @dataclass
@@ -203,15 +205,13 @@ class LensResult(Result):
     def to_dataframe(self):
         """Tidy pandas frame: one row per (layer, batch, position, k) with token, prob, logit and the statistics;
         padding excluded."""
-        import pandas as pd
-
         R, B, P, K = self.top_ids.shape
         idx = torch.cartesian_prod(torch.arange(R), torch.arange(B), torch.arange(P), torch.arange(K))
         r, b, p, k = idx.unbind(-1)
         keep = self.valid[b, p]
         r, b, p, k = r[keep], b[keep], p[keep], k[keep]
         ids = self.top_ids[r, b, p, k]
-        frame = pd.DataFrame(
+        frame = dataframe(
             {
                 "layer": [self.labels[i] for i in r.tolist()],
                 "layer_index": r.numpy(),
@@ -236,7 +236,6 @@ class LensResult(Result):
 
     def fragment(self, *, batch: int = 0) -> str:
         """The page body for one prompt: top-1 grid, rank grids, KL chart, circuitsvis views."""
-        from mi_lenses.viz.lens import lens_fragment
 
         return lens_fragment(self, batch=self.check_batch(batch))
 
@@ -245,7 +244,6 @@ class LensResult(Result):
         """A rich table of the top-1 token per layer (rows) and position (columns: the last ``max_positions``), with
         KL and every target's rank at the last position; ``max_layers`` strides the rows (the final row is always
         kept)."""
-        from mi_lenses.viz.terminal import lens_table
 
         for name, v in (("max_positions", max_positions), ("max_layers", max_layers)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):

@@ -20,7 +20,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from mi_lenses.errors import LensInputError
+from mi_lenses.errors import LensInputError, MissingHookError
+from mi_lenses.progress import bar
 
 if TYPE_CHECKING:
     from mi_lenses.models.view import ModelView
@@ -86,22 +87,41 @@ class Batch:
 
 
 def make_batch(
-    view: "ModelView", input: PromptInput, *, prepend_bos: bool | None = None, attention_mask: Tensor | None = None
+    view: "ModelView", input: PromptInput, *, prepend_bos: bool | None = None, attention_mask: Tensor | None = None,
+    beyond_context: bool = False,
 ) -> Batch:
-    """Tokens, lengths and offsets of ``input`` (see the module docstring)."""
+    """Tokens, lengths and offsets of ``input`` (see the module docstring). A prompt longer than the model's context
+    (``cfg.n_ctx``) is refused unless ``beyond_context``."""
     if isinstance(input, Tensor):
         tokens = view.to_tokens(input)
         if attention_mask is None:
-            return Batch(tokens, [tokens.shape[1]] * tokens.shape[0], [0] * tokens.shape[0])
-        return batch_from_mask(tokens, attention_mask)
-    if attention_mask is not None:
+            batch = Batch(tokens, [tokens.shape[1]] * tokens.shape[0], [0] * tokens.shape[0])
+        else:
+            batch = batch_from_mask(tokens, attention_mask)
+    elif attention_mask is not None:
         raise LensInputError("attention_mask= goes with token ids; prompts given as text are padded by mi_lenses.")
-    tokens = view.to_tokens(input, prepend_bos)
-    prompts = [input] if isinstance(input, str) else list(input)
-    if len(prompts) == 1:
-        return Batch(tokens, [tokens.shape[1]], [0])
-    lengths = [int(view.to_tokens(p, prepend_bos).shape[-1]) for p in prompts]
-    return Batch(tokens, lengths, [0] * len(prompts))
+    else:
+        tokens = view.to_tokens(input, prepend_bos)
+        prompts = [input] if isinstance(input, str) else list(input)
+        lengths = [tokens.shape[1]] if len(prompts) == 1 else \
+            [int(view.to_tokens(p, prepend_bos).shape[-1]) for p in prompts]
+        batch = Batch(tokens, lengths, [0] * len(prompts))
+    if not beyond_context:
+        check_context(view, batch.shape[1])
+    return batch
+
+
+def check_context(view: "ModelView", n_tokens: int, what: str = "the prompt", *, opt_in: bool = True,
+                  fix: str | None = None) -> None:
+    """Refuse ``n_tokens`` positions beyond the model's context window (``cfg.n_ctx``), naming the limit and the fix:
+    ``fix``, or with ``opt_in`` the keyword that accepts them."""
+    n_ctx = getattr(view.cfg, "n_ctx", None)
+    if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and 0 < n_ctx < n_tokens:
+        fix = " " + fix if fix else (
+            " Shorten or split the prompt, or pass beyond_context=True (--beyond-context) if you know the model "
+            "reads beyond its context." if opt_in else " Shorten the prompt or generate fewer tokens.")
+        raise LensInputError(f"{what} has {n_tokens} tokens but {view.name}'s context window is {n_ctx} (cfg.n_ctx): "
+                             f"positions past it are out of distribution.{fix}")
 
 
 def batch_from_mask(tokens: Tensor, mask: Any) -> Batch:
@@ -141,12 +161,92 @@ def match_cache(batch: Batch | None, shape: tuple[int, int], attention_mask: Any
     return batch
 
 
-def run_with_cache(view: "ModelView", batch: Batch, names: set[str] | Sequence[str]) -> tuple[Tensor, Any]:
+def run_with_cache(view: "ModelView", batch: Batch, names: set[str] | Sequence[str], *,
+                   progress: bool = False) -> tuple[Tensor, Any]:
     """One forward pass without gradients, caching the hooks in ``names``; left-padded rows run with their mask.
-    TransformerLens removes its caching hooks also when the forward pass raises."""
+    With ``progress``, a long pass (``PROGRESS_TOKENS`` tokens or more) shows a bar over the blocks. TransformerLens
+    removes its caching hooks, and ``hooks()`` the bar's, also when the forward pass raises; hooks the user added
+    before stay active and in their order."""
     wanted = set(names)
     kwargs: dict[str, Any] = {}
     if batch.left_padded:
         kwargs["attention_mask"] = batch.attention_mask.to(batch.tokens.device)
-    with torch.no_grad():
-        return view.model.run_with_cache(batch.tokens, names_filter=lambda n: n in wanted, **kwargs)
+    B, S = batch.shape
+    if not progress or B * S < PROGRESS_TOKENS:
+        with torch.no_grad():
+            return view.model.run_with_cache(batch.tokens, names_filter=lambda n: n in wanted, **kwargs)
+    with bar(view.n_layers, f"forward pass ({B * S} tokens)", unit="block") as b:
+        def tick(act: Tensor, hook: Any = None) -> None:
+            b.update(1)
+
+        ticks = [(f"blocks.{l}.hook_resid_post", tick) for l in range(view.n_layers)]
+        with torch.no_grad(), view.model.hooks(fwd_hooks=ticks):
+            return view.model.run_with_cache(batch.tokens, names_filter=lambda n: n in wanted, **kwargs)
+
+
+PROGRESS_TOKENS = 1024  # a forward pass over fewer tokens never takes long enough for a bar
+
+# the batched rank of each kind of cached activation (``run_with_cache(remove_batch_dim=True)`` drops the batch)
+_NDIM = {"pattern": 4, "attn_scores": 4, "q": 4, "k": 4, "v": 4, "z": 4, "rot_q": 4, "rot_k": 4, "result": 4,
+         "cos": 3, "sin": 3}
+
+
+@dataclass
+class Cached:
+    """The batch, the model's logits (from this run, or the caller's) and the cache of one forward pass, read with a
+    batch dimension always; a missing hook is an error naming ``what`` reads it and how to cache it."""
+
+    batch: Batch
+    logits: Tensor | None
+    cache: Any
+    what: str
+    hint: str = ""
+    ran: bool = True  # False: the cache is the caller's
+
+    def get(self, name: str) -> Tensor | None:
+        """The cached activation, or None when the cache lacks it."""
+        try:
+            t = self.cache[name]
+        except (KeyError, IndexError):
+            return None
+        want = _NDIM.get(name.rsplit("hook_", 1)[-1], 3)
+        return t[None] if t.ndim == want - 1 else t
+
+    def __getitem__(self, name: str) -> Tensor:
+        t = self.get(name)
+        if t is None:
+            raise MissingHookError(
+                f"the cache lacks the hook {name!r}, which {self.what} reads: run model.run_with_cache(tokens) without a "
+                f"names_filter{self.hint}, or pass the prompt instead.")
+        return t
+
+    def require(self, names: Sequence[str]) -> None:
+        """Fail before any work when the cache lacks one of ``names`` (the first missing one is named)."""
+        for name in names:
+            self[name]
+
+
+def cached_forward(
+    view: "ModelView", input: PromptInput | None, *, names: Sequence[str], what: str, cache: Any = None,
+    logits: Tensor | None = None, attention_mask: Tensor | None = None, prepend_bos: bool | None = None,
+    required: Sequence[str] | None = None, shape_hook: str | None = None, hint: str = "",
+    beyond_context: bool = False, progress: bool = False,
+) -> Cached:
+    """The one forward pass of every engine: tokens from ``input`` (if given), then either one pass caching
+    ``names`` or the caller's ``cache`` (checked for ``required``, default ``names``), the batch matched to the
+    cache's ``[batch, pos]`` (read from ``shape_hook``, default the first required hook)."""
+    if input is None and cache is None:
+        raise LensInputError("pass a prompt, a list of prompts, tokens, or cache=ActivationCache.")
+    batch = None if input is None else make_batch(view, input, prepend_bos=prepend_bos,
+                                                  attention_mask=attention_mask, beyond_context=beyond_context)
+    ran = cache is None
+    if ran:
+        logits, cache = run_with_cache(view, batch, names, progress=progress)
+    out = Cached(batch, logits, cache, what, hint, ran)  # type: ignore[arg-type]  (batch matched below)
+    required = list(names if required is None else required)
+    out.require(required)
+    name = shape_hook or required[0]
+    key = out[name]
+    S = key.shape[-1] if name.endswith(("hook_pattern", "hook_attn_scores")) else key.shape[1]  # [B, H, Q, K]
+    out.batch = match_cache(batch, (key.shape[0], S), attention_mask)
+    return out

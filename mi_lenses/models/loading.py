@@ -19,9 +19,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import warnings
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
@@ -145,7 +149,6 @@ def _check_device(device: Any) -> torch.device:
 
 def tl_major() -> int:
     """The installed TransformerLens major version."""
-    from importlib.metadata import version
 
     return int(version("transformer-lens").split(".")[0])
 
@@ -180,7 +183,6 @@ def resolve_kind(kind: str) -> str:
 
 def _boot(folder: Path | str, *, device, dtype, compat: bool, prepend_bos: bool | None, kind: str) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -222,8 +224,6 @@ def _hooked(folder: Path | str, hf_model: Any, tokenizer: Any, *, device: Any, d
             compat: bool) -> Any:
     """A ``HookedTransformer`` from a (local) HF model, without the hub: TransformerLens's own config conversion and
     weight conversion for the architecture, then ``from_pretrained``'s processing when ``compat``."""
-    import logging
-    import warnings
 
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
@@ -259,7 +259,6 @@ def _hooked(folder: Path | str, hf_model: Any, tokenizer: Any, *, device: Any, d
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub can be reached (False at once when ``HF_HUB_OFFLINE`` is set)."""
-    import socket
 
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False

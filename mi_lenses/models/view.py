@@ -301,14 +301,17 @@ class ModelView:
 
     # ----------------------------------------------------------------------------------------- runs
     def batch(self, input: PromptInput, *, prepend_bos: bool | None = None,
-              attention_mask: Tensor | None = None) -> Batch:
+              attention_mask: Tensor | None = None, beyond_context: bool = False) -> Batch:
         """Tokens, lengths and padding offsets of a prompt, a list of prompts or token ids (see
-        :mod:`mi_lenses.models.batch`)."""
-        return make_batch(self, input, prepend_bos=prepend_bos, attention_mask=attention_mask)
+        :mod:`mi_lenses.models.batch`); prompts longer than the model's context are refused unless
+        ``beyond_context``."""
+        return make_batch(self, input, prepend_bos=prepend_bos, attention_mask=attention_mask,
+                          beyond_context=beyond_context)
 
-    def run_with_cache(self, batch: Batch, names: set[str] | Sequence[str]) -> tuple[Tensor, Any]:
+    def run_with_cache(self, batch: Batch, names: set[str] | Sequence[str], *,
+                       progress: bool = False) -> tuple[Tensor, Any]:
         """``(logits, cache)`` of one forward pass over ``batch`` caching the hooks in ``names`` (no gradients)."""
-        return run_with_cache(self, batch, names)
+        return run_with_cache(self, batch, names, progress=progress)
 
     # ----------------------------------------------------------------------------------------- tokens
     @property
@@ -340,7 +343,9 @@ class ModelView:
                                      "a tensor [batch, pos].")
             if p == "":
                 raise LensInputError("empty prompt: pass some text (the lens needs at least one token).")
-        kwargs = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
+        # truncate=False: TransformerLens cuts text at cfg.n_ctx silently; make_batch refuses it with the fix instead
+        kwargs: dict[str, Any] = {"truncate": False} if prepend_bos is None else \
+            {"prepend_bos": prepend_bos, "truncate": False}
         if len(prompts) > 1:
             kwargs["padding_side"] = "right"  # the valid mask assumes right padding, whatever the tokenizer says
         tokens = self.model.to_tokens(prompts if len(prompts) > 1 else prompts[0], **kwargs)

@@ -26,8 +26,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError
-from mi_lenses.lenses.logit_lens import Lens
+from mi_lenses.lenses.lens import Lens, register_lens
 from mi_lenses.models.view import ModelView, ResidualRow
+from mi_lenses.patchscopes.presets import identity, identity_q
 from mi_lenses.patchscopes.run import patched_runs
 from mi_lenses.patchscopes.spec import POINT, ResolvedTarget, Target, resolve_layer, resolve_target
 
@@ -39,7 +40,6 @@ class PatchscopeLens(Lens):
     maps_final = True
 
     def __init__(self, target: Target | None = None, *, chunk: int = 256, use_kv_cache: bool = True):
-        from mi_lenses.patchscopes.presets import identity
 
         self.target = target if target is not None else identity()
         if not isinstance(self.target, Target):
@@ -75,3 +75,7 @@ class PatchscopeLens(Lens):
                                            use_kv_cache=self.use_kv_cache, capture=final):
             out[a:b] = state.float().cpu()
         return out
+
+
+register_lens("patchscope", lambda: PatchscopeLens(identity()))  # names of the comparison bench
+register_lens("patchscope-q", lambda: PatchscopeLens(identity_q()))

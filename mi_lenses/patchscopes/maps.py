@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from mi_lenses.atomic import write_file_atomic
@@ -50,7 +52,6 @@ class AffineMap:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write to a ``.safetensors`` file atomically."""
-        from safetensors.torch import save_file
 
         tensors = {"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}
         return write_file_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"r2": repr(self.r2)}))
@@ -59,7 +60,6 @@ class AffineMap:
     def load(cls, path: str | os.PathLike) -> "AffineMap":
         """Read a map written by :meth:`save` (safetensors: no code can run), checked for completeness, shapes and
         finite values."""
-        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+from mi_lenses.lenses.future_prompt import FUTURE_LENS_PROMPT
 from mi_lenses.patchscopes.spec import IDENTITY_PROMPT, Target
 
 DESCRIPTION_PROMPT = (
@@ -34,7 +35,6 @@ ATTRIBUTE_TEMPLATES = {
 MULTI_HOP_QUERY = "The current CEO of the company that created Visual Basic Script"
 MULTI_HOP_FIRST_HOP = "The company that created Visual Basic Script"
 MULTI_HOP_SECOND_HOP = "The current CEO of x"
-FUTURE_LENS_PROMPT = 'Hello! Could you please tell me more about "'
 SELFIE_PROMPT = "[INST] x x x x x [/INST] Sure, I will summarize the message:"
 
 

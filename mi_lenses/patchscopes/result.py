@@ -18,7 +18,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mi_lenses.results import LN2, Result, jsonable
+from mi_lenses.indexing import resolve_index
+from mi_lenses.results import LN2, Result, dataframe, jsonable
+from mi_lenses.viz.patchscopes import result_fragment, result_table, sweep_fragment, sweep_table
 
 
 @dataclass
@@ -116,14 +118,11 @@ class PatchscopeResult(Result):
         } for r in range(len(self.source_layers))]
         if layer is None:
             return jsonable({**head, "layers": rows})
-        from mi_lenses.indexing import resolve_index
 
         return jsonable({**head, **rows[resolve_index(layer, len(rows), "layer", f"this result has {len(rows)} rows, one per source layer")]})
 
     def to_dataframe(self):
         """Tidy frame: one row per (source layer, target layer, k) with token, prob, prec@1, surprisal, generation."""
-        import pandas as pd
-
         gen = self.generated
         records = []
         for r, (l, t) in enumerate(zip(self.source_layers, self.target_layers)):
@@ -131,18 +130,16 @@ class PatchscopeResult(Result):
                 records.append(dict(source_layer=l, target_layer=t, k=k, token=tok, prob=p,
                                     prec_at_1=bool(self.prec_at_1[r]), surprisal_bits=float(self.surprisal_bits[r]),
                                     generated=None if gen is None else gen[r]))
-        return pd.DataFrame.from_records(records)
+        return dataframe(records)
 
     def table(self, *, batch: int = 0):
         """A rich table: layer | top-1 (prob) | prec@1 | surprisal | generation."""
-        from mi_lenses.viz.patchscopes import result_table
 
         self.check_batch(batch)
         return result_table(self)
 
     def fragment(self, *, batch: int = 0) -> str:
         """The prompts (patched positions highlighted) and one table row per (l, l*)."""
-        from mi_lenses.viz.patchscopes import result_fragment
 
         self.check_batch(batch)
         return result_fragment(self)
@@ -232,8 +229,6 @@ class SweepResult(Result):
 
     def to_dataframe(self):
         """Tidy frame: one row per (source layer, target layer, source position)."""
-        import pandas as pd
-
         Ls, Lt, P = self.prec_at_1.shape
         records = []
         for a in range(Ls):
@@ -249,18 +244,16 @@ class SweepResult(Result):
                         prec_at_1=float(self.prec_at_1[a, b, p]), surprisal_bits=float(self.surprisal_bits[a, b, p]),
                         target_prob=float(self.target_prob[a, b, p]),
                     ))
-        return pd.DataFrame.from_records(records)
+        return dataframe(records)
 
     def table(self, *, batch: int = 0):
         """A rich table: precision@1 and surprisal per source layer at ``l* = l`` (where it was run)."""
-        from mi_lenses.viz.patchscopes import sweep_table
 
         self.check_batch(batch)
         return sweep_table(self)
 
     def fragment(self, *, batch: int = 0) -> str:
         """Heat maps of precision@1, surprisal and target probability over (l, l*), and precision@1 per layer."""
-        from mi_lenses.viz.patchscopes import sweep_fragment
 
         self.check_batch(batch)
         return sweep_fragment(self)

@@ -21,7 +21,6 @@ Engine notes.
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -29,22 +28,24 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mi_lenses.errors import LensInputError
-from mi_lenses.models.batch import Batch
+from mi_lenses.errors import LensInputError, VerificationError
+from mi_lenses.models.batch import Batch, check_context
+from mi_lenses.models.hooks import write_hooks
 from mi_lenses.models.view import ModelView
+from mi_lenses.patchscopes.presets import identity
 from mi_lenses.patchscopes.result import PatchscopeResult
 from mi_lenses.patchscopes.spec import (
     POINT,
     ResolvedTarget,
     Source,
     Target,
-    check_context,
     resolve_layer,
     resolve_map,
     resolve_position,
     resolve_target,
     translate_ids,
 )
+from mi_lenses.progress import track
 
 
 # ------------------------------------------------------------------------------------------------ source side
@@ -71,36 +72,9 @@ def patch_hooks(
     return write_hooks([view.hook_name(POINT, int(l)) for l in layers.tolist()], vectors, positions)
 
 
-def write_hooks(names: Sequence[str], vectors: Float[Tensor, "N d"], positions: Sequence[int]) -> list[tuple[str, Callable]]:
-    """One hook per distinct hook name in ``names`` (one per row of a batch of ``N`` rows); each writes its rows'
-    vectors at ``positions`` of that hook's residual stream."""
-    hooks = []
-    pos = torch.as_tensor(list(positions), dtype=torch.long)
-    n_rows = len(names)
-    for name in dict.fromkeys(names):
-        rows = torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long)
-
-        def hook(resid: Tensor, hook: Any = None, rows: Tensor = rows) -> Tensor:
-            if resid.shape[0] != n_rows or resid.shape[1] <= int(pos.max()):
-                raise RuntimeError(
-                    f"patch hook saw a residual of shape {tuple(resid.shape)}; expected {n_rows} rows and "
-                    f"more than {int(pos.max())} positions."
-                )
-            r, p = rows.to(resid.device), pos.to(resid.device)
-            resid[r[:, None], p[None, :]] = vectors[rows].to(resid.device, resid.dtype)[:, None, :]
-            return resid
-
-        hooks.append((name, hook))
-    return hooks
-
-
 def _chunks(n: int, size: int, progress: bool, desc: str) -> Iterable[tuple[int, int]]:
     spans = [(a, min(a + size, n)) for a in range(0, n, size)]
-    if progress and len(spans) > 1:
-        from tqdm.auto import tqdm
-
-        spans = tqdm(spans, desc=desc, unit="batch")
-    return spans
+    return track(spans, desc, unit="batch", enabled=progress and len(spans) > 1)
 
 
 def patched_runs(
@@ -258,7 +232,7 @@ def patchscope(
         >>> bool(res.prec_at_1[0])   # the last layer patched into the last layer reproduces the prediction
         True
     """
-    target = target if target is not None else _identity()
+    target = target if target is not None else identity()
     job = _prepare(model, source, target, top_k=top_k, max_new_tokens=max_new_tokens, do_sample=do_sample,
                    temperature=temperature)
     # forward: the source states, mapped into the target model's space, and the source model's own prediction
@@ -339,16 +313,10 @@ def _prepare(model: Any, source: Source, target: Target, *, top_k: int, max_new_
     if src_tokens.shape[0] != 1:
         raise LensInputError("the source prompt must be one prompt (a string or tokens [1, pos]); use sweep() for many.")
     i = resolve_position(source.position, src_tokens.shape[1], "source position")
-    check_context(src, src_tokens.shape[1], "the source prompt")
+    check_context(src, src_tokens.shape[1], "the source prompt", opt_in=False)
     rt = resolve_target(target, tgt)
-    check_context(tgt, rt.tokens.shape[1] + n_new, f"the target prompt plus {n_new} generated tokens")
+    check_context(tgt, rt.tokens.shape[1] + n_new, f"the target prompt plus {n_new} generated tokens", opt_in=False)
     return _Job(src, tgt, src_layers, tgt_layers, src_tokens, i, rt, resolve_map(target.map, src, tgt), n_new)
-
-
-def _identity() -> Target:
-    from mi_lenses.patchscopes.presets import identity
-
-    return identity()
 
 
 def _as_text(view: ModelView, prompt: Any, tokens: Tensor) -> str:
@@ -368,8 +336,6 @@ def verify(model: Any, prompt: str = "The capital of France is", atol: float = 1
 
     >>> mi_lenses.patchscopes.verify(model)   # silent when the hooks, KV prefix and readout are right
     """
-    from mi_lenses.errors import VerificationError
-    from mi_lenses.patchscopes.presets import identity
 
     view = ModelView(model)
     tokens = view.to_tokens(prompt)

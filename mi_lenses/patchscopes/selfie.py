@@ -24,26 +24,30 @@ Example:
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float, Int
+from rich.table import Table
+from rich.text import Text
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import IndexSpec, int_list
+from mi_lenses.models.batch import check_context
 from mi_lenses.models.view import ModelView
+from mi_lenses.patchscopes.presets import selfie as selfie_preset
 from mi_lenses.patchscopes.run import patch_hooks, patched_generate, source_states
 from mi_lenses.patchscopes.spec import (
     Target,
-    check_context,
     resolve_layer,
     resolve_position,
     resolve_target,
 )
-from mi_lenses.results import Result, jsonable
+from mi_lenses.results import Result, dataframe, jsonable
+from mi_lenses.viz.colors import rich_style
+from mi_lenses.viz.more_lenses import selfie_fragment
 
 
 @dataclass
@@ -114,19 +118,14 @@ class SelfIEResult(Result):
                          "rows": rows})
 
     def to_dataframe(self):
-        import pandas as pd
-
-        return pd.DataFrame([{"layer": l, "position": p, "source_token": self.source_str_tokens[p], "step": j,
+        return dataframe([{"layer": l, "position": p, "source_token": self.source_str_tokens[p], "step": j,
                               "token": tok, "relevancy": float(self.relevancy[r, j]),
                               "p_injected": float(self.p_injected[r, j]), "p_plain": float(self.p_plain[r, j])}
-                             for r, (l, p) in enumerate(zip(self.source_layers, self.source_positions))
-                             for j, tok in enumerate(self.generated_tokens[r])])
+                          for r, (l, p) in enumerate(zip(self.source_layers, self.source_positions))
+                          for j, tok in enumerate(self.generated_tokens[r])])
 
     def table(self, *, batch: int = 0):
-        from rich.table import Table
-        from rich.text import Text
 
-        from mi_lenses.viz.colors import rich_style
 
         self.check_batch(batch)
         t = Table(title=f"SelfIE · {self.source_prompt!r} · injected at layer {self.inject_layer}",
@@ -142,24 +141,8 @@ class SelfIEResult(Result):
         return t
 
     def fragment(self, *, batch: int = 0) -> str:
-        from mi_lenses.viz.colors import css, diverging, text_on
-
         self.check_batch(batch)
-        rows = []
-        for r, lab in enumerate(self.row_labels):
-            spans = "".join(
-                f'<span title="relevancy {float(self.relevancy[r, j]):+.3f}" style="background:'
-                f'{css(diverging(float(self.relevancy[r, j])))};color:{text_on(float(self.relevancy[r, j]))}">'
-                f"{html.escape(tok)}</span>" for j, tok in enumerate(self.generated_tokens[r]))
-            src = html.escape(repr(self.source_str_tokens[self.source_positions[r]]))
-            rows.append(f"<tr><td><b>{html.escape(lab)}</b></td><td>{src}</td><td style='font-family:monospace'>"
-                        f"{spans}</td></tr>")
-        return (f'<p class="note">Source: {html.escape(self.source_prompt)}. Interpretation prompt '
-                f"{html.escape(repr(self.interpretation_prompt))}, state injected at the output of block "
-                f"{self.inject_layer} at positions {self.placeholder_positions}. Token shade: relevancy "
-                "p(injected) - p(plain) (blue: from the state).</p>"
-                "<table style='font-size:13px'><tr><th>layer @ pos</th><th>token</th><th>interpretation</th></tr>"
-                + "".join(rows) + "</table>")
+        return selfie_fragment(self)
 
 
 def selfie(
@@ -188,7 +171,6 @@ def selfie(
             the preset).
         max_new_tokens, do_sample, temperature, seed: generation (greedy by default; sampling is seeded).
     """
-    from mi_lenses.patchscopes.presets import selfie as selfie_preset
 
     view = ModelView(model)
     target = interpretation if interpretation is not None else selfie_preset()
@@ -216,7 +198,7 @@ def selfie(
         raise LensInputError("select at least one layer and one position.")
     rt = resolve_target(target, view)
     T = rt.tokens.shape[1]
-    check_context(view, T + max_new_tokens, f"the interpretation prompt plus {max_new_tokens} generated tokens")
+    check_context(view, T + max_new_tokens, f"the interpretation prompt plus {max_new_tokens} generated tokens", opt_in=False)
     states, _ = source_states(view, view.batch(tokens), set(src_layers))
     pairs = [(l, p) for l in src_layers for p in src_pos]
     vectors = torch.stack([states[l][0, p] for l, p in pairs])

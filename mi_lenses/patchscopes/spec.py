@@ -32,6 +32,7 @@ from torch import Tensor
 
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import resolve_index
+from mi_lenses.models.batch import check_context
 from mi_lenses.models.view import ModelView
 
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
@@ -95,16 +96,6 @@ class ResolvedTarget:
         return [self.view.id_to_str(int(t)) for t in self.tokens[0]]
 
 
-def check_context(view: ModelView, n_tokens: int, what: str) -> None:
-    """Refuse sequences longer than the model's context window (``cfg.n_ctx``)."""
-    n_ctx = getattr(view.cfg, "n_ctx", None)
-    if isinstance(n_ctx, int) and n_tokens > n_ctx:
-        raise LensInputError(
-            f"{what} needs {n_tokens} positions but {view.name} has a context window of {n_ctx}: shorten the prompt "
-            f"or generate fewer tokens."
-        )
-
-
 def resolve_layer(view: ModelView, layer: Any, what: str) -> int:
     """A block index (negative from the end), with an error that names the valid range."""
     return resolve_index(layer, view.n_layers, what, f"{view.name} has {view.n_layers} blocks; layer l means the "
@@ -160,7 +151,7 @@ def resolve_target(target: Target, view: ModelView) -> ResolvedTarget:
     if tokens.shape[0] != 1:
         raise LensInputError("the target prompt must be one prompt (a string or tokens [1, pos]).")
     T = tokens.shape[1]
-    check_context(view, T, "the target prompt")
+    check_context(view, T, "the target prompt", opt_in=False)
     if target.position is not None:
         raw = [target.position] if not isinstance(target.position, (list, tuple, range)) else list(target.position)
         if not raw:

@@ -26,6 +26,7 @@ from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import IndexSpec, int_list, resolve_positions
 from mi_lenses.models.batch import PromptInput
 from mi_lenses.models.view import ModelView
+from mi_lenses.patchscopes.presets import identity
 from mi_lenses.patchscopes.result import SweepResult
 from mi_lenses.patchscopes.run import apply_map, patched_readout, source_states
 from mi_lenses.patchscopes.spec import Target, resolve_layer, resolve_map, resolve_target, translate_ids
@@ -62,9 +63,8 @@ def sweep(
         target_token: a token whose target probability is tracked (default: the source's own prediction).
         chunk: patched rows per forward pass.
     """
-    from mi_lenses.patchscopes.run import _identity
 
-    target = target if target is not None else _identity()
+    target = target if target is not None else identity()
     src_view = ModelView(model)
     tgt_view = ModelView(target_model if target_model is not None else (target.model or src_view))
     if not isinstance(chunk, int) or chunk < 1:

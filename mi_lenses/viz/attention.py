@@ -8,7 +8,10 @@ from __future__ import annotations
 import html
 import math
 
+import circuitsvis as cv
 import torch
+from rich.table import Table
+from rich.text import Text
 
 from mi_lenses.viz.colors import css, diverging, rich_style, sequential, text_on
 from mi_lenses.viz.html import circuitsvis_block, esc, heat_grid, png_data_uri
@@ -83,7 +86,6 @@ def head_view_component(res, batch: int, layer: int, window: int = HEAD_VIEW_WIN
     """circuitsvis ``AttentionHeads`` of every head of one layer over the prompt's last ``window`` tokens (all of
     them when the prompt is no longer): the browser draws every query x key cell, which takes seconds per head
     beyond a few dozen tokens."""
-    import circuitsvis as cv
 
     i = res.layer_index(layer)
     n = res.lengths[batch]
@@ -162,7 +164,6 @@ def neuron_view(terms, max_keys: int = 48) -> str:
     """The neuron view of one head and query: per key, the ``scale * q_d * k_d`` term of every dimension
     (diverging colours), their sum (the score) and the softmax (the attention weight), then the row over the prompt
     (circuitsvis)."""
-    import circuitsvis as cv
 
     K, d = terms.products.shape
     keys = list(range(K))
@@ -243,8 +244,6 @@ def attention_fragment(res, batch: int = 0, layer: int | None = None, head: int 
 def attention_table(res, batch: int = 0, value: str = "sink"):
     """A rich table: layers (rows, last on top) x heads, each cell one diagnostic, shaded; top heads in the
     caption."""
-    from rich.table import Table
-    from rich.text import Text
 
     vals = res.metric(value, batch)
     top = math.log2(max(res.lengths[batch], 2)) if value == "entropy" else 1.0
@@ -265,7 +264,6 @@ def attention_table(res, batch: int = 0, value: str = "sink"):
 
 def qk_table(terms, k: int = 12):
     """A rich table of the ``k`` most attended keys: position, token, score, weight and the largest terms."""
-    from rich.table import Table
 
     table = Table(title=f"L{terms.layer}H{terms.head} at query {terms.query} {terms.str_tokens[terms.query]!r} · "
                         f"{terms.model_name}", caption="score = Σ_d scale · q_d · k_d; weight = softmax(score)")

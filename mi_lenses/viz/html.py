@@ -12,18 +12,24 @@ Example:
 
 from __future__ import annotations
 
+import base64
 import functools
 import html
 import math
+import struct
+import zlib
 from typing import Sequence
 
+import torch
+from circuitsvis.utils.render import RenderedHTML
+
 from mi_lenses.viz.colors import css, diverging, sequential, text_on
+from mi_lenses.viz.tokens import stride
 
 _MARK = "CircuitsVis.render("
 
 
 def _offline_html_class():
-    from circuitsvis.utils.render import RenderedHTML
 
     class OfflineHTML(RenderedHTML):
         """circuitsvis ``RenderedHTML`` that always renders the inlined source (circuitsvis would probe the
@@ -168,7 +174,6 @@ def line_chart(
     """A small inline SVG line chart: one polyline per series, a dot per value with its exact value on hover.
     The y axis spans the data (and 0) unless ``y_min``/``y_max`` fix it; x labels are strided to at most 16 and
     always include the last one."""
-    from mi_lenses.viz.tokens import stride
 
     colors = ["#08519c", "#e6550d", "#31a354", "#756bb1", "#636363", "#d6616b", "#8c6d31", "#17becf"]
     values = [v for s in series.values() for v in s if v is not None and math.isfinite(v)]
@@ -224,11 +229,7 @@ def _palette() -> bytes:
 def png_data_uri(values) -> str:
     """A ``[height, width]`` tensor of values in [0, 1] as an inline PNG (``data:`` URI) on the sequential colour
     scale (palette PNG, NaN white): small thumbnails that need no script and no network."""
-    import base64
-    import struct
-    import zlib
 
-    import torch
 
     h, w = values.shape
     palette = _palette()

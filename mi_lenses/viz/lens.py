@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import math
 
+import circuitsvis as cv
 import torch
 
 from mi_lenses.viz.html import circuitsvis_block, heat_grid, line_chart
@@ -89,7 +90,6 @@ def kl_chart(res, batch: int = 0) -> str:
 
 def circuitsvis_views(res, batch: int = 0) -> list:
     """circuitsvis ``ColoredTokensMulti`` views: the prompt coloured by a statistic, one label per layer."""
-    import circuitsvis as cv
 
     cols = res.columns(batch)
     tokens = [res.position_tokens[batch][j] for j in cols]

@@ -6,6 +6,9 @@ from __future__ import annotations
 import html
 import math
 
+import torch
+from rich.table import Table
+
 from mi_lenses.viz.html import esc, heat_grid, line_chart
 
 
@@ -53,7 +56,6 @@ def result_fragment(res) -> str:
 
 def result_table(res):
     """A rich table: layer | top-1 (prob) | prec@1 | surprisal | generation."""
-    from rich.table import Table
 
     table = Table(title=f"Patchscope '{res.target_name}': source {res.source_token!r} "
                         f"(model predicts {res.source_prediction!r})")
@@ -95,7 +97,6 @@ def _grid(sw, values, caption: str, lo: float, hi: float, fmt: str, invert: bool
 
 
 def sweep_fragment(sw) -> str:
-    import torch
 
     prec = sw.prec_at_1_mean
     surp = sw.surprisal_bits_mean
@@ -120,7 +121,6 @@ def sweep_fragment(sw) -> str:
 
 def sweep_table(sw):
     """A rich table: precision@1 and mean surprisal (bits) per source layer at l* = l."""
-    from rich.table import Table
 
     table = Table(title=f"Patchscope sweep '{sw.target_name}' · {sw.model_name} · {len(sw.positions)} source positions")
     for col in ("l = l*", "precision@1", "surprisal (bits)"):

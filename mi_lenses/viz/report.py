@@ -5,7 +5,16 @@ from __future__ import annotations
 import html
 import math
 
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from mi_lenses.viz.attention import attention_fragment
+from mi_lenses.viz.attribution import dla_fragment
 from mi_lenses.viz.html import circuitsvis_block, line_chart
+from mi_lenses.viz.lens import circuitsvis_views, rank_grid, top1_grid
+from mi_lenses.viz.terminal import Fitted
+from mi_lenses.viz.tokens import stride, visible
 
 TITLES = {"logit_lens": "Logit lens", "patchscope": "Identity Patchscope vs logit lens",
           "dla": "Direct logit attribution", "attention": "Attention"}
@@ -22,7 +31,6 @@ def _last(res) -> int:
 
 
 def lens_section(rep) -> str:
-    from mi_lenses.viz.lens import circuitsvis_views, rank_grid, top1_grid
 
     ll, tl = rep.logit_lens, rep.tuned_lens
     lenses = [ll] + ([tl] if tl is not None else [])
@@ -95,13 +103,11 @@ def patchscope_section(rep) -> str:
 
 
 def dla_section(rep) -> str:
-    from mi_lenses.viz.attribution import dla_fragment
 
     return dla_fragment(rep.dla, batch=0, level=3)
 
 
 def attention_section(rep) -> str:
-    from mi_lenses.viz.attention import attention_fragment
 
     top = rep.top_head
     note = ""
@@ -138,10 +144,7 @@ def report_fragment(rep) -> str:
 
 def report_table(rep, max_layers: int = 16):
     """The terminal summary (a rich ``Group``)."""
-    from rich.console import Group
-    from rich.text import Text
 
-    from mi_lenses.viz.terminal import Fitted
 
     prompt = repr(rep.prompt if len(rep.prompt) <= 100 else "…" + rep.prompt[-99:])  # a long prompt's end
     items: list = [Text.assemble(("prompt ", "bold"), prompt, f" ({len(rep.str_tokens)} tokens) · ",
@@ -183,9 +186,7 @@ def report_table(rep, max_layers: int = 16):
 
 def _per_layer_table(rep, recs: list[dict], cols: list[tuple], width: int, max_layers: int):
     """The per-layer table with as many of ``cols`` (in order) as fit ``width``."""
-    from rich.table import Table
 
-    from mi_lenses.viz.tokens import stride
 
     rows = stride(len(recs), max_layers)
     texts = {key: [_cell(recs[r][key], fmt) for r in rows] for _, key, fmt in cols}
@@ -214,8 +215,6 @@ def _per_layer_table(rep, recs: list[dict], cols: list[tuple], width: int, max_l
 
 def _cell(value, fmt: str | None) -> str:
     if fmt is None:
-        from mi_lenses.viz.tokens import visible
-
         return visible(value) if isinstance(value, str) else str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return "–"

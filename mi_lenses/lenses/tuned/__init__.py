@@ -8,18 +8,8 @@ Example (on the embedded model; a few minutes on a CPU)::
 """
 
 from mi_lenses.lenses.tuned.evaluate import LensEvaluation, evaluate_lens
-from mi_lenses.lenses.tuned.io import load_lens, save_lens
 from mi_lenses.lenses.tuned.lens import TunedLens, tuned_lens
 from mi_lenses.lenses.tuned.train import TrainConfig, TrainingError, train_lens
 
-__all__ = [
-    "LensEvaluation",
-    "TrainConfig",
-    "TrainingError",
-    "TunedLens",
-    "evaluate_lens",
-    "load_lens",
-    "save_lens",
-    "train_lens",
-    "tuned_lens",
-]
+__all__ = ["LensEvaluation", "TrainConfig", "TrainingError", "TunedLens", "evaluate_lens", "train_lens",
+           "tuned_lens"]

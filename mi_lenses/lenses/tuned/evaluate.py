@@ -1,5 +1,9 @@
-"""Held-out evaluation of lenses, per layer: KL to the final distribution, cross-entropy to the next token and
-entropy (bits), plus the model's own cross-entropy: the curves of the tuned-lens paper's figure.
+"""Held-out evaluation of a lens against the logit lens, per layer: KL to the final distribution, cross-entropy to the
+next token and entropy (bits), plus the model's own cross-entropy: the curves of the tuned-lens paper's figure.
+
+:func:`evaluate_lens` is :func:`~mi_lenses.lenses.compare.compare_lenses` of one lens and the logit lens (the same
+loop, defaults and NaN rule), shown as a :class:`LensEvaluation` (the final row is reported as the model's own
+cross-entropy and entropy).
 
 Example:
     >>> tokens = torch.randint(3, model.cfg.d_vocab, (2, 16))
@@ -15,12 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from rich.table import Table
 
-from mi_lenses.errors import LensInputError
-from mi_lenses.lenses.logit_lens import LogitLens, run_lens
-from mi_lenses.models.view import ModelView
-from mi_lenses.results import LN2, Result, jsonable
+from mi_lenses.lenses.compare import DEFAULT_MAX_TOKENS, LensComparison, compare_lenses
+from mi_lenses.lenses.lens import Lens, LogitLens
+from mi_lenses.lenses.options import Point
+from mi_lenses.results import Result, dataframe, jsonable
+from mi_lenses.viz.compare import evaluation_fragment
 
 
 @dataclass
@@ -59,8 +64,6 @@ class LensEvaluation(Result):
 
     def to_dataframe(self):
         """Tidy frame: one row per (lens, layer, metric)."""
-        import pandas as pd
-
         rows = []
         for name in self.kl_bits:
             for i, label in enumerate(self.layers):
@@ -68,12 +71,10 @@ class LensEvaluation(Result):
                                       ("entropy_bits", self.entropy_bits)):
                     rows.append({"lens": name, "layer": label, "layer_index": i, "metric": metric,
                                  "value": table[name][i]})
-        return pd.DataFrame(rows)
+        return dataframe(rows)
 
     def table(self, *, batch: int = 0):
         """A rich table: KL and CE per layer for every lens, and the model's own CE in the caption."""
-        from rich.table import Table
-
         self.check_batch(batch)
         names = list(self.kl_bits)
         table = Table(title=f"Lens evaluation · {self.model_name} · {self.n_tokens} tokens (bits)",
@@ -96,88 +97,40 @@ class LensEvaluation(Result):
             lines.append(f"| {label} | {cells} |")
         return "\n".join(lines)
 
-    def figure(self) -> str:
-        """Two SVG charts like the paper's figure: KL to the final output and next-token CE per layer."""
-        from mi_lenses.viz.html import line_chart
-
-        ce = dict(self.ce_bits)
-        ce["model (final)"] = [self.final_ce_bits] * len(self.layers)
-        return (
-            "<h2>KL divergence to the model's output (bits)</h2>"
-            + line_chart(self.layers, self.kl_bits, "KL (bits)")
-            + "<h2>Cross-entropy to the next token (bits)</h2>"
-            + line_chart(self.layers, ce, "CE (bits)")
-        )
-
     def fragment(self, *, batch: int = 0) -> str:
         """The curves and the per-layer table."""
-        import html
-
         self.check_batch(batch)
-        rows = "".join(
-            f"<tr><td>{html.escape(lab)}</td>"
-            + "".join(f"<td>{self.kl_bits[n][i]:.3f}</td><td>{self.ce_bits[n][i]:.3f}</td>" for n in self.kl_bits)
-            + "</tr>"
-            for i, lab in enumerate(self.layers)
-        )
-        head = "".join(f"<th>KL {html.escape(n)}</th><th>CE {html.escape(n)}</th>" for n in self.kl_bits)
-        note = (f'<p class="note">{html.escape(self.model_name)}: {self.n_tokens} held-out tokens; the model\'s own '
-                f"CE is {self.final_ce_bits:.3f} bits.</p>")
-        table = f'<table style="font-size:12px;border-collapse:collapse"><tr><th>layer</th>{head}</tr>{rows}</table>'
-        return note + self.figure() + "<h2>Per layer</h2>" + table
+        return evaluation_fragment(self)
+
+    @classmethod
+    def from_comparison(cls, cmp: LensComparison) -> "LensEvaluation":
+        """The evaluation view of a comparison: every row but the final one, whose CE and entropy are the model's."""
+        first = next(iter(cmp.stats.values()))
+        return cls(model_name=cmp.model_name, layers=cmp.layers[:-1], n_tokens=cmp.n_tokens,
+                   kl_bits={n: d["kl_bits"][:-1] for n, d in cmp.stats.items()},
+                   ce_bits={n: d["ce_bits"][:-1] for n, d in cmp.stats.items()},
+                   entropy_bits={n: d["entropy_bits"][:-1] for n, d in cmp.stats.items()},
+                   final_ce_bits=cmp.final_ce_bits, final_entropy_bits=first["entropy_bits"][-1],
+                   meta={**cmp.meta, "seconds": cmp.seconds})
 
 
 def evaluate_lens(
-    lens: Any,
+    lens: Lens,
     model: Any,
     data: Any,
     *,
-    max_tokens: int | None = 16384,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
     seq_len: int = 128,
     batch_size: int = 4,
+    point: Point = "resid_pre",
     baseline: bool = True,
+    progress: bool = True,
 ) -> LensEvaluation:
     """Evaluate ``lens`` (and, with ``baseline``, the logit lens) on held-out ``data`` (a text source as in
-    :func:`~mi_lenses.lenses.tuned.data.load_tokens`, or tokens ``[n_seq, seq_len]``). One forward pass per batch
-    serves every lens; the final row is verified against the model's logits."""
-    from mi_lenses.lenses.tuned.data import load_tokens
-
-    view = ModelView(model)
-    tokens = data if isinstance(data, torch.Tensor) else load_tokens(data, view, seq_len, max_tokens=max_tokens)
-    if tokens.ndim != 2 or tokens.numel() == 0:
-        raise LensInputError(f"evaluation tokens must be [n_seq, seq_len], got {tuple(tokens.shape)}.")
-    lenses = {}
-    if baseline:
-        lenses["logit lens"] = LogitLens()
-    bound = lens.bind(view) if hasattr(lens, "bind") else lens
-    name = getattr(lens, "name", "lens")
-    lenses[name if name not in lenses else f"{name} (evaluated)"] = bound
-    rows = view.residual_rows("resid_pre")
-    names = {r.hook_name for r in rows}
-    R = len(rows)
-    sums = {k: {"kl": torch.zeros(R, dtype=torch.float64), "ce": torch.zeros(R, dtype=torch.float64),
-                "ent": torch.zeros(R, dtype=torch.float64)} for k in lenses}
-    n_tok = n_ce = 0
-    for b0 in range(0, tokens.shape[0], batch_size):
-        tb = tokens[b0 : b0 + batch_size].to(view.device)
-        logits, cache = view.run_with_cache(view.batch(tb), names)
-        for key, ln in lenses.items():
-            res = run_lens(ln, view, tb, cache=cache, logits=logits, top_k=1)
-            ce = res.cross_entropy
-            sums[key]["kl"] += res.kl.double().sum((1, 2))
-            sums[key]["ent"] += res.entropy.double().sum((1, 2))
-            sums[key]["ce"] += torch.nan_to_num(ce.double(), nan=0.0).sum((1, 2))
-        n_tok += tb.numel()
-        n_ce += int(torch.isfinite(ce[0]).sum())
-    out = {k: {m: (v / (n_ce if m == "ce" else n_tok) / LN2).tolist() for m, v in s.items()} for k, s in sums.items()}
-    first = next(iter(out.values()))
-    return LensEvaluation(
-        model_name=view.name,
-        layers=[r.label for r in rows[:-1]],
-        n_tokens=n_tok,
-        kl_bits={k: v["kl"][:-1] for k, v in out.items()},
-        ce_bits={k: v["ce"][:-1] for k, v in out.items()},
-        entropy_bits={k: v["ent"][:-1] for k, v in out.items()},
-        final_ce_bits=first["ce"][-1],
-        final_entropy_bits=first["ent"][-1],
-    )
+    :func:`~mi_lenses.data.load_tokens`, or tokens ``[n_seq, seq_len]``): :func:`~mi_lenses.lenses.compare.
+    compare_lenses` of those lenses, with the same options."""
+    lenses: dict[str, Lens] = {"logit lens": LogitLens()} if baseline else {}
+    lenses[lens.name if lens.name not in lenses else f"{lens.name} (evaluated)"] = lens
+    cmp = compare_lenses(model, data, lenses, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
+                         point=point, progress=progress)
+    return LensEvaluation.from_comparison(cmp)

@@ -28,14 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor
 
-from mi_lenses.errors import LensInputError, MiLensesError
 from mi_lenses.atomic import write_files_atomic
-from mi_lenses.lenses.tuned.io import save_lens
+from mi_lenses.data import load_tokens
+from mi_lenses.errors import LensInputError, MiLensesError
+from mi_lenses.lenses.affine import save_lens
 from mi_lenses.lenses.tuned.lens import TunedLens
+from mi_lenses.models.batch import check_context
 from mi_lenses.models.view import ModelView
+from mi_lenses.progress import bar as progress_bar
 from mi_lenses.results import LN2
 
 CHECKPOINT = "checkpoint"
@@ -115,8 +119,6 @@ class _Dist:
     def all_reduce(self, t: Tensor) -> Tensor:
         """Sum ``t`` over all processes, in place (through the GPU when the backend is nccl)."""
         if self.world > 1:
-            import torch.distributed as dist
-
             if dist.get_backend() == "nccl" and t.device.type != "cuda":
                 tmp = t.to(f"cuda:{torch.cuda.current_device()}")
                 dist.all_reduce(tmp)
@@ -128,7 +130,6 @@ class _Dist:
 
 def _init_distributed(device: torch.device) -> _Dist:
     """Join the process group that ``torchrun`` describes in the environment (no-op in a single process)."""
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return _Dist(dist.get_rank(), dist.get_world_size())
@@ -338,11 +339,10 @@ class _Trainer:
     @classmethod
     def prepare(cls, model: Any, data: Any, out: Any, cfg: TrainConfig, resume: bool,
                 lens: TunedLens | None) -> "_Trainer":
-        from mi_lenses.lenses.tuned.data import load_tokens
-
         view = ModelView(model)
         dist = _init_distributed(view.device)
         seqs_per_step = cfg.validate(dist.world)
+        check_context(view, cfg.seq_len, "each training sequence", fix="Pass a smaller seq_len (--seq-len).")
         tokens = data if isinstance(data, Tensor) else load_tokens(data, view, cfg.seq_len, seed=cfg.seed)
         if tokens.ndim != 2 or tokens.shape[1] != cfg.seq_len:
             raise LensInputError(f"token data must be [n_seq, seq_len={cfg.seq_len}], got {tuple(tokens.shape)}.")
@@ -387,9 +387,7 @@ class _Trainer:
         """Every remaining KL step, with a progress bar and checkpoints."""
         cfg, bar = self.cfg, None
         if cfg.progress and self.dist.primary and cfg.steps > self.start_step:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.steps, initial=self.start_step, desc="tuned lens", unit="step")
+            bar = progress_bar(cfg.steps, "tuned lens", initial=self.start_step, leave=True)
         t0 = time.perf_counter()
         try:
             for step in range(self.start_step, cfg.steps):

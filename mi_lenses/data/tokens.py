@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-
 import os
 from pathlib import Path
 from typing import Any, Iterable
