@@ -44,7 +44,7 @@ EXTRA = "pip install 'mi-lenses[diffusion]'"
 
 def _diffusers() -> Any:
     try:
-        import diffusers
+        import diffusers  # deferred: the optional [diffusion] extra
     except ImportError as err:
         raise LensInputError(f"the Diffusion Lens needs the `diffusers` package: {EXTRA}.") from err
     return diffusers

@@ -16,7 +16,11 @@ Example:
     >>> _ = res.verify()     # parts sum to the model's logit; sources sum to heads; neurons to MLPs
     >>> abs(float(res.total[0] - res.actual[0])) < 1e-3
     True
-    >>> [label for label, _ in res.top(40)][:1] != []
+    >>> (label, value), = res.top(1, kinds="head", batch=0)     # the head with the largest direct effect
+    >>> l, h = map(int, label[1:].split("H")); abs(value - float(res.heads[0, l, h])) < 1e-6
+    True
+    >>> bool(torch.allclose(res.heads.sum(-1) + (0 if res.attn_bias is None else res.attn_bias), res.attn_out,
+    ...                     atol=1e-4))                     # the heads of a layer sum to its attention output
     True
 """
 

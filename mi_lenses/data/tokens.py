@@ -103,7 +103,7 @@ def _dataset_texts(spec: str) -> Iterable[str]:
     name, _, config = name.partition(":")
     split = split or "train"
     try:
-        import datasets
+        import datasets  # deferred: optional, and slow to import
     except ImportError as err:
         raise LensInputError(
             f"{spec!r} is not an existing file or folder, and the `datasets` package (needed to read it as a "

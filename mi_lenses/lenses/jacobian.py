@@ -232,6 +232,7 @@ def _sequences(view: ModelView, data: Any, seq_len: int, max_tokens: int | None)
 def _fit_with_transformer_lens(view: ModelView, data: Any, *, seq_len: int, skip: int, dim_batch: int,
                                progress: bool) -> JacobianLens:
     try:
+        # deferred: TransformerLens >= 4.3 only (the native backend needs none of it)
         from transformer_lens.tools.analysis.jacobian_lens import JacobianLens as TLJacobianLens
     except ImportError as err:
         raise LensInputError(

@@ -69,7 +69,7 @@ class BridgeKV:
             # a cache that keeps every position: transformers' default for sliding-window models (Gemma 2, Mistral)
             # drops keys outside the window, which TransformerLens's attention bridges do not expect; the window is
             # still applied, by the attention mask. Other models keep transformers' own cache layout.
-            from transformers import DynamicCache
+            from transformers import DynamicCache  # deferred: transformers is imported once a bridge exists
 
             cache = DynamicCache()
         kwargs: dict[str, Any] = {"use_cache": True}
@@ -80,7 +80,7 @@ class BridgeKV:
 
     def repeat(self, cache: Any, n: int) -> Any:
         """A new cache holding the (batch 1) ``cache`` ``n`` times; ``cache`` itself is left unchanged."""
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # deferred: transformers is imported once a bridge exists
 
         layers = getattr(cache, "layers", None)
         if layers is None or not all(getattr(layer, "keys", None) is not None for layer in layers):
@@ -101,9 +101,10 @@ class HookedKV:
     def __init__(self, model: Any):
         self.model = model
         try:
+            # deferred: which module holds the cache depends on the TransformerLens world, known at run time
             from transformer_lens import TransformerLensKeyValueCache as cls
         except ImportError:  # TransformerLens 2.x
-            from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCache as cls
+            from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCache as cls  # 2.x/3.x
         self.cls = cls
 
     @contextlib.contextmanager

@@ -182,8 +182,9 @@ def resolve_kind(kind: str) -> str:
 
 
 def _boot(folder: Path | str, *, device, dtype, compat: bool, prepend_bos: bool | None, kind: str) -> Any:
+    # deferred: transformers and TransformerLens cost seconds to import; only loading needs them
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # (deferred, as above)
 
     hf_logging.disable_progress_bar()
     local = isinstance(folder, Path) or not _hub_reachable()
@@ -203,6 +204,7 @@ def _boot(folder: Path | str, *, device, dtype, compat: bool, prepend_bos: bool 
         if kind == "hooked":
             model = _hooked(folder, hf_model, tokenizer, device=device, dtype=dtype, compat=compat)
         else:
+            # deferred: transformers and TransformerLens cost seconds to import; only loading needs them
             from transformer_lens.model_bridge import TransformerBridge
 
             model = TransformerBridge.boot_transformers(
@@ -225,8 +227,9 @@ def _hooked(folder: Path | str, hf_model: Any, tokenizer: Any, *, device: Any, d
     """A ``HookedTransformer`` from a (local) HF model, without the hub: TransformerLens's own config conversion and
     weight conversion for the architecture, then ``from_pretrained``'s processing when ``compat``."""
 
+    # deferred: transformers and TransformerLens cost seconds to import; only loading needs them
     import transformer_lens.loading_from_pretrained as loading
-    from transformer_lens import HookedTransformer
+    from transformer_lens import HookedTransformer  # (deferred, as above)
 
     name = str(folder)
     if not Path(name).exists():  # a hub name: TransformerLens's own path (needs the hub, or its cache)
@@ -271,6 +274,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _gguf_info(path: Path) -> tuple[str, bool]:
     """(architecture, whether the tokenizer adds BOS) read from the GGUF header without loading tensors."""
+    # deferred: gguf is only needed to read a GGUF header
     import gguf
 
     try:
@@ -318,6 +322,7 @@ def _converted_gguf(path: Path, root: Path) -> tuple[Path, bool]:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         write_atomic(info_file, info)  # a cache written by an older version: record the header facts
         return target, add_bos
+    # deferred: transformers and TransformerLens cost seconds to import; only loading needs them
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root.mkdir(parents=True, exist_ok=True)
