@@ -39,6 +39,7 @@ from mi_lenses.lenses.lens import Lens
 from mi_lenses.lenses.logit_lens import logit_lens
 from mi_lenses.lenses.result import LensResult
 from mi_lenses.models.batch import PromptInput
+from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
 from mi_lenses.patchscopes import SweepResult, presets, sweep
 from mi_lenses.progress import bar
@@ -219,6 +220,7 @@ def report(
     """
     t_start = time.perf_counter()
     view = ModelView(model)
+    hooks = active_hooks(view.model)
     chosen = [SECTION_TABLE[name] for name in _sections(sections, lens)]
     for name, v in (("top_k", top_k), ("patchscope_positions", patchscope_positions)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -255,7 +257,7 @@ def report(
             b.update(1)
     seconds["total"] = time.perf_counter() - t_start
     text = view.str_tokens(batch)[0]
-    return Report(
+    return recorded(Report(
         model_name=view.name,
         prompt=prompt if isinstance(prompt, str) else "".join(text),
         str_tokens=text,
@@ -269,7 +271,7 @@ def report(
         wrong_id=wrong_id,
         seconds=seconds,
         **ctx.parts,
-    )
+    ), hooks)
 
 
 # ------------------------------------------------------------------------------------------------ the sections

@@ -39,6 +39,7 @@ from mi_lenses.attn.scores import causal_scores
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import IndexSpec, resolve_indices
 from mi_lenses.models.batch import Batch, Cached, PromptInput, cached_forward
+from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
 
 DEFAULT_INDUCTION_LENGTH = 40
@@ -98,6 +99,7 @@ def attention(
         :class:`~mi_lenses.attn.result.AttentionResult`; positions count in each prompt's own tokens, padding is NaN.
     """
     view = ModelView(model)
+    hooks = active_hooks(view.model)
     if cache is None and _is_cache(input):
         cache, input = input, None
     # prepare
@@ -145,7 +147,7 @@ def attention(
     )
     if check:
         result.verify()
-    return result
+    return recorded(result, hooks)
 
 
 # ------------------------------------------------------------------------------------------------ reduce
