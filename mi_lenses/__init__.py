@@ -9,6 +9,7 @@ Every name is importable from here:
 * attribution: :func:`direct_logit_attribution`, :func:`neuron_attribution`;
 * attention: :func:`attention` (patterns, sinks, entropy, previous-token and induction scores, q·k terms);
 * Patchscopes: :func:`patchscope`, :func:`sweep`, :class:`Source`, :class:`Target`, ``presets``, :func:`fit_map`;
+* circuit analysis: :func:`activation_patching` (exact, attribution, EAP-IG), edges, circuits, path patching;
 * the report: :func:`report` (every lens, DLA and attention of one prompt on one offline page);
 * models: :func:`load_model`, :class:`ModelView`;
 * results share one protocol (:class:`Result`: ``show``, ``to_html``, ``print``, ``to_dict``/``to_json``,
@@ -64,6 +65,7 @@ from mi_lenses.patchscopes import (
     selfie,
     sweep,
 )
+from mi_lenses.patching import PatchingResult, activation_patching
 from mi_lenses.reports import Report, report
 from mi_lenses.results import Result
 
@@ -90,6 +92,7 @@ __all__ = [
     "MiLensesError",
     "ModelLoadError",
     "ModelView",
+    "PatchingResult",
     "PatchscopeLens",
     "PatchscopeResult",
     "QKTerms",
@@ -104,6 +107,7 @@ __all__ = [
     "TrainConfig",
     "TunedLens",
     "VerificationError",
+    "activation_patching",
     "attention",
     "compare_lenses",
     "data",
