@@ -65,7 +65,14 @@ from mi_lenses.patchscopes import (
     selfie,
     sweep,
 )
-from mi_lenses.patching import PatchingResult, activation_patching
+from mi_lenses.patching import (
+    Circuit,
+    EdgeAttribution,
+    PatchingResult,
+    activation_patching,
+    edge_attribution,
+    faithfulness,
+)
 from mi_lenses.reports import Report, report
 from mi_lenses.results import Result
 
@@ -77,8 +84,10 @@ __all__ = [
     "AffineMap",
     "AttentionResult",
     "AttributeLens",
+    "Circuit",
     "DLAResult",
     "DiffusionLensResult",
+    "EdgeAttribution",
     "FutureLens",
     "FuturePromptLens",
     "JacobianLens",
@@ -114,8 +123,10 @@ __all__ = [
     "diffusion",
     "diffusion_lens",
     "direct_logit_attribution",
+    "edge_attribution",
     "evaluate_attribute_lens",
     "evaluate_lens",
+    "faithfulness",
     "fit_attribute_lens",
     "fit_future_lens",
     "fit_future_prompt",

@@ -10,8 +10,8 @@ Example:
     ...                                     answer=" Paris", wrong=" city", what="resid_pre")
     >>> res.values.shape == (model.cfg.n_layers, 6), res.method
     (True, 'exact')
-    >>> float(res.values[0, 0])        # position 0 is <bos> in both runs: patching it changes nothing
-    0.0
+    >>> float(res.values[0, 0]) == 0.0, res.cells_skipped > 0   # <bos> in both runs: not run, changes nothing
+    (True, True)
 """
 
 from __future__ import annotations

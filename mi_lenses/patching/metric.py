@@ -111,4 +111,4 @@ class Metric:
         """``(raw - corrupted) / (clean - corrupted)`` for the default metric; the raw values for a callable."""
         if not self.normalised:
             return raw
-        return (raw - self.corrupted) / (self.clean - self.corrupted)
+        return (raw - self.corrupted) / (self.clean - self.corrupted) + 0.0  # + 0.0: no negative zeros

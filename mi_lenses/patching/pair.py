@@ -11,7 +11,7 @@ Several prompt pairs (lists of equal length) are one experiment: every patch run
 mean over pairs.
 
 Example:
-    >>> pair = make_pair(ModelView(model), "The capital of France is", "The capital of Italy is")
+    >>> pair = make_pair(ModelView(model), "The capital of France is", "The capital of Rome is")
     >>> pair.base is pair.corrupted, pair.pos_map[:2], pair.n_positions
     (True, [(0, 0), (1, 1)], 6)
 """

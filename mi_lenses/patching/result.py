@@ -28,7 +28,14 @@ from torch import Tensor
 
 from mi_lenses.errors import LensInputError
 from mi_lenses.results import Result, dataframe, jsonable
-from mi_lenses.viz.patching import patching_fragment, patching_table
+from mi_lenses.viz.patching import (
+    circuit_fragment,
+    circuit_table,
+    edges_fragment,
+    edges_table,
+    patching_fragment,
+    patching_table,
+)
 
 
 @dataclass
@@ -150,3 +157,197 @@ class PatchingResult(Result):
         """The page body: the heat map(s) labelled with the tokens, the largest cells, the settings."""
         self.check_batch(batch)
         return patching_fragment(self, level=level)
+
+
+# ------------------------------------------------------------------------------------------------ edges and circuits
+@dataclass
+class PairSpec:
+    """What a circuit's faithfulness is measured on: the two runs' tokens, the metric (answer/wrong ids or a
+    callable) and the direction; ``clean_value``/``corrupted_value`` the raw metric of the two runs."""
+
+    clean_tokens: Tensor
+    corrupted_tokens: Tensor
+    direction: str
+    metric: str
+    answer_ids: Tensor | None = None
+    wrong_ids: Tensor | None = None
+    metric_fn: Any = field(default=None, repr=False)
+    clean_value: float = float("nan")
+    corrupted_value: float = float("nan")
+
+    @classmethod
+    def of(cls, view, pair, met) -> "PairSpec":
+        return cls(pair.clean.tokens.cpu(), pair.corrupted.tokens.cpu(), pair.direction, met.name, met.answer_ids,
+                   met.wrong_ids, met.fn, met.clean, met.corrupted)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"clean_tokens": self.clean_tokens, "corrupted_tokens": self.corrupted_tokens,
+                "direction": self.direction, "metric": self.metric, "answer_ids": self.answer_ids,
+                "wrong_ids": self.wrong_ids, "clean_value": self.clean_value, "corrupted_value": self.corrupted_value}
+
+
+@dataclass
+class EdgeAttribution(Result):
+    """Every edge's attribution (see :mod:`mi_lenses.patching.edges`): ``scores[w, r]`` for writer ``writers[w]``
+    into reader ``readers[r]``, NaN where ``w`` does not feed ``r``; normalised like the patching metric.
+
+    Example:
+        >>> edges = mi_lenses.edge_attribution(model, "The capital of France is", "The capital of Rome is",
+        ...                                    answer=" Paris", wrong=" city")
+        >>> node, score = edges.top_nodes(1)[0]
+        >>> abs(score - float(edges.node_scores()[edges.writers.index(node)])) < 1e-6
+        True
+    """
+
+    model_name: str
+    method: str
+    direction: str
+    metric: str
+    writers: list[str]
+    readers: list[str]
+    writer_layers: list[int]
+    reader_layers: list[int]
+    scores: Float[Tensor, "W R"]
+    clean_value: float
+    corrupted_value: float
+    normalised: bool
+    ig_steps: int | None
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    spec: PairSpec = field(repr=False)
+    seconds: float = 0.0
+
+    @property
+    def title(self) -> str:
+        return f"Edge attribution ({'EAP-IG' if self.method == 'eap_ig' else 'EAP'}): {self.model_name}"
+
+    @property
+    def n_edges(self) -> int:
+        return int((~torch.isnan(self.scores)).sum())
+
+    def top_edges(self, k: int = 20) -> list[tuple[str, str, float]]:
+        """The ``k`` edges with the largest ``|score|`` as ``(writer, reader, score)``."""
+        flat = self.scores.flatten()
+        key = torch.where(torch.isnan(flat), torch.tensor(-1.0), flat.abs())
+        idx = key.topk(min(k, self.n_edges)).indices.tolist()
+        R = len(self.readers)
+        return [(self.writers[i // R], self.readers[i % R], float(flat[i])) for i in idx]
+
+    def node_scores(self) -> Float[Tensor, " W"]:
+        """Each writer's score: the sum over the readers it feeds (its node attribution)."""
+        return self.scores.nan_to_num(0.0).sum(-1)
+
+    def top_nodes(self, k: int = 20) -> list[tuple[str, float]]:
+        """The ``k`` writers with the largest ``|node score|`` as ``(writer, score)``."""
+        s = self.node_scores()
+        idx = s.abs().topk(min(k, len(s))).indices.tolist()
+        return [(self.writers[i], float(s[i])) for i in idx]
+
+    def circuit(self, *, edges: int | None = None, nodes: int | None = None,
+                threshold: float | None = None) -> "Circuit":
+        """A :class:`Circuit` of the top ``edges`` edges, the top ``nodes`` writers (heads and MLPs; the embeddings
+        are always kept), or every edge with ``|score| >= threshold``. Measure it with
+        :func:`~mi_lenses.patching.circuits.faithfulness`."""
+        if sum(x is not None for x in (edges, nodes, threshold)) != 1:
+            raise LensInputError("pass exactly one of edges=N, nodes=N or threshold=T.")
+        if nodes is not None:
+            ranked = [(w, v) for w, v in self.top_nodes(len(self.writers)) if w != "embed"][:nodes]
+            return Circuit(self.model_name, "nodes", [], [w for w, _ in ranked], {w: v for w, v in ranked},
+                           len(self.writers) - 1, self.n_layers, self.n_heads, self.n_kv_heads, self.spec)
+        if threshold is not None:
+            picked = [e for e in self.top_edges(self.n_edges) if abs(e[2]) >= threshold]
+        else:
+            if not isinstance(edges, int) or edges < 0:
+                raise LensInputError(f"edges must be a non-negative int, got {edges!r}.")
+            picked = self.top_edges(edges)
+        return Circuit(self.model_name, "edges", [(w, r) for w, r, _ in picked], [],
+                       {f"{w}->{r}": s for w, r, s in picked}, self.n_edges, self.n_layers, self.n_heads,
+                       self.n_kv_heads, self.spec)
+
+    def to_dict(self, *, batch: int = 0, top_k: int = 50) -> dict[str, Any]:
+        self.check_batch(batch)
+        return jsonable({"model": self.model_name, "method": self.method, "direction": self.direction,
+                         "metric": self.metric, "ig_steps": self.ig_steps, "clean_value": self.clean_value,
+                         "corrupted_value": self.corrupted_value, "n_edges": self.n_edges,
+                         "top_edges": [{"writer": w, "reader": r, "score": s} for w, r, s in self.top_edges(top_k)],
+                         "top_nodes": [{"node": w, "score": s} for w, s in self.top_nodes(top_k)],
+                         "seconds": self.seconds}, digits=8)
+
+    def to_dataframe(self):
+        """One row per edge: ``writer``, ``reader``, their layers and the ``score``."""
+        ok = torch.nonzero(~torch.isnan(self.scores)).tolist()
+        return dataframe([{"writer": self.writers[w], "reader": self.readers[r], "writer_layer": self.writer_layers[w],
+                           "reader_layer": self.reader_layers[r], "score": float(self.scores[w, r])} for w, r in ok])
+
+    def table(self, *, batch: int = 0, k: int = 20):
+        self.check_batch(batch)
+        return edges_table(self, k=k)
+
+    def fragment(self, *, batch: int = 0, k: int = 30, level: int = 2) -> str:
+        self.check_batch(batch)
+        return edges_fragment(self, k=k, level=level)
+
+
+@dataclass
+class Circuit(Result):
+    """A circuit: the kept ``edges`` (``(writer, reader)``; ``kind="edges"``) or ``nodes`` (heads and MLPs;
+    ``kind="nodes"``), their attribution ``scores``, and, once measured by
+    :func:`~mi_lenses.patching.circuits.faithfulness`, the recovered fraction of the clean-corrupted gap with
+    everything outside the circuit ablated (``faithfulness``; 1 = the clean run, 0 = the corrupted run).
+
+    Example:
+        >>> edges = mi_lenses.edge_attribution(model, "The capital of France is", "The capital of Rome is",
+        ...                                    answer=" Paris", wrong=" city")
+        >>> full = mi_lenses.faithfulness(model, edges.circuit(threshold=0.0))     # every edge kept: the clean run
+        >>> abs(full.faithfulness - 1.0) < 1e-4
+        True
+        >>> empty = mi_lenses.faithfulness(model, edges.circuit(edges=0))        # nothing kept: the corrupted run
+        >>> abs(empty.faithfulness) < 1e-4
+        True
+    """
+
+    model_name: str
+    kind: str
+    edges: list[tuple[str, str]]
+    nodes: list[str]
+    scores: dict[str, float]
+    n_total: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    spec: PairSpec = field(repr=False)
+    faithfulness: float | None = None
+    ablation: str | None = None
+    ablated_value: float | None = None
+    seconds: float = 0.0
+
+    @property
+    def title(self) -> str:
+        return f"Circuit: {self.model_name}"
+
+    @property
+    def size(self) -> int:
+        return len(self.edges) if self.kind == "edges" else len(self.nodes)
+
+    def to_dict(self, *, batch: int = 0) -> dict[str, Any]:
+        self.check_batch(batch)
+        return jsonable({"model": self.model_name, "kind": self.kind, "size": self.size, "total": self.n_total,
+                         "edges": [list(e) for e in self.edges], "nodes": self.nodes, "scores": self.scores,
+                         "faithfulness": self.faithfulness, "ablation": self.ablation,
+                         "ablated_value": self.ablated_value, "pair": self.spec.to_dict()}, digits=8)
+
+    def to_dataframe(self):
+        """One row per kept edge (``writer``, ``reader``, ``score``) or node (``node``, ``score``)."""
+        if self.kind == "edges":
+            return dataframe([{"writer": w, "reader": r, "score": self.scores.get(f"{w}->{r}", float("nan"))}
+                              for w, r in self.edges])
+        return dataframe([{"node": n, "score": self.scores.get(n, float("nan"))} for n in self.nodes])
+
+    def table(self, *, batch: int = 0, k: int = 20):
+        self.check_batch(batch)
+        return circuit_table(self, k=k)
+
+    def fragment(self, *, batch: int = 0, level: int = 2) -> str:
+        self.check_batch(batch)
+        return circuit_fragment(self, level=level)

@@ -138,3 +138,142 @@ def patching_table(res, max_rows: int = 16):
         cut, diff = res.completeness
         items.append(Text(f"completeness: embedding cut {cut:+.4f} vs metric difference {diff:+.4f}", style="dim"))
     return Group(*items)
+
+
+# ------------------------------------------------------------------------------------------------ edges and circuits
+def _node_of(label: str) -> str:
+    """The graph node of a writer or reader label (``L3H1.q`` -> ``L3H1``, ``MLP2.in`` -> ``MLP2``)."""
+    return label.split(".")[0]
+
+
+def _layer_of(node: str, n_layers: int) -> int:
+    if node == "embed":
+        return -1
+    if node == "logits":
+        return n_layers
+    if node.startswith("MLP"):
+        return int(node[3:])
+    return int(node[1:].replace("KV", "H").split("H")[0])
+
+
+def circuit_svg(edges: list[tuple[str, str, float]], n_layers: int, n_heads: int, n_kv_heads: int,
+                width: int = 760) -> str:
+    """The edges as a layered graph (inline SVG): layers bottom (embeddings) to top (logits), heads left to right,
+    the MLP on the right, key/value heads of grouped-query attention between their query heads; blue edges push the
+    metric towards the clean run, red away, width by |score|; q edges solid, k dashed, v dotted."""
+    nodes = {"embed", "logits"} | {_node_of(w) for w, _, _ in edges} | {_node_of(r) for _, r, _ in edges}
+    layers = sorted({_layer_of(n, n_layers) for n in nodes})
+    row = {l: i for i, l in enumerate(reversed(layers))}
+    row_h, left, top = 34, 60, 20
+    col = (width - left - 90) / max(n_heads, 1)
+    height = top * 2 + row_h * (len(layers) - 1) + 10
+    group = max(1, n_heads // max(n_kv_heads, 1))
+
+    def xy(node: str) -> tuple[float, float]:
+        l = _layer_of(node, n_layers)
+        y = top + row[l] * row_h
+        if node in ("embed", "logits"):
+            return left + col * (n_heads - 1) / 2, y
+        if node.startswith("MLP"):
+            return left + col * n_heads + 30, y
+        if "KV" in node:
+            g = int(node.split("KV")[1])
+            return left + col * (g * group + (group - 1) / 2), y + 9
+        return left + col * int(node.split("H")[1]), y
+
+    vmax = max([abs(s) for _, _, s in edges] + [1e-9])
+    parts = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg" font-size="9" '
+             'font-family="monospace">']
+    for l in layers:
+        y = top + row[l] * row_h
+        name = "embed" if l == -1 else "logits" if l == n_layers else f"L{l}"
+        parts.append(f'<text x="4" y="{y + 3}" fill="#666">{name}</text>')
+    dash = {"k": ' stroke-dasharray="5,3"', "v": ' stroke-dasharray="1,2"'}
+    for w, r, s in sorted(edges, key=lambda e: abs(e[2])):
+        (x1, y1), (x2, y2) = xy(_node_of(w)), xy(_node_of(r))
+        channel = r.rsplit(".", 1)[-1] if "." in r else ""
+        colour = "#2166ac" if s >= 0 else "#b2182b"
+        parts.append(f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{colour}" '
+                     f'stroke-opacity="0.75" stroke-width="{0.6 + 3.5 * abs(s) / vmax:.2f}"{dash.get(channel, "")}>'
+                     f"<title>{html.escape(w)} → {html.escape(r)}: {s:+.4f}</title></line>")
+    for n in sorted(nodes):
+        x, y = xy(n)
+        shape = (f'<rect x="{x - 6:.1f}" y="{y - 6:.1f}" width="12" height="12" fill="#fdd49e" stroke="#666"/>'
+                 if n.startswith("MLP") or n in ("embed", "logits") else
+                 f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="#deebf7" stroke="#666"/>')
+        parts.append(f"<g>{shape}<title>{html.escape(n)}</title></g>")
+        parts.append(f'<text x="{x + 8:.1f}" y="{y - 6:.1f}">{html.escape(n)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _edge_rows(edges: list[tuple[str, str, float]]) -> str:
+    rows = "".join(f"<tr><td>{html.escape(w)}</td><td>{html.escape(r)}</td><td>{s:+.4f}</td></tr>"
+                   for w, r, s in edges)
+    return f'<table class="data"><tr><th>writer</th><th>reader</th><th>score</th></tr>{rows}</table>'
+
+
+def edges_fragment(res, k: int = 30, level: int = 2) -> str:
+    h = f"h{level}"
+    top = res.top_edges(k)
+    nodes = "".join(f"<li><code>{html.escape(n)}</code> {v:+.4f}</li>" for n, v in res.top_nodes(12))
+    method = "EAP-IG" if res.method == "eap_ig" else "edge attribution patching"
+    return "\n".join([
+        f'<p class="note">{method} on <b>{html.escape(res.model_name)}</b>: {res.n_edges} edges between the '
+        f"embeddings, {res.n_layers} x {res.n_heads} heads, the MLPs and the logits; metric {html.escape(res.metric)}"
+        f" (clean {res.clean_value:+.4f}, corrupted {res.corrupted_value:+.4f}), {res.direction}"
+        f"{f', {res.ig_steps} integration steps' if res.ig_steps else ''}. Computed in {res.seconds:.2f} s.</p>",
+        f"<{h}>The {len(top)} largest edges</{h}>",
+        '<div class="scroll">' + circuit_svg(top, res.n_layers, res.n_heads, res.n_kv_heads) + "</div>",
+        _edge_rows(top),
+        f"<{h}>Largest nodes (sum over their edges)</{h}><ol>{nodes}</ol>",
+    ])
+
+
+def edges_table(res, k: int = 20):
+    table = Table(title=f"{res.title} · largest edges", pad_edge=False)
+    for c in ("writer", "reader", "score"):
+        table.add_column(c, justify="right" if c == "score" else "left")
+    for w, r, s in res.top_edges(k):
+        table.add_row(w, r, Text(f"{s:+.4f}", style="blue" if s >= 0 else "red"))
+    table.caption = f"{res.n_edges} edges; metric {res.metric}"
+    return table
+
+
+def _circuit_edges(c) -> list[tuple[str, str, float]]:
+    if c.kind == "edges":
+        return [(w, r, c.scores.get(f"{w}->{r}", 0.0)) for w, r in c.edges]
+    # a node circuit drawn as its nodes feeding the logits
+    return [(n, "logits", c.scores.get(n, 0.0)) for n in c.nodes]
+
+
+def circuit_fragment(c, level: int = 2) -> str:
+    h = f"h{level}"
+    if c.faithfulness is None:
+        faith = "Not measured yet: mi_lenses.faithfulness(model, circuit)."
+    else:
+        faith = (f"Faithfulness {c.faithfulness:+.4f} (the clean run with everything outside the circuit ablated by "
+                 f"{c.ablation}: metric {c.ablated_value:+.4f}; clean {c.spec.clean_value:+.4f}, corrupted "
+                 f"{c.spec.corrupted_value:+.4f}).")
+    what = f"{c.size} of {c.n_total} {c.kind}"
+    return "\n".join([
+        f'<p class="note">Circuit of <b>{html.escape(c.model_name)}</b>: {what}. {faith}</p>',
+        f"<{h}>The circuit</{h}>",
+        '<div class="scroll">' + circuit_svg(_circuit_edges(c), c.n_layers, c.n_heads, c.n_kv_heads) + "</div>",
+        _edge_rows(_circuit_edges(c)) if c.kind == "edges" else
+        "<ol>" + "".join(f"<li><code>{html.escape(n)}</code> {c.scores.get(n, 0.0):+.4f}</li>" for n in c.nodes)
+        + "</ol>",
+    ])
+
+
+def circuit_table(c, k: int = 20):
+    table = Table(title=f"{c.title} · {c.size} of {c.n_total} {c.kind}", pad_edge=False)
+    cols = ("writer", "reader", "score") if c.kind == "edges" else ("node", "score")
+    for col in cols:
+        table.add_column(col, justify="right" if col == "score" else "left")
+    for w, r, s in _circuit_edges(c)[:k]:
+        cells = (w, r) if c.kind == "edges" else (w,)
+        table.add_row(*cells, Text(f"{s:+.4f}", style="blue" if s >= 0 else "red"))
+    if c.faithfulness is not None:
+        table.caption = f"faithfulness {c.faithfulness:+.4f} ({c.ablation} ablation)"
+    return table
