@@ -72,6 +72,7 @@ from mi_lenses.patching import (
     activation_patching,
     edge_attribution,
     faithfulness,
+    path_patching,
 )
 from mi_lenses.reports import Report, report
 from mi_lenses.results import Result
@@ -137,6 +138,7 @@ __all__ = [
     "load_row_map",
     "logit_lens",
     "neuron_attribution",
+    "path_patching",
     "patchscope",
     "patchscopes",
     "presets",

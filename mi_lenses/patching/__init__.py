@@ -5,7 +5,7 @@ One concept per module: :mod:`~mi_lenses.patching.sites` (what is patched, the g
 (the clean and corrupted runs), :mod:`~mi_lenses.patching.metric`, :mod:`~mi_lenses.patching.replay` (the batched
 forward passes), :mod:`~mi_lenses.patching.exact`, :mod:`~mi_lenses.patching.gradients` (attribution, EAP-IG),
 :mod:`~mi_lenses.patching.graph` (writers and readers), :mod:`~mi_lenses.patching.edges` (edge attribution),
-:mod:`~mi_lenses.patching.circuits` (faithfulness), :mod:`~mi_lenses.patching.result`, and
+:mod:`~mi_lenses.patching.circuits` (faithfulness), :mod:`~mi_lenses.patching.paths` (path patching), :mod:`~mi_lenses.patching.result`, and
 :func:`activation_patching` (:mod:`~mi_lenses.patching.activation`).
 
 Example:
@@ -19,8 +19,9 @@ from mi_lenses.patching.activation import activation_patching
 from mi_lenses.patching.circuits import faithfulness
 from mi_lenses.patching.edges import edge_attribution
 from mi_lenses.patching.metric import Metric
+from mi_lenses.patching.paths import path_patching
 from mi_lenses.patching.result import Circuit, EdgeAttribution, PatchingResult
 from mi_lenses.patching.sites import Site, resolve_site
 
 __all__ = ["Circuit", "EdgeAttribution", "Metric", "PatchingResult", "Site", "activation_patching",
-           "edge_attribution", "faithfulness", "resolve_site"]
+           "edge_attribution", "faithfulness", "path_patching", "resolve_site"]
