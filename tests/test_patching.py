@@ -74,7 +74,8 @@ def test_exact_equals_transformer_lens_patching(tiny):
     ct, xt = m.to_tokens(CLEAN), m.to_tokens(CORRUPTED)
     metric = _metric(m, ct, xt)
     _, clean_cache = m.run_with_cache(ct)
-    for what, by, name, perm in CASES:
+    cases = CASES if not tiny.compat else [c for c in CASES if c[0] in ("resid_pre", "head_k", "head_pattern")]
+    for what, by, name, perm in cases:  # the compatibility-mode twin: the cases its folded weights change most
         ours = _patch(m, what=what, by=by)
         ref = _quiet(getattr(patching, name), m, xt, clean_cache, metric).cpu()
         ref = ref.permute(*perm) if perm else ref

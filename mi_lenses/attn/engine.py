@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mi_lenses.attn.interventions import unreproduced_heads
 from mi_lenses.attn.result import AttentionResult
 from mi_lenses.attn.scores import causal_scores
 from mi_lenses.errors import LensInputError
@@ -120,6 +121,7 @@ def attention(
                          progress=progress)
     batch, cache = run.batch, run
     parts = _reduce(view, cache, batch, chosen, unsupported is None, users)
+    qk_unavailable = unreproduced_heads(parts, batch.lengths, chosen, hooks) if hooks else {}
     unsupported = unsupported or parts.qk_note
     induction, ind_tokens = (None, None)
     if induction_length:
@@ -144,6 +146,7 @@ def attention(
         scale=parts.scales,
         score_error=parts.score_error,
         qk_note=unsupported,
+        qk_unavailable=qk_unavailable,
     )
     if check:
         result.verify()
