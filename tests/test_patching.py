@@ -408,3 +408,20 @@ def test_bad_input_names_the_fix(tiny_pair):
         mi_lenses.path_patching(m, CLEAN, CORRUPTED, answer=ANSWER, senders=[(0, 0)], receivers="logits")
     with pytest.raises(LensInputError, match="exactly one"):
         mi_lenses.edge_attribution(m, CLEAN, CORRUPTED, answer=ANSWER, wrong=WRONG).circuit()
+
+
+def test_report_gains_a_patching_section(tiny_pair, tmp_path):
+    m = tiny_pair.model
+    rep = mi_lenses.report(m, CLEAN, answer=ANSWER, wrong=WRONG, corrupted=CORRUPTED,
+                           sections=["logit_lens", "patching"], progress=False)
+    assert rep.sections == ["logit_lens", "patching"]
+    assert torch.allclose(rep.patching.values, _patch(m, what="resid_pre").values, atol=1e-6)
+    assert rep.patching_heads.method == "attribution"
+    page = rep.to_html(tmp_path / "r.html")
+    assert 'id="patching"' in page and "Activation patching" in page
+    assert set(rep.to_dict()) >= {"patching", "patching_heads"}
+    rep.print(width=160)
+    with pytest.raises(LensInputError, match="corrupted"):
+        mi_lenses.report(m, CLEAN, sections=["patching"], progress=False)
+    default = mi_lenses.report(m, CLEAN, sections=None, patchscope_positions=1, progress=False)
+    assert "patching" not in default.sections
