@@ -13,6 +13,7 @@ from rich.text import Text
 
 from mi_lenses.viz.colors import rich_style
 from mi_lenses.viz.html import esc, heat_grid, line_chart
+from mi_lenses.viz.terminal import Fitted, fit_count
 from mi_lenses.viz.tokens import distinct, stride, visible
 
 _METHOD = {"exact": "exact activation patching (one forward pass per cell)",
@@ -115,19 +116,31 @@ def patching_table(res, max_rows: int = 16):
     v = res.values.float()
     if res.grid_axes in (["layer", "pos"], ["layer", "head"]):
         cols = position_labels(res) if res.grid_axes[1] == "pos" else [f"H{h}" for h in range(v.shape[1])]
+        cols = [c if len(c) <= 10 else c[:9] + "…" for c in cols]
         vmax = _vmax(v)
-        table = Table(title=f"{res.title} · {res.what} · {res.method} · {res.direction}", pad_edge=False)
-        table.add_column("layer", justify="right", style="bold", no_wrap=True)
-        for c in cols:
-            table.add_column(c, justify="right", no_wrap=True, overflow="ellipsis", max_width=10)
-        for i in reversed(stride(len(res.layers), max_rows)):
-            table.add_row(f"L{res.layers[i]}", *[Text(_fmt(float(v[i, j])), style=rich_style(float(v[i, j]) / vmax,
-                                                                                              signed=True))
-                                                  for j in range(len(cols))])
-        table.caption = (f"metric {res.metric}; clean {res.clean_value:+.3f}, corrupted {res.corrupted_value:+.3f}"
-                         + (f"; {min(len(res.layers), max_rows)} of {len(res.layers)} layers shown"
-                            if len(res.layers) > max_rows else ""))
-        items.append(table)
+        rows = stride(len(res.layers), max_rows)
+
+        def build(width: int) -> Table:  # as many columns as fit, the last ones (where the answer is read)
+            widths = [max(len(c), 5) + 3 for c in cols]
+            n = fit_count(widths, width - 8)
+            shown = list(range(len(cols) - n, len(cols)))
+            table = Table(title=f"{res.title} · {res.what} · {res.method} · {res.direction}", pad_edge=False)
+            table.add_column("layer", justify="right", style="bold", no_wrap=True)
+            for j in shown:
+                table.add_column(cols[j], justify="right", no_wrap=True, min_width=min(len(cols[j]), 10))
+            for i in reversed(rows):
+                table.add_row(f"L{res.layers[i]}", *[Text(_fmt(float(v[i, j])),
+                                                          style=rich_style(float(v[i, j]) / vmax, signed=True))
+                                                     for j in shown])
+            notes = [f"metric {res.metric}; clean {res.clean_value:+.3f}, corrupted {res.corrupted_value:+.3f}"]
+            if len(rows) < len(res.layers):
+                notes.append(f"{len(rows)} of {len(res.layers)} layers shown")
+            if n < len(cols):
+                notes.append(f"the last {n} of {len(cols)} columns shown (a wider console shows more)")
+            table.caption = "; ".join(notes)
+            return table
+
+        items.append(Fitted(build))
     top = Table(title="largest cells", pad_edge=False)
     top.add_column("cell")
     top.add_column("value", justify="right")
