@@ -34,6 +34,17 @@ def zero(t, hook=None):
     return torch.zeros_like(t)
 
 
+def _tl_pair(m):
+    """The clean and corrupted tokens, the clean cache and TransformerLens's metric, under the hooks active now."""
+    ct, xt = m.to_tokens(CLEAN), m.to_tokens(CORRUPTED)
+    a, w = m.to_single_token(ANSWER), m.to_single_token(WRONG)
+    with torch.no_grad():
+        cl, cc = m.run_with_cache(ct)
+        xl = m(xt)
+    c, x = float(cl[0, -1, a] - cl[0, -1, w]), float(xl[0, -1, a] - xl[0, -1, w])
+    return xt, cc, c, lambda lg: ((lg[:, -1, a] - lg[:, -1, w]).mean() - x) / (c - x)
+
+
 def _ld(m, logits):
     a, w = m.to_single_token(ANSWER), m.to_single_token(WRONG)
     return float(logits.detach()[0, -1, a] - logits.detach()[0, -1, w])
@@ -147,17 +158,11 @@ def test_every_analysis_under_the_users_hooks(tiny_pair, tmp_path):
         sw = mi_lenses.sweep(m, PROMPT, positions=[-1], target_layers="same", progress=False)
         assert sw.active_hooks == lens.active_hooks
         # patching equals TransformerLens's loop under the same hooks
-        ct, xt = m.to_tokens(CLEAN), m.to_tokens(CORRUPTED)
-        a, w = m.to_single_token(ANSWER), m.to_single_token(WRONG)
-        with torch.no_grad():
-            cl, cc = m.run_with_cache(ct)
-            xl = m(xt)
-        c, x = float(cl[0, -1, a] - cl[0, -1, w]), float(xl[0, -1, a] - xl[0, -1, w])
+        xt, cc, _, metric = _tl_pair(m)
         res = mi_lenses.activation_patching(m, CLEAN, CORRUPTED, answer=ANSWER, wrong=WRONG, what="head_out",
                                             progress=False)
         with contextlib.redirect_stderr(io.StringIO()):
-            ref = patching.get_act_patch_attn_head_out_all_pos(
-                m, xt, cc, lambda lg: ((lg[:, -1, a] - lg[:, -1, w]).mean() - x) / (c - x)).cpu()
+            ref = patching.get_act_patch_attn_head_out_all_pos(m, xt, cc, metric).cpu()
         assert torch.allclose(res.values, ref, atol=1e-4) and res.engine == "replay"
         assert float(res.values[L - 1, 0]) == pytest.approx(0.0, abs=1e-6)  # the ablated head cannot matter
         # the report, and no hook of ours left behind
@@ -181,13 +186,7 @@ def test_patching_under_hooks_after_the_blocks_runs_whole_passes(tiny_pair):
         return 1.5 * x
 
     with m.hooks(fwd_hooks=[("ln_final.hook_normalized", warm)]):
-        ct, xt = m.to_tokens(CLEAN), m.to_tokens(CORRUPTED)
-        a, w = m.to_single_token(ANSWER), m.to_single_token(WRONG)
-        with torch.no_grad():
-            cl, cc = m.run_with_cache(ct)
-            xl = m(xt)
-        c, x = float(cl[0, -1, a] - cl[0, -1, w]), float(xl[0, -1, a] - xl[0, -1, w])
-        metric = lambda lg: ((lg[:, -1, a] - lg[:, -1, w]).mean() - x) / (c - x)  # noqa: E731
+        xt, cc, c, metric = _tl_pair(m)
         res = mi_lenses.activation_patching(m, CLEAN, CORRUPTED, answer=ANSWER, wrong=WRONG, progress=False)
         with contextlib.redirect_stderr(io.StringIO()):
             ref = patching.get_act_patch_resid_pre(m, xt, cc, metric).cpu()

@@ -25,7 +25,8 @@ def split_inputs(model: Any, *, mlp_in: bool = True) -> Iterator[None]:
     """Per-head Q/K/V input copies (and the MLP input hook, with ``mlp_in``) while the block runs."""
     model = getattr(model, "model", model) if not hasattr(model, "cfg") or not hasattr(model, "blocks") else model
     cfg = model.cfg
-    saved = {name: bool(getattr(cfg, name, False)) for name in ("use_split_qkv_input", "use_hook_mlp_in", "use_attn_in")}
+    names = ("use_split_qkv_input", "use_hook_mlp_in", "use_attn_in")
+    saved = {name: bool(getattr(cfg, name, False)) for name in names}
     try:
         if saved["use_attn_in"]:
             model.set_use_attn_in(False)

@@ -5,7 +5,8 @@ One concept per module: :mod:`~mi_lenses.patching.sites` (what is patched, the g
 (the clean and corrupted runs), :mod:`~mi_lenses.patching.metric`, :mod:`~mi_lenses.patching.replay` (the batched
 forward passes), :mod:`~mi_lenses.patching.exact`, :mod:`~mi_lenses.patching.gradients` (attribution, EAP-IG),
 :mod:`~mi_lenses.patching.graph` (writers and readers), :mod:`~mi_lenses.patching.edges` (edge attribution),
-:mod:`~mi_lenses.patching.circuits` (faithfulness), :mod:`~mi_lenses.patching.paths` (path patching), :mod:`~mi_lenses.patching.result`, and
+:mod:`~mi_lenses.patching.circuits` (faithfulness), :mod:`~mi_lenses.patching.paths` (path patching),
+:mod:`~mi_lenses.patching.result`, and
 :func:`activation_patching` (:mod:`~mi_lenses.patching.activation`).
 
 Example:

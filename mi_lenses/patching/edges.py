@@ -37,18 +37,13 @@ from mi_lenses.models.flags import split_inputs
 from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
 from mi_lenses.patching.activation import DEFAULT_IG_STEPS, resolve_metric, set_runs
-from mi_lenses.patching.gradients import decode_in_model
+from mi_lenses.patching.gradients import metric_pass, perturb_hook
 from mi_lenses.patching.graph import Graph, build_graph, writer_hooks, writer_outputs
 from mi_lenses.patching.metric import Metric, MetricFn
 from mi_lenses.patching.pair import Direction, make_pair
 from mi_lenses.patching.result import EdgeAttribution, PairSpec
 
 HEAD_SUM_RTOL = 1e-3  # Σ_h z_h W_O[h] + b_O against hook_attn_out: float32 noise is ~1e-6
-
-
-class _Stop(Exception):
-    def __init__(self, resid: Tensor):
-        self.resid = resid
 
 
 def check_head_writes(view: ModelView, cache) -> None:
@@ -132,7 +127,6 @@ def edge_attribution(
 def reader_gradients(view: ModelView, graph: Graph, tokens: Tensor, src_cache, met: Metric,
                      steps: int | None) -> Tensor:
     """``∂metric/∂in_v`` of every reader (raw metric units, summed over the IG points): ``[readers, B, S, d]``."""
-    model = view.model
     B = tokens.shape[0]
     m = steps or 1
     cut = view.hook_name("resid_pre", 0)
@@ -144,29 +138,11 @@ def reader_gradients(view: ModelView, graph: Graph, tokens: Tensor, src_cache, m
         a = alphas.to(t.device, t.dtype).repeat_interleave(B)[:, None, None]
         return t + a * (x0 - t)
 
-    def perturb(name: str):
-        def hook(t: Tensor, hook=None) -> Tensor:
-            d = torch.zeros_like(t, requires_grad=True)
-            deltas[name] = d
-            return t + d
-
-        return hook
-
     hooks: list = [(cut, interpolate)] if steps else []
-    hooks += [(name, perturb(name)) for name, _, _ in graph.segments]
-    stop_early = not met.needs_logits and not decode_in_model(view)
-    if stop_early:
-        def stop(t: Tensor, hook=None) -> None:
-            raise _Stop(t)
-
-        hooks.append((view.final_resid_hook, stop))
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        try:
-            raw = met.cells(logits=model(tokens.repeat(m, 1)))
-        except _Stop as s:
-            raw = met.cells(resid=s.resid)
-        order = [name for name, _, _ in graph.segments]
-        got = torch.autograd.grad(raw.sum() / m, [deltas[n] for n in order], allow_unused=True)
+    hooks += [(name, perturb_hook(deltas, name)) for name, _, _ in graph.segments]
+    raw = metric_pass(view, met, tokens.repeat(m, 1), hooks)
+    order = [name for name, _, _ in graph.segments]
+    got = torch.autograd.grad(raw.sum() / m, [deltas[n] for n in order], allow_unused=True)
     out = torch.zeros(len(graph.readers), B, tokens.shape[1], view.d_model)
     for (name, first, n), g in zip(graph.segments, got):
         if g is None:

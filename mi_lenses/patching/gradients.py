@@ -41,11 +41,40 @@ from mi_lenses.patching.replay import EMBED_STAGE
 from mi_lenses.patching.sites import Site
 
 
-class _Stop(Exception):
-    """Raised by the hook on the final residual stream: the default metric needs nothing after it."""
+class Stop(Exception):
+    """Raised by :func:`stop_hook` on the final residual stream: the default metric needs nothing after it."""
 
     def __init__(self, resid: Tensor):
         self.resid = resid
+
+
+def stop_hook(t: Tensor, hook=None) -> None:
+    raise Stop(t)
+
+
+def perturb_hook(deltas: dict[str, Tensor], name: str):
+    """A hook returning ``t + d`` for a zero ``d`` that requires grad (kept in ``deltas[name]``): the gradient
+    with respect to ``d`` is the gradient with respect to the activation, on both worlds (a bridge hands hooks a
+    reshaped view whose own ``.grad`` never fills)."""
+
+    def hook(t: Tensor, hook=None) -> Tensor:
+        d = torch.zeros_like(t, requires_grad=True)
+        deltas[name] = d
+        return t + d
+
+    return hook
+
+
+def metric_pass(view: ModelView, metric: Metric, tokens: Tensor, hooks: list) -> Tensor:
+    """The raw metric of a forward pass with ``hooks`` (gradients on): read from the final residual stream when
+    the default metric allows it (no unembedding of every position), else from the model's logits."""
+    if not metric.needs_logits and not decode_in_model(view):
+        hooks = hooks + [(view.final_resid_hook, stop_hook)]
+    with torch.enable_grad(), view.model.hooks(fwd_hooks=hooks):
+        try:
+            return metric.cells(logits=view.model(tokens))
+        except Stop as s:
+            return metric.cells(resid=s.resid)
 
 
 @dataclass
@@ -71,7 +100,6 @@ def gradient_grid(view: ModelView, base: Batch, source_cache: dict[str, Tensor],
     """Attribution (``ig_steps=None``) or EAP-IG (``ig_steps`` points) of every cell of ``site``; ``source_cache``
     (and for EAP-IG ``base_cache``) hold the runs' activations at the site's hooks and at
     ``blocks.0.hook_resid_pre``; plain attribution reads the base activations from its own gradient pass."""
-    model = view.model
     B = base.shape[0]
     m = ig_steps or 1
     names = [site.hook(l) for l in site.layers]
@@ -97,37 +125,17 @@ def gradient_grid(view: ModelView, base: Batch, source_cache: dict[str, Tensor],
 
         return hook
 
-    def perturb(name: str):
-        def hook(t: Tensor, hook=None) -> Tensor:
-            d = torch.zeros_like(t, requires_grad=True)
-            deltas[name] = d
-            return t + d
-
-        return hook
-
     hooks: list = []
     if ig_steps:
         hooks.append((cut, interpolate))
     if base_cache is None:
         hooks += [(name, record(name)) for name in dict.fromkeys(names)]
     for name in dict.fromkeys(list(writes) + ([cut] if ig_steps else [])):
-        hooks.append((name, perturb(name)))
-    stop_early = not metric.needs_logits and not decode_in_model(view)
-    if stop_early:
-        def stop(t: Tensor, hook=None) -> None:
-            raise _Stop(t)
-
-        hooks.append((view.final_resid_hook, stop))
-    tokens = base.tokens.repeat(m, 1)
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        try:
-            out = model(tokens)
-            raw = metric.cells(logits=out)
-        except _Stop as s:
-            raw = metric.cells(resid=s.resid)
-        total = raw.sum() / m  # raw units: the caller divides by the normalisation's gap
-        order = list(deltas)
-        grads = dict(zip(order, torch.autograd.grad(total, [deltas[n] for n in order], allow_unused=True)))
+        hooks.append((name, perturb_hook(deltas, name)))
+    raw = metric_pass(view, metric, base.tokens.repeat(m, 1), hooks)
+    total = raw.sum() / m  # raw units: the caller divides by the normalisation's gap
+    order = list(deltas)
+    grads = dict(zip(order, torch.autograd.grad(total, [deltas[n] for n in order], allow_unused=True)))
     base_raw = float(raw[0].detach()) if not ig_steps else float("nan")
     if base_cache is not None:
         values = {n: base_cache[n] for n in set(names) | {cut}}

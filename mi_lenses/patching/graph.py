@@ -103,5 +103,6 @@ def writer_hooks(view: ModelView) -> list[str]:
     """The hooks :func:`writer_outputs` reads (and the attention outputs, to check that heads add up)."""
     names = [view.hook_name("resid_pre", 0)]
     for l in range(view.n_layers):
-        names += [view.attn_hook(l, "z"), view.out_hook(l, "attn")] + ([view.out_hook(l, "mlp")] if view.has_mlp else [])
+        names += [view.attn_hook(l, "z"), view.out_hook(l, "attn")]
+        names += [view.out_hook(l, "mlp")] if view.has_mlp else []
     return names

@@ -74,10 +74,10 @@ class Metric:
         """Raw metric per cell of rows ``[n * B, S, ...]`` (each cell's ``B`` prompts consecutive): from the model's
         ``logits`` or from the final residual stream ``resid`` (decoded here). Differentiable."""
         B = self.n_prompts
-        if self.fn is not None:
-            if logits is None:
-                logits = self.view.decode(resid)
-            out = [torch.as_tensor(self.fn(logits[i : i + B])) for i in range(0, logits.shape[0], B)]
+        if self.fn is not None:  # one cell at a time: a [rows, pos, vocab] tensor of every row would be huge
+            rows = (logits if logits is not None else resid).shape[0]
+            out = [torch.as_tensor(self.fn(logits[i : i + B] if logits is not None
+                                           else self.view.decode(resid[i : i + B]))) for i in range(0, rows, B)]
             for o in out:
                 if o.numel() != 1:
                     raise LensInputError(f"metric must return a scalar (one number for the batch of {B} prompts), "

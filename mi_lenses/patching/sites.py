@@ -65,8 +65,9 @@ AXES: dict[str, tuple[str, ...]] = {
     "head_pattern": ("head", "pos", "src"),
     "neurons": ("pos", "neuron"),
 }
-GRID_AXES: dict[str, tuple[str, ...]] = {"layer_pos": ("pos",), "layer_head": ("head",), "layer_pos_head": ("pos", "head"),
-                                         "layer": (), "layer_neuron": ("neuron",), "layer_pos_neuron": ("pos", "neuron")}
+GRID_AXES: dict[str, tuple[str, ...]] = {
+    "layer_pos": ("pos",), "layer_head": ("head",), "layer_pos_head": ("pos", "head"), "layer": (),
+    "layer_neuron": ("neuron",), "layer_pos_neuron": ("pos", "neuron")}
 DEFAULT_BY = {**{w: "layer_pos" for w in WHATS}, **{w: "layer_head" for w in WHATS if w.startswith("head_")},
               "neurons": "layer_neuron"}
 
