@@ -215,7 +215,9 @@ def circuit_svg(edges: list[tuple[str, str, float]], n_layers: int, n_heads: int
                  if n.startswith("MLP") or n in ("embed", "logits") else
                  f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="#deebf7" stroke="#666"/>')
         parts.append(f"<g>{shape}<title>{html.escape(n)}</title></g>")
-        parts.append(f'<text x="{x + 8:.1f}" y="{y - 6:.1f}">{html.escape(n)}</text>')
+        label_y = y + 12 if "KV" in n else y - 6  # key/value heads sit just below their query heads
+        parts.append(f'<text x="{x + 8:.1f}" y="{label_y:.1f}" fill="{"#777" if "KV" in n else "#222"}">'
+                     f"{html.escape(n)}</text>")
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -260,6 +262,9 @@ def _circuit_edges(c) -> list[tuple[str, str, float]]:
     return [(n, "logits", c.scores.get(n, 0.0)) for n in c.nodes]
 
 
+DRAWN_EDGES, LISTED_EDGES = 300, 60  # the graph and the table of a large circuit show its strongest edges
+
+
 def circuit_fragment(c, level: int = 2) -> str:
     h = f"h{level}"
     if c.faithfulness is None:
@@ -269,11 +274,14 @@ def circuit_fragment(c, level: int = 2) -> str:
                  f"{c.ablation}: metric {c.ablated_value:+.4f}; clean {c.spec.clean_value:+.4f}, corrupted "
                  f"{c.spec.corrupted_value:+.4f}).")
     what = f"{c.size} of {c.n_total} {c.kind}"
+    edges = sorted(_circuit_edges(c), key=lambda e: -abs(e[2]))
+    drawn = (f" The graph shows the {DRAWN_EDGES} strongest edges, the table the {LISTED_EDGES} strongest."
+             if len(edges) > DRAWN_EDGES else "")
     return "\n".join([
-        f'<p class="note">Circuit of <b>{html.escape(c.model_name)}</b>: {what}. {faith}</p>',
+        f'<p class="note">Circuit of <b>{html.escape(c.model_name)}</b>: {what}. {faith}{drawn}</p>',
         f"<{h}>The circuit</{h}>",
-        '<div class="scroll">' + circuit_svg(_circuit_edges(c), c.n_layers, c.n_heads, c.n_kv_heads) + "</div>",
-        _edge_rows(_circuit_edges(c)) if c.kind == "edges" else
+        '<div class="scroll">' + circuit_svg(edges[:DRAWN_EDGES], c.n_layers, c.n_heads, c.n_kv_heads) + "</div>",
+        _edge_rows(edges[:LISTED_EDGES]) if c.kind == "edges" else
         "<ol>" + "".join(f"<li><code>{html.escape(n)}</code> {c.scores.get(n, 0.0):+.4f}</li>" for n in c.nodes)
         + "</ol>",
     ])
