@@ -91,12 +91,7 @@ def activation_patching(
     t0 = time.perf_counter()
     view = ModelView(model)
     hooks = active_hooks(view.model)
-    if method not in ("exact", "attribution", "eap_ig"):
-        raise LensInputError(f"method must be 'exact', 'attribution' or 'eap_ig', got {method!r}.")
-    if ig_steps is not None and (not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 1):
-        raise LensInputError(f"ig_steps must be a positive int, got {ig_steps!r}.")
-    if ig_steps is not None and method != "eap_ig":
-        raise LensInputError("ig_steps= goes with method='eap_ig'.")
+    integration_steps(method, ig_steps, ("exact", "attribution", "eap_ig"))
     pair = make_pair(view, clean, corrupted, position_map=position_map, direction=direction, prepend_bos=prepend_bos,
                      beyond_context=beyond_context)
     met = resolve_metric(view, pair, answer, wrong, metric)
@@ -112,7 +107,7 @@ def activation_patching(
         values = met.normalise(run.raw)
         info = dict(engine=run.mode, cells_run=run.cells_run, cells_skipped=run.cells_skipped, passes=run.passes)
     else:
-        steps = (ig_steps or DEFAULT_IG_STEPS) if method == "eap_ig" else None
+        steps = integration_steps(method, ig_steps, ("attribution", "eap_ig"))
         cut = view.hook_name("resid_pre", 0)
         src_logits, src_cache = view.run_with_cache(pair.source, set(names) | {cut})
         base_cache = None
@@ -145,6 +140,17 @@ def activation_patching(
 
 
 # ------------------------------------------------------------------------------------------------ shared steps
+def integration_steps(method: str, ig_steps: int | None, methods: tuple[str, ...]) -> int | None:
+    """``method`` and ``ig_steps`` checked; the number of EAP-IG points (None for the other methods)."""
+    if method not in methods:
+        raise LensInputError(f"method must be one of {list(methods)}, got {method!r}.")
+    if ig_steps is not None and (not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 1):
+        raise LensInputError(f"ig_steps must be a positive int, got {ig_steps!r}.")
+    if ig_steps is not None and method != "eap_ig":
+        raise LensInputError("ig_steps= goes with method='eap_ig'.")
+    return (ig_steps or DEFAULT_IG_STEPS) if method == "eap_ig" else None
+
+
 def resolve_metric(view: ModelView, pair: Pair, answer: TokenSpec | None, wrong: TokenSpec | None,
                    metric: MetricFn | None) -> Metric:
     """The metric of a call: a callable, or the normalised logit difference of ``answer`` (minus ``wrong``)."""

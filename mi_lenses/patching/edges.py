@@ -36,7 +36,7 @@ from mi_lenses.models.batch import PromptInput
 from mi_lenses.models.flags import split_inputs
 from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
-from mi_lenses.patching.activation import DEFAULT_IG_STEPS, resolve_metric, set_runs
+from mi_lenses.patching.activation import integration_steps, resolve_metric, set_runs
 from mi_lenses.patching.gradients import metric_pass, perturb_hook
 from mi_lenses.patching.graph import Graph, build_graph, writer_hooks, writer_outputs
 from mi_lenses.patching.metric import Metric, MetricFn
@@ -90,18 +90,12 @@ def edge_attribution(
     t0 = time.perf_counter()
     view = ModelView(model)
     hooks = active_hooks(view.model)
-    if method not in ("attribution", "eap_ig"):
-        raise LensInputError(f"method must be 'attribution' or 'eap_ig', got {method!r}.")
-    if ig_steps is not None and method != "eap_ig":
-        raise LensInputError("ig_steps= goes with method='eap_ig'.")
-    if ig_steps is not None and (not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 1):
-        raise LensInputError(f"ig_steps must be a positive int, got {ig_steps!r}.")
+    steps = integration_steps(method, ig_steps, ("attribution", "eap_ig"))
     pair = make_pair(view, clean, corrupted, direction=direction, prepend_bos=prepend_bos)
     if not pair.same_length:
         raise LensInputError("edge attribution sums over aligned positions: pass clean and corrupted prompts of the "
                              "same length.")
     met = resolve_metric(view, pair, answer, wrong, metric)
-    steps = (ig_steps or DEFAULT_IG_STEPS) if method == "eap_ig" else None
     graph = build_graph(view)
     names = writer_hooks(view)
     with split_inputs(view.model, mlp_in=view.has_mlp):
