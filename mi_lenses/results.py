@@ -51,7 +51,6 @@ class Result:
 
     def check_batch(self, batch: int) -> int:
         """``batch`` as an index into the prompts (negative from the end), or a clear error."""
-
         return resolve_index(batch, self.n_batch, "batch", f"this result holds {self.n_batch} prompt(s)")
 
     # ------------------------------------------------------------------------------------------ implemented per type
@@ -70,17 +69,14 @@ class Result:
     # ------------------------------------------------------------------------------------------ shared
     def show(self, *, batch: int = 0, **options: Any):
         """Render in a notebook: an offline circuitsvis ``RenderedHTML``."""
-
         return offline_html(self.fragment(batch=batch, **options))
 
     def print(self, *, batch: int = 0, width: int | None = None, **options: Any) -> None:
         """Print :meth:`table` to the terminal."""
-
         Console(width=width).print(self.table(batch=batch, **options))
 
     def to_html(self, path: str | os.PathLike | None = None, *, batch: int = 0, **options: Any) -> str:
         """A standalone offline HTML page (circuitsvis bundle inlined); written atomically to ``path`` if given."""
-
         text = page(self.title, self.fragment(batch=batch, **options))
         if path is not None:
             write_atomic(path, text)

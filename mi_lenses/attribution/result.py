@@ -272,7 +272,6 @@ class DLAResult(Result):
 
     def table(self, *, batch: int | None = 0, k: int = 15, row: Any = UNSET):
         """A rich table of the ``k`` largest parts and neurons (``batch=None``: means over prompts)."""
-
         batch = renamed(batch, row, "row", "batch")
         return dla_table(self, k=k, batch=None if batch is None else self.check_batch(batch))
 
@@ -280,5 +279,4 @@ class DLAResult(Result):
                  row: Any = UNSET) -> str:
         """The page body: layer x head heat map, MLP bars, top neurons, tokens through ``head`` (default the head
         with the largest ``|value|``)."""
-
         return dla_fragment(self, batch=self.check_batch(renamed(batch, row, "row", "batch")), head=head, top_k=top_k)

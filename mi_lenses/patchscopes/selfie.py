@@ -171,7 +171,6 @@ def selfie(
             the preset).
         max_new_tokens, do_sample, temperature, seed: generation (greedy by default; sampling is seeded).
     """
-
     view = ModelView(model)
     target = interpretation if interpretation is not None else selfie_preset()
     if not isinstance(target, Target):

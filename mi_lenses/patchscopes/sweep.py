@@ -63,7 +63,6 @@ def sweep(
         target_token: a token whose target probability is tracked (default: the source's own prediction).
         chunk: patched rows per forward pass.
     """
-
     target = target if target is not None else identity()
     src_view = ModelView(model)
     tgt_view = ModelView(target_model if target_model is not None else (target.model or src_view))

@@ -174,7 +174,6 @@ def line_chart(
     """A small inline SVG line chart: one polyline per series, a dot per value with its exact value on hover.
     The y axis spans the data (and 0) unless ``y_min``/``y_max`` fix it; x labels are strided to at most 16 and
     always include the last one."""
-
     colors = ["#08519c", "#e6550d", "#31a354", "#756bb1", "#636363", "#d6616b", "#8c6d31", "#17becf"]
     values = [v for s in series.values() for v in s if v is not None and math.isfinite(v)]
     lo, hi = (min(values + [0.0]), max(values + [1e-9])) if values else (0.0, 1.0)
@@ -229,7 +228,6 @@ def _palette() -> bytes:
 def png_data_uri(values) -> str:
     """A ``[height, width]`` tensor of values in [0, 1] as an inline PNG (``data:`` URI) on the sequential colour
     scale (palette PNG, NaN white): small thumbnails that need no script and no network."""
-
 
     h, w = values.shape
     palette = _palette()
