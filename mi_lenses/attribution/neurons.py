@@ -27,6 +27,7 @@ from mi_lenses.attribution.directions import (
     centred_vectors,
     final_scale,
     resolve_direction,
+    write_directions,
 )
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import IndexSpec, resolve_indices
@@ -81,9 +82,12 @@ def neuron_attribution(
     with torch.no_grad():
         vec = centred_vectors(view, dirn).to(dev)  # [B, d_model]
         inv_scale = (1.0 / final_scale(view, dirn, at(resid)))[..., None]  # [B, P, 1]
-        out = torch.empty(len(layer_ids), B, P, view.d_mlp, device=dev)
+        # the direction at every position, carried to each MLP's output (post-norms, multipliers, post-LN norms)
+        dirs = write_directions(view, vec[:, None, :] * inv_scale, cache, at)  # [B, P, d_model] per layer
+        out = torch.zeros(len(layer_ids), B, P, view.d_mlp, device=dev)
         for i, l in enumerate(layer_ids):
-            proj = vec @ view.W_out(l).to(dev).T  # [B, d_mlp]: each neuron's output row on the direction
-            torch.mul(at(cache[view.mlp_hook(l)]), proj[:, None, :], out=out[i])  # post-activation x projection
-            out[i].mul_(inv_scale)
+            nr = view.neurons(l)
+            if nr.size:
+                proj = dirs.mlp[l] @ nr.W_out.to(dev).T  # [B, P, n]: each neuron's output row on the direction
+                torch.mul(nr.activations(cache, at), proj, out=out[i, ..., : nr.size])
     return out

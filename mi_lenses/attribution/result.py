@@ -77,6 +77,10 @@ class DLAResult(Result):
     attn_out: Float[Tensor, "B L"] = field(repr=False)
     scale: Float[Tensor, " B"] = field(repr=False)
     raw_bridge: bool = False
+    experts: Float[Tensor, "B L X"] | None = None  # mixture of experts: each expert's part of its MLP
+    expert_names: list[str] = field(default_factory=list)  # "E0", "E1", ..., "shared"
+    neuron_names: list[str] | None = None  # per neuron index (MoE: "E2N5", "SN3"); None: "N{n}"
+    notes: list[str] = field(default_factory=list)  # what could not be attributed finer, and why
 
     # ------------------------------------------------------------------------------------ structure
     @property
@@ -212,7 +216,13 @@ class DLAResult(Result):
             return []
         n = self.neurons.shape[-1]
         idx = flat.abs().topk(min(k, flat.numel())).indices.tolist()
-        return [(Component(f"L{i // n}N{i % n}", "neuron", i // n, None, i % n), float(flat[i])) for i in idx]
+        return [(Component(f"L{i // n}{self.neuron_label(i % n)}", "neuron", i // n, None, i % n), float(flat[i]))
+                for i in idx]
+
+    def neuron_label(self, n: int) -> str:
+        """The name of neuron index ``n`` within a layer: ``N{n}``, or for a mixture of experts ``E{e}N{i}``
+        (expert ``e``'s neuron ``i``) and ``SN{i}`` (the shared expert's)."""
+        return self.neuron_names[n] if self.neuron_names is not None and n < len(self.neuron_names) else f"N{n}"
 
     def top_neurons(self, k: int = 10, *, batch: int | None = None, row: Any = UNSET) -> list[tuple[str, float]]:
         """The ``k`` neurons with the largest ``|value|`` as ``(label, value)``, labels ``L{layer}N{index}``."""
