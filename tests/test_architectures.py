@@ -32,3 +32,21 @@ def test_cell(matrix, name, mode, feature):
     if want.startswith("probe: ") and not AM.PARITY_PROBE:
         pytest.xfail(f"TransformerLens's bridge disagrees with HF ({want[7:]}): the load-time parity probe refuses it")
     assert AM.outcome(matrix, name, mode, feature) == want
+
+
+def test_support_page_is_the_expectation_table():
+    """docs/architectures.md is generated (scripts/support_table.py) from this matrix: its table must be the
+    expectation table; regenerate the page when the table changes."""
+    page = PAGE.read_text(encoding="utf-8")
+    assert AM.render_table(AM.expected_table()) in page, \
+        "docs/architectures.md is out of date: run .venv/bin/python scripts/support_table.py"
+    assert "Run on TransformerLens " in page
+
+
+def test_post_ln_model_has_no_resid_mid(matrix):
+    """OPT-350m normalises its residual stream after each sublayer: a resid_mid lens is refused with the fix."""
+    import mi_lenses
+
+    m = matrix.model("opt_350m", "raw")
+    with pytest.raises(mi_lenses.LensInputError, match="post-LN"):
+        mi_lenses.logit_lens(m, matrix.entry("opt_350m").tokens, point="resid_mid")
