@@ -330,20 +330,9 @@ back to raw where only compatibility mode breaks).
 CONVENTIONS = """\
 ## DLA conventions
 
-- Every norm between a component and the logit is linearised with its scale frozen from the run: the final norm,
-  the sublayer post-norms of Gemma 2/3 and OLMo 2/3 (`post_attention_layernorm`, `post_feedforward_layernorm`: a
-  head's part is `post_norm_gain ⊙ (z_h W_O[h]) / s` dotted with the direction), and OPT-350m's post-LN residual
-  norms (they carry the direction to everything written before them; their biases are constants `L{l}.ln1.b`,
-  `L{l}.ln2.b`). The parts then still sum exactly to the logit.
-- Granite's `residual_multiplier` scales every head, MLP and neuron as the block applies it; its
-  `embedding_multiplier` is in the embedding part; `logits_scaling` and Cohere's `logit_scale` are in the direction.
-- Mixture of experts (Mixtral, OLMoE, Qwen2/3-MoE, GraniteMoE): the MLP part is what the block writes; `experts`
-  splits it per expert (router weight × expert output; Qwen2-MoE's shared expert times its sigmoid gate as
-  `shared`); neurons are every expert's neurons weighted by the router (zero where the token is not routed), labelled
-  `L{l}E{e}N{n}` and `L{l}SN{n}`.
-- Compatibility mode follows TransformerLens's weight processing: each head's value bias (with the input norm's
-  bias folded into `W_V`) moves into the layer's `b_O`, so heads differ from raw mode by that constant; the sums are
-  the same. Raw mode gives each head its whole output.
+Every norm between a component and the logit (the final norm, Gemma 2/3 and OLMo 2/3's sublayer post-norms,
+OPT-350m's post-LN residual norms) is linearised with its scale frozen from the run, multipliers are applied where
+the model applies them, and a mixture of experts is split per expert: see [dla.md](dla.md).
 """
 
 

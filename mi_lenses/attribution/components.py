@@ -7,6 +7,15 @@ component's *direct* effect is its output dotted with the effective direction ``
 :mod:`mi_lenses.attribution.directions`), and the parts add up to the model's own logit (difference) up to the
 constants no component produces (``b_U`` and the final LayerNorm's bias).
 
+The same convention holds for every other norm between a component and the logit: each is linearised with its scale
+frozen from the run (:func:`~mi_lenses.attribution.directions.write_directions`). A head of Gemma 2/3 or OLMo 2
+writes ``post_attention_layernorm(Σ heads)``, so its part is ``(gain ⊙ z_h W_O[h] / s) · d'`` with ``s`` the
+post-norm's scale at that position; OPT-350m's post-LN residual norms carry ``d'`` back to everything written before
+them (their biases are constants ``L{l}.ln1.b``); Granite's residual multiplier scales heads, MLPs and neurons where
+the block applies it. A mixture-of-experts MLP is what the block writes, split per expert (router weight × expert
+output, the shared expert times its gate) in ``experts`` and per expert neuron in ``neurons``. So the parts still sum
+exactly to the logit on every architecture.
+
 The engine runs in four steps: **prepare** (the batch and the positions, checked before any forward pass), **forward**
 (one pass caching :func:`required_hooks`, or your cache), **reduce** (every component dotted with the direction) and
 **assemble** (a :class:`~mi_lenses.attribution.result.DLAResult`, verified against the model's own logits).
@@ -105,7 +114,10 @@ def direct_logit_attribution(
 
     The final norm's scale is frozen from the run (the standard DLA linearisation). On a raw bridge the final norm's
     gain (and a LayerNorm's bias, into the constants) is applied here, so raw and compatibility-mode models give the
-    same head and MLP values up to TransformerLens's weight processing.
+    same head and MLP values up to TransformerLens's weight processing (in compatibility mode each head's value bias
+    moves into its layer's ``b_O``). Every norm after a component (sublayer post-norms, post-LN residual norms) is
+    linearised the same way, with its scale frozen from the run, so the parts sum exactly to the logit (see the
+    module docstring and ``docs/dla.md``).
     """
     view = ModelView(model)
     if not isinstance(position, int) or isinstance(position, bool):

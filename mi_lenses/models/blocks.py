@@ -14,6 +14,15 @@ logit attribution:
 
 Every norm on the way is linearised with its scale frozen at its input in the run (the convention of the final norm),
 so the parts of a direct logit attribution still add up exactly to the logit.
+
+Example (a Llama block: each sublayer's output goes straight into the stream, a dense MLP):
+    >>> view = ModelView(model)
+    >>> path = view.sublayer(0, "attn")
+    >>> path.out_hook, path.post_norm, path.multiplier, path.resid_norm
+    ('blocks.0.hook_attn_out', None, 1.0, None)
+    >>> nr = view.neurons(0)
+    >>> nr.size == model.cfg.d_mlp, nr.hooks, nr.groups
+    (True, ('blocks.0.mlp.hook_post',), ())
 """
 
 from __future__ import annotations

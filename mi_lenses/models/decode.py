@@ -46,6 +46,13 @@ class Norm:
     (``centre`` only for LayerNorm): :meth:`pullback` takes a direction on its output back to its input, which is how
     direct logit attribution carries the logit through the final norm and through every norm on a component's way
     to it (sublayer post-norms, post-LN residual norms).
+
+    >>> norm = Norm("LN", 1e-5, torch.tensor([2.0, 1.0, 0.5]), None)
+    >>> x, d = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.3, -1.0, 2.0])
+    >>> s = norm.scale(x)
+    >>> out = norm.gain * (x - x.mean()) / s                 # the norm's output at x
+    >>> bool(torch.isclose(x @ norm.pullback(d, s), out @ d))   # the direction carried back to its input
+    True
     """
 
     kind: NormKind
