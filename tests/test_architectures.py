@@ -50,3 +50,26 @@ def test_post_ln_model_has_no_resid_mid(matrix):
     m = matrix.model("opt_350m", "raw")
     with pytest.raises(mi_lenses.LensInputError, match="post-LN"):
         mi_lenses.logit_lens(m, matrix.entry("opt_350m").tokens, point="resid_mid")
+
+
+NEURON_CASES = [(n, m) for n in ("gemma2", "olmo2", "opt_350m", "granite", "mixtral", "qwen2_moe") for m in AM.MODES]
+
+
+@pytest.mark.parametrize("name,mode", NEURON_CASES, ids=[f"{n}-{m}" for n, m in NEURON_CASES])
+def test_neuron_attribution_at_every_position_equals_dla(matrix, name, mode):
+    """neuron_attribution (every position at once, the direction carried through post-norms, post-LN norms,
+    multipliers, experts) equals the DLA's neurons at each position, which the matrix checks against HF."""
+    import torch
+
+    import mi_lenses
+
+    m = matrix.model(name, mode)
+    entry = matrix.entry(name)
+    with torch.no_grad():
+        # (only the hooks it reads: with hooks on ln2, TransformerLens's post-LN OPT bridge breaks its own forward)
+        logits, cache = m.run_with_cache(entry.tokens, names_filter=mi_lenses.attribution.required_hooks(m))
+    attr = mi_lenses.neuron_attribution(m, cache, answer=entry.answer, wrong=entry.wrong)
+    for pos in (1, entry.tokens.shape[1] - 1):
+        res = mi_lenses.direct_logit_attribution(m, entry.tokens, answer=entry.answer, wrong=entry.wrong,
+                                                 position=pos, progress=False)
+        AM.close(attr[:, 0, pos], res.neurons[0], f"{name}-{mode} neuron_attribution at position {pos} vs DLA", 1e-5)

@@ -229,7 +229,7 @@ def _reduce(view: ModelView, cache: Cached, dirn: Direction, pos: Tensor, progre
             if nr.note and nr.note not in notes:
                 notes.append(nr.note)
             if nr.size:
-                vals = nr.activations(cache, at) * (d_mlp @ nr.W_out.to(dev).T)  # [B, n]
+                vals = nr.activations(cache, at) * nr.project(d_mlp).to(dev)  # [B, n]: activation x row · d'
                 neurons[:, l, : nr.size] = vals.cpu()
                 if nr.names is not None and nr.size == N:
                     neuron_names = list(nr.names)

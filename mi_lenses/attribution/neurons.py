@@ -88,6 +88,6 @@ def neuron_attribution(
         for i, l in enumerate(layer_ids):
             nr = view.neurons(l)
             if nr.size:
-                proj = dirs.mlp[l] @ nr.W_out.to(dev).T  # [B, P, n]: each neuron's output row on the direction
+                proj = nr.project(dirs.mlp[l]).to(dev)  # [B, P, n]: each neuron's output row on the direction
                 torch.mul(nr.activations(cache, at), proj, out=out[i, ..., : nr.size])
     return out

@@ -123,28 +123,31 @@ def sublayer_path(model: Any, layer: int, sublayer: str) -> SublayerPath:
 # ------------------------------------------------------------------------------------------------ MLP neurons
 @dataclass(frozen=True)
 class Neurons:
-    """The neurons of one MLP: ``activations(cache, at)`` ``[..., N]`` times the rows ``W_out`` ``[N, d_model]`` sum
-    to what the MLP computes (before its bias ``b_out``). ``groups``: ``(label, slice)`` of each expert (MoE)."""
+    """The ``size`` neurons of one MLP: ``activations(cache, at)`` ``[..., N]`` times each neuron's output row (``project(d)``
+    ``[..., N]`` = every row dotted with ``d``) sums to what the MLP computes before its bias ``b_out``. No weight is
+    copied: the rows are read from the model at each call. ``groups``: ``(label, slice)`` of each expert (MoE)."""
 
-    W_out: Float[Tensor, "N d_model"]
+    size: int
     b_out: Float[Tensor, " d_model"] | None
     hooks: tuple[str, ...]
     activations: Callable[[Any, Callable[[Tensor], Tensor]], Tensor]
+    project: Callable[[Tensor], Tensor]
     names: tuple[str, ...] | None = None  # per neuron, e.g. "E2N5"; None: "N{n}"
     groups: tuple[tuple[str, slice], ...] = ()
     note: str | None = None
-
-    @property
-    def size(self) -> int:
-        return int(self.W_out.shape[0])
 
 
 def dense_neurons(model: Any, layer: int) -> Neurons:
     mlp = model.blocks[layer].mlp
     hook = f"blocks.{layer}.mlp.hook_post"
     b = getattr(mlp, "b_out", None)
-    return Neurons(mlp.W_out.detach().float(), None if b is None else b.detach().float(), (hook,),
-                   lambda cache, at: at(cache[hook]).float())
+
+    def project(d: Tensor) -> Tensor:
+        W_out = mlp.W_out.detach()  # [d_mlp, d_model]
+        return d.float().to(W_out.device) @ W_out.float().T  # float32 (a transient copy of low-precision weights)
+
+    return Neurons(int(mlp.W_out.shape[0]), None if b is None else b.detach().float(), (hook,),
+                   lambda cache, at: at(cache[hook]).float(), project)
 
 
 def _experts(moe: Any) -> Any:
@@ -169,42 +172,48 @@ def moe_neurons(model: Any, layer: int) -> Neurons:
     ex = _experts(moe)
     router = unwrap(getattr(moe, "gate", None) or getattr(moe, "router", None))
     if ex is None or router is None:
-        d = int(model.cfg.d_model)
-        return Neurons(torch.zeros(0, d), None, (), lambda cache, at: torch.zeros(0),
+        return Neurons(0, None, (), lambda cache, at: torch.zeros(0), lambda d: torch.zeros(0),
                        note=f"the experts of {type(moe).__name__} are not in a layout mi_lenses reads: the MLP is "
                             "attributed as a whole, without experts or neurons")
     E, two_i, _ = ex.gate_up_proj.shape
     I = two_i // 2
-    rows = [ex.down_proj.detach().float()[e].T for e in range(E)]  # [I, d] each
     names = [f"E{e}N{n}" for e in range(E) for n in range(I)]
     groups = [(f"E{e}", slice(e * I, (e + 1) * I)) for e in range(E)]
     shared = unwrap(getattr(moe, "shared_expert", None))
     shared_gate = unwrap(getattr(moe, "shared_expert_gate", None))
+    n_shared = 0
     if shared is not None:
-        s_down = unwrap(shared.down_proj).weight.detach().float()  # [d, I_s]
-        rows.append(s_down.T)
-        names += [f"SN{n}" for n in range(s_down.shape[1])]
-        groups.append(("shared", slice(E * I, E * I + s_down.shape[1])))
+        n_shared = int(unwrap(shared.down_proj).weight.shape[1])
+        names += [f"SN{n}" for n in range(n_shared)]
+        groups.append(("shared", slice(E * I, E * I + n_shared)))
 
     def activations(cache: Any, at: Callable[[Tensor], Tensor]) -> Tensor:
         x = at(cache[hook])
         lead, d = x.shape[:-1], x.shape[-1]
-        x = x.reshape(-1, d)
         dtype = ex.gate_up_proj.dtype
+        x = x.reshape(-1, d).to(dtype)
         with torch.no_grad():
-            _, weights, idx = router(x.to(dtype))
+            _, weights, idx = router(x)
             w = torch.zeros(x.shape[0], E, device=x.device).scatter_(1, idx.long(), weights.float())
-            gate, up = torch.einsum("nd,eid->nei", x.to(dtype), ex.gate_up_proj).float().chunk(2, dim=-1)
+            gate, up = torch.einsum("nd,eid->nei", x, ex.gate_up_proj).float().chunk(2, dim=-1)
             acts = [(ex.act_fn(gate) * up * w[..., None]).reshape(x.shape[0], E * I)]
             if shared is not None:
-                s = unwrap(shared.act_fn) if hasattr(shared, "act_fn") else torch.nn.functional.silu
-                g = s(unwrap(shared.gate_proj)(x.to(dtype)).float()) * unwrap(shared.up_proj)(x.to(dtype)).float()
+                act = getattr(shared, "act_fn", torch.nn.functional.silu)
+                g = act(unwrap(shared.gate_proj)(x).float()) * unwrap(shared.up_proj)(x).float()
                 if shared_gate is not None:
-                    g = g * torch.sigmoid(shared_gate(x.to(dtype)).float())
+                    g = g * torch.sigmoid(shared_gate(x).float())
                 acts.append(g)
         return torch.cat(acts, -1).reshape(*lead, -1)
 
-    return Neurons(torch.cat(rows).contiguous(), None, (hook,), activations, tuple(names), tuple(groups))
+    def project(d: Tensor) -> Tensor:
+        lead = d.shape[:-1]
+        flat = d.reshape(-1, d.shape[-1]).float().to(ex.down_proj.device)
+        parts = [torch.einsum("nd,edi->nei", flat, ex.down_proj.detach().float()).reshape(flat.shape[0], E * I)]
+        if shared is not None:
+            parts.append(flat @ unwrap(shared.down_proj).weight.detach().float())
+        return torch.cat(parts, -1).reshape(*lead, -1)
+
+    return Neurons(E * I + n_shared, None, (hook,), activations, project, tuple(names), tuple(groups))
 
 
 def neurons(model: Any, layer: int) -> Neurons:
