@@ -82,12 +82,16 @@ def neuron_attribution(
     with torch.no_grad():
         vec = centred_vectors(view, dirn).to(dev)  # [B, d_model]
         inv_scale = (1.0 / final_scale(view, dirn, at(resid)))[..., None]  # [B, P, 1]
-        # the direction at every position, carried to each MLP's output (post-norms, multipliers, post-LN norms)
-        dirs = write_directions(view, vec[:, None, :] * inv_scale, cache, at)  # [B, P, d_model] per layer
+        per_position = view.writes_through_norms
+        # the direction carried to each MLP's output (post-norms, multipliers, post-LN norms): per position where a
+        # norm's frozen scale differs between positions, else once per row (then scaled by the final norm per position)
+        dirs = write_directions(view, vec[:, None, :] * inv_scale if per_position else vec, cache, at)
         out = torch.zeros(len(layer_ids), B, P, view.d_mlp, device=dev)
         for i, l in enumerate(layer_ids):
             nr = view.neurons(l)
             if nr.size:
-                proj = nr.project(dirs.mlp[l]).to(dev)  # [B, P, n]: each neuron's output row on the direction
+                proj = nr.project(dirs.mlp[l]).to(dev)  # [B, (P,) n]: each neuron's output row on the direction
+                if not per_position:
+                    proj = proj[:, None, :] * inv_scale
                 torch.mul(nr.activations(cache, at), proj, out=out[i, ..., : nr.size])
     return out

@@ -207,6 +207,14 @@ class ModelView:
         return self._memo[key]
 
     @property
+    def writes_through_norms(self) -> bool:
+        """Whether some component reaches the logit through a norm besides the final one (a sublayer post-norm or a
+        post-LN residual norm), so that its direction depends on the position."""
+        subs = ("attn", "mlp") if self.has_mlp else ("attn",)
+        return any(p.post_norm is not None or p.resid_norm is not None
+                   for l in range(self.n_layers) for p in (self.sublayer(l, s) for s in subs))
+
+    @property
     def embed_hooks(self) -> list[tuple[str, str]]:
         """``(label, hook name)`` of the input embeddings that are added to the residual stream: the token
         embedding (after ``project_in`` where the model has one, OPT-350m), and the learned positional embedding
