@@ -1,6 +1,6 @@
 """Run the architecture matrix and write docs/architectures.md (the support table) from what it measured.
 
-    .venv/bin/python scripts/support_table.py          # ~1-2 min on 2 cores; exits 1 (and writes nothing) when a
+    .venv/bin/python scripts/support_table.py          # 30-60 s on 2 cores; exits 1 (and writes nothing) when a
                                                        # cell differs from the expectation table in tests/arch_matrix.py
 
 Every cell is run as tests/test_architectures.py runs it; the page is rendered from the outcomes, with the
