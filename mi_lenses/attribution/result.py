@@ -77,6 +77,10 @@ class DLAResult(Result):
     attn_out: Float[Tensor, "B L"] = field(repr=False)
     scale: Float[Tensor, " B"] = field(repr=False)
     raw_bridge: bool = False
+    experts: Float[Tensor, "B L X"] | None = None  # mixture of experts: each expert's part of its MLP
+    expert_names: list[str] = field(default_factory=list)  # "E0", "E1", ..., "shared"
+    neuron_names: list[str] | None = None  # per neuron index (MoE: "E2N5", "SN3"); None: "N{n}"
+    notes: list[str] = field(default_factory=list)  # what could not be attributed finer, and why
 
     # ------------------------------------------------------------------------------------ structure
     @property
@@ -143,7 +147,7 @@ class DLAResult(Result):
 
         1. all parts (constants included) sum to ``actual``, the model's own logit (difference) from the run;
         2. each layer's heads plus ``b_O`` sum to that layer's attention output (``hook_attn_out``) on the direction;
-        3. each MLP's neurons plus its bias part sum to the MLP;
+        3. each MLP's neurons plus its bias part sum to the MLP (and a mixture of experts' experts to the MLP);
         4. each head's source positions sum to the head.
 
         Tolerance per row: ``atol + rtol * Σ|parts|``.
@@ -170,6 +174,10 @@ class DLAResult(Result):
             neuron_sum = self.neurons.sum(-1) + (self.mlp_bias if self.mlp_bias is not None else 0.0)
             self._close(neuron_sum, self.mlps, tol[:, None], "the neurons of a layer (plus its b_out part) do not sum "
                         "to the MLP's output (hook_mlp_out): W_out or hook_post is read wrongly")
+        if self.experts is not None and self.mlps is not None:
+            moe = self.experts.abs().sum(-1) > 0  # [B, L]: the mixture-of-experts layers
+            self._close(torch.where(moe, self.experts.sum(-1), self.mlps), self.mlps, tol[:, None], "the experts of a "
+                        "layer do not sum to its MLP's output: the router weights or the experts are read wrongly")
         self._close(self.sources.sum(-1), self.heads, tol[:, None, None], "the source positions of a head do not sum "
                     "to the head's value: pattern, value (GQA) or W_O do not reproduce hook_z")
         return self
@@ -212,7 +220,13 @@ class DLAResult(Result):
             return []
         n = self.neurons.shape[-1]
         idx = flat.abs().topk(min(k, flat.numel())).indices.tolist()
-        return [(Component(f"L{i // n}N{i % n}", "neuron", i // n, None, i % n), float(flat[i])) for i in idx]
+        return [(Component(f"L{i // n}{self.neuron_label(i % n)}", "neuron", i // n, None, i % n), float(flat[i]))
+                for i in idx]
+
+    def neuron_label(self, n: int) -> str:
+        """The name of neuron index ``n`` within a layer: ``N{n}``, or for a mixture of experts ``E{e}N{i}``
+        (expert ``e``'s neuron ``i``) and ``SN{i}`` (the shared expert's)."""
+        return self.neuron_names[n] if self.neuron_names is not None and n < len(self.neuron_names) else f"N{n}"
 
     def top_neurons(self, k: int = 10, *, batch: int | None = None, row: Any = UNSET) -> list[tuple[str, float]]:
         """The ``k`` neurons with the largest ``|value|`` as ``(label, value)``, labels ``L{layer}N{index}``."""
@@ -248,6 +262,10 @@ class DLAResult(Result):
             "components": [c.as_dict(v) for c, v in zip(self.components(), vals.tolist())],
             "top_neurons": [c.as_dict(v) for c, v in self.top_neurons_with_components(top_k, batch=batch)],
             "sources": sources,
+            **({"experts": {f"MLP{l}.{name}": float(v) for l in range(self.n_layers)
+                            for name, v in zip(self.expert_names, self._pick(self.experts, batch)[l].tolist())}}
+               if self.experts is not None else {}),
+            **({"notes": list(self.notes)} if self.notes else {}),
         }, digits=8)
 
     def to_dataframe(self, what: Literal["components", "neurons", "sources"] = "components"):
@@ -260,7 +278,8 @@ class DLAResult(Result):
         if what == "neurons":
             B, L, N = self.neurons.shape
             b, l, n = torch.cartesian_prod(torch.arange(B), torch.arange(L), torch.arange(N)).unbind(-1)
-            return dataframe({"batch": b.numpy(), "label": [f"L{i}N{j}" for i, j in zip(l.tolist(), n.tolist())],
+            return dataframe({"batch": b.numpy(),
+                              "label": [f"L{i}{self.neuron_label(j)}" for i, j in zip(l.tolist(), n.tolist())],
                               "kind": "neuron", "layer": l.numpy(), "neuron": n.numpy(),
                               "value": self.neurons.flatten().numpy()})
         if what == "sources":
