@@ -2,7 +2,8 @@
 views wait for it, the cell that carried it carries it again when it runs again, Colab gets it in every view, and
 ``to_html`` pages stay self-contained. Then the real thing: a notebook with six views executed in a Jupyter kernel on
 the embedded SmolLM2, saved (at most 3 MB), exported by nbconvert and opened in headless Chromium with no network:
-every view renders, also with the bundle's output moved to the end of the page.
+every view renders, also with the bundle's output moved to the end of the page. (Inlined in every view, the same six
+views saved to 9.6 MB.)
 """
 
 from __future__ import annotations
@@ -107,19 +108,16 @@ def test_the_cell_is_read_from_the_kernel_request(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- the real notebook
-SIX = [  # the six views of one notebook: every kind of result a tutorial shows, on the embedded model
+SIX = [  # six circuitsvis views of one notebook (the kinds of result that carry circuitsvis), on the embedded model
     "mi_lenses.logit_lens(model, 'The capital of France is', targets=' Paris').show()",
+    "mi_lenses.logit_lens(model, IOI, targets=[' Mary', ' John']).show()",
     "mi_lenses.direct_logit_attribution(model, IOI, answer=' Mary', wrong=' John').show()",
-    "patchscope(model, Source('Diana, Princess of Wales', layer=[2, 8]), presets.description(),\n"
-    "           max_new_tokens=4).show()",
-    "sweep(model, 'The capital of France is', presets.identity(), source_layers=range(0, 30, 6),\n"
-    "      target_layers=range(0, 30, 6), progress=False).show()",
-    "mi_lenses.attention(model, IOI).show()",
-    "mi_lenses.evaluate_lens(mi_lenses.TunedLens.from_model(model), model, mi_lenses.data.EVAL_TEXT,\n"
-    "                        max_tokens=256, progress=False).show()",
+    "att = mi_lenses.attention(model, IOI)\natt.show()",
+    "att.qk_terms(23, 3).show()",
+    "mi_lenses.TunedLens.from_model(model)(model, 'The Eiffel Tower is in the city of').show()",
 ]
-SETUP = ("import mi_lenses\nfrom mi_lenses.patchscopes import Source, patchscope, presets, sweep\n\n"
-         "model = mi_lenses.load_model()\nIOI = 'When Mary and John went to the store, John gave a drink to'")
+SETUP = ("import mi_lenses\n\nmodel = mi_lenses.load_model()\n"
+         "IOI = 'When Mary and John went to the store, John gave a drink to'")
 # nbconvert's template loads require.js and MathJax from a CDN: point both at empty scripts (this test is offline)
 EMPTY_JS = "data:text/javascript,"
 MOUNTS = "Array.from(document.querySelectorAll('[id^=circuits-vis-]'))"
@@ -162,6 +160,6 @@ def test_a_six_view_notebook_saves_small_and_renders_everywhere(tmp_path):
             assert page.console_errors == [], (name, page.console_errors)
             assert page.network_requests == [], (name, page.network_requests)
             counts = b.evaluate(f"{MOUNTS}.map(d => d.childElementCount)")
-            # circuitsvis views: logit lens 3, DLA 2, attention 2 (the Patchscope, sweep and evaluation are HTML/SVG)
-            assert len(counts) == 7 and all(counts), (name, counts)
+            # circuitsvis components: 3 per lens view, DLA 2, attention 2, the q.k terms 1
+            assert len(counts) == 3 * 3 + 2 + 2 + 1 and all(counts), (name, counts)
             assert "Top-1 token per layer" in page.text and "Head view" in page.text, name
