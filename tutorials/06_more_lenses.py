@@ -5,7 +5,7 @@
 # one returns the same `LensResult` as the logit lens: the same tables, pages, JSON and statistics. This notebook
 # fits small versions of each on the embedded SmolLM2-135M-Instruct and the text shipped with mi_lenses, then puts
 # them side by side on held-out tokens. The fits are deliberately small (a few minutes on 2 CPU cores in all); the
-# README has the full-size measurements.
+# full-size measurements are on the docs' lens-quality page (`docs/measurements.md`).
 #
 # `tutorials/06_more_lenses.ipynb` is this notebook with its outputs; its source is `tutorials/06_more_lenses.py`
 # (jupytext `# %%` cells), which also runs as a script.
