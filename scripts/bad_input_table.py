@@ -1,4 +1,4 @@
-"""Regenerate the "Bad input" table (README.md) from the cases of tests/test_bad_input.py: every row is the message
+"""Regenerate the "Bad input" table (docs/bad_input.md) from the cases of tests/test_bad_input.py: every row is the message
 the case printed on the tiny test model, cut at 150 characters (paths of the scratch folder shown as …).
 
     .venv/bin/python scripts/bad_input_table.py          # rewrites the table in place
@@ -22,7 +22,7 @@ from tiny import _Builder, _train_tokenizer  # noqa: E402
 from mi_lenses.cli import main  # noqa: E402
 from mi_lenses.errors import MiLensesError  # noqa: E402
 
-DOC = ROOT / "README.md"
+DOC = ROOT / "docs" / "bad_input.md"
 CUT = 150
 
 

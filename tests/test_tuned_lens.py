@@ -1,5 +1,5 @@
 """Tuned lens: identities, file formats (ours and the tuned-lens package's, both directions), safety of loading,
-training (objective, resume, non-finite loss, torchrun), evaluation, CLI, tutorial.
+training (objective, resume, non-finite loss, torchrun), evaluation, CLI (tutorial 02 runs as a notebook in tests/test_tutorials.py).
 
 Oracles: the logit lens (a zero-initialised tuned lens must equal it exactly), the ``tuned-lens`` 0.2.0 package's
 ``TunedLens`` on the untouched HF copy of each tiny model, and a brute-force autograd KL for the training gradient.
@@ -26,8 +26,6 @@ from mi_lenses.lenses.tuned import TrainingError, TunedLens, evaluate_lens, trai
 from mi_lenses.lenses.tuned import train as train_mod
 from mi_lenses.data import load_tokens
 from mi_lenses.models.view import ModelView
-
-ROOT = Path(__file__).parents[1]
 
 
 def random_lens(model, seed=0, scale=0.3) -> TunedLens:
@@ -530,19 +528,6 @@ def test_embedded_tuned_lens_beats_logit_lens_everywhere(smol):
     ev = evaluate_lens(lens, smol, held)
     worse = [lab for i, lab in enumerate(ev.layers) if not ev.kl_bits["tuned lens"][i] < ev.kl_bits["logit lens"][i]]
     assert not worse, ev.to_markdown()
-
-
-@pytest.mark.slow
-def test_tutorial_runs(smol, tmp_path, monkeypatch):
-    import runpy
-
-    import mi_lenses.models.loading as loading
-
-    monkeypatch.setattr(loading, "_boot", lambda *a, **k: smol)
-    monkeypatch.setenv("MI_TUTORIAL_QUICK", "1")
-    monkeypatch.chdir(tmp_path)
-    runpy.run_path(str(ROOT / "tutorials" / "02_tuned_lens.py"), run_name="__main__")
-    assert (tmp_path / "tuned_lens_eval.html").stat().st_size > 1000
 
 
 def test_sampling_uses_the_kv_cache_and_equals_recompute(llama_raw, monkeypatch):
