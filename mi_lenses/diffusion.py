@@ -168,7 +168,6 @@ class DiffusionLensResult(Result):
     def save_gallery(self, folder: str | os.PathLike) -> Path:
         """Write ``layer{l:02d}_seed{s}.png`` per image and an offline ``index.html`` into ``folder``, atomically
         (the page last)."""
-
         writers, files = [], []
         for i, l in enumerate(self.layers):
             files.append([])

@@ -178,13 +178,11 @@ class Report(Result):
     def table(self, *, batch: int = 0, max_layers: int = 16):
         """The terminal summary: the logit lens table, a per-layer table (strided to ``max_layers`` rows, the
         final row always), the largest DLA parts and the top heads of every attention diagnostic."""
-
         self.check_batch(batch)
         return report_table(self, max_layers=max_layers)
 
     def fragment(self, *, batch: int = 0) -> str:
         """The page body: a table of contents and one section per part."""
-
         self.check_batch(batch)
         return report_fragment(self)
 

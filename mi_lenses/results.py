@@ -57,7 +57,6 @@ class Result:
 
     def check_batch(self, batch: int) -> int:
         """``batch`` as an index into the prompts (negative from the end), or a clear error."""
-
         return resolve_index(batch, self.n_batch, "batch", f"this result holds {self.n_batch} prompt(s)")
 
     # ------------------------------------------------------------------------------------------ implemented per type
@@ -76,12 +75,10 @@ class Result:
     # ------------------------------------------------------------------------------------------ shared
     def show(self, *, batch: int = 0, **options: Any):
         """Render in a notebook: an offline circuitsvis ``RenderedHTML``."""
-
         return offline_html(hooks_note(self.active_hooks) + self.fragment(batch=batch, **options))
 
     def print(self, *, batch: int = 0, width: int | None = None, **options: Any) -> None:
         """Print :meth:`table` to the terminal."""
-
         console = Console(width=width)
         console.print(self.table(batch=batch, **options))
         if self.active_hooks:
@@ -89,7 +86,6 @@ class Result:
 
     def to_html(self, path: str | os.PathLike | None = None, *, batch: int = 0, **options: Any) -> str:
         """A standalone offline HTML page (circuitsvis bundle inlined); written atomically to ``path`` if given."""
-
         text = page(self.title, hooks_note(self.active_hooks) + self.fragment(batch=batch, **options))
         if path is not None:
             write_atomic(path, text)

@@ -1,5 +1,6 @@
-"""Regenerate the README gallery: the report of one prompt on the embedded SmolLM2, opened in headless Chromium, and
-a screenshot of the page and of each view, plus the terminal summary as SVG. Run ``bash scripts/screenshots.sh``.
+"""Regenerate the gallery (docs/report.md, the README's tour): the report of one prompt on the embedded SmolLM2,
+opened in headless Chromium, and a screenshot of the page and of each view, plus the terminal summary as SVG. Run
+``bash scripts/screenshots.sh``.
 
 Everything runs offline. The tuned lens shown beside the logit lens is fitted here by the least-squares warm start
 alone (``--lens-tokens`` tokens of WikiText-2 when ``../shared/data`` is there, else of the text shipped with mi_lenses),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command: regenerate the README gallery (docs/*.png, docs/terminal.svg) from a report on the embedded SmolLM2,
-# rendered offline in headless Chromium. Extra arguments go to scripts/screenshots.py (e.g. --lens DIR).
+# One command: regenerate the gallery (docs/*.png, docs/terminal.svg: docs/report.md and the README's tour) from a
+# report on the embedded SmolLM2, rendered offline in headless Chromium. Extra arguments go to scripts/screenshots.py
+# (e.g. --lens DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1

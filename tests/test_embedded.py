@@ -129,28 +129,3 @@ def test_gguf_conversion_is_atomic_and_reused(tmp_path, monkeypatch):
     (folder / loading.INFO_FILE).unlink()
     assert _converted_gguf(embedded_gguf_path(), tmp_path) == (folder, False)
     assert (folder / loading.INFO_FILE).is_file() and (folder / "model.safetensors").stat().st_mtime_ns == mtime
-
-
-def test_tutorial_runs(smol, tmp_path, monkeypatch):
-    import runpy
-    from pathlib import Path
-
-    import mi_lenses.models.loading as loading
-
-    monkeypatch.setattr(loading, "_boot", lambda *a, **k: smol)  # reuse the loaded model
-    monkeypatch.chdir(tmp_path)
-    runpy.run_path(str(Path(__file__).parents[1] / "tutorials" / "01_logit_lens.py"), run_name="__main__")
-    assert (tmp_path / "logit_lens.html").stat().st_size > 100_000
-
-
-def test_tutorial_06_runs(smol, tmp_path, monkeypatch):
-    """The more-lenses notebook: Future, Jacobian and attribute lenses fitted small, SelfIE, and the bench."""
-    import runpy
-    from pathlib import Path
-
-    import mi_lenses.models.loading as loading
-
-    monkeypatch.setattr(loading, "_boot", lambda *a, **k: smol)
-    monkeypatch.chdir(tmp_path)
-    runpy.run_path(str(Path(__file__).parents[1] / "tutorials" / "06_more_lenses.py"), run_name="__main__")
-    assert (tmp_path / "compare.html").stat().st_size > 10_000 and (tmp_path / "selfie.html").is_file()

@@ -120,8 +120,12 @@ def test_sigkill_while_writing_html_and_json_leaves_whole_files(folder, tmp_path
 def test_sigkill_mid_write_never_leaves_a_mixed_file(tmp_path):
     path = tmp_path / "big.txt"
     for kill_after in (0.5, 1.5, 3.0):
+        path.unlink(missing_ok=True)
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), "a", "100000", str(2_000_000)], env=_env())
-        time.sleep(kill_after + 3.0)  # importing mi_lenses takes ~3 s
+        deadline = time.time() + 120  # the first write lands once mi_lenses is imported (seconds on a busy machine)
+        while not path.is_file() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(kill_after)  # then kill it in the middle of later writes
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert path.is_file() and _complete(path.read_text()), f"killed after {kill_after} s: a mixed file"

@@ -1,11 +1,10 @@
 """Patchscopes on the embedded SmolLM2-135M-Instruct: the last-layer identity, the per-layer curve, the CLI contract
-and the tutorial."""
+(the tutorial runs as a notebook in tests/test_tutorials.py)."""
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -85,15 +84,3 @@ def test_cli_json_contract(smol, tmp_path, monkeypatch, capsys):
     assert "out of range" in capsys.readouterr().err
     assert cli_main(["patchscope", "--source-prompt", "Hi", "--source-layer", "1", "--target", "no slot"]) == 2
     assert "placeholder" in capsys.readouterr().err
-
-
-def test_tutorial_runs(smol, tmp_path, monkeypatch):
-    import runpy
-
-    import mi_lenses.models.loading as loading
-
-    monkeypatch.setattr(loading, "_boot", lambda *a, **k: smol)
-    monkeypatch.chdir(tmp_path)
-    runpy.run_path(str(Path(__file__).parents[1] / "tutorials" / "04_patchscopes.py"), run_name="__main__")
-    assert (tmp_path / "patchscope.html").stat().st_size > 1000
-    assert (tmp_path / "patchscope_sweep.html").stat().st_size > 1000

@@ -1,11 +1,10 @@
 """The report, the attention and the view polish on the embedded SmolLM2-135M-Instruct: real behaviour, the numbers
-the tutorials and the README quote, a 200-token prompt in the terminal and in the browser, and tutorial 05."""
+the tutorials and the docs quote, a 200-token prompt in the terminal and in the browser (tutorial 05 itself runs as
+a notebook in tests/test_tutorials.py)."""
 
 from __future__ import annotations
 
-import runpy
 import time
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +12,6 @@ import mi_lenses
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 IOI = "When Mary and John went to the store, John gave a drink to"
 LONG = ("The history of the city begins in the third century, when a small settlement grew on the banks of the river. "
         "Merchants came from the north and the south, trading salt, wool and iron. Over the next hundred years the "
@@ -106,13 +104,3 @@ def test_a_200_token_prompt_stays_readable(smol, tmp_path, capsys):
     assert seconds < 45, f"the page took {seconds:.0f} s to render"
     for text in ("1. Logit lens", "2. Direct logit attribution", "3. Attention", "Model view", "Neuron view"):
         assert text in shown.text
-
-
-def test_tutorial_runs(smol, tmp_path, monkeypatch):
-    import mi_lenses.models.loading as loading
-
-    monkeypatch.setattr(loading, "_boot", lambda *a, **k: smol)  # reuse the loaded model
-    monkeypatch.chdir(tmp_path)
-    runpy.run_path(str(ROOT / "tutorials" / "05_attention_and_report.py"), run_name="__main__")
-    assert (tmp_path / "report.html").stat().st_size > 500_000 and (tmp_path / "attention.html").is_file()
-

@@ -1,5 +1,5 @@
 """Tuned lens: identities, file formats (ours and the tuned-lens package's, both directions), safety of loading,
-training (objective, resume, non-finite loss, torchrun), evaluation, CLI, tutorial.
+training (objective, resume, non-finite loss, torchrun), evaluation, CLI (tutorial 02 runs as a notebook in tests/test_tutorials.py).
 
 Oracles: the logit lens (a zero-initialised tuned lens must equal it exactly), the ``tuned-lens`` 0.2.0 package's
 ``TunedLens`` on the untouched HF copy of each tiny model, and a brute-force autograd KL for the training gradient.
@@ -21,13 +21,11 @@ from conftest import PROMPT
 
 from mi_lenses.errors import LensInputError
 from mi_lenses.lenses import logit_lens, run_lens
-from mi_lenses import load_lens, save_lens
+from mi_lenses import JacobianLens, load_lens, save_lens
 from mi_lenses.lenses.tuned import TrainingError, TunedLens, evaluate_lens, train_lens
 from mi_lenses.lenses.tuned import train as train_mod
 from mi_lenses.data import load_tokens
 from mi_lenses.models.view import ModelView
-
-ROOT = Path(__file__).parents[1]
 
 
 def random_lens(model, seed=0, scale=0.3) -> TunedLens:
@@ -532,19 +530,6 @@ def test_embedded_tuned_lens_beats_logit_lens_everywhere(smol):
     assert not worse, ev.to_markdown()
 
 
-@pytest.mark.slow
-def test_tutorial_runs(smol, tmp_path, monkeypatch):
-    import runpy
-
-    import mi_lenses.models.loading as loading
-
-    monkeypatch.setattr(loading, "_boot", lambda *a, **k: smol)
-    monkeypatch.setenv("MI_TUTORIAL_QUICK", "1")
-    monkeypatch.chdir(tmp_path)
-    runpy.run_path(str(ROOT / "tutorials" / "02_tuned_lens.py"), run_name="__main__")
-    assert (tmp_path / "tuned_lens_eval.html").stat().st_size > 1000
-
-
 def test_sampling_uses_the_kv_cache_and_equals_recompute(llama_raw, monkeypatch):
     """``model:N`` data is sampled one token per step on the KV cache; the tokens equal a full recompute per step."""
     from mi_lenses.data import sample_from_model
@@ -557,3 +542,23 @@ def test_sampling_uses_the_kv_cache_and_equals_recompute(llama_raw, monkeypatch)
     assert calls and max(calls[1:]) == 1  # after the first step, one token per forward pass
     monkeypatch.setattr(ModelView, "kv", property(lambda self: None))
     assert torch.equal(cached, sample_from_model(view, n_tokens=48, seq_len=16, seed=3, batch=2))
+
+
+def test_files_of_mi_lenses_0_1_still_load_with_the_same_numbers(llama_raw, tmp_path):
+    """tests/fixtures/legacy_v1 was written by mi_lenses 0.1 (commit eec1fd9) on this tiny model: a tuned lens in
+    the old own format (lens.safetensors) and a Jacobian lens in the old row-map format, with that version's own
+    results on one prompt. Both load, bind and give the same numbers; saved again, they round-trip in the new
+    format."""
+    m = llama_raw.model
+    legacy = Path(__file__).parent / "fixtures" / "legacy_v1"
+    expected = torch.load(legacy / "expected.pt", weights_only=True)
+    assert (legacy / "tuned" / "lens.safetensors").is_file()  # really the old layout
+    for kind, cls in (("tuned", TunedLens), ("jacobian", JacobianLens)):
+        lens = load_lens(legacy / kind, m)
+        assert type(lens) is cls
+        res = lens(m, "The capital of France is")
+        assert torch.equal(res.top_ids, expected[f"{kind}_top_ids"])
+        assert torch.allclose(res.kl, expected[f"{kind}_kl"], atol=1e-6, rtol=0)
+        lens.save(tmp_path / kind)
+        again = load_lens(tmp_path / kind, m)(m, "The capital of France is")
+        assert torch.equal(again.top_ids, res.top_ids) and torch.equal(again.kl, res.kl)

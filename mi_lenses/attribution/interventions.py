@@ -9,6 +9,10 @@ an *edit*: a part of its own, named by the hook point where it shows (``edit@blo
 still sum to the hooked model's logit. A head whose ``z`` is no longer ``pattern · v`` keeps its exact value, but its
 split over source positions is reported unavailable, with the reason.
 
+Residual-stream edits are looked for where every block adds its sublayers' outputs to the stream as they are (no
+post-norm, residual norm or residual multiplier, see :mod:`mi_lenses.models.blocks`); elsewhere the stream is not a
+plain sum of the cached states, and only the attention and MLP edits are separated.
+
 Edits are looked for only while the user's hooks are active (:func:`mi_lenses.models.interventions.active_hooks`):
 without them a broken identity is a bug, and ``DLAResult.verify`` says so.
 
@@ -83,11 +87,14 @@ def find_edits(view: ModelView, cache: Cached, parts, dirn: Direction, pos: Tens
 
     L = view.n_layers
     parallel = bool(getattr(view.cfg, "parallel_attn_mlp", False))
+    plain = all(p.post_norm is None and p.resid_norm is None and p.multiplier == 1.0
+                for l in range(L) for p in [view.sublayer(l, "attn")] + ([view.sublayer(l, "mlp")] if view.has_mlp
+                                                                          else []))
     pre = [proj(view.hook_name("resid_pre", l)) for l in range(L)]
     post = [proj(view.hook_name("resid_post", l)) for l in range(L)]
     mid = [None if parallel or not view.has_mlp else proj(view.hook_name("resid_mid", l)) for l in range(L)]
     mlp_written = parts.mlps.clone() if parts.mlps is not None else None
-    if pre[0] is not None:
+    if pre[0] is not None and plain:
         keep(view.hook_name("resid_pre", 0), pre[0] - parts.embed.sum(-1))
     for l in range(L):
         attn = parts.heads[:, l].sum(-1) + (parts.attn_bias[:, l] if parts.attn_bias is not None else 0.0)
@@ -97,7 +104,7 @@ def find_edits(view: ModelView, cache: Cached, parts, dirn: Direction, pos: Tens
             if keep(view.out_hook(l, "mlp"), parts.mlps[:, l] - computed):
                 parts.mlps[:, l] = computed  # what the MLP computed; the hook's edit is its own part
         mlp = mlp_written[:, l] if mlp_written is not None else 0.0
-        if pre[l] is None or post[l] is None:
+        if not plain or pre[l] is None or post[l] is None:
             continue
         if mid[l] is not None:
             keep(view.hook_name("resid_mid", l), mid[l] - pre[l] - parts.attn_out[:, l])

@@ -27,6 +27,7 @@ from mi_lenses.attribution.directions import (
     centred_vectors,
     final_scale,
     resolve_direction,
+    write_directions,
 )
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import IndexSpec, resolve_indices
@@ -81,9 +82,16 @@ def neuron_attribution(
     with torch.no_grad():
         vec = centred_vectors(view, dirn).to(dev)  # [B, d_model]
         inv_scale = (1.0 / final_scale(view, dirn, at(resid)))[..., None]  # [B, P, 1]
-        out = torch.empty(len(layer_ids), B, P, view.d_mlp, device=dev)
+        per_position = view.writes_through_norms
+        # the direction carried to each MLP's output (post-norms, multipliers, post-LN norms): per position where a
+        # norm's frozen scale differs between positions, else once per row (then scaled by the final norm per position)
+        dirs = write_directions(view, vec[:, None, :] * inv_scale if per_position else vec, cache, at)
+        out = torch.zeros(len(layer_ids), B, P, view.d_mlp, device=dev)
         for i, l in enumerate(layer_ids):
-            proj = vec @ view.W_out(l).to(dev).T  # [B, d_mlp]: each neuron's output row on the direction
-            torch.mul(at(cache[view.mlp_hook(l)]), proj[:, None, :], out=out[i])  # post-activation x projection
-            out[i].mul_(inv_scale)
+            nr = view.neurons(l)
+            if nr.size:
+                proj = nr.project(dirs.mlp[l]).to(dev)  # [B, (P,) n]: each neuron's output row on the direction
+                if not per_position:
+                    proj = proj[:, None, :] * inv_scale
+                torch.mul(nr.activations(cache, at), proj, out=out[i, ..., : nr.size])
     return out

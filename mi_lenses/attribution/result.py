@@ -79,6 +79,10 @@ class DLAResult(Result):
     attn_out: Float[Tensor, "B L"] = field(repr=False)
     scale: Float[Tensor, " B"] = field(repr=False)
     raw_bridge: bool = False
+    experts: Float[Tensor, "B L X"] | None = None  # mixture of experts: each expert's part of its MLP
+    expert_names: list[str] = field(default_factory=list)  # "E0", "E1", ..., "shared"
+    neuron_names: list[str] | None = None  # per neuron index (MoE: "E2N5", "SN3"); None: "N{n}"
+    notes: list[str] = field(default_factory=list)  # what could not be attributed finer, and why
     interventions: dict[str, Float[Tensor, " B"]] = field(default_factory=dict)  # hook name -> a hook's edit
     sources_unavailable: dict[str, str] = field(default_factory=dict)  # "L{l}H{h}" -> why (sources are NaN there)
 
@@ -148,7 +152,7 @@ class DLAResult(Result):
 
         1. all parts (constants included) sum to ``actual``, the model's own logit (difference) from the run;
         2. each layer's heads plus ``b_O`` sum to that layer's attention output (``hook_attn_out``) on the direction;
-        3. each MLP's neurons plus its bias part sum to the MLP;
+        3. each MLP's neurons plus its bias part sum to the MLP (and a mixture of experts' experts to the MLP);
         4. each head's source positions sum to the head.
 
         Tolerance per row: ``atol + rtol * Σ|parts|``.
@@ -179,6 +183,10 @@ class DLAResult(Result):
             neuron_sum = self.neurons.sum(-1) + (self.mlp_bias if self.mlp_bias is not None else 0.0)
             self._close(neuron_sum, self.mlps, tol[:, None], "the neurons of a layer (plus its b_out part) do not sum "
                         "to the MLP's output (hook_mlp_out): W_out or hook_post is read wrongly")
+        if self.experts is not None and self.mlps is not None:
+            moe = self.experts.abs().sum(-1) > 0  # [B, L]: the mixture-of-experts layers
+            self._close(torch.where(moe, self.experts.sum(-1), self.mlps), self.mlps, tol[:, None], "the experts of a "
+                        "layer do not sum to its MLP's output: the router weights or the experts are read wrongly")
         by_source = self.sources.sum(-1)
         by_source = torch.where(torch.isnan(by_source), self.heads, by_source)  # unavailable (a hook changed z)
         self._close(by_source, self.heads, tol[:, None, None], "the source positions of a head do not sum "
@@ -223,7 +231,13 @@ class DLAResult(Result):
             return []
         n = self.neurons.shape[-1]
         idx = flat.abs().topk(min(k, flat.numel())).indices.tolist()
-        return [(Component(f"L{i // n}N{i % n}", "neuron", i // n, None, i % n), float(flat[i])) for i in idx]
+        return [(Component(f"L{i // n}{self.neuron_label(i % n)}", "neuron", i // n, None, i % n), float(flat[i]))
+                for i in idx]
+
+    def neuron_label(self, n: int) -> str:
+        """The name of neuron index ``n`` within a layer: ``N{n}``, or for a mixture of experts ``E{e}N{i}``
+        (expert ``e``'s neuron ``i``) and ``SN{i}`` (the shared expert's)."""
+        return self.neuron_names[n] if self.neuron_names is not None and n < len(self.neuron_names) else f"N{n}"
 
     def top_neurons(self, k: int = 10, *, batch: int | None = None, row: Any = UNSET) -> list[tuple[str, float]]:
         """The ``k`` neurons with the largest ``|value|`` as ``(label, value)``, labels ``L{layer}N{index}``."""
@@ -262,6 +276,10 @@ class DLAResult(Result):
             "components": [c.as_dict(v) for c, v in zip(self.components(), vals.tolist())],
             "top_neurons": [c.as_dict(v) for c, v in self.top_neurons_with_components(top_k, batch=batch)],
             "sources": sources,
+            **({"experts": {f"MLP{l}.{name}": float(v) for l in range(self.n_layers)
+                            for name, v in zip(self.expert_names, self._pick(self.experts, batch)[l].tolist())}}
+               if self.experts is not None else {}),
+            **({"notes": list(self.notes)} if self.notes else {}),
             **({"sources_unavailable": self.sources_unavailable} if self.sources_unavailable else {}),
         }, digits=8)
 
@@ -275,7 +293,8 @@ class DLAResult(Result):
         if what == "neurons":
             B, L, N = self.neurons.shape
             b, l, n = torch.cartesian_prod(torch.arange(B), torch.arange(L), torch.arange(N)).unbind(-1)
-            return dataframe({"batch": b.numpy(), "label": [f"L{i}N{j}" for i, j in zip(l.tolist(), n.tolist())],
+            return dataframe({"batch": b.numpy(),
+                              "label": [f"L{i}{self.neuron_label(j)}" for i, j in zip(l.tolist(), n.tolist())],
                               "kind": "neuron", "layer": l.numpy(), "neuron": n.numpy(),
                               "value": self.neurons.flatten().numpy()})
         if what == "sources":
@@ -287,7 +306,6 @@ class DLAResult(Result):
 
     def table(self, *, batch: int | None = 0, k: int = 15, row: Any = UNSET):
         """A rich table of the ``k`` largest parts and neurons (``batch=None``: means over prompts)."""
-
         batch = renamed(batch, row, "row", "batch")
         return dla_table(self, k=k, batch=None if batch is None else self.check_batch(batch))
 
@@ -295,7 +313,6 @@ class DLAResult(Result):
                  row: Any = UNSET) -> str:
         """The page body: layer x head heat map, MLP bars, top neurons, tokens through ``head`` (default the head
         with the largest ``|value|``)."""
-
         return dla_fragment(self, batch=self.check_batch(renamed(batch, row, "row", "batch")), head=head, top_k=top_k)
 
 

@@ -93,7 +93,6 @@ def fit_attribute_lens(
     """Fit the LRE of a relation on the first ``n_train`` of ``samples`` (subjects, or ``(subject, object)`` pairs;
     objects are only used by :func:`evaluate_attribute_lens`), one ``W, b`` per row (0 = embeddings ...
     ``n_layers`` = final; default all). ``beta`` scales ``W`` when the lens is read (the paper's 2.5)."""
-
     view = ModelView(model)
     pairs = [_sample(s) for s in samples]
     if not isinstance(n_train, int) or n_train < 1 or not pairs:

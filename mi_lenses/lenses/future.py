@@ -47,7 +47,6 @@ class FutureLens(RowMapLens):
     @classmethod
     def identity(cls, model: Any, ahead: int = 0) -> "FutureLens":
         """``W = I, b = 0`` on every row: the logit lens, read as a prediction ``ahead`` tokens further."""
-
         view = ModelView(model)
         eye = torch.eye(view.d_model)
         return cls({r: eye for r in range(view.n_layers + 1)}, n_layers=view.n_layers, d_model=view.d_model,
@@ -106,7 +105,6 @@ def fit_future_lens(
     docstring): for every row ``r`` (0 = embeddings ... ``n_layers`` = final; default all), least squares from
     ``h_r[t]`` to ``h_final[t + ahead]`` over every ``t`` of ``data`` (a text source for
     :func:`~mi_lenses.lenses.tuned.data.load_tokens`, or token ids ``[n_seq, seq_len]``)."""
-
     view = ModelView(model)
     if not isinstance(ahead, int) or isinstance(ahead, bool) or ahead < 0:
         raise LensInputError(f"ahead must be an int >= 0 (0 = the next token), got {ahead!r}.")

@@ -91,7 +91,6 @@ def soft_prompt_run(view: ModelView, ids: Tensor, prompts: Tensor, names: Sequen
     """The final residual stream at the last position of a run whose token embeddings are ``prompts``
     ``[n, m, d]`` (positions from ``ids``), with ``vectors[i]`` written at the last position of hook ``names[i]``.
     Differentiable in ``prompts``; hooks removed on exit."""
-
     n, m = prompts.shape[:2]
     got: dict[str, Tensor] = {}
 
@@ -127,7 +126,6 @@ def fit_future_prompt(
     ``data`` (a text source or token ids ``[n_seq, seq_len]``): each Adam step samples ``batch_size`` positions
     ``t`` and minimises the mean KL(model at ``t + ahead`` || lens) over them, for every row at once (one forward and
     backward pass of ``rows x batch_size`` soft-prompt runs). ``meta["loss"]`` records the mean KL (nats) per step."""
-
     view = ModelView(model)
     if not isinstance(ahead, int) or ahead < 0:
         raise LensInputError(f"ahead must be an int >= 0, got {ahead!r}.")

@@ -60,7 +60,6 @@ class JacobianLens(RowMapLens):
     @classmethod
     def identity(cls, model: Any) -> "JacobianLens":
         """Every ``J = I``: exactly the logit lens (a reference point and a test identity)."""
-
         view = ModelView(model)
         eye = torch.eye(view.d_model)
         return cls({r: eye for r in range(view.n_layers)}, n_layers=view.n_layers, d_model=view.d_model,
@@ -70,7 +69,6 @@ class JacobianLens(RowMapLens):
     def from_transformer_lens(cls, tl_lens: Any, model: Any) -> "JacobianLens":
         """Wrap a TransformerLens ``JacobianLens`` (fitted, or loaded from an artifact): its layer ``l`` (output of
         block ``l``) becomes our row ``l + 1``; it has no embedding row. Checked against ``model``."""
-
         view = ModelView(model)
         if int(tl_lens.d_model) != view.d_model:
             raise LensInputError(f"the TransformerLens Jacobian lens has d_model {tl_lens.d_model}, the model "

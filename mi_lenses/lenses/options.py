@@ -78,7 +78,6 @@ class LensOptions:
     def validate(self, *, flags: bool = False) -> "LensOptions":
         """Check what can be checked without a model (the engine checks the rest: the vocabulary bound of ``top_k``,
         layers, positions, targets); errors name the option, or its ``--flag`` with ``flags=True``."""
-
         def name(field_name: str) -> str:
             cli = next(f for f in dataclasses.fields(self) if f.name == field_name).metadata.get("cli")
             return (cli or {}).get("flag", "--" + field_name.replace("_", "-")) if flags else field_name

@@ -236,7 +236,6 @@ class LensResult(Result):
 
     def fragment(self, *, batch: int = 0) -> str:
         """The page body for one prompt: top-1 grid, rank grids, KL chart, circuitsvis views."""
-
         return lens_fragment(self, batch=self.check_batch(batch))
 
     def table(self, *, batch: int = 0, value: Literal["prob", "rank"] = "prob", max_positions: int = 12,
@@ -244,7 +243,6 @@ class LensResult(Result):
         """A rich table of the top-1 token per layer (rows) and position (columns: the last ``max_positions``), with
         KL and every target's rank at the last position; ``max_layers`` strides the rows (the final row is always
         kept)."""
-
         for name, v in (("max_positions", max_positions), ("max_layers", max_layers)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise LensInputError(f"{name} must be a positive int, got {v!r}.")

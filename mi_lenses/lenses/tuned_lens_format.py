@@ -40,7 +40,6 @@ def holds_lens(path: Path) -> bool:
 def write(path: str | os.PathLike, translators: list[tuple[Tensor, Tensor]], *, d_model: int,
           model_name: str) -> Path:
     """Write translators ``[(A_i, b_i)]`` (``h -> h + A_i h + b_i``) into the folder ``path``, atomically."""
-
     def weights(tmp: Path) -> None:
         state = {}
         for i, (A, b) in enumerate(translators):

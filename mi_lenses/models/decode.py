@@ -32,16 +32,95 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError
+from mi_lenses.models.kv import is_bridge
 
 NormKind = Literal["LN", "RMS"]
 
 
 @dataclass(eq=False)
-class Decoder:
-    """Final norm (``kind``, ``eps``, ``gain``, ``bias``), unembedding (``W_U``, ``b_U``) and soft-cap of one model.
+class Norm:
+    """A LayerNorm (``kind="LN"``) or RMSNorm (``"RMS"``) read from a model's module: ``eps``, ``gain`` and ``bias``
+    (float32; a norm without parameters, like OLMo's, has gain 1 and no bias).
 
-    ``W``/``b`` hold the gain and bias folded in (float32); ``b`` is ``None`` when it is all zeros. Hidden states are
-    decoded in float32 unless a matmul ``dtype`` is given (statistics are always reduced in float32).
+    Linearised with its scale ``s`` frozen from a run, the norm is the affine map ``x -> gain * centre(x) / s + bias``
+    (``centre`` only for LayerNorm): :meth:`pullback` takes a direction on its output back to its input, which is how
+    direct logit attribution carries the logit through the final norm and through every norm on a component's way
+    to it (sublayer post-norms, post-LN residual norms).
+
+    >>> norm = Norm("LN", 1e-5, torch.tensor([2.0, 1.0, 0.5]), None)
+    >>> x, d = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.3, -1.0, 2.0])
+    >>> s = norm.scale(x)
+    >>> out = norm.gain * (x - x.mean()) / s                 # the norm's output at x
+    >>> bool(torch.isclose(x @ norm.pullback(d, s), out @ d))   # the direction carried back to its input
+    True
+    """
+
+    kind: NormKind
+    eps: float
+    gain: Float[Tensor, " d_model"] | None
+    bias: Float[Tensor, " d_model"] | None
+
+    @classmethod
+    def from_module(cls, module: Any, kind: NormKind, eps: float, *, offset: bool = False) -> "Norm":
+        """Parameters ``weight``/``w`` and ``bias``/``b`` of ``module``, the gain ``1 + w`` where the module stores it
+        as an offset from 1 (Gemma's RMSNorm, Nemotron's LayerNorm1P: the bridge's ``uses_weight_offset``, else
+        ``offset``); its epsilon from ``variance_epsilon``/``eps`` where the module has one, else ``eps``."""
+        gain = bias = None
+        params = list(module.named_parameters())
+        for name, p in params:
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("weight", "w"):
+                gain = p.detach().float().clone()
+            elif leaf in ("bias", "b"):
+                bias = p.detach().float().clone()
+        flag = getattr(module, "uses_weight_offset", None)
+        if gain is not None and (flag if isinstance(flag, bool) else offset):
+            gain = 1.0 + gain
+        if not params:  # a norm without parameters (OLMo v1's LayerNorm): gain 1, no bias
+            width = getattr(module, "normalized_shape", None)
+            d = int(width[0]) if isinstance(width, (tuple, list)) and width else None
+            gain = torch.ones(d) if d is not None else None
+        eps = next((float(v) for sub in module.modules() for v in (getattr(sub, "variance_epsilon", None),
+                    getattr(sub, "eps", None)) if isinstance(v, float)), eps)
+        return cls(kind, eps, gain, bias)
+
+    def scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
+        """The norm's scale of each vector, float32: ``sqrt(var + eps)`` (LayerNorm), ``sqrt(mean(x²) + eps)``
+        (RMSNorm)."""
+        x = x.float()
+        if self.kind == "LN":
+            x = x - x.mean(-1, keepdim=True)
+        return torch.sqrt(x.pow(2).mean(-1) + self.eps)
+
+    def pullback(self, d: Float[Tensor, "... d_model"], scale: Float[Tensor, "..."]) -> Float[Tensor, "... d_model"]:
+        """A direction ``d`` on the norm's output taken back to its input with the scale frozen: ``x · result ==
+        (gain * centre(x) / scale) · d`` for every ``x``."""
+        v = d.float() if self.gain is None else d.float() * self.gain.to(d.device)
+        if self.kind == "LN":
+            v = v - v.mean(-1, keepdim=True)
+        return v / scale[..., None]
+
+    def constant(self, d: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."] | None:
+        """``bias · d``: what the norm adds on direction ``d`` whatever its input (``None`` without a bias)."""
+        if self.bias is None or not torch.any(self.bias):
+            return None
+        return d.float() @ self.bias.to(d.device)
+
+
+@dataclass(eq=False)
+class Decoder:
+    """Final norm (``kind``, ``eps``, ``gain``, ``bias``), unembedding and logit transform of one model.
+
+    The unembedding is everything the model applies after its final norm, read once: a projection out of the residual
+    width (OPT-350m's ``project_out``, folded in as ``P``), ``W_U``/``b_U``, a logit multiplier (Cohere's
+    ``logit_scale`` on a raw bridge; TransformerLens folds it into ``W_U`` in compatibility mode) or divisor
+    (Granite's ``logits_scaling``), and the soft-cap (Gemma 2). A model without a final norm (OPT-350m) has
+    ``kind=None``. ``W``/``b`` hold all of it but the cap, the gain and bias folded in (float32):
+
+        W = diag(gain) P W_U * m,   b = (b_U + bias @ P W_U) * m
+
+    ``b`` is ``None`` when it is all zeros. Hidden states are decoded in float32 unless a matmul ``dtype`` is given
+    (statistics are always reduced in float32).
     """
 
     kind: NormKind | None
@@ -51,13 +130,18 @@ class Decoder:
     W: Float[Tensor, "d_model d_vocab"]
     b: Float[Tensor, " d_vocab"] | None
     softcap: float | None
+    proj: Float[Tensor, "d_model d_unembed"] | None = None  # P (None: identity)
+    logit_mult: float = 1.0  # m
+    W_U: Tensor | None = field(default=None, repr=False)  # the model's own W_U (a reference, not a copy)
+    b_U: Tensor | None = field(default=None, repr=False)  # b_U plus the projection's bias part, before m
     _copies: dict = field(default_factory=dict, init=False, repr=False)
 
     # ------------------------------------------------------------------------------------------ building
     @classmethod
     def from_model(cls, model: Any) -> "Decoder":
-        """Read the final norm from ``model.ln_final`` (parameters ``weight``/``w`` and ``bias``/``b``; Gemma-style
-        ``1 + w`` via ``cfg.rmsnorm_uses_offset``) and the unembedding from ``model.W_U``/``model.b_U``."""
+        """Read the final norm from ``model.ln_final`` (see :meth:`Norm.from_module`; Gemma-style ``1 + w`` via
+        ``cfg.rmsnorm_uses_offset``; a bridge without ``ln_final`` has no final norm), the unembedding from
+        ``model.W_U``/``model.b_U`` and, on a bridge, ``project_out`` and the HF model's logit multiplier."""
         cfg = model.cfg
         norm_type = getattr(cfg, "normalization_type", None)
         kinds = {"LN": "LN", "LNPre": "LN", "RMS": "RMS", "RMSPre": "RMS", None: None}
@@ -65,31 +149,54 @@ class Decoder:
             raise LensInputError(f"unsupported final normalization_type {norm_type!r}: mi_lenses decodes LayerNorm "
                                  "and RMSNorm models.")
         kind = kinds[norm_type]
+        module = getattr(model, "ln_final", None) if kind is not None else None
+        if module is None and is_bridge(model):
+            kind = None  # the HF model has no final norm (OPT-350m: project_out reads the last block directly)
         gain = bias = None
         eps = float(getattr(cfg, "eps", 1e-5))
-        module = getattr(model, "ln_final", None) if kind is not None else None
         if module is not None:
-            for name, p in module.named_parameters():
-                leaf = name.rsplit(".", 1)[-1]
-                if leaf in ("weight", "w"):
-                    gain = p.detach().float().clone()
-                elif leaf in ("bias", "b"):
-                    bias = p.detach().float().clone()
-            eps = next((float(v) for sub in module.modules() for v in (getattr(sub, "variance_epsilon", None),
-                        getattr(sub, "eps", None)) if isinstance(v, float)), eps)
-        if gain is not None and kind == "RMS" and getattr(cfg, "rmsnorm_uses_offset", False):
-            gain = 1.0 + gain
+            norm = Norm.from_module(module, kind, eps,
+                                    offset=kind == "RMS" and bool(getattr(cfg, "rmsnorm_uses_offset", False)))
+            gain, bias, eps = norm.gain, norm.bias, norm.eps
         W_U = model.W_U.detach().float()
         b_U = getattr(model, "b_U", None)
-        b = None if b_U is None else b_U.detach().float().clone()
+        b_U = None if b_U is None else b_U.detach().float()
+        proj, proj_b = _project_out(model)
+        mult = logit_multiplier(model)
+        U = W_U if proj is None else proj @ W_U
+        if proj_b is not None:
+            b_U = proj_b @ W_U if b_U is None else b_U + proj_b @ W_U
+        b = None if b_U is None else b_U.clone()
         if bias is not None:
-            b = bias @ W_U if b is None else b + bias @ W_U
-        W = gain[:, None] * W_U if gain is not None else W_U.clone()
+            b = bias @ U if b is None else b + bias @ U
+        W = gain[:, None] * U if gain is not None else U.clone()
+        if mult != 1.0:
+            W = W * mult
+            b = None if b is None else b * mult
         if b is not None and not torch.any(b):
             b = None
         cap = getattr(cfg, "output_logits_soft_cap", None)
         softcap = float(cap) if cap is not None and cap > 0 else None
-        return cls(kind, eps, gain, bias, W.contiguous(), b, softcap)
+        return cls(kind, eps, gain, bias, W.contiguous(), b, softcap, proj, mult, model.W_U, b_U)
+
+    @property
+    def norm(self) -> Norm | None:
+        """The final norm as a :class:`Norm` (``None`` when the model has none)."""
+        return None if self.kind is None else Norm(self.kind, self.eps, self.gain, self.bias)
+
+    def unembed_columns(self, ids: Int[Tensor, " n"]) -> tuple[Float[Tensor, "d_model n"], Float[Tensor, " n"] | None]:
+        """The unembedding of tokens ``ids`` *before* the final norm's gain and bias: ``(P W_U[:, ids] * m,
+        (b_U[ids] + P-bias part) * m)`` (the bias ``None`` when the model has none), float32."""
+        W_U = self.W_U.detach().float()
+        ids = ids.to(W_U.device)
+        U = W_U[:, ids]
+        if self.proj is not None:
+            U = self.proj.to(U.device) @ U
+        c = None if self.b_U is None else self.b_U.to(U.device)[ids]
+        if self.logit_mult != 1.0:
+            U = U * self.logit_mult
+            c = None if c is None else c * self.logit_mult
+        return U, c
 
     # ------------------------------------------------------------------------------------------ the norm
     def scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
@@ -254,6 +361,34 @@ def _flash_cpu_works() -> bool:
     return _FLASH_OK[0]
 
 
+def _project_out(model: Any) -> tuple[Tensor | None, Tensor | None]:
+    """``(P, bias)`` of a bridge's ``project_out`` (OPT-350m: ``x -> x P + bias`` from the residual width to the
+    unembedding's), float32 ``[d_model, d_unembed]``; ``(None, None)`` without one."""
+    po = getattr(model, "project_out", None)
+    weight = getattr(po, "weight", None) if po is not None else None
+    if not isinstance(weight, Tensor):
+        return None, None
+    bias = getattr(po, "bias", None)
+    return weight.detach().float().T.contiguous(), (bias.detach().float() if isinstance(bias, Tensor) else None)
+
+
+def logit_multiplier(model: Any) -> float:
+    """What the HF model multiplies its logits by after the unembedding: Cohere's ``logit_scale`` (the live module
+    attribute: TransformerLens sets it to 1 when compatibility mode folds it into ``W_U``), one over Granite's
+    ``logits_scaling``; 1 elsewhere (and on a HookedTransformer, whose ``W_U`` holds it)."""
+    hf = getattr(model, "original_model", None)
+    if hf is None:
+        return 1.0
+    mult = 1.0
+    scale = getattr(hf, "logit_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        mult *= float(scale)
+    div = getattr(getattr(hf, "config", None), "logits_scaling", None)
+    if isinstance(div, (int, float)) and not isinstance(div, bool) and div:
+        mult /= float(div)
+    return mult
+
+
 # ---------------------------------------------------------------------------------------------- one per model
 _CACHE: "weakref.WeakKeyDictionary[Any, tuple[tuple, Decoder]]" = weakref.WeakKeyDictionary()
 
@@ -262,13 +397,14 @@ def _version_key(model: Any) -> tuple:
     """What the decoder depends on: the unembedding's and the final norm's storage and version counters, the norm
     type and compatibility mode. Any in-place update of those weights (or re-folding them) changes the key."""
     tensors = [model.W_U, getattr(model, "b_U", None)]
-    module = getattr(model, "ln_final", None)
-    if module is not None:
-        tensors += list(module.parameters())
+    for name in ("ln_final", "project_out"):
+        module = getattr(model, name, None)
+        if isinstance(module, torch.nn.Module):
+            tensors += list(module.parameters())
     parts = tuple((t.data_ptr(), t._version, tuple(t.shape)) if isinstance(t, Tensor) else None for t in tensors)
     cfg = model.cfg
     return parts + (getattr(cfg, "normalization_type", None), getattr(model, "compatibility_mode", None),
-                    getattr(cfg, "output_logits_soft_cap", None))
+                    getattr(cfg, "output_logits_soft_cap", None), logit_multiplier(model))
 
 
 def decoder_of(model: Any) -> Decoder:

@@ -149,7 +149,6 @@ def _check_device(device: Any) -> torch.device:
 
 def tl_major() -> int:
     """The installed TransformerLens major version."""
-
     return int(version("transformer-lens").split(".")[0])
 
 
@@ -226,7 +225,6 @@ def _hooked(folder: Path | str, hf_model: Any, tokenizer: Any, *, device: Any, d
             compat: bool) -> Any:
     """A ``HookedTransformer`` from a (local) HF model, without the hub: TransformerLens's own config conversion and
     weight conversion for the architecture, then ``from_pretrained``'s processing when ``compat``."""
-
     # deferred: transformers and TransformerLens cost seconds to import; only loading needs them
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer  # (deferred, as above)
@@ -262,7 +260,6 @@ def _hooked(folder: Path | str, hf_model: Any, tokenizer: Any, *, device: Any, d
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub can be reached (False at once when ``HF_HUB_OFFLINE`` is set)."""
-
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     try:

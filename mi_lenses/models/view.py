@@ -25,6 +25,7 @@ from torch import Tensor
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import resolve_index
 from mi_lenses.models.batch import Batch, PromptInput, make_batch, run_with_cache
+from mi_lenses.models.blocks import Neurons, SublayerPath, is_post_ln, neurons, sublayer_path
 from mi_lenses.models.decode import Decoder, decoder_of
 from mi_lenses.models.kv import BridgeKV, HookedKV, is_bridge, kv_cache
 
@@ -55,7 +56,10 @@ class ModelView:
 
     def __init__(self, model: Any):
         if isinstance(model, ModelView):
+            self._memo = model._memo
             model = model.model
+        else:
+            self._memo: dict = {}
         if not ModelView.accepts(model):
             raise LensInputError(
                 f"expected a TransformerLens model (TransformerBridge or HookedTransformer), got "
@@ -140,6 +144,11 @@ class ModelView:
         elif point == "resid_post":
             rows = [ResidualRow(f"{l}_post", f"blocks.{l}.hook_resid_post", l + 1) for l in range(L - 1)]
         elif point == "resid_mid":
+            if self.is_bridge and is_post_ln(self.model):
+                raise LensInputError(
+                    "this model normalises its residual stream after each sublayer (post-LN, like OPT-350m): its "
+                    "blocks have no pre-norm resid_mid. Use point='resid_pre' or 'resid_post'."
+                )
             if getattr(self.cfg, "parallel_attn_mlp", False):
                 raise LensInputError(
                     "this model runs attention and MLP in parallel (cfg.parallel_attn_mlp): its blocks have no "
@@ -165,13 +174,53 @@ class ModelView:
 
     @property
     def d_mlp(self) -> int:
-        return int(self.cfg.d_mlp) if self.has_mlp and getattr(self.cfg, "d_mlp", None) else 0
+        """The most neurons of any block's MLP, counted from the weights (TransformerLens fills ``cfg.d_mlp`` wrongly
+        for some models, e.g. OPT's ``4 * d_model`` whatever ``ffn_dim`` is; mixture-of-experts blocks count every
+        expert's neurons and the shared expert's)."""
+        if not self.has_mlp:
+            return 0
+        return max(self.neurons(l).size for l in range(self.n_layers))
+
+    def neurons(self, layer: int) -> Neurons:
+        """Block ``layer``'s MLP neurons: their activations and output rows (:mod:`mi_lenses.models.blocks`; a
+        mixture of experts: every expert's neurons weighted by the router, then the shared expert's), read once."""
+        key = ("neurons", layer)
+        if key not in self._memo:
+            self._memo[key] = neurons(self.model, layer)
+        return self._memo[key]
+
+    def sublayer(self, layer: int, sublayer: str) -> SublayerPath:
+        """How block ``layer``'s ``"attn"`` or ``"mlp"`` output reaches the residual stream: its hook before
+        anything the block applies to it, the post-norm, the residual multiplier and, post-LN, the residual norm
+        (:class:`~mi_lenses.models.blocks.SublayerPath`), read once."""
+        key = ("sublayer", layer, sublayer)
+        if key not in self._memo:
+            if self.is_bridge:
+                self._memo[key] = sublayer_path(self.model, layer, sublayer)
+            else:
+                if getattr(self.cfg, "use_normalization_before_and_after", False):
+                    raise LensInputError(
+                        "this HookedTransformer normalises each sublayer's output (ln1_post/ln2_post), which "
+                        "direct logit attribution reads only on a TransformerBridge: load the model with "
+                        "mi_lenses.load_model(..., kind='bridge').")
+                self._memo[key] = SublayerPath(layer, sublayer, self.out_hook(layer, sublayer))
+        return self._memo[key]
+
+    @property
+    def writes_through_norms(self) -> bool:
+        """Whether some component reaches the logit through a norm besides the final one (a sublayer post-norm or a
+        post-LN residual norm), so that its direction depends on the position."""
+        subs = ("attn", "mlp") if self.has_mlp else ("attn",)
+        return any(p.post_norm is not None or p.resid_norm is not None
+                   for l in range(self.n_layers) for p in (self.sublayer(l, s) for s in subs))
 
     @property
     def embed_hooks(self) -> list[tuple[str, str]]:
         """``(label, hook name)`` of the input embeddings that are added to the residual stream: the token
-        embedding, and the learned positional embedding where the model has one (rotary models have none)."""
-        hooks = [("embed", "hook_embed")]
+        embedding (after ``project_in`` where the model has one, OPT-350m), and the learned positional embedding
+        where the model has one (rotary models have none)."""
+        has_project_in = "project_in.hook_out" in getattr(self.model, "hook_dict", {})
+        hooks = [("embed", "project_in.hook_out" if has_project_in else "hook_embed")]
         if getattr(self.cfg, "positional_embedding_type", "standard") in ("standard", "learned"):
             hooks.append(("pos_embed", "hook_pos_embed"))
         return hooks
@@ -208,6 +257,9 @@ class ModelView:
     def attn_scale(self, layer: int) -> float:
         """The factor block ``layer`` multiplies ``q · k`` by (usually ``1 / sqrt(d_head)``)."""
         attn = self.model.blocks[layer].attn
+        hf_type = getattr(getattr(getattr(self.model, "original_model", None), "config", None), "model_type", None)
+        if not getattr(self.cfg, "use_attn_scale", True) or hf_type == "gpt_neo":
+            return 1.0  # GPT-Neo does not scale q · k
         if self.is_bridge:
             scaling = getattr(getattr(attn, "original_component", None), "scaling", None)
         else:
@@ -240,6 +292,13 @@ class ModelView:
                 "on rotary models): run model.run_with_cache(tokens) without a names_filter, or pass the prompt."
             )
         q, k = q.float(), k.float()
+        if (cos is None or sin is None) and self.is_rotary:
+            table = self._interleaved_rotary_table()
+            if table is not None:  # GPT-J: the bridge exposes neither rotated q/k nor the angles
+                r = table.shape[-1]
+                sin, cos = (t.repeat_interleave(2, -1)[None, : q.shape[1], None, :].to(q.device)
+                            for t in table.float().split(r // 2, dim=-1))
+                return _rotate_interleaved(q, cos, sin), _rotate_interleaved(k, cos, sin)
         if cos is None or sin is None:
             if self.is_rotary:
                 raise LensInputError(
@@ -249,6 +308,18 @@ class ModelView:
             return q, k
         cos, sin = cos.float()[:, :, None, :], sin.float()[:, :, None, :]  # [B or 1, S, 1, r]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def _interleaved_rotary_table(self) -> Tensor | None:
+        """GPT-J's rotary table, ``[max_positions, r]`` = ``sin | cos`` per position (its ``embed_positions``
+        buffer), where the bridge does not expose the rotation; ``None`` for other models."""
+        hf = getattr(self.model, "original_model", None)
+        if hf is None or getattr(getattr(hf, "config", None), "model_type", None) not in ("gptj", "codegen"):
+            return None
+        for mod in hf.modules():
+            buf = getattr(mod, "embed_positions", None)
+            if isinstance(buf, Tensor) and buf.ndim == 2:
+                return buf.detach()
+        return None
 
     def mlp_hook(self, layer: int, name: str = "post") -> str:
         """Hook inside block ``layer``'s MLP: ``post`` is the input of ``W_out`` (post-activation, gated)."""
@@ -406,3 +477,12 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = r // 2
     rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
     return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+
+
+def _rotate_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding on the first ``cos.shape[-1]`` dimensions of ``x`` in GPT-J's layout: adjacent coordinates
+    ``(2i, 2i + 1)`` are the rotated pairs (``rotate_every_two``), angles repeated per pair."""
+    r = cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    pairs = torch.stack((-rot[..., 1::2], rot[..., ::2]), dim=-1).flatten(-2)
+    return torch.cat((rot * cos + pairs * sin, rest), dim=-1)

@@ -52,7 +52,6 @@ class AffineMap:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write to a ``.safetensors`` file atomically."""
-
         tensors = {"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}
         return write_file_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"r2": repr(self.r2)}))
 
@@ -60,7 +59,6 @@ class AffineMap:
     def load(cls, path: str | os.PathLike) -> "AffineMap":
         """Read a map written by :meth:`save` (safetensors: no code can run), checked for completeness, shapes and
         finite values."""
-
         path = Path(path)
         if not path.is_file():
             raise LensInputError(f"{path} is not a file: pass the .safetensors file AffineMap.save wrote.")

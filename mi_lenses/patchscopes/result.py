@@ -134,13 +134,11 @@ class PatchscopeResult(Result):
 
     def table(self, *, batch: int = 0):
         """A rich table: layer | top-1 (prob) | prec@1 | surprisal | generation."""
-
         self.check_batch(batch)
         return result_table(self)
 
     def fragment(self, *, batch: int = 0) -> str:
         """The prompts (patched positions highlighted) and one table row per (l, l*)."""
-
         self.check_batch(batch)
         return result_fragment(self)
 
@@ -248,13 +246,11 @@ class SweepResult(Result):
 
     def table(self, *, batch: int = 0):
         """A rich table: precision@1 and surprisal per source layer at ``l* = l`` (where it was run)."""
-
         self.check_batch(batch)
         return sweep_table(self)
 
     def fragment(self, *, batch: int = 0) -> str:
         """Heat maps of precision@1, surprisal and target probability over (l, l*), and precision@1 per layer."""
-
         self.check_batch(batch)
         return sweep_fragment(self)
 

@@ -338,7 +338,6 @@ def verify(model: Any, prompt: str = "The capital of France is", atol: float = 1
 
     >>> mi_lenses.patchscopes.verify(model)   # silent when the hooks, KV prefix and readout are right
     """
-
     view = ModelView(model)
     tokens = view.to_tokens(prompt)
     S, L = tokens.shape[1], view.n_layers

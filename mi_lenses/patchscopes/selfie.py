@@ -172,7 +172,6 @@ def selfie(
             the preset).
         max_new_tokens, do_sample, temperature, seed: generation (greedy by default; sampling is seeded).
     """
-
     view = ModelView(model)
     hooks = active_hooks(view.model)
     target = interpretation if interpretation is not None else selfie_preset()

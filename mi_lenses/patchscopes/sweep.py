@@ -64,7 +64,6 @@ def sweep(
         target_token: a token whose target probability is tracked (default: the source's own prediction).
         chunk: patched rows per forward pass.
     """
-
     target = target if target is not None else identity()
     src_view = ModelView(model)
     hooks = active_hooks(src_view.model)

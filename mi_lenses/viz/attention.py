@@ -86,7 +86,6 @@ def head_view_component(res, batch: int, layer: int, window: int = HEAD_VIEW_WIN
     """circuitsvis ``AttentionHeads`` of every head of one layer over the prompt's last ``window`` tokens (all of
     them when the prompt is no longer): the browser draws every query x key cell, which takes seconds per head
     beyond a few dozen tokens."""
-
     i = res.layer_index(layer)
     n = res.lengths[batch]
     lo = max(0, n - window)
@@ -164,7 +163,6 @@ def neuron_view(terms, max_keys: int = 48) -> str:
     """The neuron view of one head and query: per key, the ``scale * q_d * k_d`` term of every dimension
     (diverging colours), their sum (the score) and the softmax (the attention weight), then the row over the prompt
     (circuitsvis)."""
-
     K, d = terms.products.shape
     keys = list(range(K))
     if K > max_keys:
@@ -247,7 +245,6 @@ def attention_fragment(res, batch: int = 0, layer: int | None = None, head: int 
 def attention_table(res, batch: int = 0, value: str = "sink"):
     """A rich table: layers (rows, last on top) x heads, each cell one diagnostic, shaded; top heads in the
     caption."""
-
     vals = res.metric(value, batch)
     top = math.log2(max(res.lengths[batch], 2)) if value == "entropy" else 1.0
     table = Table(title=f"{_NAMES[value]} · {res.model_name}", pad_edge=False, min_width=72)
@@ -267,7 +264,6 @@ def attention_table(res, batch: int = 0, value: str = "sink"):
 
 def qk_table(terms, k: int = 12):
     """A rich table of the ``k`` most attended keys: position, token, score, weight and the largest terms."""
-
     table = Table(title=f"L{terms.layer}H{terms.head} at query {terms.query} {terms.str_tokens[terms.query]!r} · "
                         f"{terms.model_name}", caption="score = Σ_d scale · q_d · k_d; weight = softmax(score)")
     for col in ("key", "token", "score", "weight", "largest terms"):

@@ -92,7 +92,6 @@ def neuron_table(res, batch: int = 0, k: int = 20) -> str:
 def source_views(res, batch: int = 0, head: tuple[int, int] | None = None, n_heads: int = 8) -> list:
     """circuitsvis views: the prompt coloured by each token's contribution through ``head`` (default: the head with
     the largest |value|), and a multi-view over the ``n_heads`` largest heads."""
-
     tops = [_head_label(label) for label, _ in res.top(n_heads, kinds="head", batch=batch)]
     if head is None:
         head = tops[0]
@@ -157,7 +156,6 @@ def _interventions_note(res, batch: int) -> str:
 
 def dla_table(res, k: int = 15, batch: int | None = 0):
     """A rich table: the ``k`` largest parts, then the ``k // 2`` largest neurons, each with a signed bar."""
-
     parts = res.top(k, batch=batch)
     neurons = res.top_neurons(max(1, k // 2), batch=batch)
     vmax = max([abs(v) for _, v in parts + neurons] + [1e-9])

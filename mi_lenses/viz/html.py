@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import functools
 import html
+import json
 import math
 import struct
 import zlib
@@ -24,6 +25,7 @@ import torch
 from circuitsvis.utils.render import RenderedHTML
 
 from mi_lenses.viz.colors import css, diverging, sequential, text_on
+from mi_lenses.viz.notebook import BUNDLE_OPEN, dedupe_bundles, notebook_html
 from mi_lenses.viz.tokens import stride
 
 _MARK = "CircuitsVis.render("
@@ -33,13 +35,17 @@ def _offline_html_class():
 
     class OfflineHTML(RenderedHTML):
         """circuitsvis ``RenderedHTML`` that always renders the inlined source (circuitsvis would probe the
-        internet and then load its bundle from a CDN)."""
+        internet and then load its bundle from a CDN); in a Jupyter kernel the bundle goes into the first view of
+        the session only (:mod:`mi_lenses.viz.notebook`)."""
 
         def _repr_html_(self) -> str:
-            return self.local_src
+            return notebook_html(self.local_src)
 
         def __str__(self) -> str:
             return self.local_src
+
+        def __repr__(self) -> str:
+            return f"<mi_lenses view: {len(self.local_src):,} characters of HTML; display it in a notebook>"
 
     return OfflineHTML
 
@@ -65,9 +71,11 @@ def esc(text: str) -> str:
 
 def circuitsvis_block(components: Sequence) -> str:
     """Several circuitsvis ``RenderedHTML`` objects as one offline block: the JS bundle inlined once, as a classic
-    script (it defines the global ``CircuitsVis``), then one module script that renders every component. A page
-    holding several blocks keeps only the first bundle (:func:`dedupe_bundles`)."""
-    divs, calls, bundle = [], [], None
+    script (it defines the global ``CircuitsVis``), then one module script that renders every component as soon as
+    ``window.CircuitsVis`` exists. A page holding several blocks keeps only the first bundle
+    (:func:`dedupe_bundles`); a notebook output may hold none and use the one an earlier output defined
+    (:mod:`mi_lenses.viz.notebook`)."""
+    divs, calls, ids, bundle = [], [], [], None
     for comp in components:
         src = comp.local_src
         head, _, script = src.partition('<script crossorigin type="module">')
@@ -75,15 +83,42 @@ def circuitsvis_block(components: Sequence) -> str:
         if at < 0:  # unknown layout: fall back to each component's own inlined source
             return "\n".join(c.local_src for c in components)
         divs.append(_closed_div(head.strip()))
-        bundle = bundle or script[:at]
+        ids.append(_div_id(head))
+        bundle = bundle or _bundle_source(script[:at])
         calls.append(script[at:].replace("</script>", "").strip())
     if not divs:
         return ""
-    return (f"{_BUNDLE_OPEN}\n{(bundle or '').strip()}\n</script>\n" + "\n".join(divs)
-            + '\n<script type="module">\n' + "\n".join(calls) + "\n</script>")
+    return (f"{BUNDLE_OPEN}\n{bundle}\nwindow.CircuitsVis = CircuitsVis;\n</script>\n" + "\n".join(divs)
+            + '\n<script type="module">\n' + _WAIT.replace("IDS", json.dumps(ids)).replace("CALLS", "\n".join(calls))
+            + "\n</script>")
 
 
-_BUNDLE_OPEN = '<script data-mi-lenses="circuitsvis-bundle">'
+# Renders the calls once window.CircuitsVis exists (at once on a page that inlines the bundle; in a notebook, when
+# the output that carries it has run). Without it after 10 s, the mount points say what to do, and keep waiting.
+_WAIT = """(function mount(tries) {
+  const ids = IDS;
+  if (!window.CircuitsVis) {
+    if (tries === 200) for (const id of ids) {
+      const el = document.getElementById(id);
+      if (el && !el.childElementCount) el.textContent = "This view waits for the circuitsvis bundle, which the "
+        + "first mi_lenses view of the notebook carries: run the notebook again in a fresh kernel.";
+    }
+    setTimeout(() => mount(tries + 1), tries < 200 ? 50 : 500);
+    return;
+  }
+  for (const id of ids) { const el = document.getElementById(id); if (el && !el.childElementCount) el.textContent = ""; }
+CALLS
+})(0);"""
+
+
+def _div_id(head: str) -> str:
+    """The id of circuitsvis's mount point ``<div id="circuits-vis-..." .../>``."""
+    return head.split('id="', 1)[1].split('"', 1)[0] if 'id="' in head else ""
+
+
+def _bundle_source(js: str) -> str:
+    """The inlined circuitsvis bundle, without its source-map comment (the map is not shipped with the page)."""
+    return "\n".join(line for line in js.strip().splitlines() if not line.startswith("//# sourceMappingURL="))
 
 
 def _closed_div(head: str) -> str:
@@ -92,20 +127,6 @@ def _closed_div(head: str) -> str:
     if head.startswith("<div") and head.endswith("/>"):
         return head[:-2].rstrip() + "></div>"
     return head
-
-
-def dedupe_bundles(text: str) -> str:
-    """``text`` with every circuitsvis bundle after the first one removed (the first defines ``CircuitsVis`` for
-    all; the bundle holds no ``</script>``: circuitsvis strips it)."""
-    first = text.find(_BUNDLE_OPEN)
-    if first < 0:
-        return text
-    cut = text.index("</script>", first) + len("</script>")
-    head, tail = text[:cut], text[cut:]
-    while (at := tail.find(_BUNDLE_OPEN)) >= 0:
-        end = tail.index("</script>", at) + len("</script>")
-        tail = tail[:at] + tail[end:]
-    return head + tail
 
 
 def page(title: str, body: str) -> str:
@@ -141,6 +162,12 @@ def hooks_note(names: Sequence[str]) -> str:
             f"result ({listed}).</p>\n")
 
 
+# What every cell of a heat grid shares, written once per grid instead of once per cell (a grid of 31 rows x 14
+# positions is 434 cells; the colours stay on the cells). A class, so it holds in a notebook output as on a page.
+_GRID_CSS = ("<style>.mil-grid td{padding:2px 4px;border:1px solid #eee;max-width:90px;overflow:hidden;"
+             "white-space:nowrap;text-overflow:ellipsis}</style>")
+
+
 def heat_grid(
     row_labels: Sequence[str],
     col_labels: Sequence[str],
@@ -155,7 +182,8 @@ def heat_grid(
     (long tokens are cut with an ellipsis; the hover title has them whole), the table scrolls sideways when it is
     wider than the page, and the row labels stay in view while it does."""
     sticky = "position:sticky;left:0;background:#fff;z-index:1"
-    out = ['<div class="scroll"><table style="border-collapse:collapse;font-family:monospace;font-size:12px">']
+    out = [_GRID_CSS, '<div class="scroll"><table class="mil-grid" style="border-collapse:collapse;'
+                      'font-family:monospace;font-size:12px">']
     if caption:
         out.append(f'<caption style="text-align:left;padding:4px 0;font-family:sans-serif">{caption}</caption>')
     out.append(f'<tr><th style="{sticky}"></th>' + "".join(
@@ -167,10 +195,7 @@ def heat_grid(
             s = shade[i][j]
             bg = css(diverging(s) if signed else sequential(s))
             title = f' title="{html.escape(titles[i][j])}"' if titles else ""
-            cells.append(
-                f'<td{title} style="background:{bg};color:{text_on(s)};padding:2px 4px;border:1px solid #eee;'
-                f'max-width:90px;overflow:hidden;white-space:nowrap;text-overflow:ellipsis">{esc(text[i][j])}</td>'
-            )
+            cells.append(f'<td{title} style="background:{bg};color:{text_on(s)}">{esc(text[i][j])}</td>')
         out.append(f'<tr><th style="text-align:right;padding:2px 6px;white-space:nowrap;{sticky}">{esc(label)}</th>'
                    f'{"".join(cells)}</tr>')
     out.append("</table></div>")
@@ -184,7 +209,6 @@ def line_chart(
     """A small inline SVG line chart: one polyline per series, a dot per value with its exact value on hover.
     The y axis spans the data (and 0) unless ``y_min``/``y_max`` fix it; x labels are strided to at most 16 and
     always include the last one."""
-
     colors = ["#08519c", "#e6550d", "#31a354", "#756bb1", "#636363", "#d6616b", "#8c6d31", "#17becf"]
     values = [v for s in series.values() for v in s if v is not None and math.isfinite(v)]
     lo, hi = (min(values + [0.0]), max(values + [1e-9])) if values else (0.0, 1.0)
@@ -239,7 +263,6 @@ def _palette() -> bytes:
 def png_data_uri(values) -> str:
     """A ``[height, width]`` tensor of values in [0, 1] as an inline PNG (``data:`` URI) on the sequential colour
     scale (palette PNG, NaN white): small thumbnails that need no script and no network."""
-
 
     h, w = values.shape
     palette = _palette()

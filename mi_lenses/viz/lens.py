@@ -90,7 +90,6 @@ def kl_chart(res, batch: int = 0) -> str:
 
 def circuitsvis_views(res, batch: int = 0) -> list:
     """circuitsvis ``ColoredTokensMulti`` views: the prompt coloured by a statistic, one label per layer."""
-
     cols = res.columns(batch)
     tokens = [res.position_tokens[batch][j] for j in cols]
     labels = list(res.labels)

@@ -56,7 +56,6 @@ def result_fragment(res) -> str:
 
 def result_table(res):
     """A rich table: layer | top-1 (prob) | prec@1 | surprisal | generation."""
-
     table = Table(title=f"Patchscope '{res.target_name}': source {res.source_token!r} "
                         f"(model predicts {res.source_prediction!r})")
     for col in ("layer", "top-1", "p", "prec@1", "surprisal (bits)"):
@@ -121,7 +120,6 @@ def sweep_fragment(sw) -> str:
 
 def sweep_table(sw):
     """A rich table: precision@1 and mean surprisal (bits) per source layer at l* = l."""
-
     table = Table(title=f"Patchscope sweep '{sw.target_name}' · {sw.model_name} · {len(sw.positions)} source positions")
     for col in ("l = l*", "precision@1", "surprisal (bits)"):
         table.add_column(col, justify="right")

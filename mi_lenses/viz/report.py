@@ -155,7 +155,6 @@ def report_fragment(rep) -> str:
 def report_table(rep, max_layers: int = 16):
     """The terminal summary (a rich ``Group``)."""
 
-
     prompt = repr(rep.prompt if len(rep.prompt) <= 100 else "…" + rep.prompt[-99:])  # a long prompt's end
     items: list = [Text.assemble(("prompt ", "bold"), prompt, f" ({len(rep.str_tokens)} tokens) · ",
                                  ("prediction ", "bold"), f"{rep.prediction!r} p={rep.prediction_prob:.3f}",
@@ -200,7 +199,6 @@ def report_table(rep, max_layers: int = 16):
 
 def _per_layer_table(rep, recs: list[dict], cols: list[tuple], width: int, max_layers: int):
     """The per-layer table with as many of ``cols`` (in order) as fit ``width``."""
-
 
     rows = stride(len(recs), max_layers)
     texts = {key: [_cell(recs[r][key], fmt) for r in rows] for _, key, fmt in cols}

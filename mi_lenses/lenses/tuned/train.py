@@ -130,7 +130,6 @@ class _Dist:
 
 def _init_distributed(device: torch.device) -> _Dist:
     """Join the process group that ``torchrun`` describes in the environment (no-op in a single process)."""
-
     if dist.is_available() and dist.is_initialized():
         return _Dist(dist.get_rank(), dist.get_world_size())
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

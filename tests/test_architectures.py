@@ -1,0 +1,75 @@
+"""The architecture matrix (see :mod:`arch_matrix`): tiny random models of 27 Hugging Face decoder architectures
+(28 configurations: OPT in its 125m and 350m layouts), booted with ``mi_lenses.load_model(folder)`` raw and in
+compatibility mode, every feature checked against the HF model alone; and the support page generated from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import arch_matrix as AM
+from archs import SPECS
+
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
+
+pytestmark = pytest.mark.skipif(
+    __import__("mi_lenses").models.loading.tl_major() < 4, reason="the matrix boots TransformerBridges (TL 4.x)")
+
+
+@pytest.fixture(scope="module")
+def matrix(tokenizer, tmp_path_factory):
+    return AM.Matrix(tokenizer, tmp_path_factory.mktemp("archs"))
+
+
+CELLS = [(n, m, f) for n in SPECS for m in AM.MODES for f in AM.FEATURES]
+
+
+@pytest.mark.parametrize("name,mode,feature", CELLS, ids=[f"{n}-{m}-{f.replace(' ', '_')}" for n, m, f in CELLS])
+def test_cell(matrix, name, mode, feature):
+    want = AM.expected(name, mode, feature)
+    if want.startswith("probe: ") and not AM.PARITY_PROBE:
+        pytest.xfail(f"TransformerLens's bridge disagrees with HF ({want[7:]}): the load-time parity probe refuses it")
+    assert AM.outcome(matrix, name, mode, feature) == want
+
+
+def test_support_page_is_the_expectation_table():
+    """docs/architectures.md is generated (scripts/support_table.py) from this matrix: its table must be the
+    expectation table; regenerate the page when the table changes."""
+    page = PAGE.read_text(encoding="utf-8")
+    assert AM.render_table(AM.expected_table()) in page, \
+        "docs/architectures.md is out of date: run .venv/bin/python scripts/support_table.py"
+    assert "Run on TransformerLens " in page
+
+
+def test_post_ln_model_has_no_resid_mid(matrix):
+    """OPT-350m normalises its residual stream after each sublayer: a resid_mid lens is refused with the fix."""
+    import mi_lenses
+
+    m = matrix.model("opt_350m", "raw")
+    with pytest.raises(mi_lenses.LensInputError, match="post-LN"):
+        mi_lenses.logit_lens(m, matrix.entry("opt_350m").tokens, point="resid_mid")
+
+
+NEURON_CASES = [(n, m) for n in ("gemma2", "olmo2", "opt_350m", "granite", "mixtral", "qwen2_moe") for m in AM.MODES]
+
+
+@pytest.mark.parametrize("name,mode", NEURON_CASES, ids=[f"{n}-{m}" for n, m in NEURON_CASES])
+def test_neuron_attribution_at_every_position_equals_dla(matrix, name, mode):
+    """neuron_attribution (every position at once, the direction carried through post-norms, post-LN norms,
+    multipliers, experts) equals the DLA's neurons at each position, which the matrix checks against HF."""
+    import torch
+
+    import mi_lenses
+
+    m = matrix.model(name, mode)
+    entry = matrix.entry(name)
+    with torch.no_grad():
+        # (only the hooks it reads: with hooks on ln2, TransformerLens's post-LN OPT bridge breaks its own forward)
+        logits, cache = m.run_with_cache(entry.tokens, names_filter=mi_lenses.attribution.required_hooks(m))
+    attr = mi_lenses.neuron_attribution(m, cache, answer=entry.answer, wrong=entry.wrong)
+    for pos in (1, entry.tokens.shape[1] - 1):
+        res = mi_lenses.direct_logit_attribution(m, entry.tokens, answer=entry.answer, wrong=entry.wrong,
+                                                 position=pos, progress=False)
+        AM.close(attr[:, 0, pos], res.neurons[0], f"{name}-{mode} neuron_attribution at position {pos} vs DLA", 1e-5)
