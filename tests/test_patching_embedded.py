@@ -1,13 +1,11 @@
 """Circuit analysis on the embedded SmolLM2-135M (slow): the issue's acceptance call against TransformerLens's
-``patching`` (on a subset of layers: its loop is one forward pass per cell), the standard head ablation under which
-DLA and the report used to raise, and tutorial 07."""
+``patching`` (on a subset of layers: its loop is one forward pass per cell) and the standard head ablation under
+which DLA and the report used to raise. Tutorial 07 runs in ``tests/test_tutorials.py``, as every tutorial."""
 
 from __future__ import annotations
 
 import contextlib
 import io
-import runpy
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +17,6 @@ pytestmark = pytest.mark.slow
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPTED = "When John and Mary went to the store, Mary gave a drink to"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _metric(m):
@@ -82,13 +79,3 @@ def test_head_ablation_no_longer_breaks_dla_and_the_report(smol, tmp_path):
     with smol.hooks(fwd_hooks=[("blocks.23.hook_attn_out", zero)]):
         dla = mi_lenses.direct_logit_attribution(smol, CLEAN, answer=" Mary", wrong=" John")
     assert "blocks.23.hook_attn_out" in dla.interventions
-
-
-def test_tutorial_07_runs(smol, tmp_path, monkeypatch):
-    import mi_lenses.models.loading as loading
-
-    monkeypatch.setattr(loading, "_boot", lambda *a, **k: smol)  # reuse the loaded model
-    monkeypatch.chdir(tmp_path)
-    runpy.run_path(str(ROOT / "tutorials" / "07_ioi_circuit.py"), run_name="__main__")
-    assert (tmp_path / "ioi_circuit.html").read_text().count("<svg") >= 1
-    assert "blocks.23.attn.hook_z" in (tmp_path / "ioi_report_ablated.html").read_text()

