@@ -9,6 +9,7 @@ Every name is importable from here:
 * attribution: :func:`direct_logit_attribution`, :func:`neuron_attribution`;
 * attention: :func:`attention` (patterns, sinks, entropy, previous-token and induction scores, q·k terms);
 * Patchscopes: :func:`patchscope`, :func:`sweep`, :class:`Source`, :class:`Target`, ``presets``, :func:`fit_map`;
+* circuit analysis: :func:`activation_patching` (exact, attribution, EAP-IG), edges, circuits, path patching;
 * the report: :func:`report` (every lens, DLA and attention of one prompt on one offline page);
 * models: :func:`load_model`, :class:`ModelView`;
 * results share one protocol (:class:`Result`: ``show``, ``to_html``, ``print``, ``to_dict``/``to_json``,
@@ -64,6 +65,15 @@ from mi_lenses.patchscopes import (
     selfie,
     sweep,
 )
+from mi_lenses.patching import (
+    Circuit,
+    EdgeAttribution,
+    PatchingResult,
+    activation_patching,
+    edge_attribution,
+    faithfulness,
+    path_patching,
+)
 from mi_lenses.reports import Report, report
 from mi_lenses.results import Result
 
@@ -75,8 +85,10 @@ __all__ = [
     "AffineMap",
     "AttentionResult",
     "AttributeLens",
+    "Circuit",
     "DLAResult",
     "DiffusionLensResult",
+    "EdgeAttribution",
     "FutureLens",
     "FuturePromptLens",
     "JacobianLens",
@@ -90,6 +102,7 @@ __all__ = [
     "MiLensesError",
     "ModelLoadError",
     "ModelView",
+    "PatchingResult",
     "PatchscopeLens",
     "PatchscopeResult",
     "QKTerms",
@@ -104,14 +117,17 @@ __all__ = [
     "TrainConfig",
     "TunedLens",
     "VerificationError",
+    "activation_patching",
     "attention",
     "compare_lenses",
     "data",
     "diffusion",
     "diffusion_lens",
     "direct_logit_attribution",
+    "edge_attribution",
     "evaluate_attribute_lens",
     "evaluate_lens",
+    "faithfulness",
     "fit_attribute_lens",
     "fit_future_lens",
     "fit_future_prompt",
@@ -122,6 +138,7 @@ __all__ = [
     "load_row_map",
     "logit_lens",
     "neuron_attribution",
+    "path_patching",
     "patchscope",
     "patchscopes",
     "presets",

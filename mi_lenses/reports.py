@@ -3,8 +3,10 @@
 :func:`report` answers a researcher's first three questions about a prompt: what does each layer believe (logit lens,
 the tuned lens beside it, the identity Patchscope against the logit lens), which parts wrote the answer (direct logit
 attribution: heads, MLPs, neurons, the source positions of the top heads) and where do the heads look (head, model
-and neuron views, attention sinks, previous-token and induction heads). Every section reuses the same cache, and
-each result inside is the ordinary result of its own entry point, verified as usual.
+and neuron views, attention sinks, previous-token and induction heads); with ``corrupted=`` a prompt of the same
+length, also what matters causally (exact activation patching of the residual stream, layer x position, and attribution
+patching of every head). Every section reuses the same cache, and each result inside is the ordinary result of its own
+entry point, verified as usual.
 
 Example:
     >>> rep = mi_lenses.report(model, "The capital of France is", progress=False)
@@ -39,14 +41,16 @@ from mi_lenses.lenses.lens import Lens
 from mi_lenses.lenses.logit_lens import logit_lens
 from mi_lenses.lenses.result import LensResult
 from mi_lenses.models.batch import PromptInput
+from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
+from mi_lenses.patching import PatchingResult, activation_patching
 from mi_lenses.patchscopes import SweepResult, presets, sweep
 from mi_lenses.progress import bar
 from mi_lenses.results import Result, dataframe, jsonable
 from mi_lenses.viz.lens import best_tokens
 from mi_lenses.viz.report import report_fragment, report_table
 
-Section = Literal["logit_lens", "tuned_lens", "patchscope", "dla", "attention"]
+Section = Literal["logit_lens", "tuned_lens", "patchscope", "dla", "attention", "patching"]
 TRAJECTORY_TOKENS = 6  # tokens in the "top tokens per layer" chart
 
 
@@ -59,7 +63,9 @@ class Report(Result):
     some layer believed most (``targets``); ``patchscope``: the identity Patchscope at ``l* = l`` over the last
     positions, with ``lens_precision`` (logit lens, ``resid_post``) and ``tuned_precision`` per layer on the same
     positions (a hit: top-1 equals the model's own next-token prediction); ``dla``: the attribution of ``answer``
-    (minus ``wrong``) at the last position; ``attention``: every head.
+    (minus ``wrong``) at the last position; ``attention``: every head; ``patching`` (with a corrupted prompt): the
+    exact ``resid_pre`` grid, and ``patching_heads`` the attribution of every head (normalised logit difference of
+    ``answer`` and ``wrong``).
     """
 
     model_name: str
@@ -82,6 +88,9 @@ class Report(Result):
     tuned_precision: Float[Tensor, " L"] | None = None
     dla: DLAResult | None = field(default=None, repr=False)
     attention: AttentionResult | None = field(default=None, repr=False)
+    patching: PatchingResult | None = field(default=None, repr=False)
+    patching_heads: PatchingResult | None = field(default=None, repr=False)
+    corrupted: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -159,6 +168,7 @@ class Report(Result):
             "seconds": self.seconds,
             "per_layer": self.per_layer(),
             **{name: part.to_dict() for name, part in parts.items() if part is not None},
+            **({"patching_heads": self.patching_heads.to_dict()} if self.patching_heads is not None else {}),
         })
 
     def to_dataframe(self):
@@ -188,6 +198,7 @@ def report(
     top_k: int = 5,
     patchscope_positions: int = 8,
     induction_length: int | None = None,
+    corrupted: PromptInput | None = None,
     prepend_bos: bool | None = None,
     beyond_context: bool = False,
     progress: bool = True,
@@ -208,6 +219,8 @@ def report(
         patchscope_positions: the identity Patchscope runs at the prompt's last N positions (each one patched into
             every layer).
         induction_length: length of the random sequence of the attention's induction diagnostic (``0``: skip).
+        corrupted: a corrupted prompt of the same length: adds the ``patching`` section (exact ``resid_pre``
+            patching, layer x position, and attribution patching of every head, of ``answer`` against ``wrong``).
         prepend_bos: override the model's BOS default when tokenising.
         beyond_context: accept a prompt longer than the model's context (``cfg.n_ctx``).
         progress: a progress bar on stderr while it computes (it appears after a couple of seconds).
@@ -217,7 +230,8 @@ def report(
     """
     t_start = time.perf_counter()
     view = ModelView(model)
-    chosen = [SECTION_TABLE[name] for name in _sections(sections, lens)]
+    hooks = active_hooks(view.model)
+    chosen = [SECTION_TABLE[name] for name in _sections(sections, lens, corrupted)]
     for name, v in (("top_k", top_k), ("patchscope_positions", patchscope_positions)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise LensInputError(f"{name} must be a positive int, got {v!r}.")
@@ -242,7 +256,8 @@ def report(
         # ranks tracked by the lenses: the prediction, the answer, the wrong token (each once)
         targets = list(dict.fromkeys([pred_id, answer_id] + ([wrong_id] if wrong_id is not None else [])))
         ctx = _Context(view, batch.tokens, batch.lengths[0], cache, logits, lens, answer_id, wrong_id, targets, top_k,
-                       patchscope_positions, induction_length, prepend_bos, [s.name for s in chosen])
+                       patchscope_positions, induction_length, prepend_bos, [s.name for s in chosen],
+                       corrupted=corrupted)
         seconds["forward pass"] = time.perf_counter() - t0
         b.update(1)
         for section in chosen:
@@ -253,7 +268,7 @@ def report(
             b.update(1)
     seconds["total"] = time.perf_counter() - t_start
     text = view.str_tokens(batch)[0]
-    return Report(
+    return recorded(Report(
         model_name=view.name,
         prompt=prompt if isinstance(prompt, str) else "".join(text),
         str_tokens=text,
@@ -262,12 +277,14 @@ def report(
         answer=view.id_to_str(answer_id),
         wrong=None if wrong_id is None else view.id_to_str(wrong_id),
         sections=ctx.sections,
+        corrupted=None if corrupted is None else (corrupted if isinstance(corrupted, str) else
+                                                  "".join(view.str_tokens(view.batch(corrupted))[0])),
         prediction_id=pred_id,
         answer_id=answer_id,
         wrong_id=wrong_id,
         seconds=seconds,
         **ctx.parts,
-    )
+    ), hooks)
 
 
 # ------------------------------------------------------------------------------------------------ the sections
@@ -291,6 +308,7 @@ class _Context:
     prepend_bos: bool | None
     sections: list[str]
     parts: dict[str, Any] = field(default_factory=dict)
+    corrupted: Any = None
 
     @property
     def run(self) -> dict[str, Any]:
@@ -346,20 +364,30 @@ def _attention(c: _Context) -> dict[str, Any]:
                                    prepend_bos=c.prepend_bos, progress=False)}
 
 
+def _patching(c: _Context) -> dict[str, Any]:
+    """Exact patching of the residual stream (layer x position) and attribution patching of every head."""
+    kw = dict(answer=c.answer_id, wrong=c.wrong_id, prepend_bos=c.prepend_bos, progress=False)
+    return {"patching": activation_patching(c.view, c.tokens, c.corrupted, what="resid_pre", **kw),
+            "patching_heads": activation_patching(c.view, c.tokens, c.corrupted, what="head_out",
+                                                  method="attribution", **kw)}
+
+
 SECTION_TABLE: dict[str, _Section] = {s.name: s for s in (
     _Section("logit_lens", lambda view: (), _logit_lens),
     _Section("tuned_lens", lambda view: (), _tuned_lens),
     _Section("patchscope", lambda view: (), _patchscope),
     _Section("dla", dla_hooks, _dla),
     _Section("attention", attention_hooks, _attention),
+    _Section("patching", lambda view: (), _patching),
 )}
 SECTIONS: tuple[str, ...] = tuple(SECTION_TABLE)  # in page order
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _sections(sections: Sequence[str] | None, lens: Any) -> list[str]:
+def _sections(sections: Sequence[str] | None, lens: Any, corrupted: Any = None) -> list[str]:
     if sections is None:
-        return [s for s in SECTIONS if s != "tuned_lens" or lens is not None]
+        return [s for s in SECTIONS if (s != "tuned_lens" or lens is not None) and (s != "patching" or
+                                                                                    corrupted is not None)]
     if isinstance(sections, str):
         sections = [sections]
     unknown = [s for s in sections if s not in SECTIONS]
@@ -369,6 +397,9 @@ def _sections(sections: Sequence[str] | None, lens: Any) -> list[str]:
         raise LensInputError(f"no section chosen: pick some of {list(SECTIONS)} (or None for all).")
     if "tuned_lens" in sections and lens is None:
         raise LensInputError("the tuned_lens section needs a lens: pass lens=FOLDER (or --lens DIR).")
+    if "patching" in sections and corrupted is None:
+        raise LensInputError("the patching section needs a corrupted prompt: pass corrupted=PROMPT (or "
+                             "--corrupted TEXT), as long as the prompt.")
     return [s for s in SECTIONS if s in sections]
 
 

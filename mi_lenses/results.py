@@ -8,6 +8,10 @@
 ``res.to_dataframe()``        tidy pandas frame, one row per unit, padding excluded
 ============================  ==========================================================================
 
+A result computed while the user's own hooks were active on the model records them in ``active_hooks`` (set by
+the entry point, see :mod:`mi_lenses.models.interventions`): the page and the notebook view open with a note naming
+them, the terminal table is followed by one, and the JSON holds them under ``"hooks"``.
+
 ``batch`` selects a prompt of a batched result (results of one prompt accept only 0). Dimension names are the same
 everywhere: ``batch`` for prompts, ``layer`` for residual rows / source layers. A subclass implements
 ``to_dict``, ``to_dataframe``, ``table`` and ``fragment`` (the page body); extra keyword options of those (e.g.
@@ -32,13 +36,15 @@ from rich.console import Console
 
 from mi_lenses.atomic import write_atomic
 from mi_lenses.indexing import resolve_index
-from mi_lenses.viz.html import offline_html, page
+from mi_lenses.viz.html import hooks_note, offline_html, page
 
 LN2 = math.log(2.0)  # nats per bit: every ``*_bits`` value is the stored nats divided by this
 
 
 class Result:
     """Base class of every result (see the module docstring)."""
+
+    active_hooks: tuple[str, ...] = ()  # the user's hooks active during the computation (set by the entry point)
 
     @property
     def n_batch(self) -> int:
@@ -69,22 +75,28 @@ class Result:
     # ------------------------------------------------------------------------------------------ shared
     def show(self, *, batch: int = 0, **options: Any):
         """Render in a notebook: an offline circuitsvis ``RenderedHTML``."""
-        return offline_html(self.fragment(batch=batch, **options))
+        return offline_html(hooks_note(self.active_hooks) + self.fragment(batch=batch, **options))
 
     def print(self, *, batch: int = 0, width: int | None = None, **options: Any) -> None:
         """Print :meth:`table` to the terminal."""
-        Console(width=width).print(self.table(batch=batch, **options))
+        console = Console(width=width)
+        console.print(self.table(batch=batch, **options))
+        if self.active_hooks:
+            console.print(f"computed under your hooks: {', '.join(self.active_hooks)}", style="dim")
 
     def to_html(self, path: str | os.PathLike | None = None, *, batch: int = 0, **options: Any) -> str:
         """A standalone offline HTML page (circuitsvis bundle inlined); written atomically to ``path`` if given."""
-        text = page(self.title, self.fragment(batch=batch, **options))
+        text = page(self.title, hooks_note(self.active_hooks) + self.fragment(batch=batch, **options))
         if path is not None:
             write_atomic(path, text)
         return text
 
     def to_json(self, path: str | os.PathLike | None = None, *, batch: int = 0, **options: Any) -> str:
         """:meth:`to_dict` as JSON text; written atomically to ``path`` if given."""
-        return write_json(path, self.to_dict(batch=batch, **options))
+        data = self.to_dict(batch=batch, **options)
+        if self.active_hooks:
+            data = {**data, "hooks": list(self.active_hooks)}
+        return write_json(path, data)
 
 
 UNSET: Any = object()  # default of a deprecated keyword, to tell "not passed" from None

@@ -24,6 +24,7 @@ WRITES = {
     "04": {"patchscope.html": 1000, "patchscope_sweep.html": 1000},
     "05": {"report.html": 500_000, "attention.html": 1},
     "06": {"compare.html": 10_000, "selfie.html": 1},
+    "07": {"ioi_resid_pre.html": 10_000, "ioi_circuit.html": 10_000, "ioi_report_ablated.html": 100_000},
 }
 
 

@@ -7,6 +7,10 @@ the independent oracle, for five architectures, raw and folded. CI runs this mod
   own ``generate``, tuned lenses train and round-trip both file formats;
 * ragged batches: 8 prompts of different lengths, as text, right-padded tokens or left-padded tokens with their
   attention mask, equal the 8 single-prompt runs within 1e-5 on every statistic, for every lens, DLA and sweeps;
+* circuit analysis: exact patching equals this world's ``transformer_lens.patching`` (``resid_mid`` too on a
+  ``HookedTransformer``, whose hook is in the residual stream), attribution equals TL 4.3's ``attribution_patch``
+  where it exists, edges sum to nodes, circuits recover 1 and 0, path patching equals this world's direct paths, and
+  DLA under a user's head ablation sums to the hooked model's logit;
 * across the two worlds: with ``MI_LENSES_WORLD_REFS`` set, the 4.x run writes its numbers (and the tiny models'
   weights) there and the 3.x run must reproduce them within 1e-5. CI sets it; locally a missing reference is a skip.
 """
@@ -39,6 +43,7 @@ RAGGED = [
     "seven eight nine ten",
 ]
 REFS = os.environ.get("MI_LENSES_WORLD_REFS")
+PATCH_PAIR = ("The capital of France is", "The capital of Rome is")  # equal lengths with the tiny tokenizer
 
 
 class World:
@@ -315,6 +320,72 @@ def test_more_lenses_hold_their_identities(world):
     assert hook_counts(m) == before
 
 
+def test_circuit_analysis_in_this_world(world):
+    import contextlib
+    import io
+
+    from transformer_lens import patching
+
+    m = world.model
+    before = hook_counts(m)
+    clean, corrupted = PATCH_PAIR
+    ct, xt = m.to_tokens(clean), m.to_tokens(corrupted)
+    a, w = m.to_single_token("Paris"), m.to_single_token(" city")
+    with torch.no_grad():
+        cl, cc = m.run_with_cache(ct)
+        xl, xc = m.run_with_cache(xt)
+    c, x = float(cl[0, -1, a] - cl[0, -1, w]), float(xl[0, -1, a] - xl[0, -1, w])
+
+    def metric(lg):
+        return ((lg[:, -1, a] - lg[:, -1, w]).mean() - x) / (c - x)
+
+    kw = dict(answer="Paris", wrong=" city", progress=False)
+    cases = [("resid_pre", None, patching.get_act_patch_resid_pre), ("mlp_out", None, patching.get_act_patch_mlp_out),
+             ("head_out", None, patching.get_act_patch_attn_head_out_all_pos),
+             ("head_k", "layer_pos_head", patching.get_act_patch_attn_head_k_by_pos)]
+    if KIND == "hooked" and not getattr(m.cfg, "parallel_attn_mlp", False):
+        cases.append(("resid_mid", None, patching.get_act_patch_resid_mid))
+    for what, by, fn in cases:
+        ours = mi_lenses.activation_patching(m, clean, corrupted, what=what, by=by, **kw)
+        with contextlib.redirect_stderr(io.StringIO()):
+            ref = fn(m, xt, cc, metric).cpu()
+        close(ours.values, ref, f"{world.id} exact {what} vs transformer_lens.patching", 1e-4)
+        assert ours.engine == "replay", world.id
+    att = mi_lenses.activation_patching(m, clean, corrupted, what="head_out", by="layer_pos_head",
+                                        method="attribution", **kw)
+    if KIND == "bridge":
+        from transformer_lens.tools.analysis.attribution_patching import attribution_patch
+
+        heads = torch.zeros_like(att.values)
+        for node, v in attribution_patch(m, ct, xt, metric).node_scores.items():
+            if node.kind == "attn_head_out":
+                heads[node.layer, node.position, node.head] = v
+        close(att.values, heads, f"{world.id} attribution vs TL attribution_patch", 1e-4)
+    edges = mi_lenses.edge_attribution(m, clean, corrupted, answer="Paris", wrong=" city")
+    per_head = att.values.sum(1)
+    close(torch.stack([edges.node_scores()[[edges.writers.index(f"L{l}H{h}") for h in range(m.cfg.n_heads)]]
+                       for l in range(m.cfg.n_layers)]), per_head, f"{world.id} edges sum to nodes", 1e-4)
+    assert abs(mi_lenses.faithfulness(m, edges.circuit(threshold=0.0)).faithfulness - 1.0) < 1e-4
+    assert abs(mi_lenses.faithfulness(m, edges.circuit(edges=0)).faithfulness) < 1e-4
+    ours = mi_lenses.path_patching(m, clean, corrupted, senders=[(0, 1)], receivers="q", freeze="heads_and_mlps", **kw)
+    if hasattr(patching, "get_act_patch_direct_path"):  # TransformerLens 4.x
+        with contextlib.redirect_stderr(io.StringIO()):
+            ref = patching.get_act_patch_direct_path(m, xt, cc, xc, metric, 0, 1, component="q", verbose=False)
+        close(ours.values[1:], ref.cpu()[1:], f"{world.id} path patching vs direct paths", 1e-4)
+
+    def ablate(z, hook=None):
+        z[:, :, 1] = 0.0
+        return z
+
+    with m.hooks(fwd_hooks=[("blocks.1.attn.hook_z", ablate)]):
+        dla = mi_lenses.direct_logit_attribution(m, clean, answer="Paris", wrong=" city")
+        with torch.no_grad():
+            hooked = m(ct)
+    assert float(dla.total[0]) == pytest.approx(float(hooked[0, -1, a] - hooked[0, -1, w]), abs=1e-3)
+    assert "L1H1" in dla.sources_unavailable and dla.active_hooks == ("blocks.1.attn.hook_z",)
+    assert hook_counts(m) == before
+
+
 # ------------------------------------------------------------------------------------------------ ragged batches
 STATS = ("top_ids", "top_logits", "logsumexp", "entropy", "kl", "cross_entropy", "final_top1_rank",
          "target_ranks", "target_logprobs")
@@ -405,6 +476,22 @@ def _numbers(m) -> dict[str, torch.Tensor]:
     more.update({f"jlens_{r}": w for r, w in jl.W.items()}, selfie_ids=si.generated_ids, selfie_rel=si.relevancy)
     att = mi_lenses.attention(m, RAGGED[:3], induction_length=8)
     more.update(att_patterns=att.patterns, att_induction=att.induction, att_qk=att.qk_terms(1, 0, batch=1).products)
+    # circuit analysis, raw metric values (a small clean-corrupted gap would magnify normalised differences)
+    clean, corrupted = PATCH_PAIR
+    a, w = m.to_single_token("Paris"), m.to_single_token(" city")
+
+    def raw(lg):
+        return (lg[:, -1, a] - lg[:, -1, w]).mean()
+
+    for what in ("resid_pre", "resid_mid", "head_out", "head_v"):
+        if what == "resid_mid" and getattr(m.cfg, "parallel_attn_mlp", False):
+            continue
+        more[f"patch_exact_{what}"] = mi_lenses.activation_patching(m, clean, corrupted, metric=raw, what=what,
+                                                                    progress=False).values
+    more["patch_attribution"] = mi_lenses.activation_patching(m, clean, corrupted, metric=raw, what="head_out",
+                                                              by="layer_pos_head", method="attribution").values
+    more["patch_path"] = mi_lenses.path_patching(m, clean, corrupted, metric=raw, progress=False).values
+    more["patch_edges"] = mi_lenses.edge_attribution(m, clean, corrupted, metric=raw).scores.nan_to_num(0.0)
     return {**more, "top_ids": res.top_ids, "logp": res.top_logits - res.logsumexp[..., None], "kl": res.kl,
             "entropy": res.entropy, "ce": res.cross_entropy, "dla_heads": dla.heads, "dla_mlps": dla.mlps,
             "dla_neurons": dla.neurons, "dla_actual": dla.actual, "ps_top_ids": ps.top_ids,
@@ -437,7 +524,8 @@ def test_both_worlds_give_the_same_numbers(world):
         if ref.dtype == torch.long:
             assert torch.equal(mine, ref), f"{world.id} {key}: differs from the 4.x bridge"
         else:  # Jacobians go through a backward pass whose float32 summation order differs between the worlds
-            close(mine, ref, f"{world.id} {key} vs the 4.x bridge", 1e-4 if key.startswith("jlens") else 1e-5)
+            close(mine, ref, f"{world.id} {key} vs the 4.x bridge",
+                  1e-4 if key.startswith(("jlens", "patch_")) else 1e-5)
 
 
 def test_every_statistic_of_a_world_needs_a_real_model():

@@ -34,11 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mi_lenses.attn.interventions import unreproduced_heads
 from mi_lenses.attn.result import AttentionResult
 from mi_lenses.attn.scores import causal_scores
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import IndexSpec, resolve_indices
 from mi_lenses.models.batch import Batch, Cached, PromptInput, cached_forward
+from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
 
 DEFAULT_INDUCTION_LENGTH = 40
@@ -98,6 +100,7 @@ def attention(
         :class:`~mi_lenses.attn.result.AttentionResult`; positions count in each prompt's own tokens, padding is NaN.
     """
     view = ModelView(model)
+    hooks = active_hooks(view.model)
     if cache is None and _is_cache(input):
         cache, input = input, None
     # prepare
@@ -118,6 +121,7 @@ def attention(
                          progress=progress)
     batch, cache = run.batch, run
     parts = _reduce(view, cache, batch, chosen, unsupported is None, users)
+    qk_unavailable = unreproduced_heads(parts, batch.lengths, chosen, hooks) if hooks else {}
     unsupported = unsupported or parts.qk_note
     induction, ind_tokens = (None, None)
     if induction_length:
@@ -142,10 +146,11 @@ def attention(
         scale=parts.scales,
         score_error=parts.score_error,
         qk_note=unsupported,
+        qk_unavailable=qk_unavailable,
     )
     if check:
         result.verify()
-    return result
+    return recorded(result, hooks)
 
 
 # ------------------------------------------------------------------------------------------------ reduce

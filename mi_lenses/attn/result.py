@@ -57,6 +57,7 @@ class AttentionResult(Result):
     scale: list[float] = field(repr=False)
     score_error: Float[Tensor, " L"] = field(repr=False)  # max |scale q·k - hook_attn_scores| (relative); NaN: unchecked
     qk_note: str | None = None  # why q and k are not kept
+    qk_unavailable: dict[str, str] = field(default_factory=dict)  # "L{l}H{h}" -> why (a user's hook; q NaN)
 
     # ------------------------------------------------------------------------------------ structure
     @property
@@ -122,6 +123,9 @@ class AttentionResult(Result):
         b = self.check_batch(batch)
         i = self.layer_index(layer)
         h = self.check_head(head)
+        reason = self.qk_unavailable.get(f"L{self.layers[i]}H{h}")
+        if reason is not None and bool(torch.isnan(self.q[b, i, :, h]).any()):
+            raise LensInputError(f"the q·k terms of L{self.layers[i]}H{h} are unavailable: {reason}.")
         n = self.lengths[b]
         qpos = resolve_index(query, n, "query", f"prompt {b} has {n} tokens")
         kv = h // (self.n_heads // self.n_kv_heads)
@@ -173,7 +177,8 @@ class AttentionResult(Result):
             for b, n in enumerate(self.lengths):
                 for i in range(len(self.layers)):
                     s = causal_scores(self.q[b, i], self.k[b, i], self.scale[i], n)
-                    err = (s.softmax(-1) - self.patterns[b, i, :, :n, :n]).abs().max().item()
+                    diff = (s.softmax(-1) - self.patterns[b, i, :, :n, :n]).abs()
+                    err = diff.nan_to_num(0.0).max().item()  # NaN: a head whose q·k terms are unavailable
                     if not err <= atol:
                         raise VerificationError(
                             f"softmax(scale * q · k) differs from the pattern of block {self.layers[i]} (prompt "

@@ -51,11 +51,13 @@ from mi_lenses.attribution.directions import (
     write_directions,
     write_hooks,
 )
+from mi_lenses.attribution.interventions import find_edits, intervention_hooks
 from mi_lenses.attribution.result import DLAResult
 from mi_lenses.attribution.sources import source_attribution
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import resolve_positions
 from mi_lenses.models.batch import Cached, PromptInput, cached_forward
+from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
 from mi_lenses.progress import bar
 
@@ -118,12 +120,18 @@ def direct_logit_attribution(
     moves into its layer's ``b_O``). Every norm after a component (sublayer post-norms, post-LN residual norms) is
     linearised the same way, with its scale frozen from the run, so the parts sum exactly to the logit (see the
     module docstring and ``docs/dla.md``).
+
+    Under your own hooks (``with model.hooks(...)``, ``model.add_hook``) every value is the hooked model's; what a
+    hook changed between the cached states is a part of its own (``res.interventions``, see
+    :mod:`mi_lenses.attribution.interventions`) and the hooks are listed in ``res.active_hooks``.
     """
     view = ModelView(model)
+    hooks = active_hooks(view.model)
     if not isinstance(position, int) or isinstance(position, bool):
         raise LensInputError(f"position must be an int (negative counts from each prompt's end), got {position!r}.")
-    run = cached_forward(view, input, names=required_hooks(view), what="direct logit attribution", cache=cache,
-                         logits=logits, attention_mask=attention_mask, prepend_bos=prepend_bos,
+    names = required_hooks(view) + (intervention_hooks(view) if hooks else [])
+    run = cached_forward(view, input, names=names, required=required_hooks(view), what="direct logit attribution",
+                         cache=cache, logits=logits, attention_mask=attention_mask, prepend_bos=prepend_bos,
                          shape_hook=view.final_resid_hook,
                          hint=" (or with mi_lenses.attribution.required_hooks(model))",
                          beyond_context=beyond_context, progress=progress)
@@ -131,6 +139,7 @@ def direct_logit_attribution(
     pos = resolve_positions([position], batch.lengths, batch.offsets, every_prompt=True).index[:, 0]
     dirn = resolve_direction(view, batch.shape[0], answer, wrong, direction, through_final_norm)
     parts = _reduce(view, cache, dirn, pos, progress)
+    edits = find_edits(view, cache, parts, dirn, pos, hooks) if hooks else None
     actual, actual_source = model_value(view, dirn, logits, parts.resid, torch.arange(batch.shape[0]), pos)
     result = DLAResult(
         model_name=view.name,
@@ -157,10 +166,12 @@ def direct_logit_attribution(
         expert_names=parts.expert_names,
         neuron_names=parts.neuron_names,
         notes=parts.notes,
+        interventions=edits.values if edits else {},
+        sources_unavailable=edits.unavailable if edits else {},
     )
     if check and actual_source == "logits":
         result.verify()
-    return result
+    return recorded(result, hooks)
 
 
 # ------------------------------------------------------------------------------------------------ reduce

@@ -7,7 +7,9 @@ Per-row tensors are exact; ``row=None`` in the accessors means the mean over row
 The additive parts of the attributed value (``components``): the embeddings, every head ``L{l}H{h}``, each layer's
 attention output bias ``L{l}.b_O`` (when the model has one), every MLP ``MLP{l}`` (its neurons plus its bias ``b_out``)
 and the constants no residual component produces (``b_U``, the final LayerNorm's bias ``ln_final.b``). Neurons
-``L{l}N{n}`` and source positions refine a MLP and a head; they are not extra parts.
+``L{l}N{n}`` and source positions refine a MLP and a head; they are not extra parts. Under the user's own hooks, what a
+hook changed between the cached states is a part too (``edit@<hook name>``, kind ``intervention``; see
+:mod:`mi_lenses.attribution.interventions`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from mi_lenses.errors import LensInputError, VerificationError
 from mi_lenses.results import UNSET, Result, dataframe, jsonable, renamed
 from mi_lenses.viz.attribution import dla_fragment, dla_table
 
-KINDS = ("embed", "pos_embed", "head", "attn_bias", "mlp", "constant")
+KINDS = ("embed", "pos_embed", "head", "attn_bias", "mlp", "constant", "intervention")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class DLAResult(Result):
     expert_names: list[str] = field(default_factory=list)  # "E0", "E1", ..., "shared"
     neuron_names: list[str] | None = None  # per neuron index (MoE: "E2N5", "SN3"); None: "N{n}"
     notes: list[str] = field(default_factory=list)  # what could not be attributed finer, and why
+    interventions: dict[str, Float[Tensor, " B"]] = field(default_factory=dict)  # hook name -> a hook's edit
+    sources_unavailable: dict[str, str] = field(default_factory=dict)  # "L{l}H{h}" -> why (sources are NaN there)
 
     # ------------------------------------------------------------------------------------ structure
     @property
@@ -113,6 +117,7 @@ class DLAResult(Result):
             if self.mlps is not None:
                 out.append(Component(f"MLP{l}", "mlp", l))
         out += [Component(name, "constant") for name in self.constants]
+        out += [Component(f"edit@{hook}", "intervention", _hook_layer(hook)) for hook in self.interventions]
         return out
 
     def values(self) -> Float[Tensor, "B C"]:
@@ -124,7 +129,7 @@ class DLAResult(Result):
                 cols.append(self.attn_bias[:, l])
             if self.mlps is not None:
                 cols.append(self.mlps[:, l])
-        cols += list(self.constants.values())
+        cols += list(self.constants.values()) + list(self.interventions.values())
         return torch.stack(cols, -1)
 
     @property
@@ -168,6 +173,10 @@ class DLAResult(Result):
                 f"decomposition does not reproduce this model.{hint}"
             )
         heads_sum = self.heads.sum(-1) + (self.attn_bias if self.attn_bias is not None else 0.0)
+        for l in range(self.n_layers):  # what a hook on hook_attn_out changed
+            edit = self.interventions.get(f"blocks.{l}.hook_attn_out")
+            if edit is not None:
+                heads_sum[:, l] += edit
         self._close(heads_sum, self.attn_out, tol[:, None], "the heads plus b_O of a layer do not sum to its attention "
                     "output (hook_attn_out) on the direction: W_O or the head outputs are read wrongly")
         if self.mlps is not None and self.neurons.shape[-1]:
@@ -178,7 +187,9 @@ class DLAResult(Result):
             moe = self.experts.abs().sum(-1) > 0  # [B, L]: the mixture-of-experts layers
             self._close(torch.where(moe, self.experts.sum(-1), self.mlps), self.mlps, tol[:, None], "the experts of a "
                         "layer do not sum to its MLP's output: the router weights or the experts are read wrongly")
-        self._close(self.sources.sum(-1), self.heads, tol[:, None, None], "the source positions of a head do not sum "
+        by_source = self.sources.sum(-1)
+        by_source = torch.where(torch.isnan(by_source), self.heads, by_source)  # unavailable (a hook changed z)
+        self._close(by_source, self.heads, tol[:, None, None], "the source positions of a head do not sum "
                     "to the head's value: pattern, value (GQA) or W_O do not reproduce hook_z")
         return self
 
@@ -238,6 +249,9 @@ class DLAResult(Result):
             raise LensInputError(f"head L{layer}H{head} does not exist: layers 0..{self.n_layers - 1}, heads "
                                  f"0..{self.n_heads - 1}.")
         b = self.check_batch(renamed(batch, row, "row", "batch"))
+        reason = self.sources_unavailable.get(f"L{layer}H{head}")
+        if reason is not None and bool(torch.isnan(self.sources[b, layer, head]).any()):
+            raise LensInputError(f"the source positions of L{layer}H{head} are unavailable: {reason}.")
         toks = self.str_tokens[b]
         return list(zip(toks, self.sources[b, layer, head, : len(toks)].tolist()))
 
@@ -266,6 +280,7 @@ class DLAResult(Result):
                             for name, v in zip(self.expert_names, self._pick(self.experts, batch)[l].tolist())}}
                if self.experts is not None else {}),
             **({"notes": list(self.notes)} if self.notes else {}),
+            **({"sources_unavailable": self.sources_unavailable} if self.sources_unavailable else {}),
         }, digits=8)
 
     def to_dataframe(self, what: Literal["components", "neurons", "sources"] = "components"):
@@ -299,3 +314,9 @@ class DLAResult(Result):
         """The page body: layer x head heat map, MLP bars, top neurons, tokens through ``head`` (default the head
         with the largest ``|value|``)."""
         return dla_fragment(self, batch=self.check_batch(renamed(batch, row, "row", "batch")), head=head, top_k=top_k)
+
+
+def _hook_layer(hook: str) -> int | None:
+    """The block index in a hook name (``blocks.5.hook_attn_out`` -> 5), None outside the blocks."""
+    parts = hook.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None

@@ -33,6 +33,9 @@ def register(sub, parents: Parents) -> None:
     p.add_argument("--patchscope-positions", type=int, default=8,
                    help="the identity Patchscope runs at the prompt's last N positions (default 8)")
     p.add_argument("--top-k", type=int, default=5, help="tokens kept per layer and position (default 5)")
+    p.add_argument("--corrupted", default=None,
+                   help="a corrupted prompt of the same length: adds the patching section (exact resid_pre grid, "
+                   "attribution of every head)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -49,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     model = load(args)
     t1 = time.perf_counter()
     rep = report(model, args.prompt, lens=args.lens, answer=args.answer, wrong=args.wrong, sections=sections,
-                 top_k=args.top_k, patchscope_positions=args.patchscope_positions, beyond_context=args.beyond_context, progress=not args.no_progress)
+                 top_k=args.top_k, patchscope_positions=args.patchscope_positions, corrupted=args.corrupted,
+                 beyond_context=args.beyond_context, progress=not args.no_progress)
     rep.print()
     rep.to_html(args.out)
     print(f"model loaded in {t1 - t0:.1f} s, report in {rep.seconds['total']:.1f} s; wrote {args.out}")

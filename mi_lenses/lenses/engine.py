@@ -28,6 +28,7 @@ from mi_lenses.lenses.options import LensOptions, with_lens_options
 from mi_lenses.lenses.result import LensResult
 from mi_lenses.lenses.stream import Stats, final_row, row_stats
 from mi_lenses.models.batch import Batch, PromptInput, cached_forward
+from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView, ResidualRow
 from mi_lenses.progress import bar
 
@@ -68,6 +69,7 @@ def run_lens(
     """
     opts = options or LensOptions()
     view = ModelView(model)
+    hooks = active_hooks(view.model)
     plan = _prepare(view, lens, opts)
     run = cached_forward(view, input, names=plan.hook_names, what="the lens", cache=cache, logits=logits,
                          attention_mask=attention_mask, prepend_bos=opts.prepend_bos, shape_hook=plan.final.hook_name,
@@ -83,7 +85,7 @@ def run_lens(
                        run.logits)
     if opts.check and run.logits is not None and input is not None and plan.rows[-1].is_final and plan.exact_final:
         result.verify(atol=CHECK_ATOL[plan.dtype])
-    return result
+    return recorded(result, hooks)
 
 
 def _reference_index(batch: Batch, grid: PositionGrid, ahead: int) -> Int[Tensor, "B P"]:

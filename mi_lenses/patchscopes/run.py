@@ -31,6 +31,7 @@ from torch import Tensor
 from mi_lenses.errors import LensInputError, VerificationError
 from mi_lenses.models.batch import Batch, check_context
 from mi_lenses.models.hooks import write_hooks
+from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
 from mi_lenses.patchscopes.presets import identity
 from mi_lenses.patchscopes.result import PatchscopeResult
@@ -233,6 +234,7 @@ def patchscope(
         True
     """
     target = target if target is not None else identity()
+    hooks = active_hooks(model)
     job = _prepare(model, source, target, top_k=top_k, max_new_tokens=max_new_tokens, do_sample=do_sample,
                    temperature=temperature)
     # forward: the source states, mapped into the target model's space, and the source model's own prediction
@@ -251,7 +253,7 @@ def patchscope(
                                    use_kv_cache=use_kv_cache)
     # assemble
     src, tgt = job.src, job.tgt
-    return PatchscopeResult(
+    return recorded(PatchscopeResult(
         model_name=src.name,
         target_model_name=tgt.name,
         target_name=target.name,
@@ -274,7 +276,7 @@ def patchscope(
         eos_token_id=getattr(tgt.tokenizer, "eos_token_id", None) if stop_at_eos else None,
         settings=dict(do_sample=do_sample, temperature=temperature, seed=seed, patch_every_step=patch_every_step,
                       use_kv_cache=use_kv_cache, top_k=top_k, max_new_tokens=job.n_new),
-    )
+    ), hooks)
 
 
 @dataclass

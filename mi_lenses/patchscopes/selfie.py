@@ -36,6 +36,7 @@ from torch import Tensor
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import IndexSpec, int_list
 from mi_lenses.models.batch import check_context
+from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
 from mi_lenses.patchscopes.presets import selfie as selfie_preset
 from mi_lenses.patchscopes.run import patch_hooks, patched_generate, source_states
@@ -172,6 +173,7 @@ def selfie(
         max_new_tokens, do_sample, temperature, seed: generation (greedy by default; sampling is seeded).
     """
     view = ModelView(model)
+    hooks = active_hooks(view.model)
     target = interpretation if interpretation is not None else selfie_preset()
     if not isinstance(target, Target):
         raise LensInputError(f"interpretation must be a Target (e.g. presets.selfie()), got {target!r}.")
@@ -206,7 +208,7 @@ def selfie(
                            seed=seed, use_kv_cache=use_kv_cache)
     p_inj, p_plain = relevancy_probs(rt.view, rt.tokens, gen, inject, vectors, rt.positions)
     eos = getattr(view.tokenizer, "eos_token_id", None) if stop_at_eos else None
-    return SelfIEResult(
+    return recorded(SelfIEResult(
         model_name=view.name,
         source_prompt=prompt if isinstance(prompt, str) else " ".join(map(str, tokens[0].tolist())),
         source_str_tokens=[view.id_to_str(int(t)) for t in tokens[0]],
@@ -221,7 +223,7 @@ def selfie(
         vocab=view.id_to_str_map(gen),
         eos_token_id=eos,
         settings=dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed),
-    )
+    ), hooks)
 
 
 @torch.no_grad()

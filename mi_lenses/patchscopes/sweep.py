@@ -25,6 +25,7 @@ from torch import Tensor
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import IndexSpec, int_list, resolve_positions
 from mi_lenses.models.batch import PromptInput
+from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
 from mi_lenses.patchscopes.presets import identity
 from mi_lenses.patchscopes.result import SweepResult
@@ -65,6 +66,7 @@ def sweep(
     """
     target = target if target is not None else identity()
     src_view = ModelView(model)
+    hooks = active_hooks(src_view.model)
     tgt_view = ModelView(target_model if target_model is not None else (target.model or src_view))
     if not isinstance(chunk, int) or chunk < 1:
         raise LensInputError(f"chunk must be a positive int, got {chunk!r}.")
@@ -106,7 +108,7 @@ def sweep(
         top1[a, col] = top_ids[rows, 0]
     vocab = tgt_view.id_to_str_map(torch.cat([top1.flatten(), pred_t.clamp(min=0)]))
     offsets = batch.offsets
-    return SweepResult(
+    return recorded(SweepResult(
         model_name=src_view.name,
         target_model_name=tgt_view.name,
         target_name=target.name,
@@ -123,7 +125,7 @@ def sweep(
         top1_ids=top1,
         vocab=vocab,
         seconds=seconds,
-    )
+    ), hooks)
 
 
 def _layers(src: ModelView, tgt: ModelView, target: Target, source_layers: Any,

@@ -231,7 +231,10 @@ def attention_fragment(res, batch: int = 0, layer: int | None = None, head: int 
         f"looks.</p>{head_view(res, batch, layer)}</div>",
         f'<div id="model-view"><{h}>Model view: every layer and head</{h}>{model_view(res, batch)}</div>',
     ]
-    if res.q is not None:
+    if res.q is not None and f"L{layer}H{head}" in res.qk_unavailable:
+        parts.append(f'<p class="note">No neuron view for L{layer}H{head}: '
+                     f'{html.escape(res.qk_unavailable[f"L{layer}H{head}"])}.</p>')
+    elif res.q is not None:
         terms = res.qk_terms(layer, head, query, batch=batch)
         parts.append(f'<div id="neuron-view"><{h}>Neuron view: L{layer}H{head}</{h}>{neuron_view(terms)}</div>')
     else:

@@ -41,7 +41,11 @@ def layer_bars(res, batch: int = 0, width: int = 720, bar_h: int = 14) -> str:
     """Per-layer bars (SVG): each MLP's direct effect, and the layer's attention (heads + b_O) beside it."""
     L = res.n_layers
     mlp = res.mlps[batch].tolist() if res.mlps is not None else [0.0] * L
-    attn = (res.heads[batch].sum(-1) + (res.attn_bias[batch] if res.attn_bias is not None else 0.0)).tolist()
+    attn = res.heads[batch].sum(-1) + (res.attn_bias[batch] if res.attn_bias is not None else 0.0)
+    for l in range(L):  # what the layer wrote under a hook on its attention output
+        edit = res.interventions.get(f"blocks.{l}.hook_attn_out")
+        attn[l] += 0.0 if edit is None else float(edit[batch])
+    attn = attn.tolist()
     vmax = max([abs(v) for v in mlp + attn] + [1e-9])
     left, mid = 70, (width + 70) / 2
     half = (width - left) / 2 - 50  # room for the value label beside the longest bar
@@ -94,9 +98,10 @@ def source_views(res, batch: int = 0, head: tuple[int, int] | None = None, n_hea
     tokens = res.str_tokens[batch]
     n = len(tokens)
     l, h = head
-    views = [cv.tokens.colored_tokens(tokens, res.sources[batch, l, h, :n].tolist())]
+    src = torch.nan_to_num(res.sources[batch], nan=0.0)  # a head whose sources are unavailable shows none
+    views = [cv.tokens.colored_tokens(tokens, src[l, h, :n].tolist())]
     heads = [head] + [t for t in tops if t != head]
-    values = torch.stack([res.sources[batch, a, b, :n] for a, b in heads], -1).contiguous()  # [pos, heads]
+    values = torch.stack([src[a, b, :n] for a, b in heads], -1).contiguous()  # [pos, heads]
     labels = [f"L{a}H{b} ({float(res.heads[batch, a, b]):+.3f})" for a, b in heads]
     views.append(cv.tokens.colored_tokens_multi(tokens, values, labels))
     return views
@@ -105,8 +110,9 @@ def source_views(res, batch: int = 0, head: tuple[int, int] | None = None, n_hea
 def dla_fragment(res, batch: int = 0, head: tuple[int, int] | None = None, top_k: int = 20, level: int = 2) -> str:
     """Everything about one prompt as an offline HTML fragment (headings at ``level``)."""
     h = f"h{level}"
-    tops = res.top(1, kinds="head", batch=batch)
-    head = head or _head_label(tops[0][0])
+    ranked = [_head_label(label) for label, _ in res.top(res.n_layers * res.n_heads, kinds="head", batch=batch)]
+    usable = [t for t in ranked if not torch.isnan(res.sources[batch, t[0], t[1]]).any()] or ranked
+    head = head or usable[0]
     pos = res.positions[batch]
     consts = ", ".join(f"{k} {float(v[batch]):+.4f}" for k, v in res.constants.items()) or "none"
     prompt = "".join(res.str_tokens[batch])
@@ -117,6 +123,7 @@ def dla_fragment(res, batch: int = 0, head: tuple[int, int] | None = None, top_k
         f"Model's own value: {float(res.actual[batch]):+.4f} ({res.actual_source}); sum of all parts: "
         f"{float(res.total[batch]):+.4f}; constants: {consts}. Final-norm scale frozen from the run "
         f"({float(res.scale[batch]):.4g}). Prompt: <code>{html.escape(prompt)}</code></p>",
+        _interventions_note(res, batch),
         f"<{h}>Largest parts</{h}><ol>{top_parts}</ol>",
         f"<{h}>Heads (layer x head)</{h}>",
         head_grid(res, batch),
@@ -131,6 +138,20 @@ def dla_fragment(res, batch: int = 0, head: tuple[int, int] | None = None, top_k
         circuitsvis_block(source_views(res, batch, head)),
     ]
     return "\n".join(parts)
+
+
+def _interventions_note(res, batch: int) -> str:
+    """What the user's hooks changed: the edits (each a part of its own) and the heads without source positions."""
+    if not res.interventions and not res.sources_unavailable:
+        return ""
+    edits = "".join(f"<li><code>edit@{html.escape(hook)}</code> {float(v[batch]):+.4f}</li>"
+                    for hook, v in res.interventions.items())
+    heads = "".join(f"<li><code>{label}</code>: {html.escape(reason)}</li>"
+                    for label, reason in res.sources_unavailable.items())
+    return ('<p class="note">Your hooks changed what these components wrote; each edit is a part of its own, so the '
+            "parts still sum to the hooked model's value.</p>"
+            + (f"<ul>{edits}</ul>" if edits else "")
+            + (f'<p class="note">Source positions unavailable:</p><ul>{heads}</ul>' if heads else ""))
 
 
 def dla_table(res, k: int = 15, batch: int | None = 0):

@@ -152,6 +152,16 @@ table.data td, table.data th {{ padding: 2px 8px; border-bottom: 1px solid #eee;
 """
 
 
+def hooks_note(names: Sequence[str]) -> str:
+    """The note a page opens with when the result was computed under the user's own hooks (empty otherwise)."""
+    if not names:
+        return ""
+    listed = ", ".join(f"<code>{html.escape(n)}</code>" for n in names)
+    return (f'<p class="note hooks" style="background:#fff8e1;border:1px solid #f0d58c;padding:6px 10px">Computed on the '
+            f"model as you hooked it: {len(names)} hook point(s) held your hooks during every forward pass of this "
+            f"result ({listed}).</p>\n")
+
+
 # What every cell of a heat grid shares, written once per grid instead of once per cell (a grid of 31 rows x 14
 # positions is 434 cells; the colours stay on the cells). A class, so it holds in a notebook output as on a page.
 _GRID_CSS = ("<style>.mil-grid td{padding:2px 4px;border:1px solid #eee;max-width:90px;overflow:hidden;"

@@ -13,12 +13,14 @@ from mi_lenses.viz.attention import attention_fragment
 from mi_lenses.viz.attribution import dla_fragment
 from mi_lenses.viz.html import circuitsvis_block, line_chart
 from mi_lenses.viz.lens import circuitsvis_views, rank_grid, top1_grid
+from mi_lenses.viz.patching import patching_fragment
 from mi_lenses.viz.terminal import Fitted
 from mi_lenses.viz.tokens import stride, visible
 
 TITLES = {"logit_lens": "Logit lens", "patchscope": "Identity Patchscope vs logit lens",
-          "dla": "Direct logit attribution", "attention": "Attention"}
-ANCHORS = {"logit_lens": "logit-lens", "patchscope": "patchscope", "dla": "dla", "attention": "attention"}
+          "dla": "Direct logit attribution", "attention": "Attention", "patching": "Activation patching"}
+ANCHORS = {"logit_lens": "logit-lens", "patchscope": "patchscope", "dla": "dla", "attention": "attention",
+           "patching": "patching"}
 
 
 def _side(*blocks: str) -> str:
@@ -118,8 +120,16 @@ def attention_section(rep) -> str:
     return note + attention_fragment(rep.attention, batch=0, layer=layer, head=head, query=-1, level=3)
 
 
+def patching_section(rep) -> str:
+    note = (f'<p class="note">The corrupted prompt <code>{html.escape(rep.corrupted or "")}</code> against the prompt: '
+            "which activations carry the difference. First the residual stream entering each block, patched from the "
+            "prompt into the corrupted run one (layer, position) at a time; then every head's attribution.</p>")
+    return note + patching_fragment(rep.patching, level=3) + "<h3>Heads (attribution patching)</h3>" + \
+        patching_fragment(rep.patching_heads, level=4)
+
+
 RENDER = {"logit_lens": lens_section, "patchscope": patchscope_section, "dla": dla_section,
-          "attention": attention_section}
+          "attention": attention_section, "patching": patching_section}
 
 
 def report_fragment(rep) -> str:
@@ -178,6 +188,10 @@ def report_table(rep, max_layers: int = 16):
             lines.append(("induction", a.top_heads("induction", 3)))
         items.append(Text.assemble(("attention ", "bold"), " · ".join(
             f"{name}: " + ", ".join(f"{label} {v:.2f}" for label, v in heads) for name, heads in lines)))
+    if rep.patching is not None:
+        cells = ", ".join(f"{label} {v:+.2f}" for label, v in rep.patching.top(4))
+        heads = ", ".join(f"{label} {v:+.2f}" for label, v in rep.patching_heads.top(4))
+        items.append(Text.assemble(("patching ", "bold"), f"resid_pre (exact): {cells} · heads (attribution): {heads}"))
     items.append(Text(f"computed in {rep.seconds.get('total', float('nan')):.1f} s (" + ", ".join(
         f"{k.replace('_', ' ')} {v:.1f} s" for k, v in rep.seconds.items() if k != "total") + ")", style="dim"))
     return Group(*items)

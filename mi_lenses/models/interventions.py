@@ -1,0 +1,67 @@
+"""The user's own interventions: which TransformerLens hooks are active on a model when an analysis starts.
+
+Every analysis runs on the model as the user has hooked it (``model.add_hook(...)``, ``with model.hooks(...)``): our
+forward passes add their hooks *after* the user's (TransformerLens's ``hooks()`` context and ``run_with_cache`` remove
+only the hooks of their own context level), so a user's hook fires first and every cached activation is the one the
+hooked model computed. :func:`active_hooks` names those hooks so that results can record them (``res.active_hooks``,
+the page and the JSON), and so that an engine can tell an identity broken by a user's hook from a bug of ours.
+
+Example:
+    >>> def ablate(z, hook):
+    ...     z[:, :, 0] = 0.0
+    ...     return z
+    >>> with model.hooks(fwd_hooks=[("blocks.1.attn.hook_z", ablate)]):
+    ...     active_hooks(model)
+    ['blocks.1.attn.hook_z']
+    >>> active_hooks(model)
+    []
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def hook_point_names(model: Any) -> dict[int, str]:
+    """One name per distinct hook point of ``model`` (keyed by ``id``): a ``TransformerBridge`` lists each point under
+    its own name and its TransformerLens aliases (``blocks.1.attn.o.hook_in`` is ``blocks.1.attn.hook_z``); the
+    alias with the fewest dots, then the shortest, is the name users write."""
+    names: dict[int, str] = {}
+    for name, point in getattr(model, "hook_dict", {}).items():
+        key = id(point)
+        best = names.get(key)
+        if best is None or (name.count("."), len(name)) < (best.count("."), len(best)):
+            names[key] = name
+    return names
+
+
+def active_hooks(model: Any) -> list[str]:
+    """The hook points that hold a hook right now, in the model's order: ``"name"`` for forward hooks, with
+    ``" ×n"`` when ``n`` hooks sit on one point and ``" (backward)"`` for backward hooks. Call it before adding
+    hooks of your own: it cannot tell whose a hook is."""
+    model = getattr(model, "model", model) if not hasattr(model, "hook_dict") else model
+    names = hook_point_names(model)
+    seen: set[int] = set()
+    out: list[str] = []
+    for point in getattr(model, "hook_dict", {}).values():
+        key = id(point)
+        if key in seen:
+            continue
+        seen.add(key)
+        for kind, suffix in (("fwd_hooks", ""), ("bwd_hooks", " (backward)")):
+            n = len(getattr(point, kind, None) or [])
+            if n:
+                out.append(f"{names[key]}{f' ×{n}' if n > 1 else ''}{suffix}")
+    return out
+
+
+def hooked_names(model: Any) -> set[str]:
+    """The bare names of the hook points :func:`active_hooks` lists (forward or backward)."""
+    return {entry.split(" ")[0] for entry in active_hooks(model)}
+
+
+def recorded(result: Any, hooks: list[str] | tuple[str, ...]) -> Any:
+    """``result`` with ``active_hooks`` set to ``hooks`` (what :func:`active_hooks` listed when the entry point
+    started), returned for a one-line ``return recorded(Result(...), hooks)``."""
+    result.active_hooks = tuple(hooks)
+    return result

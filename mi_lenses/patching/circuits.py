@@ -1,0 +1,197 @@
+"""Faithfulness of a circuit, measured by intervening: the clean run with everything outside the circuit ablated.
+
+An *edge* circuit keeps some writer -> reader edges of :mod:`mi_lenses.patching.graph`. Every other edge is cut: the
+reader's own copy of the residual stream gets, in place of what the writer wrote in this run, the writer's
+replacement value. The residual stream is a sum of writes, so the reader's input is rebuilt exactly:
+``in_v - Σ_{u -> v cut} (out_u - replacement_u)``. A *node* circuit keeps some heads and MLPs; every other head's
+``z`` and every other MLP's output is replaced (the embeddings are kept).
+
+Replacements (``ablation``): ``"resample"`` (default) takes the corrupted run's values, ``"zero"`` zeros, ``"mean"``
+the mean over ``reference`` prompts (default: the clean and corrupted prompts of the experiment) at each position.
+
+``faithfulness = (metric(ablated) - metric(corrupted)) / (metric(clean) - metric(corrupted))``: 1 when the circuit
+alone reproduces the clean behaviour, 0 when it does no better than the corrupted run. With resampling, the full
+circuit gives exactly 1 and the empty edge circuit exactly 0 (every reader then sees the corrupted stream): the tests
+check both.
+
+Example:
+    >>> edges = mi_lenses.edge_attribution(model, "The capital of France is", "The capital of Rome is",
+    ...                                    answer=" Paris", wrong=" city")
+    >>> small = mi_lenses.faithfulness(model, edges.circuit(edges=20))
+    >>> small.ablation, small.faithfulness is not None
+    ('resample', True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from mi_lenses.errors import LensInputError
+from mi_lenses.models.batch import PromptInput
+from mi_lenses.models.flags import split_inputs
+from mi_lenses.models.interventions import active_hooks, recorded
+from mi_lenses.models.view import ModelView
+from mi_lenses.patching.edges import check_head_writes
+from mi_lenses.patching.graph import build_graph, head_writes, writer_hooks, writer_outputs
+from mi_lenses.patching.metric import Metric
+from mi_lenses.patching.result import Circuit
+
+Ablation = Literal["resample", "zero", "mean"]
+
+
+def faithfulness(model: Any, circuit: Circuit, *, ablation: Ablation = "resample",
+                 reference: PromptInput | None = None) -> Circuit:
+    """The circuit with its ``faithfulness`` measured (see the module docstring); ``reference``: the prompts of a
+    mean ablation (each as long as the clean prompt)."""
+    t0 = time.perf_counter()
+    view = ModelView(model)
+    hooks = active_hooks(view.model)
+    if ablation not in ("resample", "zero", "mean"):
+        raise LensInputError(f"ablation must be 'resample', 'zero' or 'mean', got {ablation!r}.")
+    if reference is not None and ablation != "mean":
+        raise LensInputError("reference= holds the prompts of a mean ablation: pass ablation='mean' with it.")
+    spec = circuit.spec
+    clean = spec.clean_tokens.to(view.device)
+    if ablation == "resample":
+        ref_tokens = spec.corrupted_tokens.to(view.device)
+    elif ablation == "mean":
+        ref_tokens = torch.cat([clean, spec.corrupted_tokens.to(view.device)]) if reference is None else \
+            view.batch(reference).tokens
+        if ref_tokens.shape[1] != clean.shape[1]:
+            raise LensInputError(f"the reference prompts have {ref_tokens.shape[1]} tokens and the clean prompt "
+                                 f"{clean.shape[1]}: a mean ablation replaces values position by position.")
+    else:
+        ref_tokens = None
+    met = Metric(view, spec.metric, clean.shape[0], spec.answer_ids, spec.wrong_ids, spec.metric_fn,
+                 spec.clean_value, spec.corrupted_value)
+    if circuit.kind == "edges":
+        logits = _edge_run(view, circuit, clean, ref_tokens, ablation)
+    else:
+        logits = _node_run(view, circuit, clean, ref_tokens, ablation)
+    value = float(met.cells(logits=logits)[0])
+    gap = spec.clean_value - spec.corrupted_value
+    recovered = (value - spec.corrupted_value) / gap if gap else float("nan")
+    out = dataclasses.replace(circuit, faithfulness=recovered, ablation=ablation, ablated_value=value,
+                              seconds=time.perf_counter() - t0)
+    return recorded(out, hooks)
+
+
+def _replacements(view: ModelView, ref_tokens: Tensor | None, like: list[Tensor], ablation: str) -> list[Tensor]:
+    if ablation == "zero":
+        return [torch.zeros_like(t[:1]) for t in like]
+    _, cache = view.run_with_cache(view.batch(ref_tokens), writer_hooks(view))
+    outs = writer_outputs(view, cache)
+    return [o.mean(0, keepdim=True) for o in outs] if ablation == "mean" else outs
+
+
+@torch.no_grad()
+def _edge_run(view: ModelView, circuit: Circuit, clean: Tensor, ref_tokens: Tensor | None, ablation: str) -> Tensor:
+    graph = build_graph(view)
+    w_of = {w: i for i, w in enumerate(graph.writers)}
+    r_of = {r: i for i, r in enumerate(graph.readers)}
+    kept = torch.zeros(len(graph.writers), len(graph.readers), dtype=torch.bool)
+    for w, r in circuit.edges:
+        if w not in w_of or r not in r_of or not bool(graph.valid[w_of[w], r_of[r]]):
+            raise LensInputError(f"the circuit's edge {w} -> {r} is not an edge of this model's graph: a circuit "
+                                 "from another model, or a reader before its writer.")
+        kept[w_of[w], r_of[r]] = True
+    cut = graph.valid & ~kept  # [W, R]
+    model = view.model
+    with split_inputs(model, mlp_in=view.has_mlp):
+        _, base_cache = view.run_with_cache(view.batch(clean), writer_hooks(view))
+        check_head_writes(view, base_cache)
+        repl = _replacements(view, ref_tokens, writer_outputs(view, base_cache), ablation)
+        live: dict[int, Tensor] = {}  # writer index -> (this run's output - replacement)
+
+        def embed_hook(t: Tensor, hook=None) -> None:
+            live[0] = t.float() - repl[0].to(t.device)
+
+        def z_hook(layer: int):
+            first, mlp, _ = graph.writer_index(layer)
+
+            def hook(t: Tensor, hook=None) -> None:
+                writes = head_writes(t, view.W_O(layer))
+                for h in range(graph.n_heads):
+                    live[first + h] = writes[:, :, h] - repl[first + h].to(t.device)
+
+            return hook
+
+        def mlp_hook(layer: int):
+            _, mlp, _ = graph.writer_index(layer)
+
+            def hook(t: Tensor, hook=None) -> None:
+                live[mlp] = t.float() - repl[mlp].to(t.device)
+
+            return hook
+
+        def reader_hook(first: int, n: int):
+            def hook(t: Tensor, hook=None) -> Tensor:
+                ws = [w for w in live if bool(cut[w, first : first + n].any())]
+                if not ws:
+                    return t
+                D = torch.stack([live[w] for w in ws])  # [w, B, S, d]
+                E = cut[ws, first : first + n].float().to(D.device)  # [w, n]
+                if t.ndim == 3:
+                    return t - torch.einsum("w,wbsd->bsd", E[:, 0], D).to(t.dtype)
+                return t - torch.einsum("wn,wbsd->bsnd", E, D).to(t.dtype)
+
+            return hook
+
+        hooks = [(view.hook_name("resid_pre", 0), embed_hook)]
+        for l in range(view.n_layers):
+            hooks.append((view.attn_hook(l, "z"), z_hook(l)))
+            if view.has_mlp:
+                hooks.append((view.out_hook(l, "mlp"), mlp_hook(l)))
+        # readers after the writers of the same hook point (a writer at blocks.0.hook_resid_pre comes first)
+        hooks += [(name, reader_hook(first, n)) for name, first, n in graph.segments]
+        with model.hooks(fwd_hooks=hooks):
+            return model(clean)
+
+
+@torch.no_grad()
+def _node_run(view: ModelView, circuit: Circuit, clean: Tensor, ref_tokens: Tensor | None, ablation: str) -> Tensor:
+    kept = set(circuit.nodes)
+    for n in kept:
+        if not (n.startswith("MLP") or (n.startswith("L") and "H" in n)):
+            raise LensInputError(f"a node circuit keeps heads (L{{l}}H{{h}}) and MLPs (MLP{{l}}), got {n!r}.")
+    names = [view.attn_hook(l, "z") for l in range(view.n_layers)] + \
+        ([view.out_hook(l, "mlp") for l in range(view.n_layers)] if view.has_mlp else [])
+    if ablation == "zero":
+        repl = None
+    else:
+        _, cache = view.run_with_cache(view.batch(ref_tokens), names)
+        repl = {n: (cache[n].mean(0, keepdim=True) if ablation == "mean" else cache[n]) for n in names}
+
+    def z_hook(layer: int):
+        drop = [h for h in range(view.n_heads) if f"L{layer}H{h}" not in kept]
+        name = view.attn_hook(layer, "z")
+
+        def hook(t: Tensor, hook=None) -> Tensor:
+            out = t.clone()
+            out[:, :, drop] = 0.0 if repl is None else repl[name][:, :, drop].to(t.device, t.dtype)
+            return out
+
+        return hook, bool(drop)
+
+    def mlp_hook(layer: int):
+        name = view.out_hook(layer, "mlp")
+
+        def hook(t: Tensor, hook=None) -> Tensor:
+            return torch.zeros_like(t) if repl is None else repl[name].to(t.device, t.dtype).expand_as(t).clone()
+
+        return hook
+
+    hooks = []
+    for l in range(view.n_layers):
+        fn, any_dropped = z_hook(l)
+        if any_dropped:
+            hooks.append((view.attn_hook(l, "z"), fn))
+        if view.has_mlp and f"MLP{l}" not in kept:
+            hooks.append((view.out_hook(l, "mlp"), mlp_hook(l)))
+    with view.model.hooks(fwd_hooks=hooks):
+        return view.model(clean)
