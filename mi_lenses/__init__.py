@@ -10,7 +10,8 @@ Every name is importable from here:
 * attention: :func:`attention` (patterns, sinks, entropy, previous-token and induction scores, q·k terms);
 * Patchscopes: :func:`patchscope`, :func:`sweep`, :class:`Source`, :class:`Target`, ``presets``, :func:`fit_map`;
 * the report: :func:`report` (every lens, DLA and attention of one prompt on one offline page);
-* models: :func:`load_model`, :class:`ModelView`;
+* models: :func:`load_model`, :class:`ModelView`, the parity probe (:func:`check_parity`, :func:`skip_parity`,
+  :func:`parity_report`, :class:`ParityReport`);
 * results share one protocol (:class:`Result`: ``show``, ``to_html``, ``print``, ``to_dict``/``to_json``,
   ``to_dataframe``); errors derive from :class:`MiLensesError` and name the fix.
 
@@ -49,7 +50,7 @@ from mi_lenses.lenses.tuned import (
     train_lens,
     tuned_lens,
 )
-from mi_lenses.models import ModelView, load_model
+from mi_lenses.models import ModelView, ParityReport, check_parity, load_model, parity_report, skip_parity
 from mi_lenses.patchscopes import (
     AffineMap,
     PatchscopeLens,
@@ -90,6 +91,7 @@ __all__ = [
     "MiLensesError",
     "ModelLoadError",
     "ModelView",
+    "ParityReport",
     "PatchscopeLens",
     "PatchscopeResult",
     "QKTerms",
@@ -105,6 +107,7 @@ __all__ = [
     "TunedLens",
     "VerificationError",
     "attention",
+    "check_parity",
     "compare_lenses",
     "data",
     "diffusion",
@@ -122,6 +125,7 @@ __all__ = [
     "load_row_map",
     "logit_lens",
     "neuron_attribution",
+    "parity_report",
     "patchscope",
     "patchscopes",
     "presets",
@@ -129,6 +133,7 @@ __all__ = [
     "run_lens",
     "save_lens",
     "selfie",
+    "skip_parity",
     "sweep",
     "train_lens",
     "tuned_lens",

@@ -142,6 +142,7 @@ def attention(
         scale=parts.scales,
         score_error=parts.score_error,
         qk_note=unsupported,
+        model_dtype=str(view.dtype).replace("torch.", ""),
     )
     if check:
         result.verify()

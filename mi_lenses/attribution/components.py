@@ -138,6 +138,7 @@ def direct_logit_attribution(
         attn_out=parts.attn_out,
         scale=parts.scale.cpu(),
         raw_bridge=view.is_bridge and not view.is_compat,
+        model_dtype=str(view.dtype).replace("torch.", ""),
     )
     if check and actual_source == "logits":
         result.verify()
