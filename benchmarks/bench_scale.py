@@ -52,7 +52,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_logit_lens import cpu_info, describe_cpu, load_tokens, measure, worker_roofline
+from bench_logit_lens import (add_worker_options, cpu_info, describe_cpu, load_tokens, measure, run_as_worker,
+                              worker_roofline)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_FOLDER = Path.home() / ".cache" / "mi_lenses" / "bench" / "llama-1b-shaped"
@@ -158,8 +159,10 @@ def worker_load(name: str, cfg: dict) -> dict:
     info["load_peak_bytes"] = _hwm()
     params = list({p.data_ptr(): p for p in model.parameters()}.values())
     info["param_bytes"] = sum(p.numel() * p.element_size() for p in params)
-    with torch.no_grad():
+    t1 = time.perf_counter()
+    with torch.no_grad():  # the first forward pages the memory-mapped weights in (the probe already did)
         model(torch.arange(1, 9)[None])
+    info["first_forward_s"] = time.perf_counter() - t1
     info["after_forward_peak_bytes"] = _hwm()
     return info
 
@@ -200,6 +203,7 @@ def worker_lens(cfg: dict, out_dir: Path) -> dict:
                 keep_out = out
             del out
         runs[label] = {"wall_s": statistics.median(walls), "wall_all_s": walls, "extra_peak_bytes": max(extras),
+                       "cpu_s": statistics.median(cpus),
                        "cpu_util": statistics.median(c / (w * info["threads"]) for c, w in zip(cpus, walls))}
         if label == "ours":
             ours_ids, rows = keep_out.top_ids.clone(), len(keep_out.labels)
@@ -216,24 +220,37 @@ def worker_lens(cfg: dict, out_dir: Path) -> dict:
 
 
 def worker(name: str, cfg: dict, out_dir: Path) -> dict:
-    if name == "roofline":
-        return worker_roofline(cfg)
+    if name == "roofline":  # with the share of the cores it got (the machine may be shared)
+        import torch
+
+        t, c = time.perf_counter(), time.process_time()
+        out = worker_roofline(cfg)
+        out["cpu_util"] = (time.process_time() - c) / ((time.perf_counter() - t) * torch.get_num_threads())
+        return out
     if name == "lens":
         return worker_lens(cfg, out_dir)
     return worker_load(name, cfg)
 
 
-def run_worker(name: str, cfg: dict, out_dir: Path, timeout: float) -> dict:
-    """One worker in a fresh Python process; its peak RSS is also read from ``RUSAGE_CHILDREN``."""
+def run_worker(name: str, cfg: dict, out_dir: Path, timeout: float, as_limit: int | None = None) -> dict:
+    """One worker in a fresh Python process; its peak RSS is also read from ``RUSAGE_CHILDREN``. ``as_limit``: an
+    address-space limit (bytes), so a worker that would exhaust the machine's memory fails alone (the machine is
+    shared) instead of waking the OOM killer; its failure is then recorded, not raised."""
     res_file = out_dir / f"{name}.json"
     res_file.unlink(missing_ok=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_AS, (as_limit, as_limit))) if as_limit else None
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-config",
                            str(out_dir / "config.json"), "--worker-out", str(out_dir)],
-                          cwd=REPO, timeout=timeout, capture_output=True, text=True)
+                          cwd=REPO, timeout=timeout, capture_output=True, text=True, preexec_fn=limit)
     if proc.returncode != 0 or not res_file.exists():
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        tail = proc.stdout[-3000:] + proc.stderr[-3000:]
+        if as_limit and ("MemoryError" in tail or "alloc" in tail.lower()):
+            print(f"  [{name}] failed under the {as_limit / GiB:.0f} GiB address-space limit", flush=True)
+            return {"failed": f"out of memory under a {as_limit / GiB:.1f} GiB address-space limit",
+                    "tail": tail[-500:]}
+        sys.stderr.write(tail)
         raise SystemExit(f"worker {name!r} failed with exit code {proc.returncode}")
     out = json.loads(res_file.read_text())
     out["process_s"] = time.perf_counter() - t
@@ -257,13 +274,16 @@ def render(report: dict) -> str:
     w = report["summary"]["weight_bytes_float32"]
     lines.append(f"\n1. Load, 1B-shaped Llama ({w / GiB:.2f} GiB of float32 weights); peaks are the loading process's "
                  "resident high-water mark")
-    lines.append(f"   {'method':<15} {'mode':<7} {'load s':>7} {'load peak':>10} {'x weights':>9} "
+    lines.append(f"   {'method':<15} {'mode':<7} {'load s':>7} {'+1st fwd':>8} {'load peak':>10} {'x weights':>9} "
                  f"{'after fwd':>10} {'x weights':>9}")
     for name in LOADS:
         r = report.get("loads", {}).get(name)
-        if r is None:
+        if r is None or "failed" in r:
+            if r is not None or f"{name}_skipped" in report.get("loads", {}):
+                lines.append(f"   {name:<15} {r['failed'] if r else 'skipped: ' + report['loads'][name + '_skipped']}")
             continue
-        lines.append(f"   {name:<15} {r['mode']:<7} {r['load_s']:7.1f} {r['load_peak_bytes'] / GiB:9.2f}G "
+        lines.append(f"   {name:<15} {r['mode']:<7} {r['load_s']:7.1f} {r.get('first_forward_s', float('nan')):8.1f} "
+                     f"{r['load_peak_bytes'] / GiB:9.2f}G "
                      f"{r['load_peak_bytes'] / w:9.2f} {r['after_forward_peak_bytes'] / GiB:9.2f}G "
                      f"{r['after_forward_peak_bytes'] / w:9.2f}")
     s = report["summary"]
@@ -277,12 +297,14 @@ def render(report: dict) -> str:
         for label, what in (("ours", "mi_lenses (cache given)"), ("ours_fwd", "mi_lenses (own forward)"),
                             ("tl", "TL 4.3 logit_lens top_k=5")):
             r = lens["runs"][label]
-            lines.append(f"   {what:<28} {r['wall_s']:7.1f} s  peak +{r['extra_peak_bytes'] / GiB:5.2f} GiB  "
-                         f"cpu_util {r['cpu_util']:.2f}")
-        lines.append(f"   fp32 roofline {s['roofline_time_s']:.1f} s ({s['roofline_gflops']:.0f} GFLOP/s): ours at "
-                     f"{s['roofline_fraction']:.0%} of it; ours / TL time {s['time_ratio_ours_vs_tl']:.2f}, memory "
-                     f"{s['mem_ratio_ours_vs_tl']:.2f}; top-5 ids agree {lens['top5_exact_agreement']:.2%}, top-1 "
-                     f"{lens['top1_agreement']:.2%}")
+            lines.append(f"   {what:<28} {r['wall_s']:7.1f} s  ({r.get('cpu_s', float('nan')):6.1f} CPU s)  peak "
+                         f"+{r['extra_peak_bytes'] / GiB:5.2f} GiB  cpu_util {r['cpu_util']:.2f}")
+        lines.append(f"   fp32 roofline {s['roofline_time_s']:.1f} s ({s['roofline_gflops']:.0f} GFLOP/s at cpu_util "
+                     f"{s.get('roofline_cpu_util', float('nan')):.2f}): ours at {s['roofline_fraction']:.0%} of it; "
+                     f"ours / TL time {s['time_ratio_ours_vs_tl']:.2f} (CPU time "
+                     f"{s.get('cpu_ratio_ours_vs_tl', float('nan')):.2f}), memory {s['mem_ratio_ours_vs_tl']:.2f}; "
+                     f"top-5 ids agree {lens['top5_exact_agreement']:.2%}, top-1 {lens['top1_agreement']:.2%}")
+        lines.append("   (cpu_util < 1: other processes shared the 2 cores; CPU seconds are the fairer comparison then)")
     probe = report.get("probe")
     if probe:
         lines.append("\n3. Parity probe cost: load_model with / without check_parity (median of "
@@ -303,16 +325,9 @@ def main() -> None:
     p.add_argument("--skip", nargs="*", default=[], help=f"sections or loads to skip: {', '.join(LOADS)}, lens, "
                    "roofline, probe")
     p.add_argument("--timeout", type=float, default=3600)
-    p.add_argument("--json", default="benchmarks/results/scale.json")
-    p.add_argument("--render", metavar="JSON", help="only print the table of an existing results file")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--worker-config", help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    add_worker_options(p, "benchmarks/results/scale.json")
     args = p.parse_args()
-    if args.worker:
-        cfg = json.loads(Path(args.worker_config).read_text())
-        out_dir = Path(args.worker_out)
-        (out_dir / f"{args.worker}.json").write_text(json.dumps(worker(args.worker, cfg, out_dir)))
+    if run_as_worker(args, worker):
         return
     if args.render:
         print(render(json.loads(Path(args.render).read_text())))
@@ -352,7 +367,8 @@ def main() -> None:
                 print(f"  [tl_compat] skipped: {free / GiB:.1f} GiB available, it needs ~{3.9 * weight_bytes / GiB:.0f}")
                 report["loads"]["tl_compat_skipped"] = f"{free / GiB:.1f} GiB available"
                 continue
-            report["loads"][name] = run_worker(name, cfg, out_dir, args.timeout)
+            # every load may take at most what is free now, less 1 GiB for the others on this machine
+            report["loads"][name] = run_worker(name, cfg, out_dir, args.timeout, as_limit=free - GiB + 6 * GiB)
         if "roofline" not in args.skip and "lens" not in args.skip:
             print("2. lens ...", flush=True)
             report["roofline"] = run_worker("roofline", cfg, out_dir, args.timeout)
@@ -386,7 +402,9 @@ def main() -> None:
                        roofline_fraction=flops / (roof["gflops"] * 1e9) / lens["runs"]["ours"]["wall_s"],
                        time_ratio_ours_vs_tl=lens["runs"]["ours"]["wall_s"] / lens["runs"]["tl"]["wall_s"],
                        mem_ratio_ours_vs_tl=lens["runs"]["ours"]["extra_peak_bytes"]
-                       / max(1, lens["runs"]["tl"]["extra_peak_bytes"]))
+                       / max(1, lens["runs"]["tl"]["extra_peak_bytes"]),
+                       roofline_cpu_util=report["roofline"].get("cpu_util"),
+                       cpu_ratio_ours_vs_tl=lens["runs"]["ours"]["cpu_s"] / lens["runs"]["tl"]["cpu_s"])
     report["summary"] = summary
     report["env"].update(loadavg_end=os.getloadavg(), total_runtime_s=time.perf_counter() - t_start)
     path = (REPO / args.json) if not Path(args.json).is_absolute() else Path(args.json)

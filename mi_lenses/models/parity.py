@@ -250,7 +250,7 @@ def check_parity(model: Any, hf_model: Any = None, *, tolerance: float | None = 
             "pass an untouched copy, e.g. AutoModelForCausalLM.from_pretrained(...) again or a copy.deepcopy made "
             "before booting."
         )
-    tokens = probe_tokens(model.to_tokens(PROBE_TEXT)[0], getattr(model.cfg, "n_ctx", None))
+    tokens = _model_probe_tokens(model)
     arch = architecture_of(model)
     t0 = time.perf_counter()
     source = "hf_model"
@@ -277,6 +277,16 @@ def check_parity(model: Any, hf_model: Any = None, *, tolerance: float | None = 
     return report
 
 
+def _model_probe_tokens(model: Any) -> Int[Tensor, "1 n"]:
+    """The probe prompt in ``model``'s tokenisation; fixed ids spread over the vocabulary for a model without a
+    tokenizer."""
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if getattr(model, "tokenizer", None) is None:
+        vocab = int(model.cfg.d_vocab)
+        return probe_tokens([(1 + 7919 * i) % vocab for i in range(PROBE_TOKENS)], n_ctx)
+    return probe_tokens(model.to_tokens(PROBE_TEXT)[0], n_ctx)
+
+
 def ensure_checked(model: Any) -> None:
     """Probe a model an entry point was given, once per model object (see the module docstring); raise
     :class:`~mi_lenses.errors.ModelLoadError` for a model that disagrees with Hugging Face (again at every entry point
@@ -287,7 +297,7 @@ def ensure_checked(model: Any) -> None:
             raise ModelLoadError(disagreement(report, fix="If you changed the weights on purpose, "
                                               "mi_lenses.skip_parity(model) accepts the model as it is."))
         return
-    if os.environ.get(ENV, "1").lower() in ("0", "off", "false", "no") or not hasattr(model, "to_tokens"):
+    if os.environ.get(ENV, "1").lower() in ("0", "off", "false", "no") or not hasattr(model, "parameters"):
         return
     if _user_hooks_active(model):
         return  # a forward pass would run the user's hooks: probe at a later call, when they are gone
