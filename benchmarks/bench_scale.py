@@ -17,7 +17,8 @@ Sections (every one in fresh subprocesses, one at a time):
    * ``tl_raw``: ``TransformerBridge.boot_transformers(folder, hf_model=...)``;
    * ``tl_compat``: the same plus ``enable_compatibility_mode()`` (what ``load_model(compatibility_mode=True)`` costs).
 2. **All-layer logit lens over 1 x 1024 tokens** (17 rows: embed, 15 ``resid_pre``, final) of the shipped evaluation
-   text, on the ``ours_default`` model, one shared activation cache:
+   text, on the ``ours_default`` model; each side in its own process (one side's freed temporaries can fragment the
+   heap for the other's), reading an activation cache of the same tokens:
    * ours: ``mi_lenses.logit_lens(model, tokens, cache=cache, logits=logits, top_k=5, check=False)`` (top-5 ids and
      logits, entropy, KL to the final row, rank of the final top-1, cross-entropy);
    * ours with its own forward pass (``cache=None``);
@@ -167,7 +168,10 @@ def worker_load(name: str, cfg: dict) -> dict:
     return info
 
 
-def worker_lens(cfg: dict, out_dir: Path) -> dict:
+def worker_lens(name: str, cfg: dict, out_dir: Path) -> dict:
+    """``lens_ours`` (ours on the shared cache, then ours with its own forward pass) or ``lens_tl`` (TL's logit_lens),
+    each in its own process: after one side's big temporaries, the other's 32 MB chunks can fragment the heap (a TL
+    call after ours once grew to 20 GiB)."""
     import torch
     from transformer_lens.tools.analysis import logit_lens as tl_logit_lens
 
@@ -176,7 +180,7 @@ def worker_lens(cfg: dict, out_dir: Path) -> dict:
     _quiet()
     t0 = time.perf_counter()
     model = mi_lenses.load_model(cfg["folder"])
-    info: dict = {"method": "lens", "load_s": time.perf_counter() - t0, "mode": "compat" if model.compatibility_mode
+    info: dict = {"method": name, "load_s": time.perf_counter() - t0, "mode": "compat" if model.compatibility_mode
                   else "raw", "d_model": int(model.cfg.d_model), "d_vocab": int(model.W_U.shape[-1]),
                   "n_layers": int(model.cfg.n_layers), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                   "threads": torch.get_num_threads()}
@@ -185,38 +189,49 @@ def worker_lens(cfg: dict, out_dir: Path) -> dict:
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=keep)
         wlogits, wcache = model.run_with_cache(tokens[:, :16], names_filter=keep)
-    ours = lambda c, lg, t: (lambda: mi_lenses.logit_lens(model, t, cache=c, logits=lg, top_k=5, check=False))  # noqa
-    tl = lambda c: (lambda: tl_logit_lens(model, cache=c, positions=None, top_k=5))  # noqa: E731
-    ours(wcache, wlogits, tokens[:, :16])()
-    tl(wcache)()
-    mi_lenses.logit_lens(model, tokens[:, :16], top_k=5, check=False)
+    if name == "lens_ours":
+        ours = lambda c, lg, t: (lambda: mi_lenses.logit_lens(model, t, cache=c, logits=lg, top_k=5,  # noqa: E731
+                                                              check=False))
+        ours(wcache, wlogits, tokens[:, :16])()  # warm-ups (the decoder is built here, once per model)
+        mi_lenses.logit_lens(model, tokens[:, :16], top_k=5, check=False)
+        methods = (("ours", ours(cache, logits, tokens), cfg["repeats"]),
+                   ("ours_fwd", lambda: mi_lenses.logit_lens(model, tokens, top_k=5, check=False), 1))
+    else:
+        tl = lambda c: (lambda: tl_logit_lens(model, cache=c, positions=None, top_k=5))  # noqa: E731
+        tl(wcache)()
+        methods = (("tl", tl(cache), cfg["repeats"]),)
     runs: dict = {}
-    for label, fn in (("ours", ours(cache, logits, tokens)), ("tl", tl(cache)),
-                      ("ours_fwd", lambda: mi_lenses.logit_lens(model, tokens, top_k=5, check=False))):
-        walls, extras, cpus, keep_out = [], [], [], None
-        for i in range(cfg["repeats"] if label != "ours_fwd" else 1):
+    for label, fn, repeats in methods:
+        walls, extras, cpus = [], [], []
+        for i in range(repeats):
             out, wall, cpu, extra, _ = measure(fn)
             walls.append(wall)
             extras.append(extra)
             cpus.append(cpu)
-            if i == 0 and label != "ours_fwd":
-                keep_out = out
+            if i == 0 and label == "ours":
+                torch.save({"top_ids": out.top_ids[:, 0].clone(), "rows": len(out.labels)}, out_dir / "ours_ids.pt")
+            elif i == 0 and label == "tl":
+                torch.save({"top_ids": out.readout.top_ids.clone()}, out_dir / "tl_ids.pt")
             del out
         runs[label] = {"wall_s": statistics.median(walls), "wall_all_s": walls, "extra_peak_bytes": max(extras),
                        "cpu_s": statistics.median(cpus),
                        "cpu_util": statistics.median(c / (w * info["threads"]) for c, w in zip(cpus, walls))}
-        if label == "ours":
-            ours_ids, rows = keep_out.top_ids.clone(), len(keep_out.labels)
-        elif label == "tl":
-            tl_ids = keep_out.readout.top_ids.clone()
-        del keep_out
-    ours_ids = ours_ids[:, 0]  # [R, P, 5]
-    tl_ids = tl_ids.reshape(ours_ids.shape)
-    info.update(runs=runs, rows=rows, tokens=int(tokens.shape[-1]),
-                top5_exact_agreement=float((ours_ids == tl_ids).all(-1).float().mean()),
-                top1_agreement=float((ours_ids[..., 0] == tl_ids[..., 0]).float().mean()),
-                model_peak_bytes=_hwm())
+    info.update(runs=runs, tokens=int(tokens.shape[-1]), process_peak_bytes=_hwm())
     return info
+
+
+def compare_lens(out_dir: Path, ours: dict, tl: dict) -> dict:
+    """Both lens workers' results side by side, and the agreement of their top-5 ids."""
+    import torch
+
+    a, b = torch.load(out_dir / "ours_ids.pt"), torch.load(out_dir / "tl_ids.pt")
+    ours_ids = a["top_ids"]  # [R, P, 5]
+    tl_ids = b["top_ids"].reshape(ours_ids.shape)
+    return {**{k: ours[k] for k in ("mode", "d_model", "d_vocab", "n_layers", "threads", "tokens")},
+            "rows": a["rows"], "runs": {**ours["runs"], **tl["runs"]},
+            "process_peak_bytes": {"ours": ours["process_peak_bytes"], "tl": tl["process_peak_bytes"]},
+            "top5_exact_agreement": float((ours_ids == tl_ids).all(-1).float().mean()),
+            "top1_agreement": float((ours_ids[..., 0] == tl_ids[..., 0]).float().mean())}
 
 
 def worker(name: str, cfg: dict, out_dir: Path) -> dict:
@@ -227,8 +242,8 @@ def worker(name: str, cfg: dict, out_dir: Path) -> dict:
         out = worker_roofline(cfg)
         out["cpu_util"] = (time.process_time() - c) / ((time.perf_counter() - t) * torch.get_num_threads())
         return out
-    if name == "lens":
-        return worker_lens(cfg, out_dir)
+    if name.startswith("lens_"):
+        return worker_lens(name, cfg, out_dir)
     return worker_load(name, cfg)
 
 
@@ -291,7 +306,9 @@ def render(report: dict) -> str:
         lines.append(f"   default: peak {s['default_peak_ratio']:.2f}x the weights (target <= {TARGET_LOAD_RATIO}): "
                      f"{'PASS' if s['default_peak_ratio'] <= TARGET_LOAD_RATIO else 'FAIL'}")
     lens = report.get("lens")
-    if lens:
+    if lens and "failed" in lens:
+        lines.append(f"\n2. All-layer logit lens: {lens['failed']}")
+    elif lens:
         lines.append(f"\n2. All-layer logit lens, {lens['rows']} rows x {lens['tokens']} tokens, vocab "
                      f"{lens['d_vocab']}, model {lens['mode']} ({lens['threads']} threads)")
         for label, what in (("ours", "mi_lenses (cache given)"), ("ours_fwd", "mi_lenses (own forward)"),
@@ -350,6 +367,8 @@ def main() -> None:
     kv = hf_cfg["num_key_value_heads"] * d // hf_cfg["num_attention_heads"]
     n_params = V * d + L * (2 * d * d + 2 * d * kv + 3 * d * F + 2 * d) + d  # tied embeddings
     weight_bytes = 4 * n_params
+    path = (REPO / args.json) if not Path(args.json).is_absolute() else Path(args.json)
+    partial = path.with_suffix(".partial.json")
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
         out_dir = Path(tmp)
         tiny = out_dir / "tiny"
@@ -369,10 +388,15 @@ def main() -> None:
                 continue
             # every load may take at most what is free now, less 1 GiB for the others on this machine
             report["loads"][name] = run_worker(name, cfg, out_dir, args.timeout, as_limit=free - GiB + 6 * GiB)
+            partial.write_text(json.dumps(report, indent=2))  # a later section may fail: keep what was measured
         if "roofline" not in args.skip and "lens" not in args.skip:
             print("2. lens ...", flush=True)
             report["roofline"] = run_worker("roofline", cfg, out_dir, args.timeout)
-            report["lens"] = run_worker("lens", cfg, out_dir, args.timeout)
+            sides = {side: run_worker(side, cfg, out_dir, args.timeout, as_limit=_mem_available() + 4 * GiB)
+                     for side in ("lens_ours", "lens_tl")}
+            failed = [f"{k}: {v['failed']}" for k, v in sides.items() if "failed" in v]
+            report["lens"] = {"failed": "; ".join(failed)} if failed else compare_lens(out_dir, *sides.values())
+            partial.write_text(json.dumps(report, indent=2))
         if "probe" not in args.skip:
             print("3. probe cost ...", flush=True)
             probe: dict = {"repeats": args.probe_repeats, "models": {}}
@@ -394,7 +418,7 @@ def main() -> None:
         r = report["loads"]["ours_default"]
         summary["default_load_ratio"] = r["load_peak_bytes"] / weight_bytes
         summary["default_peak_ratio"] = max(r["load_peak_bytes"], r["after_forward_peak_bytes"]) / weight_bytes
-    if "lens" in report:
+    if "lens" in report and "failed" not in report["lens"]:
         lens, roof = report["lens"], report["roofline"]["float32"]
         flops = 2 * lens["rows"] * lens["tokens"] * d * V
         summary.update(unembed_flops=flops, roofline_gflops=roof["gflops"],
@@ -407,9 +431,9 @@ def main() -> None:
                        cpu_ratio_ours_vs_tl=lens["runs"]["ours"]["cpu_s"] / lens["runs"]["tl"]["cpu_s"])
     report["summary"] = summary
     report["env"].update(loadavg_end=os.getloadavg(), total_runtime_s=time.perf_counter() - t_start)
-    path = (REPO / args.json) if not Path(args.json).is_absolute() else Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
+    partial.unlink(missing_ok=True)
     print(render(report))
     print(f"\nJSON: {path}")
 
