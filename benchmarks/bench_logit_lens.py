@@ -485,6 +485,27 @@ def fmt_mb(b: float) -> str:
     return f"{b / 2**20:,.0f} MiB" if b < 2**30 else f"{b / 2**30:,.2f} GiB"
 
 
+def add_worker_options(p: argparse.ArgumentParser, json_default: str) -> None:
+    """``--json`` and ``--render``, and the hidden options a worker process is started with (shared by the
+    benchmarks that run each method in a fresh process)."""
+    p.add_argument("--json", default=json_default, help="results file (relative: repo)")
+    p.add_argument("--render", metavar="JSON", help="only print the table of an existing results file")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-config", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+
+
+def run_as_worker(args: argparse.Namespace, worker_fn) -> bool:
+    """In a worker process (``--worker NAME``): run ``worker_fn(name, cfg, out_dir)``, write its JSON result to
+    ``out_dir/NAME.json`` and return True; False in the parent."""
+    if not args.worker:
+        return False
+    cfg = json.loads(Path(args.worker_config).read_text())
+    out_dir = Path(args.worker_out)
+    (out_dir / f"{args.worker}.json").write_text(json.dumps(worker_fn(args.worker, cfg, out_dir)))
+    return True
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=DEFAULT_DATA, help="text file (relative paths: to the repo root)")
@@ -507,18 +528,10 @@ def main() -> None:
     p.add_argument("--isa", choices=["native", "avx2"], default="native",
                    help="'avx2': restrict the workers to AVX2 kernels (emulates an AVX2-only CPU)")
     p.add_argument("--with-fused", action="store_true", help="also time the opt-in torch.compile'd reduction")
-    p.add_argument("--json", default="benchmarks/results/logit_lens.json", help="results file (relative: repo)")
-    p.add_argument("--render", metavar="JSON", help="only print the table of an existing results file")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--worker-config", help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    add_worker_options(p, "benchmarks/results/logit_lens.json")
     args = p.parse_args()
 
-    if args.worker:
-        cfg = json.loads(Path(args.worker_config).read_text())
-        out_dir = Path(args.worker_out)
-        res = worker(args.worker, cfg, out_dir)
-        (out_dir / f"{args.worker}.json").write_text(json.dumps(res))
+    if run_as_worker(args, worker):
         return
 
     if args.render:

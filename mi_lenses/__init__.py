@@ -11,7 +11,8 @@ Every name is importable from here:
 * Patchscopes: :func:`patchscope`, :func:`sweep`, :class:`Source`, :class:`Target`, ``presets``, :func:`fit_map`;
 * circuit analysis: :func:`activation_patching` (exact, attribution, EAP-IG), edges, circuits, path patching;
 * the report: :func:`report` (every lens, DLA and attention of one prompt on one offline page);
-* models: :func:`load_model`, :class:`ModelView`;
+* models: :func:`load_model`, :class:`ModelView`, the parity probe (:func:`check_parity`, :func:`skip_parity`,
+  :func:`parity_report`, :class:`ParityReport`);
 * results share one protocol (:class:`Result`: ``show``, ``to_html``, ``print``, ``to_dict``/``to_json``,
   ``to_dataframe``); errors derive from :class:`MiLensesError` and name the fix.
 
@@ -50,7 +51,7 @@ from mi_lenses.lenses.tuned import (
     train_lens,
     tuned_lens,
 )
-from mi_lenses.models import ModelView, load_model
+from mi_lenses.models import ModelView, ParityReport, check_parity, load_model, parity_report, skip_parity
 from mi_lenses.patchscopes import (
     AffineMap,
     PatchscopeLens,
@@ -102,6 +103,7 @@ __all__ = [
     "MiLensesError",
     "ModelLoadError",
     "ModelView",
+    "ParityReport",
     "PatchingResult",
     "PatchscopeLens",
     "PatchscopeResult",
@@ -119,6 +121,7 @@ __all__ = [
     "VerificationError",
     "activation_patching",
     "attention",
+    "check_parity",
     "compare_lenses",
     "data",
     "diffusion",
@@ -138,6 +141,7 @@ __all__ = [
     "load_row_map",
     "logit_lens",
     "neuron_attribution",
+    "parity_report",
     "path_patching",
     "patchscope",
     "patchscopes",
@@ -146,6 +150,7 @@ __all__ = [
     "run_lens",
     "save_lens",
     "selfie",
+    "skip_parity",
     "sweep",
     "train_lens",
     "tuned_lens",

@@ -37,10 +37,12 @@ REFUSED = {"biogpt": "TransformerLens 4.3 has no adapter for BioGPT"}
 REFUSED_MATCH = {"biogpt": "Could not determine supported architecture"}  # what the ModelLoadError must say
 
 # TransformerLens's own bridge disagrees with the HF model here (measured by this matrix): the load-time parity probe
-# (issue 19, branch issue19-loading) refuses the model, or falls back to raw where only compatibility mode breaks.
-# Switch PARITY_PROBE on once that probe is merged: the cells then assert the refusal / fallback instead of xfailing.
-PARITY_PROBE = False
+# (mi_lenses.models.parity) refuses the model, or falls back to raw where only compatibility mode breaks; the cells
+# assert that refusal / fallback. PARITY_PROBE = False turns them into expected failures (a TL world without the probe).
+PARITY_PROBE = True
 EXPECT_PROBE = {
+    ("qwen2_moe_square", "compat"): "compatibility mode cannot fold the ln2 gain of a shared expert as wide as "
+                                    "d_model (a square matrix): load_model falls back to raw",
     ("gemma3_attn_softcap", "raw"): "TransformerLens ignores Gemma 3's attn_logit_softcapping",
     ("gemma3_attn_softcap", "compat"): "TransformerLens ignores Gemma 3's attn_logit_softcapping",
     ("codegen", "raw"): "the first forward fails: the CodeGen adapter reads attn.embed_positions (gone in "

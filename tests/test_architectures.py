@@ -73,3 +73,21 @@ def test_neuron_attribution_at_every_position_equals_dla(matrix, name, mode):
         res = mi_lenses.direct_logit_attribution(m, entry.tokens, answer=entry.answer, wrong=entry.wrong,
                                                  position=pos, progress=False)
         AM.close(attr[:, 0, pos], res.neurons[0], f"{name}-{mode} neuron_attribution at position {pos} vs DLA", 1e-5)
+
+
+def test_bridge_wiring_is_not_a_user_hook(matrix):
+    """TransformerLens 4.3 wires permanent hooks of its own into OPT's fc-split MLP at boot: they are not the user's
+    interventions (DLA would otherwise read residual points whose caching breaks OPT-350m's flattened MLP region)."""
+    import mi_lenses
+    from mi_lenses.models.interventions import active_hooks
+
+    m = matrix.model("opt_350m", "raw")
+    assert any(p.fwd_hooks for p in m.hook_dict.values()), "TL no longer wires hooks at boot: drop this test"
+    assert active_hooks(m) == []
+    kill = lambda out, hook: out * 0.0  # noqa: E731
+    with m.hooks(fwd_hooks=[("blocks.1.hook_mlp_out", kill)]):
+        assert active_hooks(m) == ["blocks.1.hook_mlp_out"]
+        res = mi_lenses.direct_logit_attribution(m, matrix.entry("opt_350m").tokens, answer=AM.ANSWER,
+                                                 wrong=AM.WRONG)
+    assert res.active_hooks == ("blocks.1.hook_mlp_out",) and "blocks.1.hook_mlp_out" in res.interventions
+

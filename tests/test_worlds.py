@@ -95,6 +95,9 @@ def test_load_model_gives_this_worlds_model(world):
     expected = "TransformerBridge" if KIND == "bridge" else "HookedTransformer"
     assert type(world.model).__name__ == expected
     assert mi_lenses.ModelView(world.model).is_bridge == (KIND == "bridge")
+    # load_model compared it with the HF model (bridge or HookedTransformer alike) and it passed
+    report = mi_lenses.parity_report(world.model)
+    assert report.checked and report.passed and report.source == "load_model" and report.gap < 1e-4, report
 
 
 # ------------------------------------------------------------------------------------------------ every feature

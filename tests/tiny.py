@@ -222,6 +222,11 @@ class _Builder:
                 finally:
                     logging.getLogger().setLevel(prev)
             bridge.eval()
+            # The parity probe against the untouched HF twin (entry points would otherwise warn that a model built in
+            # memory cannot be checked): the bridges of the tests are checked like the ones load_model makes.
+            import mi_lenses
+
+            mi_lenses.check_parity(bridge, hf_model=base)
             # One forward first: transformers 5 installs its output-capturing hooks on the HF submodules lazily, on
             # the first forward, and keeps them. They are part of the model's steady state, not a leak of ours.
             with torch.no_grad():

@@ -147,6 +147,7 @@ def attention(
         score_error=parts.score_error,
         qk_note=unsupported,
         qk_unavailable=qk_unavailable,
+        model_dtype=str(view.dtype).replace("torch.", ""),
     )
     if check:
         result.verify()

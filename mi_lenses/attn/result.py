@@ -30,6 +30,10 @@ Metric = Literal["sink", "entropy", "previous_token", "induction"]
 METRICS = ("sink", "entropy", "previous_token", "induction")
 
 
+# Default tolerance of AttentionResult.verify per model dtype.
+VERIFY_TOL = {"float32": 1e-4, "float64": 1e-4, "bfloat16": 5e-2, "float16": 5e-3}
+
+
 @dataclass
 class AttentionResult(Result):
     """Attention patterns ``[B, L, H, S, S]`` (query, key) and per-head diagnostics.
@@ -58,6 +62,7 @@ class AttentionResult(Result):
     score_error: Float[Tensor, " L"] = field(repr=False)  # max |scale q·k - hook_attn_scores| (relative); NaN: unchecked
     qk_note: str | None = None  # why q and k are not kept
     qk_unavailable: dict[str, str] = field(default_factory=dict)  # "L{l}H{h}" -> why (a user's hook; q NaN)
+    model_dtype: str = "float32"  # the model's weights: its own patterns and scores are this precise
 
     # ------------------------------------------------------------------------------------ structure
     @property
@@ -148,13 +153,19 @@ class AttentionResult(Result):
         )
 
     # ------------------------------------------------------------------------------------ identities
-    def verify(self, atol: float = 1e-4) -> "AttentionResult":
+    def verify(self, atol: float | None = None) -> "AttentionResult":
         """Check the identities; raise ``VerificationError`` naming the one that fails.
 
         1. every pattern row sums to one over the prompt's real keys and puts nothing on later keys (causal);
         2. ``scale * q · k`` reproduces the model's ``hook_attn_scores`` (where the run cached them);
         3. the softmax of those scores reproduces the patterns.
+
+        ``atol`` (also the relative tolerance of 2.) defaults to ``VERIFY_TOL`` of the model's dtype (1e-4 in
+        float32; 5e-2 for bfloat16, whose scores and patterns are rounded to 8 bits).
         """
+        if atol is None:
+            atol = VERIFY_TOL.get(self.model_dtype, VERIFY_TOL["float32"])
+
         for b, n in enumerate(self.lengths):
             p = self.patterns[b, :, :, :n, :n]
             err = (p.sum(-1) - 1).abs().max().item()
@@ -165,7 +176,7 @@ class AttentionResult(Result):
             if not upper <= atol:
                 raise VerificationError(f"prompt {b} attends to later tokens ({upper:.2e}): the patterns are not "
                                         "causal, or positions are misaligned.")
-        bad = torch.nonzero(self.score_error > 1e-4)
+        bad = torch.nonzero(self.score_error > atol)
         if len(bad):
             i = int(bad[0, 0])
             raise VerificationError(

@@ -168,6 +168,7 @@ def direct_logit_attribution(
         notes=parts.notes,
         interventions=edits.values if edits else {},
         sources_unavailable=edits.unavailable if edits else {},
+        model_dtype=str(view.dtype).replace("torch.", ""),
     )
     if check and actual_source == "logits":
         result.verify()

@@ -52,8 +52,18 @@ class Edits:
     unavailable: dict[str, str] = field(default_factory=dict)
 
 
+def plain_residual(view: ModelView) -> bool:
+    """Whether every block adds its sublayers' outputs to the stream as they are (no post-norm, residual norm or
+    residual multiplier): only then is the stream a plain sum of the cached states, and residual edits defined."""
+    paths = [view.sublayer(l, s) for l in range(view.n_layers) for s in (("attn", "mlp") if view.has_mlp else ("attn",))]
+    return all(p.post_norm is None and p.resid_norm is None and p.multiplier == 1.0 for p in paths)
+
+
 def intervention_hooks(view: ModelView) -> list[str]:
-    """The residual points read besides :func:`~mi_lenses.attribution.components.required_hooks` to find edits."""
+    """The residual points read besides :func:`~mi_lenses.attribution.components.required_hooks` to find edits
+    (none where the residual stream is not a plain sum: :func:`plain_residual`)."""
+    if not plain_residual(view):
+        return []
     points = ("resid_pre", "resid_post") if getattr(view.cfg, "parallel_attn_mlp", False) or not view.has_mlp \
         else ("resid_pre", "resid_mid", "resid_post")
     return [view.hook_name(p, l) for l in range(view.n_layers) for p in points]
@@ -87,9 +97,7 @@ def find_edits(view: ModelView, cache: Cached, parts, dirn: Direction, pos: Tens
 
     L = view.n_layers
     parallel = bool(getattr(view.cfg, "parallel_attn_mlp", False))
-    plain = all(p.post_norm is None and p.resid_norm is None and p.multiplier == 1.0
-                for l in range(L) for p in [view.sublayer(l, "attn")] + ([view.sublayer(l, "mlp")] if view.has_mlp
-                                                                          else []))
+    plain = plain_residual(view)
     pre = [proj(view.hook_name("resid_pre", l)) for l in range(L)]
     post = [proj(view.hook_name("resid_post", l)) for l in range(L)]
     mid = [None if parallel or not view.has_mlp else proj(view.hook_name("resid_mid", l)) for l in range(L)]

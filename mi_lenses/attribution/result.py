@@ -44,6 +44,10 @@ class Component:
                 "neuron": self.neuron, "value": value}
 
 
+# (atol, rtol) of DLAResult.verify per model dtype.
+SELF_CHECK_TOL = {"float32": (1e-3, 1e-4), "float64": (1e-3, 1e-4), "bfloat16": (0.05, 1e-2), "float16": (0.01, 2e-3)}
+
+
 @dataclass
 class DLAResult(Result):
     """Direct logit attribution of one position per prompt.
@@ -85,6 +89,7 @@ class DLAResult(Result):
     notes: list[str] = field(default_factory=list)  # what could not be attributed finer, and why
     interventions: dict[str, Float[Tensor, " B"]] = field(default_factory=dict)  # hook name -> a hook's edit
     sources_unavailable: dict[str, str] = field(default_factory=dict)  # "L{l}H{h}" -> why (sources are NaN there)
+    model_dtype: str = "float32"  # the model's weights: its own logits (``actual``) are this precise
 
     # ------------------------------------------------------------------------------------ structure
     @property
@@ -147,7 +152,7 @@ class DLAResult(Result):
         return t.mean(0) if batch is None else t[self.check_batch(batch)]
 
     # ------------------------------------------------------------------------------------ identities
-    def verify(self, atol: float = 1e-3, rtol: float = 1e-4) -> "DLAResult":
+    def verify(self, atol: float | None = None, rtol: float | None = None) -> "DLAResult":
         """Check the identities; raise ``VerificationError`` naming the one that fails.
 
         1. all parts (constants included) sum to ``actual``, the model's own logit (difference) from the run;
@@ -155,8 +160,12 @@ class DLAResult(Result):
         3. each MLP's neurons plus its bias part sum to the MLP (and a mixture of experts' experts to the MLP);
         4. each head's source positions sum to the head.
 
-        Tolerance per row: ``atol + rtol * Σ|parts|``.
+        Tolerance per row: ``atol + rtol * Σ|parts|``; by default ``SELF_CHECK_TOL`` of the model's dtype (float32:
+        1e-3, 1e-4; the outputs of a bfloat16 model are rounded to 8 bits, the parts computed in float32: 0.05, 1e-2).
         """
+        default_atol, default_rtol = SELF_CHECK_TOL.get(self.model_dtype, SELF_CHECK_TOL["float32"])
+        atol = default_atol if atol is None else atol
+        rtol = default_rtol if rtol is None else rtol
         vals = self.values()
         tol = atol + rtol * vals.abs().sum(-1)  # [B]
         err = (vals.sum(-1) - self.actual).abs()

@@ -86,9 +86,10 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> An
 
 
 def load(args: argparse.Namespace, name: str | None = None, device: str | None = None,
-         compatibility_mode: bool = True) -> Any:
-    """The model named by ``--model`` (or ``name``) on ``--device`` (or ``device``); ``compatibility_mode=False``
-    skips folding the norms (0.6 s for SmolLM2) where a command's numbers do not depend on it."""
+         compatibility_mode: bool | str = "auto") -> Any:
+    """The model named by ``--model`` (or ``name``) on ``--device`` (or ``device``), as ``load_model`` gives it by
+    default; ``compatibility_mode=False`` skips folding the norms (0.6 s for SmolLM2) where a command's numbers do
+    not depend on it."""
     return load_model(name if name is not None else args.model, device=device or args.device,
                       compatibility_mode=compatibility_mode)
 

@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     options = dataclass_from_args(LensOptions, args).validate(flags=True)  # before loading the model
     t0 = time.perf_counter()
     # the logit lens decodes through the model's own final norm, so raw and folded weights give the same numbers;
-    # a tuned lens was trained on one residual basis: keep the default (compatibility mode) for it
-    model = load(args, compatibility_mode=bool(args.lens))
+    # a tuned lens was trained on one residual basis: keep load_model's default for it
+    model = load(args, compatibility_mode="auto" if args.lens else False)
     t1 = time.perf_counter()
     if args.lens:
         res = tuned_lens(model, args.prompt, lens=args.lens, options=options)

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from mi_lenses.lenses.lens import Lens
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Tolerance of the automatic final-row identity check, per matmul dtype (log-prob units).
+# The matmul dtypes a lens may run in (the final-row check's tolerance follows it: lenses/result.py VERIFY_ATOL).
 CHECK_ATOL = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.05}
 
 
@@ -84,7 +84,7 @@ def run_lens(
     result = _assemble(view, plan, batch, grid, ref_index, stats, final_top1.view(grid.index.shape), next_ids,
                        run.logits)
     if opts.check and run.logits is not None and input is not None and plan.rows[-1].is_final and plan.exact_final:
-        result.verify(atol=CHECK_ATOL[plan.dtype])
+        result.verify()  # at the tolerance of the coarser of the matmul dtype and the model's dtype
     return recorded(result, hooks)
 
 
@@ -262,6 +262,7 @@ def _assemble(view: ModelView, plan: _Plan, batch: Batch, grid: PositionGrid, re
         reference_logprobs=ref_lp,
         reference_max_logprob=ref_max,
         dtype=str(plan.dtype).replace("torch.", ""),
+        model_dtype=str(view.dtype).replace("torch.", ""),
         ahead=plan.ahead,
         final_is_output=plan.exact_final,
     )

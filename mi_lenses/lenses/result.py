@@ -28,6 +28,10 @@ from mi_lenses.viz.lens import lens_fragment
 from mi_lenses.viz.terminal import lens_table
 
 
+# Default tolerance of LensResult.verify (log-prob units), per matmul or model dtype.
+VERIFY_ATOL = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
+
+
 @dataclass
 class LensResult(Result):
     """Per-layer, per-position readout of a lens.
@@ -67,6 +71,7 @@ class LensResult(Result):
     reference_logprobs: Float[Tensor, "B P k"] | None = field(default=None, repr=False)
     reference_max_logprob: Float[Tensor, "B P"] | None = field(default=None, repr=False)
     dtype: str = "float32"
+    model_dtype: str = "float32"  # the model's weights (its own logits, which verify compares with, are this precise)
     # log-prob, under each row, of the reference's top-1 token (the model's own prediction at t + ahead)
     final_top1_logprob: Float[Tensor, "R B P"] | None = field(default=None, repr=False)
     ahead: int = 0  # the lens predicts the model's distribution at t + ahead (see Lens.ahead)
@@ -140,12 +145,17 @@ class LensResult(Result):
         return torch.where(mask, values, 0.0).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
 
     # ------------------------------------------------------------------------------------ identities
-    def verify(self, atol: float = 1e-3) -> "LensResult":
+    def verify(self, atol: float | None = None) -> "LensResult":
         """Check that the final row reproduces the model's own output; raise ``VerificationError`` otherwise.
 
         Compares the final row's top-k log-probs with the model's log-probs at the same tokens, and checks that the
-        final row's top-1 token is the model's top-1 (up to ``atol`` for exact ties).
+        final row's top-1 token is the model's top-1 (up to ``atol`` for exact ties). ``atol`` defaults to
+        :data:`VERIFY_ATOL` of the coarser of the matmul dtype and the model's dtype (1e-3 in float32, 0.25 for a
+        bfloat16 matmul or model).
         """
+        if atol is None:
+            atol = max(VERIFY_ATOL.get(self.dtype, VERIFY_ATOL["bfloat16"]),
+                       VERIFY_ATOL.get(self.model_dtype, VERIFY_ATOL["float32"]))
         if not self.final_is_output:
             raise VerificationError(
                 f"the {self.lens_name} maps the final row too (or predicts {self.ahead} positions ahead): its final "

