@@ -64,7 +64,8 @@ grid.show()  # the layer x position map, labelled with the tokens
 # `what="head_out"` patches one head's `z` at every position (`by="layer_pos_head"` splits it by position too).
 # Attribution patching estimates the whole grid from one forward and one backward pass; its rank correlation with the
 # exact grid says how far to trust it here. Measured: L23H3 restores most of the answer (+0.58), then L29H1; the
-# attribution grid ranks the heads with a Spearman correlation of about 0.6 against the exact one.
+# attribution grid ranks the heads with a Spearman correlation of 0.97 against the exact one, though it
+# underestimates L23H3 (+0.36).
 
 # %%
 heads = mi_lenses.activation_patching(model, clean, corrupted, what="head_out", **kw)
