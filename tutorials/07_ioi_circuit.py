@@ -126,6 +126,7 @@ for n in (100, 800):
 circuit.to_html("ioi_circuit.html")
 circuit.show()  # the circuit as a graph (inline SVG): its 300 strongest edges
 
+
 # %% [markdown]
 # ## Direct logit attribution under your own ablation
 # Zero the top head's output with an ordinary TransformerLens hook and ask DLA, inside the same `with` block, what
