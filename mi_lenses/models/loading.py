@@ -103,7 +103,7 @@ def load_model(
         compatibility_mode: call ``enable_compatibility_mode()`` on the bridge (folded norms, centred weights,
             HookedTransformer numerics). ``"auto"`` (default): on for float32 models of up to
             :data:`AUTO_COMPAT_MAX_BYTES` of weights (2 GiB, ~537M parameters); off above, with a warning
-            (TransformerLens's folding peaks at ~4x the weights: 17.7 GiB for a 1.2B model), and off for
+            (TransformerLens's folding peaks at ~4x the weights: 18.2 GiB for a 1.2B model), and off for
             bfloat16/float16 weights (folded weights rounded to low precision drift from the model). Lenses are
             exact either way; DLA's convention differs (see ``docs/loading.md``).
         cache_dir: where converted GGUF models are cached (default ``$MI_LENSES_CACHE`` or ``~/.cache/mi_lenses``).
