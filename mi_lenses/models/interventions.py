@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 
 def hook_point_names(model: Any) -> dict[int, str]:
     """One name per distinct hook point of ``model`` (keyed by ``id``): a ``TransformerBridge`` lists each point under
@@ -39,20 +41,27 @@ def active_hooks(model: Any) -> list[str]:
     """The hook points that hold a hook right now, in the model's order: ``"name"`` for forward hooks, with
     ``" ×n"`` when ``n`` hooks sit on one point and ``" (backward)"`` for backward hooks. Call it before adding
     hooks of your own: it cannot tell whose a hook is."""
-    model = getattr(model, "model", model) if not hasattr(model, "hook_dict") else model
-    names = hook_point_names(model)
+    model = model if isinstance(model, torch.nn.Module) else getattr(model, "model", model)  # a ModelView's model
     seen: set[int] = set()
-    out: list[str] = []
-    for point in getattr(model, "hook_dict", {}).values():
+    counts: list[tuple[int, str, int]] = []  # (point id, suffix, number of hooks)
+    # a bridge's hook_dict copies its registry and adds every alias on each access (4 ms on SmolLM2): scan the
+    # registry (the same points) and name them only when a hook is found
+    registry = getattr(model, "_hook_registry", None)
+    points = registry if isinstance(registry, dict) else getattr(model, "hook_dict", {})
+    for point in points.values():
         key = id(point)
         if key in seen:
             continue
         seen.add(key)
         for kind, suffix in (("fwd_hooks", ""), ("bwd_hooks", " (backward)")):
-            n = sum(not _bridge_wiring(h) for h in getattr(point, kind, None) or [])
+            handles = getattr(point, kind, None)
+            n = sum(not _bridge_wiring(h) for h in handles) if handles else 0
             if n:
-                out.append(f"{names[key]}{f' ×{n}' if n > 1 else ''}{suffix}")
-    return out
+                counts.append((key, suffix, n))
+    if not counts:  # the usual case: no need to name the 1,700 points of a bridge
+        return []
+    names = hook_point_names(model)
+    return [f"{names[key]}{f' ×{n}' if n > 1 else ''}{suffix}" for key, suffix, n in counts]
 
 
 def _bridge_wiring(handle: Any) -> bool:

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from mi_lenses.errors import LensInputError, ModelLoadError
 from mi_lenses.models.kv import is_bridge
+from mi_lenses.models.interventions import active_hooks
 
 PROBE_TEXT = "The capital of France is Paris, and the capital of Italy is Rome. One two three"
 PROBE_TOKENS = 8
@@ -320,10 +321,7 @@ def ensure_checked(model: Any) -> None:
 
 
 def _user_hooks_active(model: Any) -> bool:
-    for hp in getattr(model, "hook_dict", {}).values():
-        if getattr(hp, "fwd_hooks", None):
-            return True
-    return False
+    return bool(active_hooks(model))  # not the bridge's own wiring (OPT), which would defer the probe forever
 
 
 # ---------------------------------------------------------------------------------------------- the reference
