@@ -383,6 +383,18 @@ def test_command_line(hf_folder, tmp_path, capsys):
     assert "faithfulness" in capsys.readouterr().out and "<svg" in (tmp_path / "c.html").read_text()
     assert main(args + ["--what", "nothing"]) == 2
     assert "what" in capsys.readouterr().err
+    # prompts of different lengths: refused with the flag that aligns them, which then gives the Python call's grid
+    longer = ["patch", CLEAN + " known", CORRUPTED, "--answer", ANSWER, "--wrong", WRONG, "--model", str(hf_folder)]
+    assert main(longer) == 2 and "--position-map" in capsys.readouterr().err
+    m = mi_lenses.load_model(hf_folder)
+    n, extra = m.to_tokens(CORRUPTED).shape[1], m.to_tokens(CLEAN + " known").shape[1] - m.to_tokens(CORRUPTED).shape[1]
+    pairs = ",".join(f"{extra + p}:{p}" for p in range(n))
+    assert main(longer + ["--position-map", pairs, "--json", str(tmp_path / "m.json"), "--no-progress"]) == 0
+    want = mi_lenses.activation_patching(m, CLEAN + " known", CORRUPTED, answer=ANSWER, wrong=WRONG,
+                                         position_map={extra + p: p for p in range(n)}, progress=False)
+    assert torch.allclose(torch.tensor(json.loads((tmp_path / "m.json").read_text())["values"]), want.values,
+                          atol=1e-5)
+    assert main(longer + ["--position-map", "0-0"]) == 2 and "clean:corrupted" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ bad input

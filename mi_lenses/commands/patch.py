@@ -25,7 +25,10 @@ def register(sub, parents: Parents) -> None:
     p = sub.add_parser("patch", parents=[parents.model, parents.outputs],
                        help="activation patching (exact, attribution, EAP-IG) or a circuit of the top edges")
     p.add_argument("clean", help="the clean prompt")
-    p.add_argument("corrupted", help="the corrupted prompt (the same number of tokens)")
+    p.add_argument("corrupted", help="the corrupted prompt (the same number of tokens, or see --position-map)")
+    p.add_argument("--position-map", default=None, metavar="C:K,...",
+                   help="prompts of different lengths: the clean positions and the corrupted positions they "
+                        "correspond to, e.g. '0:0,5:6,-1:-1' (the last positions at least)")
     p.add_argument("--answer", required=True, help="the metric's answer token (exactly one token; mind the space)")
     p.add_argument("--wrong", default=None, help="the metric is the normalised logit[answer] - logit[wrong]")
     p.add_argument("--what", default="resid_pre", help=f"the activation patched: {', '.join(WHATS)} (default "
@@ -42,7 +45,23 @@ def register(sub, parents: Parents) -> None:
     p.set_defaults(func=run)
 
 
+def position_map(text: str | None) -> list[tuple[int, int]] | None:
+    """``--position-map "0:0,5:6"`` as the ``[(clean, corrupted), ...]`` pairs of ``activation_patching``.
+
+    >>> position_map("0:0, 5:6,-1:-1")
+    [(0, 0), (5, 6), (-1, -1)]
+    """
+    if text is None:
+        return None
+    try:
+        return [(int(c), int(k)) for c, k in (item.split(":") for item in text.split(",") if item.strip())]
+    except ValueError:
+        raise LensInputError(f"--position-map takes clean:corrupted pairs of ints separated by commas, e.g. "
+                             f"'0:0,5:6,-1:-1'; got {text!r}.") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    pairs = position_map(args.position_map)
     if args.top_k < 1:
         raise LensInputError(f"--top-k must be at least 1, got {args.top_k}.")
     if args.edges is not None and args.edges < 0:
@@ -51,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     model = load(args)
     t1 = time.perf_counter()
     if args.edges is not None:
+        if pairs is not None:
+            raise LensInputError("--edges sums over aligned positions: it takes prompts of the same length, not "
+                                 "--position-map.")
         method = args.method if args.method != "exact" else "attribution"
         edges = edge_attribution(model, args.clean, args.corrupted, answer=args.answer, wrong=args.wrong,
                                  method=method, ig_steps=args.ig_steps, direction=args.direction)
@@ -62,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     res = activation_patching(model, args.clean, args.corrupted, answer=args.answer, wrong=args.wrong,
                               what=args.what, by=args.by, method=args.method, ig_steps=args.ig_steps,
+                              position_map=pairs,
                               direction=args.direction, beyond_context=args.beyond_context,
                               progress=not args.no_progress)
     res.print()

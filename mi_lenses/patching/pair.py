@@ -91,8 +91,9 @@ def make_pair(view: ModelView, clean: PromptInput, corrupted: PromptInput, *, po
         if Sc != Sx:
             raise LensInputError(
                 f"the clean prompt has {Sc} tokens and the corrupted one {Sx}: their positions do not line up. Pass "
-                "position_map={clean position: corrupted position, ...} naming the positions that correspond (the "
-                "last positions at least), or corrupt the prompt without changing its length.")
+                "position_map={clean position: corrupted position, ...} (on the command line --position-map "
+                "C:K,...) naming the positions that correspond (the last positions at least), or corrupt the prompt "
+                "without changing its length.")
         pairs = [(p, p) for p in range(Sc)]
     else:
         items = list(position_map.items()) if isinstance(position_map, Mapping) else list(position_map)
