@@ -193,3 +193,47 @@ def test_patching_under_hooks_after_the_blocks_runs_whole_passes(tiny_pair):
         att = mi_lenses.activation_patching(m, CLEAN, CORRUPTED, answer=ANSWER, wrong=WRONG, method="attribution")
     assert res.engine == "forward" and torch.allclose(res.values, ref, atol=1e-4)
     assert res.clean_value == pytest.approx(c, abs=1e-4) and att.clean_value == pytest.approx(c, abs=1e-4)
+
+
+
+def test_patching_under_a_hook_that_edits_one_batch_row(tiny_pair):
+    """A hook written for one prompt (``z[0, :, 0] = 0``) acts on batch row 0: TransformerLens's loops run each patch
+    as its own batch, so every patched run is hooked; ours must be too, though it stacks many patches per pass."""
+    from transformer_lens import patching
+
+    m = tiny_pair.model
+
+    def row0(z, hook=None):
+        z = z.clone()
+        z[0, :, 0] = 0.0
+        return z
+
+    with m.hooks(fwd_hooks=[("blocks.1.attn.hook_z", row0)]):
+        xt, cc, c, metric = _tl_pair(m)
+        res = mi_lenses.activation_patching(m, CLEAN, CORRUPTED, answer=ANSWER, wrong=WRONG, progress=False)
+        heads = mi_lenses.activation_patching(m, CLEAN, CORRUPTED, answer=ANSWER, wrong=WRONG, what="head_out",
+                                              progress=False)
+        with contextlib.redirect_stderr(io.StringIO()):
+            ref = patching.get_act_patch_resid_pre(m, xt, cc, metric).cpu()
+            ref_heads = patching.get_act_patch_attn_head_out_all_pos(m, xt, cc, metric).cpu()
+    assert torch.allclose(res.values, ref, atol=1e-4) and torch.allclose(heads.values, ref_heads, atol=1e-4)
+    assert res.passes > 1  # one cell per pass, in the base prompts' order
+
+
+def test_attribution_under_a_plain_torch_hook_on_the_unembedding(tiny_pair):
+    """A plain torch hook (not a hook point) scaling the logits by 1.5 scales the logit difference of both runs, so the
+    normalised attribution is unchanged and the runs' values are 1.5x: the gradient must come through the hooked
+    unembedding, not the decoder's copy of it."""
+    m = tiny_pair.model
+    kw = dict(answer=ANSWER, wrong=WRONG, method="attribution", progress=False)
+    plain = mi_lenses.activation_patching(m, CLEAN, CORRUPTED, what="head_out", **kw)
+    handle = m.unembed.register_forward_hook(lambda module, args, out: 1.5 * out)
+    try:
+        hooked = mi_lenses.activation_patching(m, CLEAN, CORRUPTED, what="head_out", **kw)
+        edges = mi_lenses.edge_attribution(m, CLEAN, CORRUPTED, answer=ANSWER, wrong=WRONG)
+    finally:
+        handle.remove()
+    plain_edges = mi_lenses.edge_attribution(m, CLEAN, CORRUPTED, answer=ANSWER, wrong=WRONG)
+    assert hooked.corrupted_value == pytest.approx(1.5 * plain.corrupted_value, rel=1e-4)
+    assert torch.allclose(hooked.values, plain.values, atol=1e-4)
+    assert torch.allclose(edges.scores.nan_to_num(), plain_edges.scores.nan_to_num(), atol=1e-4)

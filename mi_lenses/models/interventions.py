@@ -72,6 +72,14 @@ def _bridge_wiring(handle: Any) -> bool:
     return str(getattr(fn, "__module__", "") or "").startswith("transformer_lens.model_bridge")
 
 
+def module_hooked(module: Any) -> bool:
+    """Whether a plain torch hook (``register_forward_hook`` / ``register_forward_pre_hook``) sits on ``module`` or
+    inside it: :func:`active_hooks` lists only TransformerLens hook points."""
+    if not isinstance(module, torch.nn.Module):
+        return False
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 def hooked_names(model: Any) -> set[str]:
     """The bare names of the hook points :func:`active_hooks` lists (forward or backward)."""
     return {entry.split(" ")[0] for entry in active_hooks(model)}

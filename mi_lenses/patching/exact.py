@@ -26,7 +26,6 @@ from mi_lenses.patching.replay import Engine
 from mi_lenses.patching.sites import Site
 from mi_lenses.progress import bar
 
-PATCH_TOKENS = 8192  # rows x positions per forward pass by default (measured on SmolLM2: larger batches gain < 5%)
 
 
 @dataclass
@@ -67,7 +66,6 @@ def exact_grid(engine: Engine, source: dict[int, Tensor], site: Site, metric: Me
     """The raw metric of every cell of ``site`` (``[layers, *grid]``) with the ``source`` run's activation (per layer
     of ``site.layers``) patched into the ``engine``'s base run."""
     B = engine.batch.shape[0]
-    S = engine.batch.shape[1]
     coords = site.coords()
     n_cells = site.cells_per_layer()
     base = {l: engine.cache[site.hook(l)] for l in site.layers}
@@ -88,7 +86,7 @@ def exact_grid(engine: Engine, source: dict[int, Tensor], site: Site, metric: Me
     layer_idx = torch.cat([torch.full((len(idx),), i) for i, idx in todo]) if todo else torch.zeros(0, dtype=torch.long)
     cell_idx = torch.cat([idx for _, idx in todo]) if todo else torch.zeros(0, dtype=torch.long)
     n_run = len(cell_idx)
-    per_pass = max(1, (max_batch or max(1, PATCH_TOKENS // S)) // B)  # cells per forward pass
+    per_pass = engine.cells_per_pass(max_batch)
     passes = 0
     with bar(n_run, "exact patching", unit="patch", enabled=progress and n_run > 0) as pbar:
         for a in range(0, n_run, per_pass):

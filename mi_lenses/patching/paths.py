@@ -109,7 +109,7 @@ def path_patching(
     values = torch.full((len(experiments),), float("nan"))
     ok = [i for i, (s, r) in enumerate(zip(experiments, rec_sets))
           if not r or max(l for l, _ in s) < min(l for l, _, _ in r)]
-    per_pass = max(1, (max_batch or max(1, 8192 // pair.base.shape[1])) // B)
+    per_pass = engine.cells_per_pass(max_batch)
     ctx = _Context(view, engine, src_cache, freeze, B)
     with bar(len(ok), "path patching", unit="path", enabled=progress and bool(ok)) as pbar:
         for a in range(0, len(ok), per_pass):

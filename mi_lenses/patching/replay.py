@@ -13,6 +13,12 @@ Replay is checked before it is used: the base prompt replayed from block 0 must 
 not used (whole forward passes are, with the same hooks: the same numbers, slower) when that check fails, or when the
 user has hooks after the blocks (on ``ln_final`` or ``unembed``, which replay does not run).
 
+Rows of many patches share a forward pass, so a user's hook sees a batch TransformerLens's loops never make (they
+run the base prompts alone, one patch per pass). A hook that treats batch rows differently (``z[0, :, 3] = 0``, written
+for one prompt) would then act on one patched row instead of every one: under user hooks the base prompts are run
+twice in one batch first, and where the copies differ from the base run, every pass holds one cell's rows only, in
+the base prompts' order (:meth:`Engine.cells_per_pass`), which is TransformerLens's layout.
+
 Rows are described by ``entry`` (the block where each row's patch sits; sorted) and ``prompt`` (the base prompt it
 runs). In both modes the batch index of a row in every hook is its index in ``entry``, so one hook serves both.
 
@@ -41,6 +47,7 @@ from mi_lenses.models.view import ModelView
 Hooks = list[tuple[str, Callable]]
 EMBED_STAGE = ("hook_embed", "hook_pos_embed", "hook_tokens")
 CHECK_ATOL = 1e-3
+PATCH_TOKENS = 8192  # rows x positions per forward pass by default (measured on SmolLM2: larger batches gain < 5%)
 # per model, the (batch shape, user hooks) whose replay passed the check: the check costs a forward pass, and what it
 # checks (that the blocks compute from what they were handed) does not change between calls
 _CHECKED: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
@@ -72,6 +79,30 @@ class Engine:
             for h in handles:
                 h.remove()
         self.mode = "replay" if replay and self._replay_ok() else "forward"
+        self._independent: bool | None = None
+
+    def cells_per_pass(self, max_batch: int | None) -> int:
+        """Cells per forward pass, each cell one row per base prompt: ``max_batch`` rows (default
+        :data:`PATCH_TOKENS` tokens' worth), or one cell where a user's hook treats batch rows differently
+        (:meth:`rows_independent`)."""
+        B, S = self.batch.shape[0], self.batch.shape[1]
+        if not self.rows_independent():
+            return 1
+        return max(1, (max_batch or max(1, PATCH_TOKENS // S)) // B)
+
+    def rows_independent(self) -> bool:
+        """Whether a row's result does not depend on the batch around it: always without user hooks; under them, the
+        base prompts run twice in one batch (no patch) must give the base run twice."""
+        if self._independent is None:
+            self._independent = True
+            if hooked_names(self.view.model):
+                B = self.batch.shape[0]
+                with torch.no_grad():
+                    out = self.run(torch.zeros(2 * B, dtype=torch.long), torch.arange(B).repeat(2), lambda k: [])
+                ref = self.logits if self.returns_logits else self.cache[self.view.final_resid_hook]
+                ref = ref.float().to(out.device).repeat(2, *([1] * (ref.ndim - 1)))
+                self._independent = bool((out.float() - ref).abs().max() <= CHECK_ATOL * (1.0 + float(ref.abs().max())))
+        return self._independent
 
     # ------------------------------------------------------------------------------------------ replay
     def _replay_ok(self) -> bool:
