@@ -186,6 +186,18 @@ API: dict[str, tuple[Callable[[Env], Any], list[str]]] = {
     "not a model": (lambda e: mi_lenses.logit_lens("gpt2", PROMPT), ["expected a TransformerLens model", "load_model"]),
     "a result asked for a prompt it lacks": (lambda e: mi_lenses.logit_lens(e.m, PROMPT).to_dict(batch=5),
                                              ["batch 5 is out of range"]),
+    # circuit analysis
+    "patching prompts of different lengths": (lambda e: mi_lenses.activation_patching(
+        e.m, PROMPT + " known", PROMPT, answer="Paris"), ["position_map=", "--position-map"]),
+    "edges on prompts of different lengths": (lambda e: mi_lenses.edge_attribution(
+        e.m, PROMPT + " known", PROMPT, answer="Paris"), ["edge attribution", "takes no position map",
+                                                         "without changing its length"]),
+    "patching an activation that does not exist": (lambda e: mi_lenses.activation_patching(
+        e.m, PROMPT, PROMPT, answer="Paris", what="logits"), ["what=", "resid_pre"]),
+    "patching grid that does not fit the activation": (lambda e: mi_lenses.activation_patching(
+        e.m, PROMPT, PROMPT, answer="Paris", what="resid_pre", by="layer_head"), ["by="]),
+    "metric whose answer is the wrong token": (lambda e: mi_lenses.activation_patching(
+        e.m, PROMPT, PROMPT, answer="Paris", wrong="Paris"), ["same"]),
 }
 
 
@@ -243,6 +255,14 @@ CLI: dict[str, tuple[Callable[[Env], list[str]], list[str]]] = {
                                                      str(e.tmp / "short.txt")], ["--out", "is not a folder"]),
     "CLI: device that does not exist": (lambda e: ["logit-lens", "x", "--model", str(e.folder), "--device", "cuda:7"],
                                         ["use device='cpu'"]),
+    "CLI: patching prompts of different lengths": (lambda e: ["patch", PROMPT + " known", PROMPT, "--answer", "Paris",
+                                                              "--model", str(e.folder)], ["--position-map C:K"]),
+    "CLI: position map that is not pairs": (lambda e: ["patch", PROMPT + " known", PROMPT, "--answer", "Paris",
+                                                       "--model", str(e.folder), "--position-map", "0-0"],
+                                            ["--position-map", "clean:corrupted"]),
+    "CLI: circuit with a position map": (lambda e: ["patch", PROMPT + " known", PROMPT, "--answer", "Paris", "--model",
+                                                    str(e.folder), "--edges", "10", "--position-map", "0:0"],
+                                         ["--edges", "takes no --position-map"]),
 }
 
 

@@ -71,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     if args.edges is not None:
         if pairs is not None:
-            raise LensInputError("--edges sums over aligned positions: it takes prompts of the same length, not "
-                                 "--position-map.")
+            raise LensInputError("--edges compares the runs position by position and takes no --position-map: "
+                                 "corrupt the prompt without changing its length, or drop --edges for activation "
+                                 "patching with --position-map.")
         method = args.method if args.method != "exact" else "attribution"
         edges = edge_attribution(model, args.clean, args.corrupted, answer=args.answer, wrong=args.wrong,
                                  method=method, ig_steps=args.ig_steps, direction=args.direction)

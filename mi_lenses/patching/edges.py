@@ -91,10 +91,7 @@ def edge_attribution(
     view = ModelView(model)
     hooks = active_hooks(view.model)
     steps = integration_steps(method, ig_steps, ("attribution", "eap_ig"))
-    pair = make_pair(view, clean, corrupted, direction=direction, prepend_bos=prepend_bos)
-    if not pair.same_length:
-        raise LensInputError("edge attribution sums over aligned positions: pass clean and corrupted prompts of the "
-                             "same length.")
+    pair = make_pair(view, clean, corrupted, direction=direction, prepend_bos=prepend_bos, aligned="edge attribution")
     met = resolve_metric(view, pair, answer, wrong, metric)
     graph = build_graph(view)
     names = writer_hooks(view)

@@ -70,9 +70,10 @@ class Pair:
 
 def make_pair(view: ModelView, clean: PromptInput, corrupted: PromptInput, *, position_map: PositionMap | None = None,
               direction: Direction = "denoise", prepend_bos: bool | None = None,
-              beyond_context: bool = False) -> Pair:
+              beyond_context: bool = False, aligned: str | None = None) -> Pair:
     """The :class:`Pair` of ``clean`` and ``corrupted`` (a prompt, a list of prompts or token ids ``[B, S]``),
-    checked: as many clean as corrupted prompts, one length per side, positions aligned or mapped."""
+    checked: as many clean as corrupted prompts, one length per side, positions aligned or mapped. ``aligned``:
+    the analysis (``"edge attribution"``) that takes no position map, named when the lengths differ."""
     if direction not in ("denoise", "noise"):
         raise LensInputError(f"direction must be 'denoise' (clean into corrupted) or 'noise' (corrupted into clean), "
                              f"got {direction!r}.")
@@ -88,6 +89,12 @@ def make_pair(view: ModelView, clean: PromptInput, corrupted: PromptInput, *, po
                              "per clean prompt.")
     Sc, Sx = c.shape[1], x.shape[1]
     if position_map is None:
+        if Sc != Sx and aligned:
+            raise LensInputError(
+                f"the clean prompt has {Sc} tokens and the corrupted one {Sx}: {aligned} compares the runs position by "
+                "position and takes no position map, so corrupt the prompt without changing its length (e.g. swap "
+                "one name for another of one token). activation_patching takes position_map= for prompts of "
+                "different lengths.")
         if Sc != Sx:
             raise LensInputError(
                 f"the clean prompt has {Sc} tokens and the corrupted one {Sx}: their positions do not line up. Pass "

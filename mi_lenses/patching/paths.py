@@ -70,9 +70,7 @@ def path_patching(
     hooks = active_hooks(view.model)
     if freeze not in ("heads", "heads_and_mlps"):
         raise LensInputError(f"freeze must be 'heads' or 'heads_and_mlps', got {freeze!r}.")
-    pair = make_pair(view, clean, corrupted, direction=direction, prepend_bos=prepend_bos)
-    if not pair.same_length:
-        raise LensInputError("path patching needs clean and corrupted prompts of the same length.")
+    pair = make_pair(view, clean, corrupted, direction=direction, prepend_bos=prepend_bos, aligned="path patching")
     met = resolve_metric(view, pair, answer, wrong, metric)
     L, H, KV = view.n_layers, view.n_heads, view.n_kv_heads
     sender_list = None if senders is None else [_head(view, s, "sender") for s in senders]
