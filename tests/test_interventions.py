@@ -237,3 +237,19 @@ def test_attribution_under_a_plain_torch_hook_on_the_unembedding(tiny_pair):
     assert hooked.corrupted_value == pytest.approx(1.5 * plain.corrupted_value, rel=1e-4)
     assert torch.allclose(hooked.values, plain.values, atol=1e-4)
     assert torch.allclose(edges.scores.nan_to_num(), plain_edges.scores.nan_to_num(), atol=1e-4)
+
+
+def test_a_bfloat16_model_under_hooks_reports_only_real_edits(builder, tmp_path):
+    """Under a user's hooks a bfloat16 model's rounding (z vs pattern · v, patterns vs softmax(q · k), the cached states
+    vs their sum) is not an edit: a no-op hook reports nothing, a zeroed head still marks that head."""
+    builder.hf("llama_gqa").save_pretrained(tmp_path)
+    builder.tok.save_pretrained(tmp_path)
+    m = mi_lenses.load_model(tmp_path, dtype=torch.bfloat16)
+    kw = dict(answer=ANSWER, wrong=WRONG)
+    with m.hooks(fwd_hooks=[("blocks.1.hook_mlp_out", lambda x, hook: x * 1.0)]):
+        res = mi_lenses.direct_logit_attribution(m, CLEAN, **kw)
+        att = mi_lenses.attention(m, CLEAN, induction_length=0)
+    assert res.interventions == {} and res.sources_unavailable == {} and att.qk_unavailable == {}
+    with m.hooks(fwd_hooks=[("blocks.1.attn.hook_z", zero_head(1))]):
+        res = mi_lenses.direct_logit_attribution(m, CLEAN, **kw)
+    assert list(res.sources_unavailable) == ["L1H1"] and float(res.heads[0, 1, 1]) == 0.0

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from mi_lenses.attn.interventions import unreproduced_heads
-from mi_lenses.attn.result import AttentionResult
+from mi_lenses.attn.result import VERIFY_TOL, AttentionResult
 from mi_lenses.attn.scores import causal_scores
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import IndexSpec, resolve_indices
@@ -121,7 +121,9 @@ def attention(
                          progress=progress)
     batch, cache = run.batch, run
     parts = _reduce(view, cache, batch, chosen, unsupported is None, users)
-    qk_unavailable = unreproduced_heads(parts, batch.lengths, chosen, hooks) if hooks else {}
+    model_dtype = str(view.dtype).replace("torch.", "")
+    qk_unavailable = unreproduced_heads(parts, batch.lengths, chosen, hooks,
+                                        VERIFY_TOL.get(model_dtype, VERIFY_TOL["float32"])) if hooks else {}
     unsupported = unsupported or parts.qk_note
     induction, ind_tokens = (None, None)
     if induction_length:
@@ -147,7 +149,7 @@ def attention(
         score_error=parts.score_error,
         qk_note=unsupported,
         qk_unavailable=qk_unavailable,
-        model_dtype=str(view.dtype).replace("torch.", ""),
+        model_dtype=model_dtype,
     )
     if check:
         result.verify()

@@ -20,12 +20,10 @@ import torch
 
 from mi_lenses.attn.scores import causal_scores
 
-ATOL = 1e-4  # AttentionResult.verify's tolerance
-
-
-def unreproduced_heads(parts, lengths: list[int], layers: list[int], hooked: list[str]) -> dict[str, str]:
-    """Heads (``"L{l}H{h}"`` -> reason) whose pattern ``softmax(scale * q · k)`` does not reproduce; their
-    queries become NaN in ``parts`` (and their layer's score check, unchecked)."""
+def unreproduced_heads(parts, lengths: list[int], layers: list[int], hooked: list[str], atol: float) -> dict[str, str]:
+    """Heads (``"L{l}H{h}"`` -> reason) whose pattern ``softmax(scale * q · k)`` does not reproduce within ``atol``
+    (``AttentionResult.verify``'s tolerance for the model's dtype); their queries become NaN in ``parts`` (and their
+    layer's score check, unchecked)."""
     if parts.q is None or parts.k is None:
         return {}
     names = {entry.split(" ")[0] for entry in hooked}
@@ -34,7 +32,7 @@ def unreproduced_heads(parts, lengths: list[int], layers: list[int], hooked: lis
         for b, n in enumerate(lengths):
             s = causal_scores(parts.q[b, i], parts.k[b, i], parts.scales[i], n)
             err = (s.softmax(-1) - parts.patterns[b, i, :, :n, :n]).abs().amax((-1, -2))
-            for h in torch.nonzero(err > ATOL)[:, 0].tolist():
+            for h in torch.nonzero(err > atol)[:, 0].tolist():
                 parts.q[b, i, :, h] = float("nan")
                 parts.score_error[i] = float("nan")
                 where = [n_ for n_ in names if n_.startswith(f"blocks.{l}.attn.hook_") and

@@ -36,11 +36,23 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mi_lenses.attribution.directions import Direction, effective_directions
+from mi_lenses.attribution.result import SELF_CHECK_TOL
 from mi_lenses.models.batch import Cached
 from mi_lenses.models.view import ModelView
 
-EDIT_ATOL, EDIT_RTOL = 5e-4, 5e-5  # half of DLAResult.verify's tolerance: a smaller edit cannot fail the check
-Z_RTOL = 1e-3  # |z - pattern · v| relative to |z|: float32 noise is ~1e-6
+# |z - pattern · v| relative to |z| per model dtype: float32 noise is ~1e-6, a bfloat16 model's z is rounded to 8 bits
+Z_RTOL = {"float32": 1e-3, "float64": 1e-3, "bfloat16": 5e-2, "float16": 1e-2}
+
+
+def _edit_tolerance(view: ModelView) -> tuple[float, float]:
+    """Half of ``DLAResult.verify``'s (atol, rtol) for the model's dtype: a smaller edit cannot fail the check, and
+    the rounding of a low-precision model is not taken for an edit."""
+    atol, rtol = SELF_CHECK_TOL.get(_dtype(view), SELF_CHECK_TOL["float32"])
+    return atol / 2, rtol / 2
+
+
+def _dtype(view: ModelView) -> str:
+    return str(view.dtype).replace("torch.", "")
 
 
 @dataclass
@@ -86,7 +98,8 @@ def find_edits(view: ModelView, cache: Cached, parts, dirn: Direction, pos: Tens
         return None if t is None else (at(t).to(dev) * d_eff).sum(-1).cpu()
 
     scale = parts.embed.abs().sum(-1) + parts.heads.abs().sum((1, 2)) + parts.neurons.abs().sum((1, 2))
-    tol = EDIT_ATOL + EDIT_RTOL * scale  # [B]
+    edit_atol, edit_rtol = _edit_tolerance(view)
+    tol = edit_atol + edit_rtol * scale  # [B]
     edits = Edits()
 
     def keep(hook: str, value: Tensor | None) -> bool:
@@ -135,7 +148,7 @@ def _mark_sources(view: ModelView, cache: Cached, parts, pos_list: list[int], ho
         v = view.expand_kv(cache[view.attn_hook(l, "v")], dim=2).float()  # [B, K, H, d]
         recon = torch.einsum("bhk,bkhd->bhd", pattern, v.to(pattern.device))
         err = (z.to(recon.device) - recon).abs().amax(-1)
-        bad = err > Z_RTOL * (1.0 + z.abs().amax(-1).to(recon.device))  # [B, H]
+        bad = err > Z_RTOL.get(_dtype(view), 1e-3) * (1.0 + z.abs().amax(-1).to(recon.device))  # [B, H]
         for b, h in bad.nonzero().tolist():
             parts.sources[b, l, h] = float("nan")
             hook = view.attn_hook(l, "z")

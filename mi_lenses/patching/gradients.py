@@ -34,10 +34,9 @@ import torch
 from torch import Tensor
 
 from mi_lenses.models.batch import Batch
-from mi_lenses.models.interventions import hooked_names, module_hooked
 from mi_lenses.models.view import ModelView
 from mi_lenses.patching.metric import Metric
-from mi_lenses.patching.replay import EMBED_STAGE
+from mi_lenses.patching.replay import hooks_after_blocks
 from mi_lenses.patching.sites import Site
 
 
@@ -91,9 +90,7 @@ def decode_in_model(view: ModelView) -> bool:
     """Whether the final norm and unembedding must run in the model: a callable metric (it reads logits), or user
     hooks after the blocks (hook points, or plain torch hooks on ``ln_final`` / ``unembed``). Otherwise the default
     metric is read from the final residual stream by the decoder."""
-    return any(not n.startswith(("blocks.", "embed.", "pos_embed.")) and n not in EMBED_STAGE
-               for n in hooked_names(view.model)) \
-        or any(module_hooked(getattr(view.model, name, None)) for name in ("ln_final", "unembed"))
+    return hooks_after_blocks(view)
 
 
 def gradient_grid(view: ModelView, base: Batch, source_cache: dict[str, Tensor], site: Site, metric: Metric,

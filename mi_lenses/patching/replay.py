@@ -41,11 +41,20 @@ import torch
 from torch import Tensor
 
 from mi_lenses.models.batch import Batch
-from mi_lenses.models.interventions import hooked_names
+from mi_lenses.models.interventions import hooked_names, module_hooked
 from mi_lenses.models.view import ModelView
 
 Hooks = list[tuple[str, Callable]]
 EMBED_STAGE = ("hook_embed", "hook_pos_embed", "hook_tokens")
+
+
+def hooks_after_blocks(view: ModelView, names: set[str] | None = None) -> bool:
+    """Whether a user's hook sits after the blocks (a hook point outside the blocks and the embeddings, or a plain
+    torch hook on ``ln_final`` / ``unembed``): block replay and the decoder's own final norm and unembedding would
+    bypass it. ``names``: :func:`~mi_lenses.models.interventions.hooked_names`, when already read."""
+    names = hooked_names(view.model) if names is None else names
+    return any(not n.startswith(("blocks.", "embed.", "pos_embed.")) and n not in EMBED_STAGE for n in names) \
+        or any(module_hooked(getattr(view.model, m, None)) for m in ("ln_final", "unembed"))
 CHECK_ATOL = 1e-3
 PATCH_TOKENS = 8192  # rows x positions per forward pass by default (measured on SmolLM2: larger batches gain < 5%)
 # per model, the (batch shape, user hooks) whose replay passed the check: the check costs a forward pass, and what it
@@ -110,11 +119,10 @@ class Engine:
         the base run does not give the model's logits."""
         if len(self.inputs) != self.view.n_layers:
             return False
-        after = [n for n in hooked_names(self.view.model) if not n.startswith("blocks.") and n not in EMBED_STAGE
-                 and not n.startswith(("embed.", "pos_embed."))]
-        if after:
+        names = hooked_names(self.view.model)
+        if hooks_after_blocks(self.view, names):
             return False
-        key = (tuple(self.batch.shape), tuple(sorted(hooked_names(self.view.model))))
+        key = (tuple(self.batch.shape), tuple(sorted(names)))
         try:
             if key in _CHECKED.get(self.view.model, ()):
                 return True
