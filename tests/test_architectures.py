@@ -91,3 +91,43 @@ def test_bridge_wiring_is_not_a_user_hook(matrix):
                                                  wrong=AM.WRONG)
     assert res.active_hooks == ("blocks.1.hook_mlp_out",) and "blocks.1.hook_mlp_out" in res.interventions
 
+
+
+HOOKED_CASES = [(n, m) for n in ("gemma2", "olmo2", "granite", "mixtral", "opt_350m") for m in AM.MODES]
+
+
+@pytest.mark.parametrize("name,mode", HOOKED_CASES, ids=[f"{n}-{m}" for n, m in HOOKED_CASES])
+def test_dla_under_user_hooks_on_every_block_layout(matrix, name, mode):
+    """Under a user's hooks DLA sums to the hooked model's logit difference on post-norm, residual-multiplier, MoE and
+    post-LN models, or, where an edit at a sublayer output cannot be a part of its own (the blocks normalise or scale
+    what they add), refuses with the reason and the fix, naming the hook as the user wrote it."""
+    import mi_lenses
+    import torch
+
+    m, tokens = matrix.model(name, mode), matrix.entry(name).tokens
+    a, w = m.to_single_token(AM.ANSWER), m.to_single_token(AM.WRONG)
+
+    def zero_head(z, hook):
+        z = z.clone()
+        z[:, :, 1] = 0.0
+        return z
+
+    def scale(x, hook):
+        return 1.7 * x
+
+    with m.hooks(fwd_hooks=[("blocks.1.attn.hook_z", zero_head), ("blocks.0.mlp.hook_post", scale)]):
+        res = mi_lenses.direct_logit_attribution(m, tokens, answer=AM.ANSWER, wrong=AM.WRONG)  # verifies
+        with torch.no_grad():
+            logits = m(tokens)
+    if not (getattr(m.cfg, "output_logits_soft_cap", -1.0) or -1.0) > 0:  # Gemma 2: the logits before the cap
+        assert float(res.actual[0]) == pytest.approx(float(logits[0, -1, a] - logits[0, -1, w]), abs=1e-4)
+    assert float(res.heads[0, 1, 1]) == 0.0
+    # an edit of hook_mlp_out is a part of its own where DLA reads the MLP there (Mixtral, OPT-350m's post-LN blocks);
+    # Gemma 2 / OLMo 2 (post-norms) and Granite (residual multiplier) add something else to the stream
+    with m.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", scale)]):
+        if name in ("mixtral", "opt_350m"):
+            res = mi_lenses.direct_logit_attribution(m, tokens, answer=AM.ANSWER, wrong=AM.WRONG)
+            assert "blocks.0.hook_mlp_out" in res.interventions
+        else:
+            with pytest.raises(mi_lenses.LensInputError, match="blocks.0.hook_mlp_out.*move the intervention"):
+                mi_lenses.direct_logit_attribution(m, tokens, answer=AM.ANSWER, wrong=AM.WRONG, check=False)

@@ -51,10 +51,10 @@ from mi_lenses.attribution.directions import (
     write_directions,
     write_hooks,
 )
-from mi_lenses.attribution.interventions import find_edits, intervention_hooks
+from mi_lenses.attribution.interventions import find_edits, intervention_hooks, plain_residual
 from mi_lenses.attribution.result import DLAResult
 from mi_lenses.attribution.sources import source_attribution
-from mi_lenses.errors import LensInputError
+from mi_lenses.errors import LensInputError, VerificationError
 from mi_lenses.indexing import resolve_positions
 from mi_lenses.models.batch import Cached, PromptInput, cached_forward
 from mi_lenses.models.interventions import active_hooks, recorded
@@ -170,9 +170,26 @@ def direct_logit_attribution(
         sources_unavailable=edits.unavailable if edits else {},
         model_dtype=str(view.dtype).replace("torch.", ""),
     )
+    if edits is not None and not plain_residual(view) and actual_source == "logits":
+        _check_separable(result, hooks)
     if check and actual_source == "logits":
         result.verify()
     return recorded(result, hooks)
+
+
+def _check_separable(result: DLAResult, hooks: list[str]) -> None:
+    """On a model whose blocks normalise or scale what they add (post-norms, residual multipliers, post-LN), an edit
+    of the user's at a sublayer output or in the residual stream cannot be separated from the parts (the stream is not
+    their plain sum): refuse clearly rather than return parts that do not add up (also with ``check=False``)."""
+    try:
+        result.verify()
+    except VerificationError as err:
+        raise LensInputError(
+            f"direct logit attribution cannot separate what your hooks ({', '.join(hooks)}) changed on this model: "
+            "its blocks normalise or scale their outputs before adding them to the residual stream (post-norms, "
+            "residual multipliers), so an edit at hook_attn_out, hook_mlp_out or a residual point is not a part of "
+            "its own. Hooks inside the sublayers (attn.hook_z, attn.hook_pattern, mlp.hook_post, ...) are "
+            f"attributed exactly here; move the intervention there. ({err})") from None
 
 
 # ------------------------------------------------------------------------------------------------ reduce

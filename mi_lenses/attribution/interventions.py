@@ -11,7 +11,9 @@ split over source positions is reported unavailable, with the reason.
 
 Residual-stream edits are looked for where every block adds its sublayers' outputs to the stream as they are (no
 post-norm, residual norm or residual multiplier, see :mod:`mi_lenses.models.blocks`); elsewhere the stream is not a
-plain sum of the cached states, and only the attention and MLP edits are separated.
+plain sum of the cached states, and only the attention and MLP edits are separated; where an edit there remains
+(the parts do not add up), ``direct_logit_attribution`` refuses it with the reason instead of returning parts that
+do not sum.
 
 Edits are looked for only while the user's hooks are active (:func:`mi_lenses.models.interventions.active_hooks`):
 without them a broken identity is a bug, and ``DLAResult.verify`` says so.

@@ -26,15 +26,20 @@ import torch
 
 def hook_point_names(model: Any) -> dict[int, str]:
     """One name per distinct hook point of ``model`` (keyed by ``id``): a ``TransformerBridge`` lists each point under
-    its own name and its TransformerLens aliases (``blocks.1.attn.o.hook_in`` is ``blocks.1.attn.hook_z``); the
-    alias with the fewest dots, then the shortest, is the name users write."""
+    its own name and its TransformerLens aliases (``blocks.1.attn.o.hook_in`` is ``blocks.1.attn.hook_z``,
+    ``blocks.1.hook_in`` is ``blocks.1.hook_resid_pre``); the alias with the fewest dots, then not a bridge's generic
+    ``hook_in`` / ``hook_out``, then the shortest, is the name users write."""
     names: dict[int, str] = {}
     for name, point in getattr(model, "hook_dict", {}).items():
         key = id(point)
         best = names.get(key)
-        if best is None or (name.count("."), len(name)) < (best.count("."), len(best)):
+        if best is None or _preference(name) < _preference(best):
             names[key] = name
     return names
+
+
+def _preference(name: str) -> tuple[int, bool, int]:
+    return name.count("."), name.rsplit(".", 1)[-1] in ("hook_in", "hook_out"), len(name)
 
 
 def active_hooks(model: Any) -> list[str]:
