@@ -16,6 +16,7 @@ import mi_lenses  # noqa: E402
 from mi_lenses import diffusion  # noqa: E402
 from mi_lenses.errors import LensInputError, ModelLoadError  # noqa: E402
 from tiny_diffusion import tiny_pipeline  # noqa: E402
+from tolerance import TIGHT  # noqa: E402
 
 PROMPT = "a red cube on a blue sphere"
 
@@ -70,7 +71,7 @@ def test_every_layer_equals_a_hook_on_the_encoder(pipe):
     assert sorted(captured) == list(range(n + 1))
     for l in range(n + 1):
         ref = torch.nn.functional.layer_norm(captured[l], (captured[l].shape[-1],), norm.weight, norm.bias, norm.eps)
-        torch.testing.assert_close(got[l], ref, atol=1e-6, rtol=1e-6, msg=f"layer {l}")
+        torch.testing.assert_close(got[l], ref, atol=TIGHT, rtol=TIGHT, msg=f"layer {l}")
 
 
 def test_layers_differ_and_seeds_repeat(pipe, tmp_path):

@@ -17,6 +17,7 @@ from conftest import PROMPT, hook_counts
 
 import mi_lenses
 from mi_lenses.errors import LensInputError
+from tolerance import EPS, TIGHT
 
 ANSWER, WRONG = "Paris", " city"
 CLEAN, CORRUPTED = "The capital of France is", "The capital of Rome is"
@@ -65,22 +66,22 @@ def test_dla_under_a_head_ablation(tiny):
             assert torch.equal(m(tokens), hooked)  # the user's hook is still there, and still first
         _, cache = m.run_with_cache(tokens)
     assert res.active_hooks == ("blocks.1.attn.hook_z",)
-    assert float(res.actual[0]) == pytest.approx(_ld(m, hooked), abs=1e-4)
-    assert float(res.total[0]) == pytest.approx(_ld(m, hooked), abs=1e-3)
+    assert float(res.actual[0]) == pytest.approx(_ld(m, hooked), abs=1024 * EPS)
+    assert float(res.total[0]) == pytest.approx(_ld(m, hooked), abs=8192 * EPS)
     assert float(res.heads[0, 1, 1]) == 0.0 and "L1H1" in res.sources_unavailable
     assert "hook_z" in res.sources_unavailable["L1H1"]
     assert torch.isnan(res.sources[0, 1, 1]).all()
     with pytest.raises(LensInputError, match="unavailable"):
         res.head_sources(1, 1)
     ok = ~torch.isnan(res.sources.sum(-1))
-    assert torch.allclose(res.sources.sum(-1)[ok], res.heads[ok], atol=1e-5)
+    assert torch.allclose(res.sources.sum(-1)[ok], res.heads[ok], atol=128 * EPS)
     assert not res.interventions  # zeroing z breaks no sum: attn_out is computed from the hooked z
     if tiny.compat:  # brute force: TransformerLens stacks the hooked cache's heads itself
         a, w = m.to_single_token(ANSWER), m.to_single_token(WRONG)
         d = (m.W_U[:, a] - m.W_U[:, w]).detach()
         stack = cache.stack_head_results(layer=-1, pos_slice=-1, apply_ln=True)  # [L*H, 1, d]
         ref = (stack[:, 0] @ d).view(m.cfg.n_layers, m.cfg.n_heads)
-        assert torch.allclose(res.heads[0], ref, atol=1e-4)
+        assert torch.allclose(res.heads[0], ref, atol=1024 * EPS)
     page = res.to_html()
     assert "blocks.1.attn.hook_z" in page and "unavailable" in page
     assert json.loads(res.to_json())["hooks"] == ["blocks.1.attn.hook_z"]
@@ -100,8 +101,8 @@ def test_dla_under_a_zeroed_attention_output(tiny):
         m.reset_hooks()
     edit = res.interventions["blocks.0.hook_attn_out"]
     attn = res.heads[0, 0].sum() + (res.attn_bias[0, 0] if res.attn_bias is not None else 0.0)
-    assert float(edit[0]) == pytest.approx(-float(attn), abs=1e-4)  # the layer wrote nothing
-    assert float(res.total[0]) == pytest.approx(_ld(m, hooked), abs=1e-3)
+    assert float(edit[0]) == pytest.approx(-float(attn), abs=1024 * EPS)  # the layer wrote nothing
+    assert float(res.total[0]) == pytest.approx(_ld(m, hooked), abs=8192 * EPS)
     assert ("edit@blocks.0.hook_attn_out", float(edit[0])) in res.top(100)
     res.verify()
 
@@ -122,8 +123,8 @@ def test_dla_under_a_steering_vector(builder):
     a, w = m.to_single_token(ANSWER), m.to_single_token(WRONG)
     d = (m.W_U[:, a] - m.W_U[:, w]).detach()
     ref = cache.apply_ln_to_stack(v.view(1, 1, -1).expand(1, tokens.shape[1], -1), layer=-1)[0, -1] @ d
-    assert float(res.interventions["blocks.1.hook_resid_pre"][0]) == pytest.approx(float(ref), abs=1e-4)
-    assert float(res.total[0]) == pytest.approx(_ld(m, hooked), abs=1e-3)
+    assert float(res.interventions["blocks.1.hook_resid_pre"][0]) == pytest.approx(float(ref), abs=1024 * EPS)
+    assert float(res.total[0]) == pytest.approx(_ld(m, hooked), abs=8192 * EPS)
 
 
 def test_every_analysis_under_the_users_hooks(tiny_pair, tmp_path):
@@ -148,7 +149,7 @@ def test_every_analysis_under_the_users_hooks(tiny_pair, tmp_path):
         rows = [cache[r.hook_name] for r in mi_lenses.ModelView(m).residual_rows()]
         with torch.no_grad():
             brute = torch.stack([m.unembed(m.ln_final(x)) for x in rows]).log_softmax(-1)
-        assert torch.allclose(lens.logits[:, 0].log_softmax(-1), brute[:, 0], atol=1e-4)
+        assert torch.allclose(lens.logits[:, 0].log_softmax(-1), brute[:, 0], atol=1024 * EPS)
         assert lens.active_hooks == ("blocks.0.attn.hook_pattern", f"blocks.{L - 1}.attn.hook_z")
         # attention: the hooked patterns
         att = mi_lenses.attention(m, PROMPT, induction_length=0)
@@ -163,8 +164,8 @@ def test_every_analysis_under_the_users_hooks(tiny_pair, tmp_path):
                                             progress=False)
         with contextlib.redirect_stderr(io.StringIO()):
             ref = patching.get_act_patch_attn_head_out_all_pos(m, xt, cc, metric).cpu()
-        assert torch.allclose(res.values, ref, atol=1e-4) and res.engine == "replay"
-        assert float(res.values[L - 1, 0]) == pytest.approx(0.0, abs=1e-6)  # the ablated head cannot matter
+        assert torch.allclose(res.values, ref, atol=1024 * EPS) and res.engine == "replay"
+        assert float(res.values[L - 1, 0]) == pytest.approx(0.0, abs=TIGHT)  # the ablated head cannot matter
         # the report, and no hook of ours left behind
         rep = mi_lenses.report(m, PROMPT, wrong=WRONG, sections=["logit_lens", "dla", "attention"], progress=False)
         assert rep.active_hooks == lens.active_hooks and "hook_pattern" in rep.to_html(tmp_path / "r.html")
@@ -191,8 +192,8 @@ def test_patching_under_hooks_after_the_blocks_runs_whole_passes(tiny_pair):
         with contextlib.redirect_stderr(io.StringIO()):
             ref = patching.get_act_patch_resid_pre(m, xt, cc, metric).cpu()
         att = mi_lenses.activation_patching(m, CLEAN, CORRUPTED, answer=ANSWER, wrong=WRONG, method="attribution")
-    assert res.engine == "forward" and torch.allclose(res.values, ref, atol=1e-4)
-    assert res.clean_value == pytest.approx(c, abs=1e-4) and att.clean_value == pytest.approx(c, abs=1e-4)
+    assert res.engine == "forward" and torch.allclose(res.values, ref, atol=1024 * EPS)
+    assert res.clean_value == pytest.approx(c, abs=1024 * EPS) and att.clean_value == pytest.approx(c, abs=1024 * EPS)
 
 
 
@@ -216,7 +217,7 @@ def test_patching_under_a_hook_that_edits_one_batch_row(tiny_pair):
         with contextlib.redirect_stderr(io.StringIO()):
             ref = patching.get_act_patch_resid_pre(m, xt, cc, metric).cpu()
             ref_heads = patching.get_act_patch_attn_head_out_all_pos(m, xt, cc, metric).cpu()
-    assert torch.allclose(res.values, ref, atol=1e-4) and torch.allclose(heads.values, ref_heads, atol=1e-4)
+    assert torch.allclose(res.values, ref, atol=1024 * EPS) and torch.allclose(heads.values, ref_heads, atol=1024 * EPS)
     assert res.passes > 1  # one cell per pass, in the base prompts' order
 
 
@@ -234,9 +235,9 @@ def test_attribution_under_a_plain_torch_hook_on_the_unembedding(tiny_pair):
     finally:
         handle.remove()
     plain_edges = mi_lenses.edge_attribution(m, CLEAN, CORRUPTED, answer=ANSWER, wrong=WRONG)
-    assert hooked.corrupted_value == pytest.approx(1.5 * plain.corrupted_value, rel=1e-4)
-    assert torch.allclose(hooked.values, plain.values, atol=1e-4)
-    assert torch.allclose(edges.scores.nan_to_num(), plain_edges.scores.nan_to_num(), atol=1e-4)
+    assert hooked.corrupted_value == pytest.approx(1.5 * plain.corrupted_value, rel=1024 * EPS)
+    assert torch.allclose(hooked.values, plain.values, atol=1024 * EPS)
+    assert torch.allclose(edges.scores.nan_to_num(), plain_edges.scores.nan_to_num(), atol=1024 * EPS)
 
 
 def test_a_bfloat16_model_under_hooks_reports_only_real_edits(builder, tmp_path):

@@ -25,6 +25,7 @@ from conftest import hook_counts
 import mi_lenses
 from mi_lenses.errors import LensInputError
 from mi_lenses.viz.html import esc
+from tolerance import EPS, TIGHT
 
 CLEAN, CORRUPTED = "The capital of France is", "The capital of Rome is"  # 14 tokens each with the tiny tokenizer
 ANSWER, WRONG = "Paris", " city"
@@ -80,7 +81,7 @@ def test_exact_equals_transformer_lens_patching(tiny):
         ref = _quiet(getattr(patching, name), m, xt, clean_cache, metric).cpu()
         ref = ref.permute(*perm) if perm else ref
         assert ours.values.shape == ref.shape, (tiny.id, what, by)
-        assert torch.allclose(ours.values, ref, atol=1e-4), (tiny.id, what, by, float((ours.values - ref).abs().max()))
+        assert torch.allclose(ours.values, ref, atol=1024 * EPS), (tiny.id, what, by, float((ours.values - ref).abs().max()))
         assert ours.engine == "replay" and ours.passes >= 1
     assert hook_counts(m) == before
 
@@ -108,7 +109,7 @@ def test_resid_mid_patches_the_residual_stream(tiny):
 
         with torch.no_grad():
             brute = float(metric(m.run_with_hooks(xt, fwd_hooks=[(f"blocks.{l}.hook_attn_out", add)])))
-        assert float(ours.values[l, p]) == pytest.approx(brute, abs=1e-4), (tiny.id, l, p)
+        assert float(ours.values[l, p]) == pytest.approx(brute, abs=1024 * EPS), (tiny.id, l, p)
 
 
 def test_noising_layers_and_a_callable_metric(tiny_pair):
@@ -120,12 +121,12 @@ def test_noising_layers_and_a_callable_metric(tiny_pair):
     _, xc = m.run_with_cache(xt)
     noised = _patch(m, what="resid_pre", direction="noise")
     ref = _quiet(patching.get_act_patch_resid_pre, m, ct, xc, metric).cpu()  # corrupted into clean
-    assert torch.allclose(noised.values, ref, atol=1e-4)
+    assert torch.allclose(noised.values, ref, atol=1024 * EPS)
     some = _patch(m, what="head_out", layers=[0, -1])
     full = _patch(m, what="head_out")
-    assert some.layers == [0, m.cfg.n_layers - 1] and torch.allclose(some.values, full.values[[0, -1]], atol=1e-6)
+    assert some.layers == [0, m.cfg.n_layers - 1] and torch.allclose(some.values, full.values[[0, -1]], atol=TIGHT)
     raw = mi_lenses.activation_patching(m, CLEAN, CORRUPTED, metric=metric, what="resid_pre", progress=False)
-    assert not raw.normalised and torch.allclose(raw.values, _patch(m, what="resid_pre").values, atol=1e-4)
+    assert not raw.normalised and torch.allclose(raw.values, _patch(m, what="resid_pre").values, atol=1024 * EPS)
 
 
 def test_batched_pairs_are_the_mean_of_single_pairs(tiny_pair):
@@ -141,7 +142,7 @@ def test_batched_pairs_are_the_mean_of_single_pairs(tiny_pair):
     ours = mi_lenses.activation_patching(m, ct, xt, answer=ANSWER, wrong=WRONG, what="head_out", progress=False,
                                          max_batch=5)
     ref = _quiet(patching.get_act_patch_attn_head_out_all_pos, m, xt, cc, metric).cpu()
-    assert ours.n_prompts == 2 and ours.passes > 1 and torch.allclose(ours.values, ref, atol=1e-4)
+    assert ours.n_prompts == 2 and ours.passes > 1 and torch.allclose(ours.values, ref, atol=1024 * EPS)
 
 
 def test_position_map_aligns_prompts_of_different_lengths(tiny_pair):
@@ -165,7 +166,7 @@ def test_position_map_aligns_prompts_of_different_lengths(tiny_pair):
 
         with torch.no_grad():
             brute = float(metric(m.run_with_hooks(xt, fwd_hooks=[(f"blocks.{l}.hook_resid_pre", put)])))
-        assert float(res.values[l, p]) == pytest.approx(brute, abs=1e-4)
+        assert float(res.values[l, p]) == pytest.approx(brute, abs=1024 * EPS)
     with pytest.raises(LensInputError, match="same length"):
         mi_lenses.activation_patching(m, longer, CORRUPTED, answer=ANSWER, what="head_pattern",
                                       position_map={extra + p: p for p in range(n)}, progress=False)
@@ -190,11 +191,11 @@ def test_attribution_equals_transformer_lens_attribution_patch(tiny):
     ours_h = _patch(m, what="head_out", by="layer_pos_head", method="attribution")
     ours_m = _patch(m, what="mlp_out", method="attribution")
     assert ours_h.engine == "gradient"
-    assert torch.allclose(ours_h.values, heads, atol=1e-4), float((ours_h.values - heads).abs().max())
-    assert torch.allclose(ours_m.values, mlps, atol=1e-4)
+    assert torch.allclose(ours_h.values, heads, atol=1024 * EPS), float((ours_h.values - heads).abs().max())
+    assert torch.allclose(ours_m.values, mlps, atol=1024 * EPS)
     if tiny.arch != "gpt2":  # rotary models: hook_embed is the whole residual entering block 0
         ours_e = _patch(m, what="resid_pre", method="attribution", layers=[0])
-        assert torch.allclose(ours_e.values[0], embed, atol=1e-4)
+        assert torch.allclose(ours_e.values[0], embed, atol=1024 * EPS)
 
 
 def test_attribution_is_the_first_order_term_of_exact(tiny_pair):
@@ -217,7 +218,7 @@ def test_attribution_is_the_first_order_term_of_exact(tiny_pair):
     att = _patch(m, what="resid_pre", method="attribution", layers=[0]).values[0]
     with torch.no_grad():
         moved = float(metric(m.run_with_hooks(xt, fwd_hooks=[("blocks.0.hook_resid_pre", at(near))])))
-    assert moved == pytest.approx(eps * float(att.sum()), rel=0.05, abs=1e-6)
+    assert moved == pytest.approx(eps * float(att.sum()), rel=0.05, abs=TIGHT)
 
 
 def test_eap_ig_completeness(tiny_pair):
@@ -243,13 +244,13 @@ def test_edges_sum_to_nodes_and_circuits_recover_exactly(tiny):
     L, H = m.cfg.n_layers, m.cfg.n_heads
     score = edges.node_scores()
     per_head = torch.stack([score[[edges.writers.index(f"L{l}H{h}") for h in range(H)]] for l in range(L)])
-    assert torch.allclose(per_head, nodes.values, atol=1e-4)
+    assert torch.allclose(per_head, nodes.values, atol=1024 * EPS)
     mlp = _patch(m, what="mlp_out", method="attribution")
-    assert torch.allclose(score[[edges.writers.index(f"MLP{l}") for l in range(L)]], mlp.values.sum(-1), atol=1e-4)
-    assert mi_lenses.faithfulness(m, edges.circuit(threshold=0.0)).faithfulness == pytest.approx(1.0, abs=1e-4)
-    assert mi_lenses.faithfulness(m, edges.circuit(edges=0)).faithfulness == pytest.approx(0.0, abs=1e-4)
+    assert torch.allclose(score[[edges.writers.index(f"MLP{l}") for l in range(L)]], mlp.values.sum(-1), atol=1024 * EPS)
+    assert mi_lenses.faithfulness(m, edges.circuit(threshold=0.0)).faithfulness == pytest.approx(1.0, abs=1024 * EPS)
+    assert mi_lenses.faithfulness(m, edges.circuit(edges=0)).faithfulness == pytest.approx(0.0, abs=1024 * EPS)
     every_node = edges.circuit(nodes=len(edges.writers) - 1)
-    assert mi_lenses.faithfulness(m, every_node).faithfulness == pytest.approx(1.0, abs=1e-4)
+    assert mi_lenses.faithfulness(m, every_node).faithfulness == pytest.approx(1.0, abs=1024 * EPS)
     for ablation in ("mean", "zero"):
         c = mi_lenses.faithfulness(m, edges.circuit(edges=10), ablation=ablation)
         assert c.ablation == ablation and c.faithfulness == c.faithfulness  # a number
@@ -278,7 +279,7 @@ def test_edge_circuit_cuts_only_what_it_names(tiny_pair):
     metric = _metric(m, ct, xt)
     with torch.no_grad():
         brute = float(metric(m.run_with_hooks(ct, fwd_hooks=[(f"blocks.{L - 1}.hook_resid_post", cut)])))
-    assert got.faithfulness == pytest.approx(brute, abs=1e-4)
+    assert got.faithfulness == pytest.approx(brute, abs=1024 * EPS)
 
 
 # ------------------------------------------------------------------------------------------------ path patching
@@ -330,11 +331,11 @@ def test_path_patching_equals_brute_force_and_direct_paths(tiny):
     to_logits = mi_lenses.path_patching(m, CLEAN, CORRUPTED, receivers="logits", **kw)
     for l, h in [(0, 0), (L - 1, H - 1), (1, 1)]:
         assert float(to_logits.values[l, h]) == pytest.approx(_brute_path(m, xt, cc, xc, [(l, h)], [], metric),
-                                                              abs=1e-4)
+                                                              abs=1024 * EPS)
     receivers = [(L - 1, 0, "q"), (L - 1, 0, "v")]
     into = mi_lenses.path_patching(m, CLEAN, CORRUPTED, receivers=receivers, **kw)
     assert torch.isnan(into.values[L - 1]).all() and not torch.isnan(into.values[: L - 1]).any()
-    assert float(into.values[0, 1]) == pytest.approx(_brute_path(m, xt, cc, xc, [(0, 1)], receivers, metric), abs=1e-4)
+    assert float(into.values[0, 1]) == pytest.approx(_brute_path(m, xt, cc, xc, [(0, 1)], receivers, metric), abs=1024 * EPS)
     gqa = (m.cfg.n_key_value_heads or H) != H
     for comp in ("q",) if gqa else ("q", "k", "v"):
         ours = mi_lenses.path_patching(m, CLEAN, CORRUPTED, senders=[(0, 1)], receivers=comp, freeze="heads_and_mlps",
@@ -342,7 +343,7 @@ def test_path_patching_equals_brute_force_and_direct_paths(tiny):
         ref = _quiet(patching.get_act_patch_direct_path, m, xt, cc, xc, metric, 0, 1, component=comp,
                      verbose=False).cpu()
         assert torch.isnan(ours.values[0]).all()
-        assert torch.allclose(ours.values[1:], ref[1:], atol=1e-4), (tiny.id, comp)
+        assert torch.allclose(ours.values[1:], ref[1:], atol=1024 * EPS), (tiny.id, comp)
 
 
 # ------------------------------------------------------------------------------------------------ protocol, CLI
@@ -393,7 +394,7 @@ def test_command_line(hf_folder, tmp_path, capsys):
     want = mi_lenses.activation_patching(m, CLEAN + " known", CORRUPTED, answer=ANSWER, wrong=WRONG,
                                          position_map={extra + p: p for p in range(n)}, progress=False)
     assert torch.allclose(torch.tensor(json.loads((tmp_path / "m.json").read_text())["values"]), want.values,
-                          atol=1e-5)
+                          atol=128 * EPS)
     assert main(longer + ["--position-map", "0-0"]) == 2 and "clean:corrupted" in capsys.readouterr().err
 
 
@@ -427,7 +428,7 @@ def test_report_gains_a_patching_section(tiny_pair, tmp_path):
     rep = mi_lenses.report(m, CLEAN, answer=ANSWER, wrong=WRONG, corrupted=CORRUPTED,
                            sections=["logit_lens", "patching"], progress=False)
     assert rep.sections == ["logit_lens", "patching"]
-    assert torch.allclose(rep.patching.values, _patch(m, what="resid_pre").values, atol=1e-6)
+    assert torch.allclose(rep.patching.values, _patch(m, what="resid_pre").values, atol=TIGHT)
     assert rep.patching_heads.method == "attribution"
     page = rep.to_html(tmp_path / "r.html")
     assert 'id="patching"' in page and "Activation patching" in page

@@ -14,6 +14,7 @@ import mi_lenses
 from conftest import PROMPT, hook_counts
 from mi_lenses.errors import LensInputError
 from oracles import close, hf_final_norm
+from tolerance import EPS, TIGHT
 
 TEXT = "The capital of France is the capital of"
 
@@ -50,13 +51,13 @@ def test_every_section_is_its_own_entry_point(rep, llama_raw, tuned):
     ll = mi_lenses.logit_lens(m, TEXT, targets=[rep.prediction_id, " city"])
     assert torch.equal(rep.logit_lens.top_ids, ll.top_ids) and torch.equal(rep.logit_lens.target_ranks,
                                                                            ll.target_ranks)
-    close(rep.tuned_lens.kl, tuned(m, TEXT).kl, "tuned lens", 1e-6)
+    close(rep.tuned_lens.kl, tuned(m, TEXT).kl, "tuned lens", TIGHT)
     dla = mi_lenses.direct_logit_attribution(m, TEXT, answer=rep.prediction_id, wrong=" city")
-    close(rep.dla.values(), dla.values(), "DLA", 1e-6)
+    close(rep.dla.values(), dla.values(), "DLA", TIGHT)
     assert rep.dla.direction == dla.direction and rep.answer == rep.prediction
     att = mi_lenses.attention(m, TEXT)
     assert torch.equal(rep.attention.patterns, att.patterns)
-    close(rep.attention.induction, att.induction, "induction", 1e-6)
+    close(rep.attention.induction, att.induction, "induction", TIGHT)
     sw = mi_lenses.sweep(m, TEXT, mi_lenses.presets.identity(), target_layers="same", positions=[-4, -3, -2, -1],
                          progress=False)
     assert torch.equal(rep.patchscope.prec_at_1, sw.prec_at_1)
@@ -70,7 +71,7 @@ def test_precision_per_layer_and_prediction_against_the_hf_model(rep, llama_raw)
     hits = (rows[:, -4:].argmax(-1) == pred).double().mean(-1)
     close(rep.lens_precision, hits, "logit-lens precision@1 per layer vs HF", 1e-9)
     assert rep.prediction_id == int(logits[-1].argmax())
-    assert rep.prediction_prob == pytest.approx(float(logits[-1].softmax(-1).max()), abs=1e-5)
+    assert rep.prediction_prob == pytest.approx(float(logits[-1].softmax(-1).max()), abs=128 * EPS)
     assert float(rep.patchscope.per_layer()[-1]) == 1.0 and float(rep.lens_precision[-1]) == 1.0
     per = rep.to_dataframe()
     assert per["patchscope_prec_at_1"].tolist()[1:] == pytest.approx(rep.patchscope.per_layer().tolist())
@@ -95,7 +96,7 @@ def test_top_tokens_are_chosen_by_their_best_probability_at_any_layer(rep, llama
     assert min(best[i] for i in picked) >= max([p for i, p in best.items() if i not in picked], default=0.0)
     tokens = llama_raw.model.to_tokens(TEXT)
     oracle = hf_lens_logits(llama_raw, tokens)[:, 0, -1].log_softmax(-1)  # [rows, V]
-    close(traj.target_probs[:, 0, 0], oracle[:, chosen].exp(), "trajectory probabilities vs HF", 1e-5)
+    close(traj.target_probs[:, 0, 0], oracle[:, chosen].exp(), "trajectory probabilities vs HF", 128 * EPS)
 
 
 def test_sections_answer_wrong_and_errors(llama_raw, capsys):

@@ -26,6 +26,7 @@ from mi_lenses.lenses.tuned import TrainingError, TunedLens, evaluate_lens, trai
 from mi_lenses.lenses.tuned import train as train_mod
 from mi_lenses.data import load_tokens
 from mi_lenses.models.view import ModelView
+from tolerance import EPS
 
 
 def random_lens(model, seed=0, scale=0.3) -> TunedLens:
@@ -42,7 +43,7 @@ def rand_tokens(n_seq=32, seq_len=16, seed=0):
     return torch.randint(3, 320, (n_seq, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
-def close(a, b, msg, atol=1e-4):
+def close(a, b, msg, atol=1024 * EPS):
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     err = (a - b).abs().max().item()
     assert err <= atol, f"{msg}: max abs err {err:.2e} > {atol:.0e}"
@@ -71,8 +72,8 @@ def test_translator_is_applied_per_layer_and_final_row_untouched(llama_raw):
     for i in range(view.n_layers):
         h = cache[f"blocks.{i}.hook_resid_pre"][0]
         expect = view.decode(h + h @ lens.weight[i].T.detach() + lens.bias[i].detach())
-        close(res.logits[i, 0], expect, f"row {i}", 1e-4)
-    close(res.logits[-1, 0], m(m.to_tokens(PROMPT))[0], "final row == model logits", 1e-4)
+        close(res.logits[i, 0], expect, f"row {i}", 1024 * EPS)
+    close(res.logits[-1, 0], m(m.to_tokens(PROMPT))[0], "final row == model logits", 1024 * EPS)
     res.verify()
     # a lens that ignored the index (always translator 0) would fail the check above
     assert not torch.allclose(lens.weight[0], lens.weight[1])
@@ -116,7 +117,7 @@ def test_same_model_raw_and_compat_share_lenses(builder, tmp_path):
         lens.save(tmp_path / arch)
         a = lens(compat, PROMPT, return_logits=True).logits.log_softmax(-1)
         b = load_lens(tmp_path / arch, raw)(raw, PROMPT, return_logits=True).logits.log_softmax(-1)
-        close(a, b, f"{arch}: compat-trained lens on the raw model", 2e-4)
+        close(a, b, f"{arch}: compat-trained lens on the raw model", 2048 * EPS)
 
 
 @pytest.mark.parametrize("other", ["llama_tied", "qwen2", "neox"])
@@ -256,7 +257,7 @@ def test_export_loads_in_tuned_lens_with_same_predictions(tiny, tl_api, tmp_path
     tokens = m.to_tokens(PROMPT)
     ours = lens(m, tokens, return_logits=True).logits[:-1].float()
     theirs = _their_logits(their, tiny.hf, tokens).float()
-    close(ours.log_softmax(-1), theirs.log_softmax(-1), f"{tiny.id}: exported lens vs tuned-lens", 2e-4)
+    close(ours.log_softmax(-1), theirs.log_softmax(-1), f"{tiny.id}: exported lens vs tuned-lens", 2048 * EPS)
     # the comparison can fail: the same lens without its translators does not match
     base = logit_lens(m, tokens, return_logits=True).logits[:-1].float()
     assert (base.log_softmax(-1) - theirs.log_softmax(-1)).abs().max() > 1e-2
@@ -283,7 +284,7 @@ def test_import_from_tuned_lens_with_same_predictions(tiny, tl_api, tmp_path, mo
     tokens = m.to_tokens(PROMPT)
     ours = lens(m, tokens, return_logits=True).logits[:-1].float()
     theirs = _their_logits(their, tiny.hf, tokens).float()
-    close(ours.log_softmax(-1), theirs.log_softmax(-1), f"{tiny.id}: imported tuned-lens lens", 2e-4)
+    close(ours.log_softmax(-1), theirs.log_softmax(-1), f"{tiny.id}: imported tuned-lens lens", 2048 * EPS)
 
 
 # ============================================================================================ 4. training
@@ -311,9 +312,9 @@ def test_kl_gradient_matches_autograd(tiny, path):
         logq = view.decode(lens.translate(hs[i], i)).log_softmax(-1)
         ref = torch.sum(p * (p.log() - logq), -1)
         ref.mean().backward()
-        close(kl / n, ref.mean().item(), f"layer {i} KL", 1e-5)
-        close(g_ours[0], lens.weight.grad[i], f"layer {i} dA", 1e-5)
-        close(g_ours[1], lens.bias.grad[i], f"layer {i} db", 1e-5)
+        close(kl / n, ref.mean().item(), f"layer {i} KL", 128 * EPS)
+        close(g_ours[0], lens.weight.grad[i], f"layer {i} dA", 128 * EPS)
+        close(g_ours[1], lens.bias.grad[i], f"layer {i} db", 128 * EPS)
 
 
 def test_bf16_kl_step_is_close_to_float32(tiny_pair):
@@ -430,11 +431,11 @@ def test_evaluation_result(llama_raw, tmp_path):
     # independent: the mean of run_lens statistics over all tokens
     ref = run_lens(lens, m, tokens)
     base = logit_lens(m, tokens)
-    close(torch.tensor(ev.kl_bits["tuned lens"]), ref.kl_bits[:-1].mean((1, 2)), "KL", 1e-5)
-    close(torch.tensor(ev.kl_bits["logit lens"]), base.kl_bits[:-1].mean((1, 2)), "KL base", 1e-5)
+    close(torch.tensor(ev.kl_bits["tuned lens"]), ref.kl_bits[:-1].mean((1, 2)), "KL", 128 * EPS)
+    close(torch.tensor(ev.kl_bits["logit lens"]), base.kl_bits[:-1].mean((1, 2)), "KL base", 128 * EPS)
     ce = ref.cross_entropy_bits[:, :, :-1]
-    close(torch.tensor(ev.ce_bits["tuned lens"]), ce[:-1].mean((1, 2)), "CE", 1e-5)
-    close(ev.final_ce_bits, ce[-1].mean().item(), "final CE", 1e-5)
+    close(torch.tensor(ev.ce_bits["tuned lens"]), ce[:-1].mean((1, 2)), "CE", 128 * EPS)
+    close(ev.final_ce_bits, ce[-1].mean().item(), "final CE", 128 * EPS)
     d = ev.to_dict()
     assert set(d) >= {"layers", "logit_lens", "tuned_lens", "final_ce_bits"}
     assert set(d["tuned_lens"]) >= {"kl_bits", "ce_bits"} and len(d["layers"]) == 3
@@ -511,8 +512,8 @@ def test_torchrun_two_processes_match_single_process(hf_folder, tmp_path):
     model = mi_lenses.load_model(str(hf_folder))
     single = train_lens(model, tokens, steps=4, tokens_per_step=128, seq_len=16, micro_batch=2, warm_start_tokens=128,
                         progress=False)
-    close(ddp.weight, single.weight, "DDP vs single-process weight", 1e-5)
-    close(ddp.bias, single.bias, "DDP vs single-process bias", 1e-5)
+    close(ddp.weight, single.weight, "DDP vs single-process weight", 128 * EPS)
+    close(ddp.bias, single.bias, "DDP vs single-process bias", 128 * EPS)
     assert single.weight.abs().max() > 1e-3  # it trained
 
 
@@ -558,7 +559,9 @@ def test_files_of_mi_lenses_0_1_still_load_with_the_same_numbers(llama_raw, tmp_
         assert type(lens) is cls
         res = lens(m, "The capital of France is")
         assert torch.equal(res.top_ids, expected[f"{kind}_top_ids"])
-        assert torch.allclose(res.kl, expected[f"{kind}_kl"], atol=1e-6, rtol=0)
+        # saved by another machine and library versions: the KL (a sum over the vocabulary) may sit a few roundings
+        # of its own size away (12 EPS seen between AVX-512 and AVX2 kernels); 64 EPS at its magnitude.
+        torch.testing.assert_close(res.kl, expected[f"{kind}_kl"], atol=64 * EPS, rtol=64 * EPS)
         lens.save(tmp_path / kind)
         again = load_lens(tmp_path / kind, m)(m, "The capital of France is")
         assert torch.equal(again.top_ids, res.top_ids) and torch.equal(again.kl, res.kl)
