@@ -117,6 +117,46 @@ def test_sigkill_while_writing_html_and_json_leaves_whole_files(folder, tmp_path
                 assert f.read_text().rstrip().endswith("</html>"), f"attempt {attempt}: half-written page"
 
 
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)  # the next run cleans up
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temp files of killed runs left"
+
+
+def test_ctrl_c_ends_with_one_line_and_keeps_the_old_file(folder, tmp_path):
+    """SIGINT during a report: one line on standard error, status 130, the page written before is kept whole."""
+    page = tmp_path / "report.html"
+    page.write_text("<html>old</html>")
+    cmd = [sys.executable, "-m", "mi_lenses.cli", "report", PROMPT, "--model", str(folder), "--out", str(page)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not _imported(proc.pid):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the report finished before the signal arrived")
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("mi-lenses: interrupted") and "Traceback" not in err, err[-2000:]
+    assert page.read_text() == "<html>old</html>"
+
+
+def _imported(pid: int) -> bool:
+    """Whether the process is loading the model (its weights file is mapped): inside the command, past start-up."""
+    try:
+        return "model.safetensors" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_standard_output_as_the_json_path(folder):
+    """``--json -``: the result is the only thing on standard output (the table goes to standard error)."""
+    cmd = [sys.executable, "-m", "mi_lenses.cli", "logit-lens", PROMPT, "--model", str(folder), "--json", "-"]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(done.stdout)
+    assert data["tokens"] and data["layers"][-1] == "final" and "final row verified" in done.stderr
+
+
 def test_sigkill_mid_write_never_leaves_a_mixed_file(tmp_path):
     path = tmp_path / "big.txt"
     for kill_after in (0.5, 1.5, 3.0):

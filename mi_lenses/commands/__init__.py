@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from mi_lenses.atomic import check_output
+from mi_lenses.atomic import STDOUT, check_output
 from mi_lenses.models.loading import load_model
 
 
@@ -37,8 +38,9 @@ def parents() -> Parents:
     model.add_argument("--beyond-context", action="store_true",
                        help="accept prompts longer than the model's context (cfg.n_ctx; refused by default)")
     outputs = argparse.ArgumentParser(add_help=False)
-    add_output(outputs, "--json", default=None, help="also write the result as JSON here")
-    add_output(outputs, "--html", default=None, help="also write a standalone offline HTML page here")
+    add_output(outputs, "--json", default=None, help="also write the result as JSON here (- for standard output)")
+    add_output(outputs, "--html", default=None,
+               help="also write a standalone offline HTML page here (- for standard output)")
     return Parents(model, outputs)
 
 
@@ -94,11 +96,25 @@ def load(args: argparse.Namespace, name: str | None = None, device: str | None =
                       compatibility_mode=compatibility_mode)
 
 
+def streams(args: argparse.Namespace) -> bool:
+    """Whether an output path of the command is ``-`` (standard output)."""
+    return any(getattr(args, dest, None) == STDOUT for dest in (getattr(args, "output_paths", None) or {}))
+
+
+def write_output(path: str | None, write: Callable[[str | None], str]) -> None:
+    """``write(path)`` (a result's ``to_json`` / ``to_html``, atomic) and a line saying so; with ``path`` ``-`` the
+    text ``write(None)`` returns goes to standard output instead."""
+    if not path:
+        return
+    if path == STDOUT:
+        sys.__stdout__.write(write(None).rstrip("\n") + "\n")
+        sys.__stdout__.flush()
+        return
+    write(path)
+    print(f"wrote {path}")
+
+
 def write_outputs(args: argparse.Namespace, result: Any, **options: Any) -> None:
-    """``result.to_json(--json)`` and ``result.to_html(--html)``, if given (atomically)."""
-    if getattr(args, "json", None):
-        result.to_json(args.json, **options)
-        print(f"wrote {args.json}")
-    if getattr(args, "html", None):
-        result.to_html(args.html, **options)
-        print(f"wrote {args.html}")
+    """``result.to_json(--json)`` and ``result.to_html(--html)``, if given (atomically, or to standard output)."""
+    write_output(getattr(args, "json", None), lambda p: result.to_json(p, **options))
+    write_output(getattr(args, "html", None), lambda p: result.to_html(p, **options))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from mi_lenses.commands import Parents, add_output, load, write_outputs
+from mi_lenses.commands import Parents, add_output, load, write_output, write_outputs
 from mi_lenses.errors import LensInputError
 from mi_lenses.reports import SECTIONS, report
 
@@ -23,7 +23,7 @@ def register(sub, parents: Parents) -> None:
     p = sub.add_parser("report", parents=[parents.model, parents.outputs],
                        help="one offline page: logit lens, tuned lens, Patchscope, DLA and attention of a prompt")
     p.add_argument("prompt", help="the prompt text")
-    add_output(p, "--out", default="report.html", help="the page to write (default report.html)")
+    add_output(p, "--out", default="report.html", help="the page to write (default report.html; - for standard output)")
     p.add_argument("--lens", default=None, help="a tuned-lens folder (either format), shown beside the logit lens")
     p.add_argument("--answer", default=None,
                    help="the token attributed and tracked (exactly one token; default: the model's own prediction)")
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                  top_k=args.top_k, patchscope_positions=args.patchscope_positions, corrupted=args.corrupted,
                  beyond_context=args.beyond_context, progress=not args.no_progress)
     rep.print()
-    rep.to_html(args.out)
-    print(f"model loaded in {t1 - t0:.1f} s, report in {rep.seconds['total']:.1f} s; wrote {args.out}")
+    print(f"model loaded in {t1 - t0:.1f} s, report in {rep.seconds['total']:.1f} s")
+    write_output(args.out, rep.to_html)
     write_outputs(args, rep)
     return 0
