@@ -64,7 +64,10 @@ def resolve_indices(values: IndexSpec, n: int, what: str, hint: str = "", *, ord
     """Indices into ``n`` items; ``None`` means all. ``ordered``: sorted, and an index given twice is an error."""
     if values is None:
         return list(range(n))
-    out = [resolve_index(v, n, what, hint) for v in int_list(values)]
+    items = int_list(values)
+    if not items:
+        raise LensInputError(f"no {what} selected ({what}s is empty): pass at least one {what}, or None for all.")
+    out = [resolve_index(v, n, what, hint) for v in items]
     if ordered:
         if len(set(out)) != len(out):
             raise LensInputError(f"{what}s {int_list(values)} select the same {what} twice.")
@@ -102,6 +105,8 @@ def resolve_positions(
         requested = list(range(longest))
     else:
         requested = []
+        if not int_list(positions):
+            raise LensInputError(f"no {what} selected ({what}s is empty): pass at least one {what}, or None for all.")
         for p in int_list(positions):
             if not isinstance(p, int) or isinstance(p, bool):
                 raise LensInputError(f"{what} {p!r} must be an int (or a list of ints).")

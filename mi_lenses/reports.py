@@ -242,6 +242,11 @@ def report(
         raise LensInputError(f"a report is about one prompt; got {batch.shape[0]}. Run it once per prompt.")
     wrong_id = None if wrong is None else view.to_single_token(wrong)
     answer_id = None if answer is None else view.to_single_token(answer)
+    if wrong_id is not None and wrong_id == answer_id:
+        raise LensInputError(f"answer and wrong are the same token ({view.id_to_str(answer_id)!r}): logit[answer] - "
+                             "logit[wrong] is 0 whatever the model does. Pass another wrong token, or leave it out.")
+    if corrupted is not None:
+        _check_corrupted(view, batch, corrupted, prepend_bos, beyond_context)
     seconds: dict[str, float] = {}
     with bar(len(chosen) + 1, "report", enabled=progress) as b:
         # one forward pass for every section
@@ -384,6 +389,19 @@ SECTIONS: tuple[str, ...] = tuple(SECTION_TABLE)  # in page order
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _check_corrupted(view: ModelView, batch: Any, corrupted: PromptInput, prepend_bos: bool | None,
+                     beyond_context: bool) -> None:
+    """Before any section runs: the corrupted prompt is one prompt of the prompt's token length (the report patches
+    position by position and takes no position map)."""
+    other = view.batch(corrupted, prepend_bos=prepend_bos, beyond_context=beyond_context)
+    if other.shape[0] != 1 or other.lengths[0] != batch.lengths[0]:
+        got = f"{other.lengths[0]} tokens" if other.shape[0] == 1 else f"{other.shape[0]} prompts"
+        raise LensInputError(
+            f"the corrupted prompt must be one prompt of the prompt's length, {batch.lengths[0]} tokens; it has {got}. "
+            "Change a word for a word of the same token length, or patch prompts of different lengths with "
+            "activation_patching(..., position_map=...) / mi-lenses patch --position-map C:K,...")
+
+
 def _sections(sections: Sequence[str] | None, lens: Any, corrupted: Any = None) -> list[str]:
     if sections is None:
         return [s for s in SECTIONS if (s != "tuned_lens" or lens is not None) and (s != "patching" or

@@ -35,19 +35,23 @@ def rows() -> list[str]:
     tmp = Path(tempfile.mkdtemp())
     env = cases.Env(_Builder(_train_tokenizer(tmp / "tok")), tmp / "env")
     out = []
-    for name, (call, _) in cases.API.items():
-        try:
-            call(env)
-        except MiLensesError as err:
-            out.append(f"| {name} | `{type(err).__name__}`: {_short(str(err), tmp / 'env')} |")
-            continue
-        raise SystemExit(f"{name}: raised nothing")
-    for name, (argv, _) in cases.CLI.items():
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = main(argv(env))
-        message = err.getvalue().strip().removeprefix("mi-lenses: error: ")
-        out.append(f"| {name} | exit {code}: {_short(message, tmp / 'env')} |")
+    try:
+        for name, (call, _) in cases.API.items():
+            try:
+                call(env)
+            except MiLensesError as err:
+                out.append(f"| {name} | `{type(err).__name__}`: {_short(str(err), tmp / 'env')} |")
+                continue
+            raise SystemExit(f"{name}: raised nothing")
+        for name, (argv, _) in cases.CLI.items():
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                code = main(argv(env))
+            message = err.getvalue().strip().removeprefix("mi-lenses: error: ")
+            out.append(f"| {name} | exit {code}: {_short(message, tmp / 'env')} |")
+    finally:
+        for cleanup in env.cleanups:  # unmount the small full file system
+            cleanup()
     return out
 
 

@@ -8,7 +8,10 @@ keeps the two in step).
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
+import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +42,41 @@ class Env:
         mi_lenses.TunedLens.from_model(self.m).save(self.lens)
         (tmp / "empty").mkdir()
         (tmp / "short.txt").write_text("too short")
+        (tmp / "no-model").mkdir()
+        (tmp / "no-model" / "config.json").write_text("{}")
+        (tmp / "loop-a").symlink_to(tmp / "loop-b")
+        (tmp / "loop-b").symlink_to(tmp / "loop-a")
+        os.mkfifo(tmp / "fifo")
+        self.cleanups: list[Callable[[], None]] = []
+
+    def device(self) -> Path:
+        """A character device node like /dev/null (made here, so a regression cannot replace the system's), and a
+        link to it."""
+        node = self.tmp / "null"
+        if not node.exists():
+            try:
+                os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+            except (PermissionError, OSError) as err:
+                pytest.skip(f"cannot make a device node here ({err})")
+            (self.tmp / "link-to-null").symlink_to(node)
+        return node
+
+    def full_folder(self) -> Path:
+        """A folder on a small file system with no space left (a tmpfs mounted here; skipped where mounting is not
+        allowed)."""
+        mnt = self.tmp / "full"
+        if not mnt.is_dir():
+            mnt.mkdir()
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                              capture_output=True).returncode != 0:
+                pytest.skip("cannot mount a small file system here (needs root)")
+            self.cleanups.append(lambda: subprocess.run(["umount", str(mnt)], capture_output=True))
+            with open(mnt / "filler", "wb") as fh:
+                try:
+                    fh.write(b"x" * 128 * 1024)
+                except OSError:
+                    pass
+        return mnt
 
 
 def _long_prompt() -> str:
@@ -121,6 +159,25 @@ API: dict[str, tuple[Callable[[Env], Any], list[str]]] = {
                                    ["is a folder, not a file"]),
     "page written to a read-only file system": (lambda e: mi_lenses.logit_lens(e.m, PROMPT).to_html("/proc/x.html"),
                                                 ["cannot write /proc/x.html"]),
+    "empty layer list": (lambda e: mi_lenses.logit_lens(e.m, PROMPT, layers=[]), ["no layer selected", "None for all"]),
+    "empty position list": (lambda e: mi_lenses.logit_lens(e.m, PROMPT, positions=[]),
+                            ["no position selected", "None for all"]),
+    "prompt with a lone surrogate (undecodable bytes)": (lambda e: mi_lenses.logit_lens(e.m, "caf\udcff"),
+                                                         ["lone surrogate", "at character 3", "UTF-8"]),
+    "prompt with a lone surrogate in a batch": (lambda e: mi_lenses.logit_lens(e.m, [PROMPT, "\udcff x"]),
+                                                ["prompt 1 holds a lone surrogate"]),
+    "target with a lone surrogate": (lambda e: mi_lenses.logit_lens(e.m, PROMPT, targets="\udcff"),
+                                     ["lone surrogate"]),
+    "answer of 5,000 characters": (lambda e: mi_lenses.direct_logit_attribution(e.m, PROMPT, answer="ab" * 2500),
+                                   ["not a single token", "(5000 characters)"]),
+    "result written to a character device": (lambda e: mi_lenses.logit_lens(e.m, PROMPT).to_json(e.device()),
+                                             ["is a character device, not a regular file"]),
+    "result written through a link to a device": (lambda e: e.device() and mi_lenses.logit_lens(e.m, PROMPT).to_json(
+        e.tmp / "link-to-null"), ["a link to", "character device"]),
+    "page written to a FIFO": (lambda e: mi_lenses.logit_lens(e.m, PROMPT).to_html(e.tmp / "fifo"),
+                               ["is a FIFO, not a regular file"]),
+    "result written to a symlink loop": (lambda e: mi_lenses.logit_lens(e.m, PROMPT).to_json(e.tmp / "loop-a"),
+                                         ["symlink loop"]),
     # caches
     "cache missing the hooks": (lambda e: mi_lenses.logit_lens(e.m, e.tokens, cache=_cache_without(e)), ["names_filter"]),
     "tokens of another run than the cache": (lambda e: mi_lenses.logit_lens(
@@ -136,6 +193,17 @@ API: dict[str, tuple[Callable[[Env], Any], list[str]]] = {
                                     ["expected [d_model]"]),
     "one answer per prompt, miscounted": (lambda e: mi_lenses.direct_logit_attribution(
         e.m, PROMPTS, answer=["Paris", "The"]), ["got 2 answer tokens for 3 prompts"]),
+    "direction with NaN (DLA)": (lambda e: mi_lenses.direct_logit_attribution(
+        e.m, PROMPT, direction=torch.full((e.m.cfg.d_model,), float("nan"))), ["non-finite", "index 0"]),
+    "direction with inf (DLA)": (lambda e: mi_lenses.direct_logit_attribution(
+        e.m, PROMPT, direction=torch.ones(e.m.cfg.d_model).index_fill(0, torch.tensor([5]), float("inf"))),
+        ["1 non-finite", "index 5"]),
+    "answer equal to wrong (DLA)": (lambda e: mi_lenses.direct_logit_attribution(e.m, PROMPT, answer="Paris",
+                                                                                 wrong="Paris"), ["the same token"]),
+    "answer equal to wrong (report)": (lambda e: mi_lenses.report(e.m, PROMPT, answer="Paris", wrong="Paris",
+                                                                  progress=False), ["the same token"]),
+    "report with a corrupted prompt of another length": (lambda e: mi_lenses.report(
+        e.m, PROMPT, corrupted=PROMPT + " known", progress=False), ["prompt's length", "position_map"]),
     "position a shorter prompt lacks (DLA)": (lambda e: mi_lenses.direct_logit_attribution(
         e.m, PROMPTS, answer="Paris", position=-6), ["out of range for prompt 2"]),
     # Patchscopes
@@ -180,6 +248,9 @@ API: dict[str, tuple[Callable[[Env], Any], list[str]]] = {
     # models and devices
     "model file that does not exist": (lambda e: mi_lenses.load_model(e.tmp / "no_such.gguf"), ["not found"]),
     "folder that is not a model": (lambda e: mi_lenses.load_model(e.tmp / "empty"), ["no config.json"]),
+    "model folder whose config names no model": (lambda e: mi_lenses.load_model(e.tmp / "no-model"),
+                                                 ["names no model", "model_type"]),
+    "model path that is a symlink loop": (lambda e: mi_lenses.load_model(e.tmp / "loop-a"), ["symlink loop"]),
     "unknown model kind": (lambda e: mi_lenses.load_model(e.folder, kind="hookd"), ["kind must be"]),
     "device that does not exist": (lambda e: mi_lenses.load_model(e.folder, device="cuda:7"),
                                    ["use device='cpu'"]),
@@ -196,14 +267,39 @@ API: dict[str, tuple[Callable[[Env], Any], list[str]]] = {
         e.m, PROMPT, PROMPT, answer="Paris", what="logits"), ["what=", "resid_pre"]),
     "patching grid that does not fit the activation": (lambda e: mi_lenses.activation_patching(
         e.m, PROMPT, PROMPT, answer="Paris", what="resid_pre", by="layer_head"), ["by="]),
+    "metric that returns NaN (exact patching)": (lambda e: mi_lenses.activation_patching(
+        e.m, PROMPT, PROMPT, metric=lambda logits: logits[0, -1, 0] * float("nan")), ["returned nan", "finite"]),
+    "metric that returns inf on a patched cell": (lambda e: mi_lenses.activation_patching(
+        e.m, e.tokens, e.tokens.flip(-1), what="resid_pre",
+        metric=_inf_after_two_calls()), ["returned inf", "patched"]),
+    "metric that returns NaN (attribution patching)": (lambda e: mi_lenses.activation_patching(
+        e.m, PROMPT, PROMPT, method="attribution", metric=lambda logits: logits[0, -1, 0] * float("nan")),
+        ["returned nan", "finite"]),
     "metric whose answer is the wrong token": (lambda e: mi_lenses.activation_patching(
         e.m, PROMPT, PROMPT, answer="Paris", wrong="Paris"), ["same"]),
 }
 
 
+def _inf_after_two_calls() -> Callable[[torch.Tensor], torch.Tensor]:
+    """A metric finite on the clean and corrupted runs, infinite on every patched cell."""
+    calls = []
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return logits[0, -1, 0] if len(calls) <= 2 else logits[0, -1, 0] * 0 + float("inf")
+
+    return metric
+
+
+SHORT = 500  # characters: every message stays short, whatever the user passed
+
+
 @pytest.fixture(scope="module")
 def env(builder, tmp_path_factory) -> Env:
-    return Env(builder, tmp_path_factory.mktemp("bad_input"))
+    e = Env(builder, tmp_path_factory.mktemp("bad_input"))
+    yield e
+    for cleanup in e.cleanups:
+        cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +317,7 @@ def test_api_case(env, reference, case, capsys):
     msg = str(err.value)
     for w in words:
         assert w in msg, f"{case}: {w!r} not in {msg!r}"
+    assert len(msg) <= SHORT and "\n" not in msg, f"{case}: a message of {len(msg)} characters: {msg[:200]!r}"
     assert "pickle payload executed" not in capsys.readouterr().out
     assert hook_counts(env.m) == before, f"{case}: hooks left on the model"
     with torch.no_grad():
@@ -255,6 +352,32 @@ CLI: dict[str, tuple[Callable[[Env], list[str]], list[str]]] = {
                                                      str(e.tmp / "short.txt")], ["--out", "is not a folder"]),
     "CLI: device that does not exist": (lambda e: ["logit-lens", "x", "--model", str(e.folder), "--device", "cuda:7"],
                                         ["use device='cpu'"]),
+    "CLI: prompt with bytes that are not UTF-8": (lambda e: ["logit-lens", "caf\udcff", "--model", str(e.folder)],
+                                                  ["argument 2", "not UTF-8", "b'\\xff'"]),
+    "CLI: answer with bytes that are not UTF-8": (lambda e: ["dla", PROMPT, "--answer", "\udce9", "--model",
+                                                             str(e.folder)], ["argument 4", "not UTF-8"]),
+    "CLI: answer of 5,000 characters": (lambda e: ["dla", PROMPT, "--answer", "ab" * 2500, "--model", str(e.folder)],
+                                        ["not a single token", "(5000 characters)"]),
+    "CLI: model folder whose config names no model": (lambda e: ["logit-lens", "x", "--model", str(e.tmp / "no-model")],
+                                                      ["names no model"]),
+    "CLI: model path that is a symlink loop": (lambda e: ["logit-lens", "x", "--model", str(e.tmp / "loop-a")],
+                                               ["symlink loop"]),
+    "CLI: JSON to a character device": (lambda e: ["logit-lens", "x", "--model", str(e.folder), "--json",
+                                                   str(e.device())], ["--json", "character device", "- for standard"]),
+    "CLI: page through a link to a device": (lambda e: ["report", "x", "--model", str(e.folder), "--out",
+                                                        str(e.device().parent / "link-to-null")],
+                                             ["--out", "a link to", "character device"]),
+    "CLI: page to a FIFO": (lambda e: ["logit-lens", "x", "--model", str(e.folder), "--html", str(e.tmp / "fifo")],
+                            ["--html", "FIFO"]),
+    "CLI: output to a symlink loop": (lambda e: ["logit-lens", "x", "--model", str(e.folder), "--json",
+                                                 str(e.tmp / "loop-a")], ["--json", "symlink loop"]),
+    "CLI: page on a full file system": (lambda e: ["report", "x", "--model", str(e.folder), "--out",
+                                                   str(e.full_folder() / "r.html")], ["--out", "is full", "KiB free"]),
+    "CLI: output folder that is standard output": (lambda e: ["tuned-lens", "train", "--model", str(e.folder),
+                                                              "--out", "-"], ["--out", "cannot hold a folder"]),
+    "CLI: report --corrupted of another length": (lambda e: ["report", PROMPT, "--corrupted", PROMPT + " known",
+                                                             "--model", str(e.folder), "--out", str(e.tmp / "r.html")],
+                                                  ["prompt's length", "--position-map"]),
     "CLI: patching prompts of different lengths": (lambda e: ["patch", PROMPT + " known", PROMPT, "--answer", "Paris",
                                                               "--model", str(e.folder)], ["--position-map C:K"]),
     "CLI: position map that is not pairs": (lambda e: ["patch", PROMPT + " known", PROMPT, "--answer", "Paris",
@@ -275,6 +398,7 @@ def test_cli_case(env, case, capsys):
     err = capsys.readouterr().err.strip()
     assert code != 0, f"{case}: exit status 0"
     assert err.startswith("mi-lenses: error:") and "\n" not in err and "Traceback" not in err, err
+    assert len(err) <= SHORT + len("mi-lenses: error: "), f"{case}: a message of {len(err)} characters"
     for w in words:
         assert w in err, f"{case}: {w!r} not in {err!r}"
 

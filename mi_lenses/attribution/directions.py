@@ -119,6 +119,11 @@ def resolve_direction(
                 f"direction has shape {shape}; expected [d_model] = [{d}] or [batch, d_model] = "
                 f"[{batch}, {d}] (one per prompt)."
             )
+        bad = torch.nonzero(~torch.isfinite(v))
+        if len(bad):
+            where = tuple(bad[0].tolist()) if v.shape[0] > 1 and shape[0:1] != (d,) else int(bad[0, -1])
+            raise LensInputError(f"direction holds {int(len(bad))} non-finite value(s) (NaN or inf; the first at "
+                                 f"index {where}): every attribution would be NaN. Pass a finite vector.")
         v = v.expand(batch, -1).clone()
         consts = {"ln_final.b": v @ bias.float()} if bias is not None else {}
         label = "direction" + ("" if through_final_norm else " (no final norm)")
@@ -127,6 +132,12 @@ def resolve_direction(
 
     a_ids = _token_ids(view, answer, batch, "answer")
     w_ids = _token_ids(view, wrong, batch, "wrong") if wrong is not None else None
+    if w_ids is not None and bool((a_ids == w_ids).any()):
+        b = int(torch.nonzero(a_ids == w_ids)[0, 0])
+        which = "" if batch == 1 else f" for prompt {b}"
+        raise LensInputError(f"answer and wrong are the same token{which} ({view.id_to_str(int(a_ids[b]))!r}): "
+                             "logit[answer] - logit[wrong] is 0 whatever the model does. Pass another wrong token, "
+                             "or leave wrong out.")
     # the unembedding as the model applies it after its final norm (project_out, logit multiplier folded in)
     U, c = dec.unembed_columns(a_ids)
     u = U.T  # [B, d_model]

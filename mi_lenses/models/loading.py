@@ -17,6 +17,7 @@ A model you already hold is returned unchanged:
 from __future__ import annotations
 
 import gc
+import errno
 import hashlib
 import importlib.util
 import json
@@ -34,7 +35,7 @@ from typing import Any, Literal
 import torch
 
 from mi_lenses.atomic import write_atomic
-from mi_lenses.errors import ModelLoadError
+from mi_lenses.errors import ModelLoadError, quoted
 from mi_lenses.models.parity import (
     ISSUES,
     PROBE_TEXT,
@@ -138,6 +139,7 @@ def load_model(
         display = embedded_gguf_path().stem
     else:
         path = Path(os.path.expanduser(str(name_or_path)))
+        _check_links(path)
         if path.suffix.lower() == ".gguf":
             if not path.is_file():
                 raise ModelLoadError(f"GGUF file not found: {path}. Check the path.")
@@ -149,6 +151,7 @@ def load_model(
                     f"{path} is a folder but has no config.json, so it is not a Hugging Face model folder. "
                     "Pass the folder that holds config.json and the weights, or a .gguf file."
                 )
+            _check_config(path / "config.json")
             folder, prepend_bos, display = path, None, path.name
         elif path.exists():
             raise ModelLoadError(f"{path} is neither a .gguf file nor a model folder.")
@@ -160,6 +163,28 @@ def load_model(
                   kind=resolve_kind(kind), check=bool(check_parity))
     model.cfg.model_name = display
     return model
+
+
+def _check_links(path: Path) -> None:
+    """A symlink loop on the way to ``path`` is named as such (``Path.exists`` says False, which read as a hub name)."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ModelLoadError(f"{path} is a symlink loop: point the link at a .gguf file or a model folder.") from None
+
+
+def _check_config(config: Path) -> None:
+    """A model folder's ``config.json`` parses and names an architecture (else a one-line error, not a traceback
+    from the tokenizer or transformers' auto classes)."""
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{config} is not readable JSON ({err}): restore the file (save_pretrained writes "
+                             "it) or pass another model.") from None
+    if not isinstance(cfg, dict) or not (cfg.get("model_type") or cfg.get("architectures")):
+        raise ModelLoadError(f"{config} names no model (neither model_type nor architectures): it is not a Hugging "
+                             "Face model config. Pass the folder save_pretrained wrote, or a .gguf file.")
 
 
 def _check_device(device: Any) -> torch.device:
@@ -283,9 +308,10 @@ def _load_hf(folder: Path | str, dtype: torch.dtype) -> tuple[Any, Any]:
         # eager attention: the kernel TransformerLens runs (and the one that applies every soft-cap)
         hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=local,
                                                         attn_implementation="eager")
-    except OSError as err:
+    except (OSError, ValueError, KeyError) as err:
         if isinstance(folder, Path):
-            raise ModelLoadError(f"Could not load a model from {folder}: {err}") from err
+            first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise ModelLoadError(f"could not load a model from {folder}: {quoted(first, 300)}") from err
         raise ModelLoadError(
             f"Unknown model {folder!r}: it is not a local .gguf file or model folder, and it could not be fetched "
             f"from the Hugging Face hub ({'no such repository' if _hub_reachable() else 'the hub is unreachable'}"

@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mi_lenses.errors import LensInputError
+from mi_lenses.errors import LensInputError, check_text, quoted
 from mi_lenses.indexing import resolve_index
 from mi_lenses.models.batch import Batch, PromptInput, make_batch, run_with_cache
 from mi_lenses.models.blocks import Neurons, SublayerPath, is_post_ln, neurons, sublayer_path
@@ -429,6 +429,7 @@ class ModelView:
                                      "a tensor [batch, pos].")
             if p == "":
                 raise LensInputError("empty prompt: pass some text (the lens needs at least one token).")
+            check_text(p, "the prompt" if len(prompts) == 1 else f"prompt {prompts.index(p)}")
         # truncate=False: TransformerLens cuts text at cfg.n_ctx silently; make_batch refuses it with the fix instead
         kwargs: dict[str, Any] = {"truncate": False} if prepend_bos is None else \
             {"prepend_bos": prepend_bos, "truncate": False}
@@ -463,12 +464,12 @@ class ModelView:
                                      "model's vocabulary (or its string).")
             return token
         if not isinstance(token, str) or token == "":
-            raise LensInputError(f"expected a non-empty token string or an id, got {token!r}.")
-        ids = self.model.to_tokens(token, prepend_bos=False)[0].tolist()
+            raise LensInputError(f"expected a non-empty token string or an id, got {quoted(token)}.")
+        ids = self.model.to_tokens(check_text(token, "the token"), prepend_bos=False)[0].tolist()
         if len(ids) != 1:
-            pieces = [self.id_to_str(i) for i in ids]
+            pieces = [self.id_to_str(i) for i in ids[:6]] + (["…"] if len(ids) > 6 else [])
             raise LensInputError(
-                f"{token!r} is not a single token: it splits into {len(ids)} tokens {pieces}. "
+                f"{quoted(token)} is not a single token: it splits into {len(ids)} tokens {pieces}. "
                 f"Pass one of those pieces (mind the leading space), or a token id."
             )
         return int(ids[0])

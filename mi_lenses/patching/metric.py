@@ -82,7 +82,13 @@ class Metric:
                 if o.numel() != 1:
                     raise LensInputError(f"metric must return a scalar (one number for the batch of {B} prompts), "
                                          f"got shape {tuple(o.shape)}.")
-            return torch.stack([o.reshape(()) for o in out]).float()
+            values = torch.stack([o.reshape(()) for o in out]).float()
+            if not bool(torch.isfinite(values.detach()).all()):
+                i = int(torch.nonzero(~torch.isfinite(values.detach()))[0, 0])
+                raise LensInputError(f"the metric {self.name!r} returned {float(values[i])} on the logits of a run (clean, "
+                                     "corrupted or patched): a patching grid of it would hold NaN. Make the metric "
+                                     "finite on every run (e.g. clamp a log, guard a division).")
+            return values
         R = (logits if logits is not None else resid).shape[0]
         prompt = torch.arange(R) % B
         ids = self.answer_ids[prompt][:, None]
@@ -101,6 +107,10 @@ class Metric:
         """Record the raw metric of the clean and the corrupted run (one cell each); the default metric refuses a
         pair it does not separate (its normalisation would divide by zero)."""
         self.clean, self.corrupted = float(clean.reshape(-1)[0]), float(corrupted.reshape(-1)[0])
+        for run, value in (("clean", self.clean), ("corrupted", self.corrupted)):
+            if not torch.isfinite(torch.tensor(value)):
+                raise LensInputError(f"the metric ({self.name}) is {value} on the {run} run: a patching grid of it "
+                                     "would be NaN. Make it finite on both runs (e.g. clamp a log, guard a division).")
         if self.normalised and not abs(self.clean - self.corrupted) > 1e-6:
             raise LensInputError(
                 f"the clean and corrupted runs give the same {self.name[len('normalised '):]} ({self.clean:.6g}), so "
