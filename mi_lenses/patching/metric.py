@@ -85,7 +85,7 @@ class Metric:
             values = torch.stack([o.reshape(()) for o in out]).float()
             if not bool(torch.isfinite(values.detach()).all()):
                 i = int(torch.nonzero(~torch.isfinite(values.detach()))[0, 0])
-                raise LensInputError(f"the metric {self.name!r} returned {float(values[i])} on the logits of a run (clean, "
+                raise LensInputError(f"the metric {self.name!r} returned {float(values.detach()[i])} on the logits of a run (clean, "
                                      "corrupted or patched): a patching grid of it would hold NaN. Make the metric "
                                      "finite on every run (e.g. clamp a log, guard a division).")
             return values
