@@ -5,7 +5,7 @@ direction (the logit of ``--token``), the final norm's scale frozen per position
 activation cache (``mlp.hook_post`` of every layer, the final residual stream and ``ln_final.hook_scale``) and
 produce the same ``[layers x neurons, batch, pos]`` numbers:
 
-* ``ours``:      ``mi_lenses.attribution.neuron_attribution(model, cache, answer=TOKEN)``
+* ``ours``:      ``mi_lenses.attribution.neuron_attribution(model, cache, answer=TOKEN).values``
 * ``tl_proj``:   ``cache.stack_neuron_results(L, apply_ln=True, project_output_onto=W_U[:, TOKEN])``
 * ``tl_plain``:  ``cache.stack_neuron_results(L, apply_ln=True) @ W_U[:, TOKEN]`` — the full
   ``[neurons, batch, pos, d_model]`` stack (106 MB per token position for SmolLM2), so it only runs at a reduced size
@@ -70,7 +70,7 @@ def worker(name: str, size: str, cfg: dict, out_dir: Path) -> dict:
 
     def op(cache):
         if name == "ours":
-            return lambda: neuron_attribution(model, cache, answer=tok)  # [L, B, P, N]
+            return lambda: neuron_attribution(model, cache, answer=tok)  # .values: [L, B, P, N]
         if name == "tl_proj":
             return lambda: cache.stack_neuron_results(L, apply_ln=True, project_output_onto=direction)  # [L*N, B, P]
         if name == "tl_plain":
@@ -84,6 +84,7 @@ def worker(name: str, size: str, cfg: dict, out_dir: Path) -> dict:
         _, cache = model.run_with_cache(tokens, names_filter=keep)
         out, stats = ll.timed_repeats(op(cache), cfg["repeats"])
     if name == "ours":
+        out = out.values  # a NeuronAttribution: [L, B, P, N]
         out = out.permute(0, 3, 1, 2).reshape(-1, *out.shape[1:3])  # [L*N, B, P], TL's layout
     torch.save(out.contiguous(), out_dir / f"{name}_{size}.pt")
     return {"method": name, "size": size, "seqs": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]),

@@ -6,7 +6,8 @@ Every name is importable from here:
   :func:`run_lens` with its options (:class:`LensOptions`); affine lenses (:class:`AffineLens`, :class:`RowMapLens`)
   and their files (:func:`load_lens`, :func:`save_lens`); tuned-lens training: :func:`train_lens`,
   :class:`TrainConfig`, :func:`evaluate_lens`;
-* attribution: :func:`direct_logit_attribution`, :func:`neuron_attribution`;
+* attribution: :func:`direct_logit_attribution`, :func:`neuron_attribution` (:class:`DLAResult`,
+  :class:`NeuronAttribution`);
 * attention: :func:`attention` (patterns, sinks, entropy, previous-token and induction scores, q·k terms);
 * Patchscopes: :func:`patchscope`, :func:`sweep`, :class:`Source`, :class:`Target`, ``presets``, :func:`fit_map`;
 * circuit analysis: :func:`activation_patching` (exact, attribution, EAP-IG), edges, circuits, path patching;
@@ -14,7 +15,8 @@ Every name is importable from here:
 * models: :func:`load_model`, :class:`ModelView`, the parity probe (:func:`check_parity`, :func:`skip_parity`,
   :func:`parity_report`, :class:`ParityReport`);
 * results share one protocol (:class:`Result`: ``show``, ``to_html``, ``print``, ``to_dict``/``to_json``,
-  ``to_dataframe``); errors derive from :class:`MiLensesError` and name the fix.
+  ``to_dataframe``, each type's options declared once in ``view_options``, a one-line ``repr``); errors derive from
+  :class:`MiLensesError` and name the fix.
 
 Example:
     >>> res = mi_lenses.logit_lens(model, "The capital of France is", targets=" Paris")   # model = load_model()
@@ -28,7 +30,7 @@ Example:
 
 from mi_lenses import data, diffusion, patchscopes  # noqa: E402  (subpackages: shipped text, mi_lenses.patchscopes.verify)
 from mi_lenses.attn import AttentionResult, QKTerms, attention
-from mi_lenses.attribution import DLAResult, direct_logit_attribution, neuron_attribution
+from mi_lenses.attribution import DLAResult, NeuronAttribution, direct_logit_attribution, neuron_attribution
 from mi_lenses.diffusion import DiffusionLensResult, diffusion_lens
 from mi_lenses.errors import LensInputError, MiLensesError, ModelLoadError, VerificationError
 from mi_lenses.lenses import Lens, LensOptions, LensResult, LogitLens, logit_lens, run_lens
@@ -79,7 +81,6 @@ from mi_lenses.reports import Report, report
 from mi_lenses.results import Result
 
 __version__ = "0.1.0"
-load_row_map = load_lens  # the name of mi_lenses 0.1: one loader reads every lens folder
 
 __all__ = [
     "AffineLens",
@@ -103,6 +104,7 @@ __all__ = [
     "MiLensesError",
     "ModelLoadError",
     "ModelView",
+    "NeuronAttribution",
     "ParityReport",
     "PatchingResult",
     "PatchscopeLens",
@@ -138,7 +140,6 @@ __all__ = [
     "fit_map",
     "load_lens",
     "load_model",
-    "load_row_map",
     "logit_lens",
     "neuron_attribution",
     "parity_report",

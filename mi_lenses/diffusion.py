@@ -36,7 +36,7 @@ from torch import Tensor
 from mi_lenses.atomic import write_files_atomic
 from mi_lenses.errors import LensInputError, ModelLoadError
 from mi_lenses.indexing import IndexSpec, resolve_indices
-from mi_lenses.results import Result, dataframe, jsonable
+from mi_lenses.results import Result, dataframe, jsonable, plural
 from mi_lenses.viz.more_lenses import diffusion_fragment
 
 EXTRA = "pip install 'mi-lenses[diffusion]'"
@@ -164,6 +164,11 @@ class DiffusionLensResult(Result):
         """The gallery: one row per layer, one column per seed, images inlined (offline)."""
         self.check_batch(batch)
         return diffusion_fragment(self)
+
+    def _summary(self) -> str:
+        size = "x".join(map(str, self.images[0][0].size)) if self.images and self.images[0] else "?"
+        return (f"of {self.prompt!r}: {len(self.layers)} of {self.n_layers} text-encoder layers x "
+                f"{plural(len(self.seeds), 'seed')}, {size} pixels")
 
     def save_gallery(self, folder: str | os.PathLike) -> Path:
         """Write ``layer{l:02d}_seed{s}.png`` per image and an offline ``index.html`` into ``folder``, atomically

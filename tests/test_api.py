@@ -1,12 +1,14 @@
-"""The public surface: one decode path, explicit typed signatures, one result protocol, deprecated names that still
-work, and every top-level name importable from ``mi_lenses``."""
+"""The public surface: one decode path, explicit typed signatures, one result protocol (checked when a result class
+is defined), and every top-level name importable from ``mi_lenses``."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import gc
 import inspect
 import json
+import sys
 import typing
 from pathlib import Path
 
@@ -108,8 +110,7 @@ def test_lens_entry_points_share_one_explicit_signature():
 PUBLIC_FUNCTIONS = ["logit_lens", "tuned_lens", "run_lens", "direct_logit_attribution", "neuron_attribution",
                     "patchscope", "sweep", "evaluate_lens", "load_model", "load_lens", "save_lens", "fit_map",
                     "fit_jacobian_lens", "fit_future_lens", "fit_future_prompt", "fit_attribute_lens",
-                    "evaluate_attribute_lens", "compare_lenses", "selfie", "diffusion_lens", "load_row_map",
-                    "attention", "report"]
+                    "evaluate_attribute_lens", "compare_lenses", "selfie", "diffusion_lens", "attention", "report"]
 
 
 @pytest.mark.parametrize("name", PUBLIC_FUNCTIONS)
@@ -167,6 +168,8 @@ def test_shared_flags_come_from_one_parent_parser():
 def results(builder, tmp_path_factory):
     m = builder.get("llama_gqa", "raw").model
     tokens = torch.randint(3, m.cfg.d_vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    corrupted = PROMPT.replace("France", "Rome")
+    edges = mi_lenses.edge_attribution(m, PROMPT, corrupted, answer=" city")
     return {
         "LensResult": mi_lenses.logit_lens(m, PROMPTS, targets=" city"),
         "DLAResult": mi_lenses.direct_logit_attribution(m, PROMPTS, answer=" city"),
@@ -182,12 +185,21 @@ def results(builder, tmp_path_factory):
         "AttentionResult": mi_lenses.attention(m, PROMPTS),
         "QKTerms": mi_lenses.attention(m, PROMPT).qk_terms(1, 2),
         "Report": mi_lenses.report(m, PROMPT, progress=False),
+        "PatchingResult": mi_lenses.activation_patching(m, PROMPT, corrupted, answer=" city", what="head_out",
+                                                        progress=False),
+        "EdgeAttribution": edges,
+        "Circuit": mi_lenses.faithfulness(m, edges.circuit(edges=5)),
+        "NeuronAttribution": mi_lenses.neuron_attribution(m, m.run_with_cache(m.to_tokens(PROMPTS))[1],
+                                                          answer=" city"),
     }
 
 
-@pytest.mark.parametrize("kind", ["LensResult", "DLAResult", "PatchscopeResult", "SweepResult", "LensEvaluation",
-                                  "LensComparison", "RelationEvaluation", "SelfIEResult", "AttentionResult",
-                                  "QKTerms", "Report"])
+KINDS = ["LensResult", "DLAResult", "PatchscopeResult", "SweepResult", "LensEvaluation", "LensComparison",
+         "RelationEvaluation", "SelfIEResult", "AttentionResult", "QKTerms", "Report", "PatchingResult",
+         "EdgeAttribution", "Circuit", "NeuronAttribution"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_every_result_has_the_same_outputs(results, kind, tmp_path, capsys):
     res = results[kind]
     assert isinstance(res, mi_lenses.Result) and dataclasses.is_dataclass(res)
@@ -212,13 +224,119 @@ def test_batch_selects_a_prompt_everywhere(results):
     assert "A" in lens.to_html(batch=-1) and "A" in dla.to_html(batch=2)
 
 
-def test_deprecated_row_keyword_still_works_and_warns(results):
-    dla = results["DLAResult"]
-    with pytest.warns(DeprecationWarning, match="row= keyword is deprecated: use batch="):
-        old = dla.top(3, row=1)
-    assert old == dla.top(3, batch=1)
-    with pytest.warns(DeprecationWarning):
-        assert dla.to_dict(row=None) == dla.to_dict(batch=None)
+def _result_classes() -> list[type]:
+    """Every subclass of Result that mi_lenses defines, found by walking ``__subclasses__()`` (importing mi_lenses
+    imports every result module); classes whose definition failed (doctests, tests) are collected first."""
+    gc.collect()
+    found, todo = [], [mi_lenses.Result]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            module = sys.modules.get(sub.__module__)
+            if sub.__module__.startswith("mi_lenses.") and getattr(module, sub.__name__, None) is sub:
+                found.append(sub)
+    return found
+
+
+def test_every_result_class_passes_the_definition_time_check():
+    from mi_lenses.results import check_protocol
+
+    classes = _result_classes()
+    assert {c.__name__ for c in classes} >= set(KINDS) | {"DiffusionLensResult"}
+    for cls in classes:
+        assert check_protocol(cls) == dict(cls._takes), cls  # what __init_subclass__ found when it was defined
+        assert "__repr__" in cls.__dict__, f"{cls.__name__} lost the one-line repr (a @dataclass repr replaced it)"
+        for view in ("to_dict", "table", "fragment", "to_dataframe"):
+            params = inspect.signature(getattr(cls, view)).parameters
+            for name, default in cls.view_options.items():
+                if name in params:
+                    assert params[name].default == default, (cls.__name__, view, name)
+        assert "k" not in cls.view_options and "row" not in cls.view_options  # one word: top_k, batch
+
+
+def _define(**members):
+    """Define a Result subclass with the given members (a valid one without arguments)."""
+    body = {"to_dict": lambda self, *, batch=0: {}, "to_dataframe": lambda self: None,
+            "table": lambda self, *, batch=0: None, "fragment": lambda self, *, batch=0: "",
+            "_summary": lambda self: "", **members}
+    return type("Custom", (mi_lenses.Result,), {k: v for k, v in body.items() if v is not None})
+
+
+@pytest.mark.parametrize("members,message", [
+    ({"fragment": None}, "Custom does not implement fragment()"),
+    ({"_summary": None}, "Custom does not implement _summary()"),
+    ({"table": lambda self, *, batch=0, k=15: None}, r"table\(\) takes k=, which Custom.view_options does not "
+                                                       "declare"),
+    ({"view_options": {"top_k": 10}, "table": lambda self, *, batch=0, top_k=15: None},
+     r"table\(\) defaults top_k=15, but Custom.view_options declares top_k=10"),
+    ({"view_options": {"top_k": 10}, "table": lambda self, *, batch=0, top_k: None},
+     r"table\(\) takes top_k without a default"),
+    ({"view_options": {"top_k": 10}}, "declares top_k, which no view takes"),
+    ({"to_dict": lambda self, batch=0: {}}, r"to_dict\(\) must take batch=0 \(keyword-only\)"),
+    ({"to_dict": lambda self, *, batch=0, **options: {}}, r"to_dict\(\) takes \*\*options"),
+    ({"print": lambda self, *, batch=0, k=5: None}, r"overrides print\(\)"),
+    ({"view_options": {"top_k": 10}, "table": lambda self, *, batch=0, top_k=10: None,
+      "top": lambda self, k=10: []}, r"top\(\) must take top_k="),
+    ({"view_options": {"batch": 0}}, "declares batch"),
+])
+def test_a_wrong_result_class_fails_when_it_is_defined(members, message):
+    _define()  # the valid base case
+    with pytest.raises(TypeError, match=message):
+        _define(**members)
+
+
+def test_a_result_subclass_keeps_its_own_repr_and_gets_the_one_line_one():
+    @dataclasses.dataclass
+    class Sized(_define()):
+        n: int = 3
+
+        def _summary(self) -> str:
+            return f"of {self.n} things"
+
+    assert repr(Sized()) == "<Sized of 3 things>"  # not the @dataclass repr of the fields
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_declared_option_works_in_every_shared_view(results, kind, capsys):
+    """``print``/``show``/``to_html``/``to_json`` accept every option the type declares (each view takes the ones
+    that apply to it); an option it does not declare is a TypeError naming the declared ones."""
+    res = results[kind]
+    for name, default in res.view_options.items():
+        res.print(width=200, **{name: default})
+        assert res.show(**{name: default})._repr_html_()
+        assert res.to_html(**{name: default}).startswith("<!DOCTYPE html>")
+        assert res.to_json(**{name: default}) == res.to_json()  # the default, passed or not
+    capsys.readouterr()
+    with pytest.raises(TypeError, match=f"{kind} has no view option 'k'"):
+        res.print(k=5)
+    with pytest.raises(TypeError, match="has no view option 'row'"):
+        res.to_json(row=0)
+
+
+@pytest.mark.parametrize("kind,count", [
+    ("DLAResult", lambda d: len(d["top_neurons"])),
+    ("AttentionResult", lambda d: len(d["top_heads"]["sink"])),
+    ("PatchingResult", lambda d: len(d["top"])),
+    ("EdgeAttribution", lambda d: len(d["top_edges"])),
+    ("NeuronAttribution", lambda d: len(d["top_neurons"])),
+])
+def test_top_k_is_the_number_of_items_listed(results, kind, count, capsys):
+    res = results[kind]
+    assert count(json.loads(res.to_json(top_k=3))) == 3 == count(res.to_dict(top_k=3))
+    assert count(res.to_dict()) == min(res.view_options["top_k"], count(res.to_dict(top_k=10_000)))
+    res.print(top_k=3, width=200)  # dla.print(top_k=5) raised a TypeError once (its table took k=)
+    assert capsys.readouterr().out.strip()
+    if hasattr(res, "top"):
+        assert len(res.top(top_k=3)) == 3
+        assert inspect.signature(type(res).top).parameters["top_k"].default == res.view_options["top_k"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_repr_is_one_short_line(results, kind):
+    text = repr(results[kind])
+    assert text.startswith(f"<{kind} ") and text.endswith(">") and "\n" not in text
+    assert "tensor(" not in text and len(text) < 300, text
+    assert "tiny" in text  # the model's name
 
 
 def test_lens_evaluation_table_is_rich_and_markdown_is_separate(results):

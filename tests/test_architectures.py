@@ -69,7 +69,7 @@ def test_neuron_attribution_at_every_position_equals_dla(matrix, name, mode):
     with torch.no_grad():
         # (only the hooks it reads: with hooks on ln2, TransformerLens's post-LN OPT bridge breaks its own forward)
         logits, cache = m.run_with_cache(entry.tokens, names_filter=mi_lenses.attribution.required_hooks(m))
-    attr = mi_lenses.neuron_attribution(m, cache, answer=entry.answer, wrong=entry.wrong)
+    attr = mi_lenses.neuron_attribution(m, cache, answer=entry.answer, wrong=entry.wrong).values
     for pos in (1, entry.tokens.shape[1] - 1):
         res = mi_lenses.direct_logit_attribution(m, entry.tokens, answer=entry.answer, wrong=entry.wrong,
                                                  position=pos, progress=False)

@@ -57,7 +57,7 @@ def test_identities_hold_and_match_hf_logits(tiny):
 
 def test_batch_with_per_row_answers_equals_single_runs(tiny):
     res = _run(tiny, PROMPTS, answer=ROW_ANSWERS, wrong=ROW_WRONGS)
-    assert res.n_rows == 3
+    assert res.n_batch == 3
     for b, prompt in enumerate(PROMPTS):
         one = _run(tiny, prompt, answer=ROW_ANSWERS[b], wrong=ROW_WRONGS[b])
         assert res.positions[b] == len(one.str_tokens[0]) - 1  # last real token of a right-padded row
@@ -66,12 +66,12 @@ def test_batch_with_per_row_answers_equals_single_runs(tiny):
         n = len(one.str_tokens[0])
         assert torch.allclose(res.sources[b, ..., :n], one.sources[0], atol=128 * EPS)
         assert float(res.sources[b, ..., n:].abs().sum()) == 0.0  # padding is never read
-    mean = res.to_dict(row=None)
+    mean = res.to_dict(batch=None)
     assert mean["sources"] == {} and mean["actual"] == pytest.approx(float(res.actual.mean()), abs=TIGHT)
     assert mean["total"] == pytest.approx(mean["actual"], abs=8192 * EPS)
-    # mean over rows
-    assert res.top(3, row=None)[0][1] == pytest.approx(
-        float(res.values().mean(0)[[c.label for c in res.components()].index(res.top(1, row=None)[0][0])]))
+    # mean over prompts
+    assert res.top(3, batch=None)[0][1] == pytest.approx(
+        float(res.values().mean(0)[[c.label for c in res.components()].index(res.top(1, batch=None)[0][0])]))
 
 
 def test_cache_path_and_vector_direction(tiny):
@@ -151,7 +151,7 @@ def test_neurons_match_stack_neuron_results(tiny):
     L, N = model.cfg.n_layers, model.cfg.d_mlp
     # every position: projected path
     tl = cache.stack_neuron_results(L, apply_ln=True, project_output_onto=d)  # [L*N, B, S]
-    ours = neuron_attribution(model, cache, answer=ANSWER, wrong=WRONG)  # [L, B, P, N]
+    ours = neuron_attribution(model, cache, answer=ANSWER, wrong=WRONG).values  # [L, B, P, N]
     B, S = tokens.shape
     assert torch.allclose(ours.permute(0, 3, 1, 2).reshape(L * N, B, S), tl, atol=128 * EPS)
     # and TL's plain path (full [neurons, batch, pos, d_model]) projected afterwards
@@ -169,9 +169,15 @@ def test_neuron_attribution_on_raw_matches_engine(tiny):
     _, cache = model.run_with_cache(model.to_tokens(PROMPT))
     res = _run(tiny)
     every = neuron_attribution(model, cache, answer=ANSWER, wrong=WRONG)
-    assert torch.allclose(every[:, 0, -1], res.neurons[0], atol=TIGHT)
+    assert torch.allclose(every.values[:, 0, -1], res.neurons[0], atol=TIGHT)
     sel = neuron_attribution(model, cache, answer=ANSWER, wrong=WRONG, layers=[-1], positions=[0, -1])
-    assert torch.allclose(sel[0], every[-1][:, [0, -1]], atol=TIGHT)
+    assert torch.allclose(sel.values[0], every.values[-1][:, [0, -1]], atol=TIGHT)
+    n = every.values.shape[2]
+    assert sel.layers == [model.cfg.n_layers - 1] and sel.positions == [0, n - 1]
+    assert every.positions == list(range(n))
+    label, value = sel.top(1)[0]  # the labels name the block and the cache position
+    assert value == float(sel.values[0, 0].flatten()[sel.values[0, 0].abs().flatten().argmax()])
+    assert label.startswith(f"L{model.cfg.n_layers - 1}N") and label.endswith(("@0", f"@{n - 1}"))
 
 
 # ------------------------------------------------------------------------------------------------ power tests
@@ -290,18 +296,21 @@ def test_top_labels_dataframe_and_dict(tiny_pair):
 def test_rendering_offline(tiny_pair, tmp_path):
     res = _run(tiny_pair, PROMPTS, answer=ANSWER, wrong=WRONG)
     out = tmp_path / "dla.html"
-    html = res.to_html(out, row=1)
+    html = res.to_html(out, batch=1)
     assert out.read_text(encoding="utf-8") == html
     assert "<script src=\"http" not in html and "unpkg.com" not in html
     for part in ("L0H0", "MLP0", "top neurons", "CircuitsVis.render("):
         assert part in html, part
-    shown = res.show(row=0, head=(0, 1))
+    shown = res.show(batch=0, head=(0, 1))
     assert "CircuitsVis.render(" in shown._repr_html_()
     from rich.console import Console
 
     console = Console(record=True, width=120)
-    console.print(res.table(k=5))
-    assert "L0" in console.export_text()
+    console.print(res.table(top_k=5))
+    text = console.export_text()
+    assert "L0" in text
+    # top_k parts, the "top neurons" separator, top_k neurons: one line each
+    assert sum(line.startswith("│ ") for line in text.splitlines()) == 5 + 1 + 5
 
 
 # ------------------------------------------------------------------------------------------------ embedded model

@@ -319,3 +319,43 @@ def test_bfloat16_end_to_end(folder_of, arch):
     assert _nan_max(d16.total - d32.total) < 0.05 * scale
     assert _nan_max(d16.heads - d32.heads) < 0.05 * scale and _nan_max(d16.neurons - d32.neurons) < 0.05 * scale
     assert _nan_max(a16.patterns - a32.patterns) < 0.05
+
+
+def test_converting_a_model_leaves_the_root_logger_alone():
+    """While TransformerLens converts a model its notices below ERROR are held back; the root logger's level and
+    every other record are untouched, and nothing is left installed afterwards. (TransformerLens 3.x logs through
+    the root logger's module functions, so its records are recognised by the file they come from.)"""
+    import logging
+
+    import transformer_lens
+
+    records: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: records.append(record.getMessage())
+    root = logging.getLogger()
+    level, filters, tl_level = root.level, list(root.filters), logging.getLogger("transformer_lens").level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    tl_code = compile("logging.warning('tl notice'); logging.error('tl error')", transformer_lens.__file__, "exec")
+    try:
+        with loading._quiet_transformer_lens():
+            assert root.level == logging.INFO
+            exec(tl_code, {"logging": logging})  # as if TransformerLens's own code logged it
+            logging.warning("another library's warning")
+            logging.getLogger("transformer_lens.loading").warning("tl named")
+        exec(tl_code, {"logging": logging})
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert records == ["tl error", "another library's warning", "tl notice", "tl error"]
+    assert root.filters == filters and logging.getLogger("transformer_lens").level == tl_level
+
+
+def test_only_transformer_lens_errors_are_reported_as_its_own():
+    """``_transformer_lens_fails`` (around each TransformerLens call of the loading code, and nothing else) turns
+    what the call raises into a ModelLoadError naming TransformerLens, with the cause kept."""
+    with pytest.raises(ModelLoadError, match=r"TransformerLens cannot wrap this model \(architecture 'x'\): .*no "
+                                             "adapter") as err:
+        with loading._transformer_lens_fails("wrap this model (architecture 'x')"):
+            raise KeyError("no adapter for this architecture")
+    assert isinstance(err.value.__cause__, KeyError)

@@ -137,14 +137,14 @@ def test_identity_jacobian_lens_is_the_logit_lens_and_files_round_trip(tiny_pair
     close(a.kl, b.kl, "identity J", TIGHT)
     fitted = mi_lenses.fit_jacobian_lens(m, LONG[:2], seq_len=64, skip_first_positions=2, progress=False)
     fitted.save(tmp_path / "j")
-    again = mi_lenses.load_row_map(tmp_path / "j", m)
+    again = mi_lenses.load_lens(tmp_path / "j", m)
     close(again(m, PROMPT).kl, fitted(m, PROMPT).kl, "round trip", 0)
     other = builder.get("llama_tied" if tiny_pair.arch != "llama_tied" else "gpt2", "raw").model
     with pytest.raises(LensInputError, match="another model|layers and d_model"):
-        mi_lenses.load_row_map(tmp_path / "j", other)
+        mi_lenses.load_lens(tmp_path / "j", other)
     (tmp_path / "j" / "maps.safetensors").write_bytes(b"corrupt")
     with pytest.raises(LensInputError, match="checksum"):
-        mi_lenses.load_row_map(tmp_path / "j", m)
+        mi_lenses.load_lens(tmp_path / "j", m)
 
 
 def test_transformer_lens_backend_names_the_fix_on_compat_mode(builder):
@@ -306,7 +306,7 @@ def test_compare_command_end_to_end(hf_folder, tmp_path, capsys):
     d = json.loads(out.read_text())
     assert list(d["lenses"]) == ["logit", "patchscope", "patchscope-q", "jacobian", "future"]
     assert d["tokens"] == 64 and d["lenses"]["future"]["kl_bits"][0] is not None
-    assert mi_lenses.load_row_map(tmp_path / "fitted" / "jacobian").rows[-1] == mi_lenses.load_model(
+    assert mi_lenses.load_lens(tmp_path / "fitted" / "jacobian").rows[-1] == mi_lenses.load_model(
         hf_folder).cfg.n_layers
     assert main(["compare", "--model", str(hf_folder), "--data", str(data), "--lenses", "tuned"]) == 2
     assert "--lens DIR" in capsys.readouterr().err

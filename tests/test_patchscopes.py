@@ -157,6 +157,30 @@ def test_kv_cache_path_is_used(tiny):
     assert hook_counts(m) == before
 
 
+def test_a_cache_that_fails_is_reported_and_a_bug_is_not_hidden(tiny, monkeypatch):
+    """The once-per-model probe: a cached pass that fails the way an unsupported model does (TypeError: an argument
+    it does not take) falls back to recomputing, with a warning naming why; any other exception raises."""
+    from mi_lenses.models import kv as kv_module
+
+    m = tiny.model
+    adapter = type(kv_module.kv_cache(m))
+
+    def unsupported(self, tokens, cache=None):
+        raise TypeError("forward() got an unexpected keyword argument 'past_key_values'")
+
+    def bug(self, tokens, cache=None):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(kv_module, "_PROBED", type(kv_module._PROBED)())
+    monkeypatch.setattr(adapter, "forward", unsupported)
+    with pytest.warns(UserWarning, match="KV cache of this model is not used .*TypeError: forward.. got an unexpected"):
+        assert kv_module.kv_cache(m) is None
+    monkeypatch.setattr(kv_module, "_PROBED", type(kv_module._PROBED)())
+    monkeypatch.setattr(adapter, "forward", bug)
+    with pytest.raises(ZeroDivisionError):
+        kv_module.kv_cache(m)
+
+
 @pytest.mark.parametrize("every_step", [False, True])
 def test_cached_generation_equals_uncached(tiny, every_step):
     m = tiny.model

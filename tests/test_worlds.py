@@ -125,7 +125,10 @@ def test_dla_identities_hold(world):
     a, w = (world.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in (" city", "Paris"))
     assert float(res.total[1]) == pytest.approx(float(hf_logits[a] - hf_logits[w]), abs=1024 * EPS)
     per_neuron = mi_lenses.neuron_attribution(m, m.run_with_cache(m.to_tokens(PROMPT))[1], answer=" city")
-    assert per_neuron.shape[0] == m.cfg.n_layers
+    assert per_neuron.values.shape[0] == m.cfg.n_layers
+    last = per_neuron.values[:, 0, -1]  # the last position: the DLA of that prompt's own neurons
+    assert torch.allclose(last, mi_lenses.direct_logit_attribution(m, PROMPT, answer=" city").neurons[0],
+                          atol=128 * EPS)
 
 
 def test_tuned_lens_trains_and_round_trips(world, tmp_path):

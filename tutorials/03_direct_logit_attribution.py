@@ -42,7 +42,7 @@ prompt = "When Mary and John went to the store, John gave a drink to"
 res = direct_logit_attribution(model, prompt, answer=" Mary", wrong=" John")
 res.verify()  # parts sum to the model's logit difference; heads+b_O to attn_out; neurons to MLPs; sources to heads
 print(f"model's logit difference {float(res.actual[0]):+.3f}, sum of parts {float(res.total[0]):+.3f}")
-res.print(k=12)  # the largest parts and neurons, with signed bars
+res.print(top_k=12)  # the 12 largest parts and the 12 largest neurons, with signed bars
 
 # %% [markdown]
 # The heads that raise the difference most, and what they read: a head's effect split over the source positions
@@ -63,13 +63,13 @@ for label, value in res.top(5, kinds="head", by="value"):
 print(res.top_neurons(5))
 prompts = [prompt, "When Anna and Tom went to the park, Tom gave a ball to"]
 batch = direct_logit_attribution(model, prompts, answer=[" Mary", " Anna"], wrong=[" John", " Tom"])
-print("per prompt:", batch.actual.tolist(), "mean top heads:", batch.top(3, kinds="head", row=None))
+print("per prompt:", batch.actual.tolist(), "mean top heads:", batch.top(3, kinds="head", batch=None))
 
 tokens = model.to_tokens(prompt)
 logits, cache = model.run_with_cache(tokens)
-every = neuron_attribution(model, cache, answer=" Mary", wrong=" John")  # [layers, batch, pos, d_mlp]
-print("neurons x positions:", tuple(every.shape), "last position equals res.neurons:",
-      torch.allclose(every[:, 0, -1], res.neurons[0], atol=1e-5))
+every = neuron_attribution(model, cache, answer=" Mary", wrong=" John")  # a result: .values [layers, batch, pos, d_mlp]
+print(every)  # one line: the direction, the shape, the largest neuron and its position
+print("last position equals res.neurons:", torch.allclose(every.values[:, 0, -1], res.neurons[0], atol=1e-5))
 
 # %% [markdown]
 # ## Tidy data, notebook view, offline page

@@ -79,9 +79,9 @@ print(f"L{layer}H{head} at {tokens[query]!r} (position {query}) attends most to 
 
 # %%
 terms = att.qk_terms(layer, head, query)
-terms.print(k=5)  # the most attended keys, their scores, weights and largest terms
+terms.print(top_k=5)  # the most attended keys, their scores, weights and largest terms
 assert torch.allclose(terms.probs, row, atol=1e-5)
-print("largest terms for the most attended key:", terms.top_dims(k=4))
+print("largest terms for the most attended key:", terms.top_dims(top_k=4))
 
 # %% [markdown]
 # ## From your own cache

@@ -11,12 +11,13 @@ Example:
 from mi_lenses.attribution.components import direct_logit_attribution, required_hooks
 from mi_lenses.attribution.directions import Direction, resolve_direction
 from mi_lenses.attribution.neurons import neuron_attribution
-from mi_lenses.attribution.result import Component, DLAResult
+from mi_lenses.attribution.result import Component, DLAResult, NeuronAttribution
 
 __all__ = [
     "Component",
     "DLAResult",
     "Direction",
+    "NeuronAttribution",
     "direct_logit_attribution",
     "neuron_attribution",
     "required_hooks",

@@ -7,10 +7,12 @@ is ever multiplied out per neuron.
 
 Example:
     >>> logits, cache = model.run_with_cache(model.to_tokens("The capital of France is"))
-    >>> attr = neuron_attribution(model, cache, answer=" Paris")      # [layers, batch, pos, d_mlp]
-    >>> attr.shape == (model.cfg.n_layers, 1, 6, model.cfg.d_mlp)
+    >>> attr = neuron_attribution(model, cache, answer=" Paris")      # a NeuronAttribution
+    >>> attr.values.shape == (model.cfg.n_layers, 1, 6, model.cfg.d_mlp)   # [layers, batch, pos, d_mlp]
     True
-    >>> top5 = attr[:, 0, -1].flatten().topk(5)                          # the 5 neurons that push " Paris" most
+    >>> dla = mi_lenses.direct_logit_attribution(model, "The capital of France is", answer=" Paris")
+    >>> bool(torch.allclose(attr.values[:, 0, -1], dla.neurons[0], atol=1e-5))   # the last position: DLA's neurons
+    True
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from mi_lenses.attribution.directions import (
@@ -29,6 +30,7 @@ from mi_lenses.attribution.directions import (
     resolve_direction,
     write_directions,
 )
+from mi_lenses.attribution.result import NeuronAttribution
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import IndexSpec, resolve_indices
 from mi_lenses.models.view import ModelView
@@ -44,15 +46,16 @@ def neuron_attribution(
     layers: IndexSpec = None,
     positions: IndexSpec = None,
     through_final_norm: bool = True,
-) -> Float[Tensor, "layers batch pos d_mlp"]:
-    """Direct effect of every neuron at every (selected) position on ``answer`` (``- wrong``) or a vector direction.
+) -> NeuronAttribution:
+    """Direct effect of every neuron at every (selected) position on ``answer`` (``- wrong``) or a vector direction:
+    a :class:`~mi_lenses.attribution.result.NeuronAttribution` whose ``values`` are ``[layers, batch, pos, d_mlp]``.
 
     ``cache`` must hold ``blocks.{l}.mlp.hook_post`` for the layers and the final residual stream
     (``blocks.{L-1}.hook_resid_post``), whose norm scale is frozen per position. The direction is the same at every
     position (one per batch row). Equals TransformerLens's
     ``cache.stack_neuron_results(L, apply_ln=True, project_output_onto=W_U[:, answer])`` (compatibility mode),
-    reshaped to ``[layers, batch, pos, d_mlp]`` — and is also right on a raw bridge, where the final norm's gain is
-    applied to the direction here.
+    reshaped to ``[layers, batch, pos, d_mlp]`` (``.values``) — and is also right on a raw bridge, where the final
+    norm's gain is applied to the direction here.
     """
     view = ModelView(model)
     if not view.has_mlp:
@@ -87,11 +90,15 @@ def neuron_attribution(
         # norm's frozen scale differs between positions, else once per row (then scaled by the final norm per position)
         dirs = write_directions(view, vec[:, None, :] * inv_scale if per_position else vec, cache, at)
         out = torch.zeros(len(layer_ids), B, P, view.d_mlp, device=dev)
+        names = None
         for i, l in enumerate(layer_ids):
             nr = view.neurons(l)
+            if nr.names is not None and nr.size == view.d_mlp:
+                names = list(nr.names)
             if nr.size:
                 proj = nr.project(dirs.mlp[l]).to(dev)  # [B, (P,) n]: each neuron's output row on the direction
                 if not per_position:
                     proj = proj[:, None, :] * inv_scale
                 torch.mul(nr.activations(cache, at), proj, out=out[i, ..., : nr.size])
-    return out
+    return NeuronAttribution(model_name=view.name, direction=dirn.label, values=out, layers=list(layer_ids),
+                             positions=list(range(S)) if pos is None else pos.tolist(), neuron_names=names)

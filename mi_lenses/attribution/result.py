@@ -1,8 +1,9 @@
-"""DLAResult: every component's direct effect on a logit (difference), with the identities and renderers.
+"""DLAResult: every component's direct effect on a logit (difference), with the identities and renderers;
+NeuronAttribution: every MLP neuron's direct effect at every position of a cache.
 
 Shapes: ``B`` prompts (rows), ``L`` layers, ``H`` heads, ``N`` neurons per MLP (``d_mlp``), ``S`` token positions
 (padded to the longest prompt), ``E`` embedding terms (``embed``, and ``pos_embed`` where the model has one).
-Per-row tensors are exact; ``row=None`` in the accessors means the mean over rows.
+Per-prompt tensors are exact; ``batch=None`` in the accessors means the mean over prompts.
 
 The additive parts of the attributed value (``components``): the embeddings, every head ``L{l}H{h}``, each layer's
 attention output bias ``L{l}.b_O`` (when the model has one), every MLP ``MLP{l}`` (its neurons plus its bias ``b_out``)
@@ -15,15 +16,20 @@ hook changed between the cached states is a part too (``edit@<hook name>``, kind
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, ClassVar, Iterable, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError, VerificationError
-from mi_lenses.results import UNSET, Result, dataframe, jsonable, renamed
-from mi_lenses.viz.attribution import dla_fragment, dla_table
+from mi_lenses.results import Result, dataframe, jsonable, plural
+from mi_lenses.viz.attribution import (
+    dla_fragment,
+    dla_table,
+    neuron_attribution_fragment,
+    neuron_attribution_table,
+)
 
 KINDS = ("embed", "pos_embed", "head", "attn_bias", "mlp", "constant", "intervention")
 
@@ -53,15 +59,21 @@ class DLAResult(Result):
     """Direct logit attribution of one position per prompt.
 
     >>> res = mi_lenses.direct_logit_attribution(model, "The capital of France is", answer=" Paris")
-    >>> _ = res.verify()
-    >>> value = res.heads[0, 1, 2]             # head L1H2's direct effect (prompt 0)
-    >>> [label for label, _ in res.top_neurons(2)][0].startswith("L")
+    >>> abs(float(res.total[0] - res.actual[0])) < 1e-3      # the parts sum to the model's own logit (verify())
     True
-    >>> [token for token, _ in res.head_sources(1, 2)]     # per source token; the values sum to the head's effect
-    ['<bos>', 'The', ' capital', ' of', ' France', ' is']
-    >>> res.to_dataframe().columns.tolist()
-    ['batch', 'label', 'kind', 'layer', 'head', 'neuron', 'value']
+    >>> label, value = res.top_neurons(1)[0]                  # the neuron with the largest |direct effect|
+    >>> abs(value) == float(res.neurons[0].abs().max())
+    True
+    >>> tokens, values = zip(*res.head_sources(1, 2))         # head L1H2's effect through each source token
+    >>> tokens
+    ('<bos>', 'The', ' capital', ' of', ' France', ' is')
+    >>> abs(sum(values) - float(res.heads[0, 1, 2])) < 1e-4
+    True
+    >>> len(res.to_dict(top_k=3)["top_neurons"]), res.view_options["top_k"]
+    (3, 10)
     """
+
+    view_options: ClassVar[dict[str, Any]] = {"top_k": 10, "head": None, "what": "components"}  # see results
 
     model_name: str
     direction: str
@@ -95,10 +107,6 @@ class DLAResult(Result):
     @property
     def n_batch(self) -> int:
         return int(self.heads.shape[0])
-
-    @property
-    def n_rows(self) -> int:  # deprecated name of n_batch
-        return self.n_batch
 
     @property
     def title(self) -> str:
@@ -210,12 +218,11 @@ class DLAResult(Result):
             raise VerificationError(f"{what} (at index {idx}: {float(ours[idx]):.6g} vs {float(ref[idx]):.6g}).")
 
     # ------------------------------------------------------------------------------------ rankings
-    def top(self, k: int = 10, kinds: str | Iterable[str] | None = None, *, batch: int | None = None,
-            by: Literal["abs", "value", "-value"] = "abs", row: Any = UNSET) -> list[tuple[str, float]]:
-        """The ``k`` largest parts as ``(label, value)``; ``by="abs"`` (default), ``"value"`` (most positive) or
+    def top(self, top_k: int = 10, kinds: str | Iterable[str] | None = None, *, batch: int | None = None,
+            by: Literal["abs", "value", "-value"] = "abs") -> list[tuple[str, float]]:
+        """The ``top_k`` largest parts as ``(label, value)``; ``by="abs"`` (default), ``"value"`` (most positive) or
         ``"-value"`` (most negative). ``kinds`` filters (e.g. ``"head"``, ``("head", "mlp")``, ``"neuron"``);
         ``batch=None`` (default) ranks the mean over prompts."""
-        batch = renamed(batch, row, "row", "batch")
         kinds = {kinds} if isinstance(kinds, str) else (set(kinds) if kinds is not None else None)
         if kinds is not None and not kinds <= {*KINDS, "neuron"}:
             raise LensInputError(
@@ -230,16 +237,16 @@ class DLAResult(Result):
         key = {"abs": lambda p: -abs(p[1]), "value": lambda p: -p[1], "-value": lambda p: p[1]}.get(by)
         if key is None:
             raise LensInputError(f"by must be 'abs', 'value' or '-value', got {by!r}.")
-        return sorted(pairs, key=key)[:k]
+        return sorted(pairs, key=key)[:top_k]
 
-    def top_neurons_with_components(self, k: int = 10, *, batch: int | None = None,
-                                    row: Any = UNSET) -> list[tuple[Component, float]]:
-        """The ``k`` neurons with the largest ``|value|`` as ``(Component, value)``."""
-        flat = self._pick(self.neurons, renamed(batch, row, "row", "batch")).flatten()
+    def top_neurons_with_components(self, top_k: int = 10, *,
+                                    batch: int | None = None) -> list[tuple[Component, float]]:
+        """The ``top_k`` neurons with the largest ``|value|`` as ``(Component, value)``."""
+        flat = self._pick(self.neurons, batch).flatten()
         if flat.numel() == 0:
             return []
         n = self.neurons.shape[-1]
-        idx = flat.abs().topk(min(k, flat.numel())).indices.tolist()
+        idx = flat.abs().topk(min(top_k, flat.numel())).indices.tolist()
         return [(Component(f"L{i // n}{self.neuron_label(i % n)}", "neuron", i // n, None, i % n), float(flat[i]))
                 for i in idx]
 
@@ -248,16 +255,16 @@ class DLAResult(Result):
         (expert ``e``'s neuron ``i``) and ``SN{i}`` (the shared expert's)."""
         return self.neuron_names[n] if self.neuron_names is not None and n < len(self.neuron_names) else f"N{n}"
 
-    def top_neurons(self, k: int = 10, *, batch: int | None = None, row: Any = UNSET) -> list[tuple[str, float]]:
-        """The ``k`` neurons with the largest ``|value|`` as ``(label, value)``, labels ``L{layer}N{index}``."""
-        return [(c.label, v) for c, v in self.top_neurons_with_components(k, batch=renamed(batch, row, "row", "batch"))]
+    def top_neurons(self, top_k: int = 10, *, batch: int | None = None) -> list[tuple[str, float]]:
+        """The ``top_k`` neurons with the largest ``|value|`` as ``(label, value)``, labels ``L{layer}N{index}``."""
+        return [(c.label, v) for c, v in self.top_neurons_with_components(top_k, batch=batch)]
 
-    def head_sources(self, layer: int, head: int, *, batch: int = 0, row: Any = UNSET) -> list[tuple[str, float]]:
+    def head_sources(self, layer: int, head: int, *, batch: int = 0) -> list[tuple[str, float]]:
         """``(token, value)`` for every source position of one head (prompt ``batch``); sums to the head's value."""
         if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
             raise LensInputError(f"head L{layer}H{head} does not exist: layers 0..{self.n_layers - 1}, heads "
                                  f"0..{self.n_heads - 1}.")
-        b = self.check_batch(renamed(batch, row, "row", "batch"))
+        b = self.check_batch(batch)
         reason = self.sources_unavailable.get(f"L{layer}H{head}")
         if reason is not None and bool(torch.isnan(self.sources[b, layer, head]).any()):
             raise LensInputError(f"the source positions of L{layer}H{head} are unavailable: {reason}.")
@@ -265,11 +272,10 @@ class DLAResult(Result):
         return list(zip(toks, self.sources[b, layer, head, : len(toks)].tolist()))
 
     # ------------------------------------------------------------------------------------ exports
-    def to_dict(self, *, batch: int | None = 0, top_k: int = 10, row: Any = UNSET) -> dict[str, Any]:
+    def to_dict(self, *, batch: int | None = 0, top_k: int = 10) -> dict[str, Any]:
         """The ``mi-lenses dla --json`` contract: ``direction``, ``total``, ``actual``, ``components`` (every part,
         constants included, so they sum to ``total``), ``top_neurons`` (``top_k``) and ``sources`` (per-token values
         through the ``top_k`` heads with the largest ``|value|``). ``batch=None``: means over prompts, no sources."""
-        batch = renamed(batch, row, "row", "batch")
         vals = self._pick(self.values(), batch)
         sources: dict[str, Any] = {}
         if batch is not None:
@@ -313,16 +319,118 @@ class DLAResult(Result):
                               for h in range(self.n_heads) for s, t in enumerate(toks)])
         raise LensInputError(f"what must be 'components', 'neurons' or 'sources', got {what!r}.")
 
-    def table(self, *, batch: int | None = 0, k: int = 15, row: Any = UNSET):
-        """A rich table of the ``k`` largest parts and neurons (``batch=None``: means over prompts)."""
-        batch = renamed(batch, row, "row", "batch")
-        return dla_table(self, k=k, batch=None if batch is None else self.check_batch(batch))
+    def table(self, *, batch: int | None = 0, top_k: int = 10):
+        """A rich table of the ``top_k`` largest parts and the ``top_k`` largest neurons (``batch=None``: means over
+        prompts)."""
+        return dla_table(self, top_k=top_k, batch=None if batch is None else self.check_batch(batch))
 
-    def fragment(self, *, batch: int = 0, head: tuple[int, int] | None = None, top_k: int = 20,
-                 row: Any = UNSET) -> str:
-        """The page body: layer x head heat map, MLP bars, top neurons, tokens through ``head`` (default the head
-        with the largest ``|value|``)."""
-        return dla_fragment(self, batch=self.check_batch(renamed(batch, row, "row", "batch")), head=head, top_k=top_k)
+    def fragment(self, *, batch: int = 0, head: tuple[int, int] | None = None, top_k: int = 10) -> str:
+        """The page body: the ``top_k`` largest parts, layer x head heat map, MLP bars, the ``top_k`` largest
+        neurons, tokens through ``head`` (default the head with the largest ``|value|``)."""
+        return dla_fragment(self, batch=self.check_batch(batch), head=head, top_k=top_k)
+
+    def _summary(self) -> str:
+        where = f"position {self.positions[0]}" if self.n_batch == 1 else f"positions {self.positions}"
+        mean = "" if self.n_batch == 1 else "mean "
+        return (f"of {self.direction} on {self.model_name!r}: {plural(self.n_batch, 'prompt')}, {where}, "
+                f"{self.n_layers} layers x {self.n_heads} heads, {mean}sum of parts {float(self.total.mean()):+.4f}, "
+                f"{mean}model {float(self.actual.mean()):+.4f}")
+
+
+@dataclass
+class NeuronAttribution(Result):
+    """Every MLP neuron's direct effect at every selected position of a cache (what
+    :func:`~mi_lenses.attribution.neurons.neuron_attribution` returns).
+
+    ``values[i, b, p, n]`` is neuron ``n`` of block ``layers[i]`` at cache position ``positions[p]`` of prompt ``b``
+    (``[layers, batch, pos, d_mlp]``; a mixture of experts' neurons are named by ``neuron_names``, zero past a layer's
+    own neurons). Labels: ``L{layer}N{neuron}@{position}``.
+
+    >>> logits, cache = model.run_with_cache(model.to_tokens("The capital of France is"))
+    >>> attr = mi_lenses.neuron_attribution(model, cache, answer=" Paris")
+    >>> label, value = attr.top(1)[0]                 # the neuron and position with the largest |direct effect|
+    >>> abs(value) == float(attr.values[:, 0].abs().max())
+    True
+    >>> len(attr.to_dict(top_k=3)["top_neurons"]), attr.view_options["top_k"]
+    (3, 10)
+    """
+
+    model_name: str
+    direction: str
+    values: Float[Tensor, "L B P N"]
+    layers: list[int]
+    positions: list[int]
+    neuron_names: list[str] | None = None  # per neuron index (MoE: "E2N5", "SN3"); None: "N{n}"
+
+    view_options: ClassVar[dict[str, Any]] = {"top_k": 10}  # see mi_lenses.results
+
+    @property
+    def n_batch(self) -> int:
+        return int(self.values.shape[1])
+
+    @property
+    def title(self) -> str:
+        return f"Neuron attribution: {self.model_name}"
+
+    def neuron_label(self, n: int) -> str:
+        """The name of neuron index ``n`` within a layer (see :meth:`DLAResult.neuron_label`)."""
+        return self.neuron_names[n] if self.neuron_names is not None and n < len(self.neuron_names) else f"N{n}"
+
+    def top_with_coords(self, top_k: int = 10, *, batch: int = 0) -> list[tuple[dict[str, Any], float]]:
+        """The ``top_k`` (layer, position, neuron) of prompt ``batch`` with the largest ``|value|`` as
+        ``(coords, value)``, ``coords`` holding ``label``, ``layer``, ``position`` and ``neuron``."""
+        vals = self.values[:, self.check_batch(batch)]  # [L, P, N]
+        flat = vals.flatten()
+        idx = flat.abs().topk(min(top_k, flat.numel())).indices.tolist() if flat.numel() else []
+        _, P, N = vals.shape
+        out = []
+        for i in idx:
+            layer, position, neuron = self.layers[i // (P * N)], self.positions[i // N % P], i % N
+            out.append(({"label": f"L{layer}{self.neuron_label(neuron)}@{position}", "layer": layer,
+                         "position": position, "neuron": neuron}, float(flat[i])))
+        return out
+
+    def top(self, top_k: int = 10, *, batch: int = 0) -> list[tuple[str, float]]:
+        """The ``top_k`` neurons (at a position) of prompt ``batch`` with the largest ``|value|`` as
+        ``(label, value)``, labels ``L{layer}N{neuron}@{position}``."""
+        return [(c["label"], v) for c, v in self.top_with_coords(top_k, batch=batch)]
+
+    def to_dict(self, *, batch: int = 0, top_k: int = 10) -> dict[str, Any]:
+        """JSON-ready: the direction, the layers and positions, the shape ``[layers, batch, pos, d_mlp]`` and the
+        ``top_k`` largest neurons of prompt ``batch`` (not every value: ``to_dataframe`` has them all)."""
+        return jsonable({"model": self.model_name, "direction": self.direction, "layers": self.layers,
+                         "positions": self.positions, "shape": list(self.values.shape),
+                         "top_neurons": [{**c, "value": v} for c, v in self.top_with_coords(top_k, batch=batch)]},
+                        digits=8)
+
+    def to_dataframe(self):
+        """Tidy frame, one row per (layer, prompt, position, neuron): ``batch``, ``layer``, ``position``,
+        ``neuron``, ``label`` and ``value``."""
+        L, B, P, N = self.values.shape
+        i, b, p, n = torch.cartesian_prod(torch.arange(L), torch.arange(B), torch.arange(P),
+                                          torch.arange(N)).unbind(-1)
+        layer, position = torch.tensor(self.layers)[i], torch.tensor(self.positions)[p]
+        names = [self.neuron_label(j) for j in range(N)]
+        return dataframe({"batch": b.numpy(), "layer": layer.numpy(), "position": position.numpy(),
+                          "neuron": n.numpy(),
+                          "label": [f"L{a}{names[c]}@{d}" for a, c, d in zip(layer.tolist(), n.tolist(),
+                                                                            position.tolist())],
+                          "value": self.values.detach().float().cpu().flatten().numpy()})
+
+    def table(self, *, batch: int = 0, top_k: int = 10):
+        """A rich table of the ``top_k`` largest neurons of prompt ``batch``, each with a signed bar."""
+        return neuron_attribution_table(self, batch=self.check_batch(batch), top_k=top_k)
+
+    def fragment(self, *, batch: int = 0, top_k: int = 10) -> str:
+        """The page body: the largest neuron per layer and position (heat map) and the ``top_k`` largest neurons."""
+        return neuron_attribution_fragment(self, batch=self.check_batch(batch), top_k=top_k)
+
+    def _summary(self) -> str:
+        L, B, P, N = self.values.shape
+        top = self.top(1)
+        largest = f", largest {top[0][0]} {top[0][1]:+.4f}" if top else ""
+        return (f"of {self.direction} on {self.model_name!r}: {L} layers x {plural(B, 'prompt')} x "
+                f"{plural(P, 'position')} x {N} neurons{largest}")
 
 
 def _hook_layer(hook: str) -> int | None:

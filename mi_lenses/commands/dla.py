@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     res = direct_logit_attribution(model, args.prompt, answer=args.answer, wrong=args.wrong, position=args.position,
                                    beyond_context=args.beyond_context)
     t2 = time.perf_counter()
-    res.print(k=args.top_k)
+    res.print(top_k=args.top_k)
     print(f"model loaded in {t1 - t0:.1f} s, attribution in {t2 - t1:.2f} s; parts verified against the model's "
           f"logits (sum {float(res.total[0]):+.4f}, model {float(res.actual[0]):+.4f}).")
     write_outputs(args, res, top_k=args.top_k)

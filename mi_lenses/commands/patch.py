@@ -40,7 +40,7 @@ def register(sub, parents: Parents) -> None:
     p.add_argument("--edges", type=int, default=None,
                    help="instead: edge attribution, and the circuit of the top N edges with its faithfulness")
     p.add_argument("--ablation", default="resample", help="ablation outside the circuit: resample, zero or mean")
-    p.add_argument("--top-k", type=int, default=10, help="cells listed (default 10)")
+    p.add_argument("--top-k", type=int, default=10, help="largest cells listed, or a circuit's edges (default 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -78,18 +78,18 @@ def run(args: argparse.Namespace) -> int:
         edges = edge_attribution(model, args.clean, args.corrupted, answer=args.answer, wrong=args.wrong,
                                  method=method, ig_steps=args.ig_steps, direction=args.direction)
         res = faithfulness(model, edges.circuit(edges=args.edges), ablation=args.ablation)
-        res.print()
+        res.print(top_k=args.top_k)
         print(f"model loaded in {t1 - t0:.1f} s; {edges.n_edges} edges scored in {edges.seconds:.2f} s; circuit of "
               f"{res.size} edges: faithfulness {res.faithfulness:+.4f} ({res.ablation} ablation).")
-        write_outputs(args, res)
+        write_outputs(args, res, top_k=args.top_k)
         return 0
     res = activation_patching(model, args.clean, args.corrupted, answer=args.answer, wrong=args.wrong,
                               what=args.what, by=args.by, method=args.method, ig_steps=args.ig_steps,
                               position_map=pairs,
                               direction=args.direction, beyond_context=args.beyond_context,
                               progress=not args.no_progress)
-    res.print()
+    res.print(top_k=args.top_k)
     print(f"model loaded in {t1 - t0:.1f} s, {res.method} patching of {res.what} in {res.seconds:.2f} s "
           f"({res.engine}); clean {res.clean_value:+.4f}, corrupted {res.corrupted_value:+.4f}.")
-    write_outputs(args, res)
+    write_outputs(args, res, top_k=args.top_k)
     return 0

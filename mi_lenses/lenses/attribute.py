@@ -41,7 +41,7 @@ from mi_lenses.lenses.jacobian import residual_jacobians
 from mi_lenses.models.identity import model_identity
 from mi_lenses.models.view import ModelView
 from mi_lenses.progress import track
-from mi_lenses.results import Result, dataframe, jsonable
+from mi_lenses.results import Result, dataframe, jsonable, plural
 from mi_lenses.viz.more_lenses import relation_fragment
 
 
@@ -179,6 +179,12 @@ class RelationEvaluation(Result):
     def fragment(self, *, batch: int = 0) -> str:
         self.check_batch(batch)
         return relation_fragment(self)
+
+    def _summary(self) -> str:
+        best = max(range(len(self.layers)), key=lambda r: self.faithfulness[r]) if self.layers else None
+        top = "" if best is None else f", best faithfulness {self.faithfulness[best]:.2f} at {self.layers[best]}"
+        return (f"{self.template!r} on {self.model_name!r}: {plural(self.n_subjects, 'held-out subject')} x "
+                f"{plural(len(self.layers), 'row')}, beta {self.beta:g}{top}")
 
 
 def evaluate_attribute_lens(lens: AttributeLens, model: Any, samples: Sequence[str | tuple[str, str]]) -> \

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import torch
 from rich.table import Table
@@ -71,6 +71,8 @@ class LensComparison(Result):
     ahead: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+
+    view_options: ClassVar[dict[str, Any]] = {"metric": "prec_at_1"}  # see mi_lenses.results
 
     @property
     def title(self) -> str:
@@ -120,6 +122,10 @@ class LensComparison(Result):
         """One chart per metric with every lens overlaid, then the numbers."""
         self.check_batch(batch)
         return comparison_fragment(self)
+
+    def _summary(self) -> str:
+        return (f"on {self.model_name!r}: lenses {self.lenses} x {len(self.layers)} rows, {self.n_tokens} tokens, "
+                f"model's own CE {self.final_ce_bits:.3f} bits")
 
 
 def compare_lenses(

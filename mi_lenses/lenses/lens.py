@@ -127,9 +127,4 @@ def lens_by_name(name: str) -> Lens:
     return _NAMED[name]()
 
 
-def built_in_names() -> tuple[str, ...]:
-    """The names :func:`lens_by_name` knows."""
-    return tuple(_NAMED)
-
-
 register_lens("logit", LogitLens)

@@ -16,14 +16,14 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError, VerificationError
-from mi_lenses.results import LN2, Result, dataframe, jsonable
+from mi_lenses.results import LN2, Result, dataframe, jsonable, plural
 from mi_lenses.viz.lens import lens_fragment
 from mi_lenses.viz.terminal import lens_table
 
@@ -76,6 +76,8 @@ class LensResult(Result):
     final_top1_logprob: Float[Tensor, "R B P"] | None = field(default=None, repr=False)
     ahead: int = 0  # the lens predicts the model's distribution at t + ahead (see Lens.ahead)
     final_is_output: bool = True  # the final row is the model's own output (False for lenses that map it)
+
+    view_options: ClassVar[dict[str, Any]] = {"value": "prob", "max_positions": 12, "max_layers": None}  # see results
 
     # ------------------------------------------------------------------------------------ derived views
     @property
@@ -258,3 +260,10 @@ class LensResult(Result):
                 raise LensInputError(f"{name} must be a positive int, got {v!r}.")
         return lens_table(self, batch=self.check_batch(batch), value=value, max_positions=max_positions,
                           max_layers=max_layers)
+
+    def _summary(self) -> str:
+        targets = f", targets {self.target_strs}" if len(self.target_ids) else ""
+        ahead = f", {self.ahead} ahead" if self.ahead else ""
+        return (f"{self.lens_name} on {self.model_name!r}: {plural(self.n_batch, 'prompt')}, {len(self.labels)} rows "
+                f"({self.labels[0]} .. {self.labels[-1]}) x {plural(len(self.positions), 'position')}, top-"
+                f"{self.top_ids.shape[-1]} tokens{targets}{ahead}, point {self.point}")

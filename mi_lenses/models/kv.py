@@ -11,7 +11,7 @@ positions, and a cache repeated over a batch (a shared prefix).
   heuristics never mask a real token.
 
 :func:`kv_cache` probes a model once (the cache must grow by the tokens fed) and returns ``None`` when it does not
-work, so callers recompute the whole sequence instead: the same numbers, slower.
+work (with a warning saying why), so callers recompute the whole sequence instead: the same numbers, slower.
 
 Example:
     >>> kv = kv_cache(model)
@@ -145,22 +145,33 @@ def _has_sliding_window(model: Any) -> bool:
 
 
 def kv_cache(model: Any) -> BridgeKV | HookedKV | None:
-    """The model's KV-cache adapter, or ``None`` when cached forward passes do not work on it: probed once per
-    model, the cache must grow by the tokens fed and a cached step must give the logits of a full forward pass."""
+    """The model's KV-cache adapter, or ``None`` (and a warning saying why) when cached forward passes do not work on
+    it: probed once per model, the cache must grow by the tokens fed and a cached step must give the logits of a full
+    forward pass."""
     kv = BridgeKV(model) if is_bridge(model) else HookedKV(model)
     if model not in _PROBED:
-        ok = False
-        try:
-            probe = torch.tensor([[1, 2]], dtype=torch.long, device=model.W_U.device) % model.cfg.d_vocab
-            with torch.no_grad():
-                full = model(probe)[0, -1].float()
+        probe = torch.tensor([[1, 2]], dtype=torch.long, device=model.W_U.device) % model.cfg.d_vocab
+        with torch.no_grad():
+            full = model(probe)[0, -1].float()  # a plain forward pass: its failures are not the cache's, they raise
+            try:
                 _, cache = kv.forward(probe[:, :1])
                 step, cache = kv.forward(probe[:, 1:], cache)
-            err = float((step[0, -1].float() - full).abs().max())
-            ok = kv.length(cache) == 2 and err <= 1e-3 * float(full.abs().max()) + 1e-4
-        except Exception:  # noqa: BLE001 - any failure means: recompute instead
-            ok = False
-        _PROBED[model] = ok
+                length = kv.length(cache)
+            except (TypeError, AttributeError, KeyError, RuntimeError, ValueError, IndexError, AssertionError) as err:
+                # what a cached forward pass raises where this model (or this TransformerLens / transformers pair)
+                # does not support the cache: an argument it does not take (TypeError), a cache object without what
+                # it reads (AttributeError, KeyError), shapes that do not line up (RuntimeError, IndexError,
+                # ValueError), TransformerLens's own shape assertions. Anything else raises.
+                why = f"a cached forward pass fails ({type(err).__name__}: {err})"
+            else:
+                gap = float((step[0, -1].float() - full).abs().max())
+                why = (f"the cache holds {length} positions after 2 tokens" if length != 2 else
+                       f"a cached step differs from a full pass by {gap:.2g}"
+                       if not gap <= 1e-3 * float(full.abs().max()) + 1e-4 else "")
+        if why:
+            warnings.warn(f"mi_lenses: the KV cache of this model is not used ({why[:300]}): generation recomputes "
+                          "the whole sequence at every step (the same numbers, slower).", stacklevel=2)
+        _PROBED[model] = not why
     return kv if _PROBED[model] else None
 
 

@@ -16,6 +16,7 @@ A model you already hold is returned unchanged:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import errno
 import hashlib
@@ -30,7 +31,7 @@ import time
 import warnings
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 
@@ -347,19 +348,16 @@ def _wrap(folder: Path | str, hf_model: Any, tokenizer: Any, *, device, dtype, c
           arch: str) -> tuple[Any, Exception | None]:
     """The TransformerLens model of ``hf_model`` and, when compatibility mode failed, its error (the model is then
     half-folded: the caller reloads)."""
-    try:
-        if kind == "hooked":
-            model = _hooked(folder, hf_model, tokenizer, device=device, dtype=dtype, compat=compat)
-        else:
-            # deferred: transformers and TransformerLens cost seconds to import; only loading needs them
-            from transformer_lens.model_bridge import TransformerBridge
+    if kind == "hooked":
+        model = _hooked(folder, hf_model, tokenizer, device=device, dtype=dtype, compat=compat, arch=arch)
+    else:
+        # deferred: transformers and TransformerLens cost seconds to import; only loading needs them
+        from transformer_lens.model_bridge import TransformerBridge
 
+        with _transformer_lens_fails(f"wrap this model (architecture {arch!r})"):
             model = TransformerBridge.boot_transformers(
                 str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
             )
-    except Exception as err:  # TL raises several types for unsupported architectures
-        what = "build a HookedTransformer for" if kind == "hooked" else "wrap"
-        raise ModelLoadError(f"TransformerLens cannot {what} this model (architecture {arch!r}): {err}") from err
     model.eval()
     if kind == "bridge" and compat:
         try:
@@ -380,40 +378,74 @@ def _probe(model: Any, tokens: Any, reference: Any, arch: str, reference_seconds
 
 
 def _hooked(folder: Path | str, hf_model: Any, tokenizer: Any, *, device: Any, dtype: torch.dtype,
-            compat: bool) -> Any:
+            compat: bool, arch: str) -> Any:
     """A ``HookedTransformer`` from a (local) HF model, without the hub: TransformerLens's own config conversion and
     weight conversion for the architecture, then ``from_pretrained``'s processing when ``compat``."""
     # deferred: transformers and TransformerLens cost seconds to import; only loading needs them
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer  # (deferred, as above)
 
+    what = f"build a HookedTransformer for this model (architecture {arch!r})"
     name = str(folder)
     if not Path(name).exists():  # a hub name: TransformerLens's own path (needs the hub, or its cache)
-        return HookedTransformer.from_pretrained(name, hf_model=hf_model, tokenizer=tokenizer, device=device,
-                                                 dtype=dtype, fold_ln=compat, center_writing_weights=compat,
-                                                 center_unembed=compat)
-    prev = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
-            warnings.simplefilter("ignore")
-            # TransformerLens picks the architecture from the *name* when it contains "llama" or "gemma" (and then
-            # reads no config): hand it the folder under a neutral name so the folder's config.json decides.
-            neutral = Path(tmp) / "model"
-            try:
-                neutral.symlink_to(Path(name).resolve(), target_is_directory=True)
-                name = str(neutral)
-            except OSError:
-                pass
-            cfg = loading.get_pretrained_model_config(name, hf_cfg=hf_model.config.to_dict(), fold_ln=compat,
-                                                      device=device, dtype=dtype)
+        with _transformer_lens_fails(what):
+            return HookedTransformer.from_pretrained(name, hf_model=hf_model, tokenizer=tokenizer, device=device,
+                                                     dtype=dtype, fold_ln=compat, center_writing_weights=compat,
+                                                     center_unembed=compat)
+    hf_cfg = hf_model.config.to_dict()
+    with _quiet_transformer_lens(), warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
+        warnings.simplefilter("ignore")
+        # TransformerLens picks the architecture from the *name* when it contains "llama" or "gemma" (and then
+        # reads no config): hand it the folder under a neutral name so the folder's config.json decides.
+        neutral = Path(tmp) / "model"
+        try:
+            neutral.symlink_to(Path(name).resolve(), target_is_directory=True)
+            name = str(neutral)
+        except OSError:  # no symlinks here (some Windows set-ups): the folder's own name
+            pass
+        with _transformer_lens_fails(what):
+            cfg = loading.get_pretrained_model_config(name, hf_cfg=hf_cfg, fold_ln=compat, device=device, dtype=dtype)
             model = HookedTransformer(cfg, tokenizer, move_to_device=False)
             state = loading.get_pretrained_state_dict(name, cfg, hf_model, dtype=dtype)
             model.load_and_process_state_dict(state, fold_ln=compat, center_writing_weights=compat,
                                               center_unembed=compat, fold_value_biases=compat)
+    with _transformer_lens_fails(what):
+        return model.to(device, print_details=False)
+
+
+@contextlib.contextmanager
+def _transformer_lens_fails(what: str) -> Iterator[None]:
+    """An error raised in the block is a ``ModelLoadError`` saying TransformerLens cannot ``what``. Only calls into
+    TransformerLens go in the block, so an error of this package's own code is not reported as TransformerLens's."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - TransformerLens raises several types for unsupported architectures
+        raise ModelLoadError(f"TransformerLens cannot {what}: {err}") from err
+
+
+@contextlib.contextmanager
+def _quiet_transformer_lens() -> Iterator[None]:
+    """Hide TransformerLens's log records below ERROR while it converts a model (its folding and centring notices
+    are about choices made here). TransformerLens 3.x logs through the root logger's module functions
+    (``logging.warning(...)``), so a filter on the root logger drops the records *from TransformerLens's own
+    files*; the ``transformer_lens`` loggers get level ERROR. The root logger's level, its handlers and every other
+    record are left alone, and both are restored on exit."""
+    import transformer_lens  # deferred: only loading needs TransformerLens (already imported by the caller)
+
+    package = os.path.dirname(os.path.abspath(transformer_lens.__file__)) + os.sep
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not os.path.abspath(record.pathname).startswith(package)
+
+    root, own = logging.getLogger(), logging.getLogger("transformer_lens")
+    level = own.level
+    root.addFilter(keep)
+    own.setLevel(logging.ERROR)
+    try:
+        yield
     finally:
-        logging.getLogger().setLevel(prev)
-    return model.to(device, print_details=False)
+        root.removeFilter(keep)
+        own.setLevel(level)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

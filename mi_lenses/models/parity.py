@@ -338,7 +338,9 @@ def find_source(model: Any) -> str | None:
             from transformer_lens.loading_from_pretrained import get_official_model_name  # deferred: TL 3.x only
 
             names.append(get_official_model_name(model.cfg.model_name))
-        except Exception:  # not an official name, or a TransformerLens without the table
+        except (ImportError, ValueError):
+            # ImportError: a TransformerLens without the alias table; ValueError: TransformerLens's answer for a name
+            # that is no official name or alias (a model built locally): either way there is no hub name to look for
             pass
     names = [n for n in names if isinstance(n, str) and n]
     for name in dict.fromkeys(names):
@@ -358,7 +360,7 @@ def _has_weights(folder: Path) -> bool:
 def _in_hf_cache(name: str) -> bool:
     try:
         hit = try_to_load_from_cache(name, "config.json")
-    except Exception:  # not a valid repository id
+    except ValueError:  # not a valid repository id (huggingface_hub's HFValidationError is a ValueError)
         return False
     return isinstance(hit, str)
 

@@ -97,7 +97,6 @@ def activation_patching(
     met = resolve_metric(view, pair, answer, wrong, metric)
     site = pair_site(view, pair, what, by, layers)
     names = [site.hook(l) for l in site.layers]
-    extra: dict[str, Any] = {}
     if method == "exact":
         engine = Engine(view, pair.base, names)
         src_logits, src_cache = view.run_with_cache(pair.source, names)
@@ -126,8 +125,7 @@ def activation_patching(
             if not met.normalised:
                 src_value, base_value = (met.clean, met.corrupted) if direction == "denoise" else \
                     (met.corrupted, met.clean)
-            extra_completeness = (grad.completeness / gap, src_value - base_value)
-            info["completeness"] = extra_completeness
+            info["completeness"] = (grad.completeness / gap, src_value - base_value)
             info["ig_steps"] = steps
     result = PatchingResult(
         model_name=view.name, what=what, by=site.by, method=method, direction=direction, metric=met.name,
@@ -135,7 +133,7 @@ def activation_patching(
         pos_labels=position_labels(view, pair), clean_tokens=view.str_tokens(pair.clean)[0],
         corrupted_tokens=view.str_tokens(pair.corrupted)[0], pos_map=list(pair.clean_map),
         clean_value=met.clean, corrupted_value=met.corrupted, normalised=met.normalised, n_prompts=pair.n_prompts,
-        seconds=time.perf_counter() - t0, extra=extra, **info)
+        seconds=time.perf_counter() - t0, **info)
     return recorded(result, hooks)
 
 

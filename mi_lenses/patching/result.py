@@ -10,8 +10,11 @@ Example:
     ...                                     answer=" Paris", wrong=" city", what="head_out")
     >>> res.grid_axes, res.values.shape == (3, 6)
     (['layer', 'head'], True)
-    >>> label, value = res.top(1)[0]
-    >>> value == float(res.values.abs().max()) or value == -float(res.values.abs().max())
+    >>> label, value = res.top(1)[0]                        # the cell with the largest |value|
+    >>> abs(value) == float(res.values.abs().max())
+    True
+    >>> layer, head = divmod(int(res.values.abs().argmax()), res.values.shape[1])
+    >>> label == f"L{res.layers[layer]}H{head}"
     True
     >>> res.to_dataframe().columns.tolist()
     ['layer', 'head', 'label', 'value']
@@ -20,14 +23,14 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError
-from mi_lenses.results import Result, dataframe, jsonable
+from mi_lenses.results import Result, dataframe, jsonable, plural
 from mi_lenses.viz.patching import (
     circuit_fragment,
     circuit_table,
@@ -76,6 +79,8 @@ class PatchingResult(Result):
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    view_options: ClassVar[dict[str, Any]] = {"top_k": 10, "max_layers": 16, "level": 2}  # see mi_lenses.results
+
     @property
     def title(self) -> str:
         kind = {"exact": "Activation patching", "attribution": "Attribution patching", "eap_ig": "EAP-IG",
@@ -106,15 +111,15 @@ class PatchingResult(Result):
             s += f" {self.pos_labels[p]!r}@{self.pos_map[p][1 if self.direction == 'denoise' else 0]}"
         return s
 
-    def top(self, k: int = 10, *, by: Literal["abs", "value", "-value"] = "abs") -> list[tuple[str, float]]:
-        """The ``k`` cells with the largest ``|value|`` (``by="value"``: most positive, ``"-value"``: most negative)
-        as ``(label, value)``; NaN cells (path patching's impossible paths) are left out."""
+    def top(self, top_k: int = 10, *, by: Literal["abs", "value", "-value"] = "abs") -> list[tuple[str, float]]:
+        """The ``top_k`` cells with the largest ``|value|`` (``by="value"``: most positive, ``"-value"``: most
+        negative) as ``(label, value)``; NaN cells (path patching's impossible paths) are left out."""
         flat = self.values.flatten().float()
         key = {"abs": flat.abs(), "value": flat, "-value": -flat}.get(by)
         if key is None:
             raise LensInputError(f"by must be 'abs', 'value' or '-value', got {by!r}.")
         key = torch.where(torch.isnan(key), torch.tensor(-float("inf")), key)
-        idx = key.topk(min(k, int((~torch.isnan(flat)).sum()))).indices.tolist()
+        idx = key.topk(min(top_k, int((~torch.isnan(flat)).sum()))).indices.tolist()
         return [(self.label(self.cell(i)), float(flat[i])) for i in idx]
 
     def records(self) -> list[dict[str, Any]]:
@@ -126,9 +131,9 @@ class PatchingResult(Result):
         return out
 
     # ------------------------------------------------------------------------------------ protocol
-    def to_dict(self, *, batch: int = 0) -> dict[str, Any]:
+    def to_dict(self, *, batch: int = 0, top_k: int = 10) -> dict[str, Any]:
         """JSON-ready: the settings, the two runs' metric values, the grid (nested lists, ``null`` for NaN), its axes
-        and position labels, and the 10 largest cells."""
+        and position labels, and the ``top_k`` largest cells."""
         self.check_batch(batch)
         return jsonable({
             "model": self.model_name, "what": self.what, "by": self.by, "method": self.method,
@@ -137,7 +142,7 @@ class PatchingResult(Result):
             "layers": self.layers, "axes": self.grid_axes, "positions": self.pos_labels,
             "position_map": [list(p) for p in self.pos_map], "clean_tokens": self.clean_tokens,
             "corrupted_tokens": self.corrupted_tokens, "values": self.values,
-            "top": [{"label": label, "value": v} for label, v in self.top(10)],
+            "top": [{"label": label, "value": v} for label, v in self.top(top_k)],
             "engine": self.engine, "cells_run": self.cells_run, "cells_skipped": self.cells_skipped,
             "passes": self.passes, "ig_steps": self.ig_steps,
             "completeness": None if self.completeness is None else list(self.completeness),
@@ -148,15 +153,25 @@ class PatchingResult(Result):
         """Tidy frame, one row per cell: the grid coordinates, ``label`` and ``value``."""
         return dataframe(self.records())
 
-    def table(self, *, batch: int = 0, max_rows: int = 16):
-        """A rich table: the grid (layers strided to ``max_rows``) shaded by value, and the largest cells."""
+    def table(self, *, batch: int = 0, top_k: int = 10, max_layers: int = 16):
+        """A rich table: the grid (layers strided to ``max_layers`` rows) shaded by value, and the ``top_k`` largest
+        cells."""
         self.check_batch(batch)
-        return patching_table(self, max_rows=max_rows)
+        return patching_table(self, top_k=top_k, max_layers=max_layers)
 
-    def fragment(self, *, batch: int = 0, level: int = 2) -> str:
-        """The page body: the heat map(s) labelled with the tokens, the largest cells, the settings."""
+    def fragment(self, *, batch: int = 0, top_k: int = 10, level: int = 2) -> str:
+        """The page body (headings at ``level``): the heat map(s) labelled with the tokens, the ``top_k`` largest
+        cells, the settings."""
         self.check_batch(batch)
-        return patching_fragment(self, level=level)
+        return patching_fragment(self, top_k=top_k, level=level)
+
+    def _summary(self) -> str:
+        top = self.top(1)
+        largest = f", largest {top[0][0]} {top[0][1]:+.4f}" if top else ""
+        pairs = f", {self.n_prompts} prompt pairs" if self.n_prompts > 1 else ""
+        grid = f"{' x '.join(map(str, self.shape))} ({', '.join(self.grid_axes)})"
+        return (f"{self.method} on {self.model_name!r}: {self.what} by {self.by}, {self.direction}, grid {grid}{pairs}, "
+                f"metric {self.metric}{largest}")
 
 
 # ------------------------------------------------------------------------------------------------ edges and circuits
@@ -218,6 +233,8 @@ class EdgeAttribution(Result):
     spec: PairSpec = field(repr=False)
     seconds: float = 0.0
 
+    view_options: ClassVar[dict[str, Any]] = {"top_k": 20, "level": 2}  # see mi_lenses.results
+
     @property
     def title(self) -> str:
         return f"Edge attribution ({'EAP-IG' if self.method == 'eap_ig' else 'EAP'}): {self.model_name}"
@@ -226,11 +243,11 @@ class EdgeAttribution(Result):
     def n_edges(self) -> int:
         return int((~torch.isnan(self.scores)).sum())
 
-    def top_edges(self, k: int = 20) -> list[tuple[str, str, float]]:
-        """The ``k`` edges with the largest ``|score|`` as ``(writer, reader, score)``."""
+    def top_edges(self, top_k: int = 20) -> list[tuple[str, str, float]]:
+        """The ``top_k`` edges with the largest ``|score|`` as ``(writer, reader, score)``."""
         flat = self.scores.flatten()
         key = torch.where(torch.isnan(flat), torch.tensor(-1.0), flat.abs())
-        idx = key.topk(min(k, self.n_edges)).indices.tolist()
+        idx = key.topk(min(top_k, self.n_edges)).indices.tolist()
         R = len(self.readers)
         return [(self.writers[i // R], self.readers[i % R], float(flat[i])) for i in idx]
 
@@ -238,10 +255,10 @@ class EdgeAttribution(Result):
         """Each writer's score: the sum over the readers it feeds (its node attribution)."""
         return self.scores.nan_to_num(0.0).sum(-1)
 
-    def top_nodes(self, k: int = 20) -> list[tuple[str, float]]:
-        """The ``k`` writers with the largest ``|node score|`` as ``(writer, score)``."""
+    def top_nodes(self, top_k: int = 20) -> list[tuple[str, float]]:
+        """The ``top_k`` writers with the largest ``|node score|`` as ``(writer, score)``."""
         s = self.node_scores()
-        idx = s.abs().topk(min(k, len(s))).indices.tolist()
+        idx = s.abs().topk(min(top_k, len(s))).indices.tolist()
         return [(self.writers[i], float(s[i])) for i in idx]
 
     def circuit(self, *, edges: int | None = None, nodes: int | None = None,
@@ -265,7 +282,8 @@ class EdgeAttribution(Result):
                        {f"{w}->{r}": s for w, r, s in picked}, self.n_edges, self.n_layers, self.n_heads,
                        self.n_kv_heads, self.spec)
 
-    def to_dict(self, *, batch: int = 0, top_k: int = 50) -> dict[str, Any]:
+    def to_dict(self, *, batch: int = 0, top_k: int = 20) -> dict[str, Any]:
+        """JSON-ready: the settings, the two runs' metric values, the ``top_k`` largest edges and nodes."""
         self.check_batch(batch)
         return jsonable({"model": self.model_name, "method": self.method, "direction": self.direction,
                          "metric": self.metric, "ig_steps": self.ig_steps, "clean_value": self.clean_value,
@@ -280,13 +298,23 @@ class EdgeAttribution(Result):
         return dataframe([{"writer": self.writers[w], "reader": self.readers[r], "writer_layer": self.writer_layers[w],
                            "reader_layer": self.reader_layers[r], "score": float(self.scores[w, r])} for w, r in ok])
 
-    def table(self, *, batch: int = 0, k: int = 20):
+    def table(self, *, batch: int = 0, top_k: int = 20):
+        """A rich table of the ``top_k`` largest edges."""
         self.check_batch(batch)
-        return edges_table(self, k=k)
+        return edges_table(self, top_k=top_k)
 
-    def fragment(self, *, batch: int = 0, k: int = 30, level: int = 2) -> str:
+    def fragment(self, *, batch: int = 0, top_k: int = 20, level: int = 2) -> str:
+        """The page body (headings at ``level``): the ``top_k`` largest edges as a graph and a table, the ``top_k``
+        largest nodes."""
         self.check_batch(batch)
-        return edges_fragment(self, k=k, level=level)
+        return edges_fragment(self, top_k=top_k, level=level)
+
+    def _summary(self) -> str:
+        top = self.top_edges(1)
+        largest = f", largest {top[0][0]} -> {top[0][1]} {top[0][2]:+.4f}" if top else ""
+        method = "EAP-IG" if self.method == "eap_ig" else "EAP"
+        return (f"{method} on {self.model_name!r}: {self.n_edges} edges ({len(self.writers)} writers x "
+                f"{len(self.readers)} readers), {self.direction}, metric {self.metric}{largest}")
 
 
 @dataclass
@@ -322,6 +350,8 @@ class Circuit(Result):
     ablated_value: float | None = None
     seconds: float = 0.0
 
+    view_options: ClassVar[dict[str, Any]] = {"top_k": 20, "level": 2}  # see mi_lenses.results
+
     @property
     def title(self) -> str:
         return f"Circuit: {self.model_name}"
@@ -344,10 +374,17 @@ class Circuit(Result):
                               for w, r in self.edges])
         return dataframe([{"node": n, "score": self.scores.get(n, float("nan"))} for n in self.nodes])
 
-    def table(self, *, batch: int = 0, k: int = 20):
+    def table(self, *, batch: int = 0, top_k: int = 20):
+        """A rich table of the circuit's ``top_k`` strongest edges (or nodes) and its faithfulness."""
         self.check_batch(batch)
-        return circuit_table(self, k=k)
+        return circuit_table(self, top_k=top_k)
 
     def fragment(self, *, batch: int = 0, level: int = 2) -> str:
+        """The page body (headings at ``level``): the circuit as a graph, its edges or nodes, its faithfulness."""
         self.check_batch(batch)
         return circuit_fragment(self, level=level)
+
+    def _summary(self) -> str:
+        faith = "not measured" if self.faithfulness is None else f"{self.faithfulness:+.4f} ({self.ablation})"
+        return (f"on {self.model_name!r}: {self.size} of {plural(self.n_total, self.kind[:-1])}, faithfulness "
+                f"{faith}")

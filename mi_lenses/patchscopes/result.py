@@ -6,20 +6,22 @@ Example:
     ...                            mi_lenses.presets.identity(), max_new_tokens=2)
     >>> res.source_layers, res.prec_at_1.tolist()[-1], len(res.generated)
     ([0, 2], True, 2)
+    >>> res.top_tokens[-1][0] == res.source_prediction   # at the last layer, the identity Patchscope is the model
+    True
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mi_lenses.indexing import resolve_index
-from mi_lenses.results import LN2, Result, dataframe, jsonable
+from mi_lenses.results import LN2, Result, dataframe, jsonable, plural
 from mi_lenses.viz.patchscopes import result_fragment, result_table, sweep_fragment, sweep_table
 
 
@@ -53,6 +55,8 @@ class PatchscopeResult(Result):
     vocab: dict[int, str] = field(repr=False)
     eos_token_id: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+
+    view_options: ClassVar[dict[str, Any]] = {"layer": 0}  # see mi_lenses.results
 
     # ------------------------------------------------------------------------------------ views
     @property
@@ -141,6 +145,15 @@ class PatchscopeResult(Result):
         """The prompts (patched positions highlighted) and one table row per (l, l*)."""
         self.check_batch(batch)
         return result_fragment(self)
+
+    def _summary(self) -> str:
+        on = self.model_name if self.target_model_name == self.model_name else \
+            f"{self.model_name} -> {self.target_model_name}"
+        hits = int(self.prec_at_1.sum())
+        return (f"{self.target_name} on {on!r}: source {self.source_token!r} at position {self.source_position}, "
+                f"{plural(len(self.source_layers), 'layer')} {self.row_labels}, prec@1 {hits}/"
+                f"{len(self.source_layers)} on {self.source_prediction!r}"
+                f"{'' if self.generated_ids is None else f', {self.generated_ids.shape[1]} tokens generated'}")
 
 
 @dataclass
@@ -253,6 +266,12 @@ class SweepResult(Result):
         """Heat maps of precision@1, surprisal and target probability over (l, l*), and precision@1 per layer."""
         self.check_batch(batch)
         return sweep_fragment(self)
+
+    def _summary(self) -> str:
+        pairs = "l* = l" if self.diagonal else f"x {len(self.target_layers)} target layers"
+        mean = float(_nanmean(self.prec_at_1.flatten()[None]))
+        return (f"{self.target_name} on {self.model_name!r}: {len(self.source_layers)} source layers {pairs}, "
+                f"{plural(len(self.positions), 'position')}, mean prec@1 {mean:.3f}")
 
 
 def _nanmean(t: Tensor) -> Tensor:

@@ -46,7 +46,7 @@ from mi_lenses.patchscopes.spec import (
     resolve_position,
     resolve_target,
 )
-from mi_lenses.results import Result, dataframe, jsonable
+from mi_lenses.results import Result, dataframe, jsonable, plural
 from mi_lenses.viz.colors import rich_style
 from mi_lenses.viz.more_lenses import selfie_fragment
 
@@ -144,6 +144,11 @@ class SelfIEResult(Result):
     def fragment(self, *, batch: int = 0) -> str:
         self.check_batch(batch)
         return selfie_fragment(self)
+
+    def _summary(self) -> str:
+        return (f"on {self.model_name!r}: {plural(len(self.source_layers), 'row')} (layer @ position "
+                f"{self.row_labels}) injected at layer {self.inject_layer}, {self.generated_ids.shape[1]} tokens "
+                f"generated per row")
 
 
 def selfie(

@@ -73,9 +73,9 @@ def layer_bars(res, batch: int = 0, width: int = 720, bar_h: int = 14) -> str:
     return "\n".join(parts)
 
 
-def neuron_table(res, batch: int = 0, k: int = 20) -> str:
-    """The ``k`` neurons with the largest |direct effect| as an HTML table."""
-    top = res.top_neurons_with_components(k, batch=batch)
+def neuron_table(res, batch: int, top_k: int) -> str:
+    """The ``top_k`` neurons with the largest |direct effect| as an HTML table."""
+    top = res.top_neurons_with_components(top_k, batch=batch)
     vmax = max([abs(v) for _, v in top] + [1e-9])
     rows = "".join(
         f'<tr><td style="padding:2px 8px">{c.label}</td><td style="padding:2px 8px">{c.layer}</td>'
@@ -107,8 +107,9 @@ def source_views(res, batch: int = 0, head: tuple[int, int] | None = None, n_hea
     return views
 
 
-def dla_fragment(res, batch: int = 0, head: tuple[int, int] | None = None, top_k: int = 20, level: int = 2) -> str:
-    """Everything about one prompt as an offline HTML fragment (headings at ``level``)."""
+def dla_fragment(res, batch: int, top_k: int, head: tuple[int, int] | None = None, level: int = 2) -> str:
+    """Everything about one prompt as an offline HTML fragment (headings at ``level``): the ``top_k`` largest parts
+    and neurons."""
     h = f"h{level}"
     ranked = [_head_label(label) for label, _ in res.top(res.n_layers * res.n_heads, kinds="head", batch=batch)]
     usable = [t for t in ranked if not torch.isnan(res.sources[batch, t[0], t[1]]).any()] or ranked
@@ -116,7 +117,7 @@ def dla_fragment(res, batch: int = 0, head: tuple[int, int] | None = None, top_k
     pos = res.positions[batch]
     consts = ", ".join(f"{k} {float(v[batch]):+.4f}" for k, v in res.constants.items()) or "none"
     prompt = "".join(res.str_tokens[batch])
-    top_parts = "".join(f"<li><code>{esc(label)}</code> {v:+.4f}</li>" for label, v in res.top(top_k // 2, batch=batch))
+    top_parts = "".join(f"<li><code>{esc(label)}</code> {v:+.4f}</li>" for label, v in res.top(top_k, batch=batch))
     parts = [
         f'<p class="note">Direct logit attribution of <b>{html.escape(res.direction)}</b> on '
         f"<b>{html.escape(res.model_name)}</b> at position {pos} (<code>{esc(res.str_tokens[batch][pos])}</code>). "
@@ -154,10 +155,10 @@ def _interventions_note(res, batch: int) -> str:
             + (f'<p class="note">Source positions unavailable:</p><ul>{heads}</ul>' if heads else ""))
 
 
-def dla_table(res, k: int = 15, batch: int | None = 0):
-    """A rich table: the ``k`` largest parts, then the ``k // 2`` largest neurons, each with a signed bar."""
-    parts = res.top(k, batch=batch)
-    neurons = res.top_neurons(max(1, k // 2), batch=batch)
+def dla_table(res, top_k: int, batch: int | None = 0):
+    """A rich table: the ``top_k`` largest parts, then the ``top_k`` largest neurons, each with a signed bar."""
+    parts = res.top(top_k, batch=batch)
+    neurons = res.top_neurons(top_k, batch=batch)
     vmax = max([abs(v) for _, v in parts + neurons] + [1e-9])
     if batch is None:
         where = "mean over prompts"
@@ -178,3 +179,49 @@ def dla_table(res, k: int = 15, batch: int | None = 0):
         bar = Text("█" * n, style="blue" if v >= 0 else "red")
         table.add_row(label, f"{v:+.4f}", bar)
     return table
+
+
+# ------------------------------------------------------------------------------------------------ neuron attribution
+def neuron_attribution_table(res, batch: int, top_k: int):
+    """A rich table of the ``top_k`` neurons (at a position) with the largest |direct effect|, each with a bar."""
+    top = res.top_with_coords(top_k, batch=batch)
+    vmax = max([abs(v) for _, v in top] + [1e-9])
+    table = Table(title=f"Neuron attribution of {res.direction} · {res.model_name}",
+                  caption=f"{res.values.shape[0]} layers x {res.values.shape[2]} positions x "
+                          f"{res.values.shape[3]} neurons (prompt {batch})")
+    for col in ("neuron", "layer", "position", "value"):
+        table.add_column(col, justify="left" if col == "neuron" else "right", style="bold" if col == "neuron" else "")
+    table.add_column("", min_width=22)
+    for c, v in top:
+        bar = Text("█" * int(round(abs(v) / vmax * 20)), style="blue" if v >= 0 else "red")
+        table.add_row(c["label"], str(c["layer"]), str(c["position"]), f"{v:+.4f}", bar)
+    return table
+
+
+def neuron_attribution_fragment(res, batch: int, top_k: int) -> str:
+    """Layers (last on top) x positions: the largest |direct effect| of any neuron there (hover: which neuron), then
+    the ``top_k`` largest neurons."""
+    vals = res.values[:, batch].detach().float().cpu()  # [L, P, N]
+    best = vals.abs().argmax(-1, keepdim=True)  # [L, P, 1]: the neuron with the largest |value| (a model has MLPs)
+    peak = vals.gather(-1, best)[..., 0]
+    vmax = float(peak.abs().max()) or 1.0
+    order = list(range(len(res.layers) - 1, -1, -1))
+    grid = heat_grid(
+        [f"L{res.layers[i]}" for i in order], [str(p) for p in res.positions],
+        [[f"{float(peak[i, j]):+.2f}" for j in range(len(res.positions))] for i in order],
+        [[float(peak[i, j]) / vmax for j in range(len(res.positions))] for i in order],
+        [[f"L{res.layers[i]}{res.neuron_label(int(best[i, j, 0]))} at position {res.positions[j]}: "
+          f"{float(peak[i, j]):+.4f}" for j in range(len(res.positions))] for i in order],
+        caption=f"the largest |direct effect| of a neuron per layer and position (scale ±{vmax:.3g})", signed=True)
+    rows = "".join(
+        f'<tr><td style="padding:2px 8px">{html.escape(c["label"])}</td><td style="padding:2px 8px;text-align:right;'
+        f'background:{css(diverging(v / max(vmax, 1e-9)))}">{v:+.4f}</td></tr>'
+        for c, v in res.top_with_coords(top_k, batch=batch))
+    return "\n".join([
+        f'<p class="note">Direct effect of every MLP neuron on <b>{html.escape(res.direction)}</b> '
+        f"(<b>{html.escape(res.model_name)}</b>, prompt {batch}): activation x W_out[n] · direction, the final "
+        "norm's scale frozen per position.</p>",
+        grid,
+        f'<table class="data"><caption>the {top_k} largest neurons</caption><tr><th>neuron</th><th>value</th></tr>'
+        f"{rows}</table>",
+    ])

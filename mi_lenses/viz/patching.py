@@ -78,8 +78,8 @@ def grids(res) -> list[str]:
     return [f'<table class="data"><tr><th>layer</th><th>cell</th><th>largest value</th></tr>{rows}</table>']
 
 
-def top_cells(res, k: int = 12) -> str:
-    items = "".join(f"<li><code>{esc(label)}</code> {v:+.4f}</li>" for label, v in res.top(k))
+def top_cells(res, top_k: int) -> str:
+    items = "".join(f"<li><code>{esc(label)}</code> {v:+.4f}</li>" for label, v in res.top(top_k))
     return f"<ol>{items}</ol>"
 
 
@@ -105,20 +105,21 @@ def settings_note(res) -> str:
             f"{engine}{'.' if engine else ''} Computed in {res.seconds:.2f} s.{extra}</p>")
 
 
-def patching_fragment(res, level: int = 2) -> str:
+def patching_fragment(res, top_k: int, level: int = 2) -> str:
     h = f"h{level}"
-    return "\n".join([settings_note(res), *grids(res), f"<{h}>Largest cells</{h}>", top_cells(res)])
+    return "\n".join([settings_note(res), *grids(res), f"<{h}>Largest cells</{h}>", top_cells(res, top_k)])
 
 
-def patching_table(res, max_rows: int = 16):
-    """The grid in the terminal (``[L, P]`` / ``[L, H]``; other grids as their largest cells) and the top cells."""
+def patching_table(res, top_k: int, max_layers: int):
+    """The grid in the terminal (``[L, P]`` / ``[L, H]``, layers strided to ``max_layers`` rows; other grids as
+    their largest cells) and the ``top_k`` largest cells."""
     items: list = []
     v = res.values.float()
     if res.grid_axes in (["layer", "pos"], ["layer", "head"]):
         cols = position_labels(res) if res.grid_axes[1] == "pos" else [f"H{h}" for h in range(v.shape[1])]
         cols = [c if len(c) <= 10 else c[:9] + "…" for c in cols]
         vmax = _vmax(v)
-        rows = stride(len(res.layers), max_rows)
+        rows = stride(len(res.layers), max_layers)
 
         def build(width: int) -> Table:  # as many columns as fit, the last ones (where the answer is read)
             widths = [max(len(c), 5) + 3 for c in cols]
@@ -144,7 +145,7 @@ def patching_table(res, max_rows: int = 16):
     top = Table(title="largest cells", pad_edge=False)
     top.add_column("cell")
     top.add_column("value", justify="right")
-    for label, val in res.top(10):
+    for label, val in res.top(top_k):
         top.add_row(label, Text(f"{val:+.4f}", style="blue" if val >= 0 else "red"))
     items.append(top)
     if res.completeness is not None:
@@ -228,10 +229,10 @@ def _edge_rows(edges: list[tuple[str, str, float]]) -> str:
     return f'<table class="data"><tr><th>writer</th><th>reader</th><th>score</th></tr>{rows}</table>'
 
 
-def edges_fragment(res, k: int = 30, level: int = 2) -> str:
+def edges_fragment(res, top_k: int, level: int = 2) -> str:
     h = f"h{level}"
-    top = res.top_edges(k)
-    nodes = "".join(f"<li><code>{html.escape(n)}</code> {v:+.4f}</li>" for n, v in res.top_nodes(12))
+    top = res.top_edges(top_k)
+    nodes = "".join(f"<li><code>{html.escape(n)}</code> {v:+.4f}</li>" for n, v in res.top_nodes(top_k))
     method = "EAP-IG" if res.method == "eap_ig" else "edge attribution patching"
     return "\n".join([
         f'<p class="note">{method} on <b>{html.escape(res.model_name)}</b>: {res.n_edges} edges between the '
@@ -245,11 +246,11 @@ def edges_fragment(res, k: int = 30, level: int = 2) -> str:
     ])
 
 
-def edges_table(res, k: int = 20):
+def edges_table(res, top_k: int):
     table = Table(title=f"{res.title} · largest edges", pad_edge=False)
     for c in ("writer", "reader", "score"):
         table.add_column(c, justify="right" if c == "score" else "left")
-    for w, r, s in res.top_edges(k):
+    for w, r, s in res.top_edges(top_k):
         table.add_row(w, r, Text(f"{s:+.4f}", style="blue" if s >= 0 else "red"))
     table.caption = f"{res.n_edges} edges; metric {res.metric}"
     return table
@@ -287,12 +288,12 @@ def circuit_fragment(c, level: int = 2) -> str:
     ])
 
 
-def circuit_table(c, k: int = 20):
+def circuit_table(c, top_k: int):
     table = Table(title=f"{c.title} · {c.size} of {c.n_total} {c.kind}", pad_edge=False)
     cols = ("writer", "reader", "score") if c.kind == "edges" else ("node", "score")
     for col in cols:
         table.add_column(col, justify="right" if col == "score" else "left")
-    for w, r, s in _circuit_edges(c)[:k]:
+    for w, r, s in _circuit_edges(c)[:top_k]:
         cells = (w, r) if c.kind == "edges" else (w,)
         table.add_row(*cells, Text(f"{s:+.4f}", style="blue" if s >= 0 else "red"))
     if c.faithfulness is not None:

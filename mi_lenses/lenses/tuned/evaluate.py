@@ -102,6 +102,12 @@ class LensEvaluation(Result):
         self.check_batch(batch)
         return evaluation_fragment(self)
 
+    def _summary(self) -> str:
+        finite = {n: [x for x in v if x == x and abs(x) != float("inf")] for n, v in self.kl_bits.items()}
+        means = ", ".join(f"{n} {sum(v) / max(len(v), 1):.3f}" for n, v in finite.items())
+        return (f"on {self.model_name!r}: {list(self.kl_bits)} x {len(self.layers)} rows, {self.n_tokens} tokens, "
+                f"mean KL bits {means}, model's own CE {self.final_ce_bits:.3f} bits")
+
     @classmethod
     def from_comparison(cls, cmp: LensComparison) -> "LensEvaluation":
         """The evaluation view of a comparison: every row but the final one, whose CE and entropy are the model's."""
