@@ -8,6 +8,11 @@ length, also what matters causally (exact activation patching of the residual st
 patching of every head). Every section reuses the same cache, and each result inside is the ordinary result of its own
 entry point, verified as usual.
 
+A prompt longer than ``LONG_PROMPT`` tokens gets what a reader of the page can use, in bounded memory: the lenses at
+its last ``LONG_PROMPT`` positions, and the attention diagnostics of every head over the whole prompt with the pattern
+rows of the last ``HEAD_VIEW_WINDOW`` queries and pooled images (``attention(last_queries=...)``), every pattern reduced
+as the one forward pass runs. The whole prompt's lens is ``mi_lenses.logit_lens(model, prompt)``.
+
 Example:
     >>> rep = mi_lenses.report(model, "The capital of France is", progress=False)
     >>> rep.sections
@@ -26,46 +31,56 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mi_lenses.attn import AttentionResult, attention
+from mi_lenses.attn.engine import attention_reductions
 from mi_lenses.attn.engine import required_hooks as attention_hooks
 from mi_lenses.attribution import DLAResult, direct_logit_attribution
 from mi_lenses.attribution.components import required_hooks as dla_hooks
+from mi_lenses.attribution.sources import pattern_rows_kept
 from mi_lenses.errors import LensInputError
 from mi_lenses.lenses.affine import load_lens
 from mi_lenses.lenses.lens import Lens
 from mi_lenses.lenses.logit_lens import logit_lens
 from mi_lenses.lenses.result import LensResult
-from mi_lenses.models.batch import PromptInput
+from mi_lenses.models.batch import Batch, PromptInput, Reduction
 from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
 from mi_lenses.patching import PatchingResult, activation_patching
 from mi_lenses.patchscopes import SweepResult, presets, sweep
 from mi_lenses.progress import bar
-from mi_lenses.results import Result, dataframe, jsonable
+from mi_lenses.results import Result, dataframe, jsonable, plural
+from mi_lenses.viz.attention import HEAD_VIEW_WINDOW
 from mi_lenses.viz.lens import best_tokens
 from mi_lenses.viz.report import report_fragment, report_table
 
 Section = Literal["logit_lens", "tuned_lens", "patchscope", "dla", "attention", "patching"]
 TRAJECTORY_TOKENS = 6  # tokens in the "top tokens per layer" chart
+# Beyond this many tokens the lenses cover the last LONG_PROMPT positions (a grid the page can still show; the lens
+# costs ~1 forward pass per 4k positions on SmolLM2), and the attention section keeps the pattern rows of the last
+# HEAD_VIEW_WINDOW queries (what the head and neuron views show) and each head's pooled image, reduced as the forward
+# pass runs, instead of every layer's [heads, pos, pos] pattern (64 GiB at 8k tokens on SmolLM2).
+LONG_PROMPT = 512
 
 
 @dataclass
 class Report(Result):
     """Everything :func:`report` computed for one prompt. Each part is ``None`` when its section was skipped.
 
-    ``logit_lens``/``tuned_lens``: every layer x position (``targets``: the model's prediction, the attributed
-    answer, and the wrong token when given); ``trajectory``: the last position with exact probabilities of the tokens
-    some layer believed most (``targets``); ``patchscope``: the identity Patchscope at ``l* = l`` over the last
-    positions, with ``lens_precision`` (logit lens, ``resid_post``) and ``tuned_precision`` per layer on the same
-    positions (a hit: top-1 equals the model's own next-token prediction); ``dla``: the attribution of ``answer``
-    (minus ``wrong``) at the last position; ``attention``: every head; ``patching`` (with a corrupted prompt): the
-    exact ``resid_pre`` grid, and ``patching_heads`` the attribution of every head (normalised logit difference of
-    ``answer`` and ``wrong``).
+    ``logit_lens``/``tuned_lens``: every layer x position (the last ``LONG_PROMPT`` positions of a longer prompt;
+    ``targets``: the model's prediction, the attributed answer, and the wrong token when given); ``trajectory``: the
+    last position with exact probabilities of the tokens some layer believed most (``targets``); ``patchscope``: the
+    identity Patchscope at ``l* = l`` over the last positions, with ``lens_precision`` (logit lens, ``resid_post``)
+    and ``tuned_precision`` per layer on the same positions (a hit: top-1 equals the model's own next-token
+    prediction); ``dla``: the attribution of ``answer`` (minus ``wrong``) at the last position; ``attention``: every
+    head (on a long prompt, the pattern rows of its last queries: see the module docstring); ``patching`` (with a
+    corrupted prompt): the exact ``resid_pre`` grid, and ``patching_heads`` the attribution of every head (normalised
+    logit difference of ``answer`` and ``wrong``).
     """
 
     model_name: str
@@ -92,6 +107,8 @@ class Report(Result):
     patching_heads: PatchingResult | None = field(default=None, repr=False)
     corrupted: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+
+    view_options: ClassVar[dict[str, Any]] = {"max_layers": 16}  # see mi_lenses.results
 
     @property
     def title(self) -> str:
@@ -186,6 +203,12 @@ class Report(Result):
         self.check_batch(batch)
         return report_fragment(self)
 
+    def _summary(self) -> str:
+        prompt = self.prompt if len(self.prompt) <= 60 else "…" + self.prompt[-59:]
+        return (f"on {self.model_name!r}: {prompt!r} ({plural(len(self.str_tokens), 'token')}) -> "
+                f"{self.prediction!r} (p {self.prediction_prob:.3f}), sections {self.sections}, "
+                f"{self.seconds.get('total', float('nan')):.1f} s")
+
 
 def report(
     model: Any,
@@ -251,10 +274,12 @@ def report(
     with bar(len(chosen) + 1, "report", enabled=progress) as b:
         # one forward pass for every section
         names = {row.hook_name for point in ("resid_pre", "resid_post") for row in view.residual_rows(point)}
+        reduce: list = []  # what a section keeps of a [batch, heads, pos, pos] hook as it passes
         for section in chosen:
-            names |= set(section.hooks(view))
+            names |= set(section.hooks(view, batch))
+            reduce += section.reduce(view, batch)
         t0 = time.perf_counter()
-        logits, cache = view.run_with_cache(batch, names, progress=progress)
+        logits, cache = view.run_with_cache(batch, names, progress=progress, reduce=reduce, fused=True)
         last_logp = logits[0, -1].float().log_softmax(-1)
         pred_id = int(last_logp.argmax())
         answer_id = pred_id if answer_id is None else answer_id
@@ -262,7 +287,7 @@ def report(
         targets = list(dict.fromkeys([pred_id, answer_id] + ([wrong_id] if wrong_id is not None else [])))
         ctx = _Context(view, batch.tokens, batch.lengths[0], cache, logits, lens, answer_id, wrong_id, targets, top_k,
                        patchscope_positions, induction_length, prepend_bos, [s.name for s in chosen],
-                       corrupted=corrupted)
+                       corrupted=corrupted, long=_long(batch))
         seconds["forward pass"] = time.perf_counter() - t0
         b.update(1)
         for section in chosen:
@@ -314,6 +339,12 @@ class _Context:
     sections: list[str]
     parts: dict[str, Any] = field(default_factory=dict)
     corrupted: Any = None
+    long: bool = False  # a long prompt: the lenses' last positions, the attention's last queries (see LONG_PROMPT)
+
+    @property
+    def positions(self) -> list[int] | None:
+        """The lenses' positions: all, or the last ``LONG_PROMPT`` of a long prompt."""
+        return list(range(-LONG_PROMPT, 0)) if self.long else None
 
     @property
     def run(self) -> dict[str, Any]:
@@ -323,21 +354,23 @@ class _Context:
 
 @dataclass(frozen=True)
 class _Section:
-    """One section of the report: the hooks it adds to the shared forward pass, and what it computes from it
-    (the ``Report`` fields it fills)."""
+    """One section of the report: the hooks it adds to the shared forward pass (cached whole, or ``reduce``d as they
+    pass: see :func:`~mi_lenses.models.batch.run_with_cache`), and what it computes from it (the ``Report`` fields
+    it fills)."""
 
     name: str
-    hooks: Callable[[ModelView], Iterable[str]]
+    hooks: Callable[[ModelView, Batch], Iterable[str]]
     compute: Callable[[_Context], dict[str, Any]]
+    reduce: Callable[[ModelView, Batch], list[tuple[str, Reduction]]] = lambda view, batch: []
 
 
 def _logit_lens(c: _Context) -> dict[str, Any]:
-    ll = logit_lens(c.view, c.tokens, top_k=c.top_k, targets=c.targets, **c.run)
+    ll = logit_lens(c.view, c.tokens, top_k=c.top_k, targets=c.targets, positions=c.positions, **c.run)
     return {"logit_lens": ll, "trajectory": _trajectory(c, ll, None)}
 
 
 def _tuned_lens(c: _Context) -> dict[str, Any]:
-    out = {"tuned_lens": c.lens(c.view, c.tokens, top_k=c.top_k, targets=c.targets, **c.run)}
+    out = {"tuned_lens": c.lens(c.view, c.tokens, top_k=c.top_k, targets=c.targets, positions=c.positions, **c.run)}
     if "trajectory" in c.parts:  # the same tokens as the logit lens's trajectory
         out["tuned_trajectory"] = _trajectory(c, c.parts["logit_lens"], c.lens,
                                               ids=c.parts["trajectory"].target_ids.tolist())
@@ -348,7 +381,8 @@ def _patchscope(c: _Context) -> dict[str, Any]:
     """The identity Patchscope at ``l* = l`` over the last positions, and the logit lens's (and tuned lens's)
     precision@1 per block output on the same positions."""
     positions = list(range(-min(c.patchscope_positions, c.n_tokens), 0))
-    sw = sweep(c.view, c.tokens, presets.identity(), target_layers="same", positions=positions, progress=False)
+    sw = sweep(c.view, c.tokens, presets.identity(), target_layers="same", positions=positions, progress=False,
+               cache=c.cache, logits=c.logits)
 
     def precision(runner: Any) -> Tensor:
         res = runner(c.view, c.tokens, positions=positions, point="resid_post", top_k=1, **c.run)
@@ -366,6 +400,7 @@ def _dla(c: _Context) -> dict[str, Any]:
 
 def _attention(c: _Context) -> dict[str, Any]:
     return {"attention": attention(c.view, c.tokens, cache=c.cache, induction_length=c.induction_length,
+                                   last_queries=HEAD_VIEW_WINDOW if c.long else None,
                                    prepend_bos=c.prepend_bos, progress=False)}
 
 
@@ -377,13 +412,38 @@ def _patching(c: _Context) -> dict[str, Any]:
                                                   method="attribution", **kw)}
 
 
+def _long(batch: Batch) -> bool:
+    return batch.shape[1] > LONG_PROMPT
+
+
+def _is_pattern(name: str) -> bool:
+    return name.endswith(("hook_pattern", "hook_attn_scores"))
+
+
+def _dla_hooks(view: ModelView, batch: Batch) -> list[str]:
+    return [name for name in dla_hooks(view) if not _is_pattern(name)]
+
+
+def _dla_reduce(view: ModelView, batch: Batch) -> list[tuple[str, Reduction]]:
+    """DLA reads each pattern at the last position only."""
+    return pattern_rows_kept(view, torch.tensor([batch.shape[1] - 1]))
+
+
+def _attention_hooks(view: ModelView, batch: Batch) -> list[str]:
+    return [name for name in attention_hooks(view) if not (_long(batch) and _is_pattern(name))]
+
+
+def _attention_reduce(view: ModelView, batch: Batch) -> list[tuple[str, Reduction]]:
+    return attention_reductions(view, batch, list(range(view.n_layers)), HEAD_VIEW_WINDOW) if _long(batch) else []
+
+
 SECTION_TABLE: dict[str, _Section] = {s.name: s for s in (
-    _Section("logit_lens", lambda view: (), _logit_lens),
-    _Section("tuned_lens", lambda view: (), _tuned_lens),
-    _Section("patchscope", lambda view: (), _patchscope),
-    _Section("dla", dla_hooks, _dla),
-    _Section("attention", attention_hooks, _attention),
-    _Section("patching", lambda view: (), _patching),
+    _Section("logit_lens", lambda view, batch: (), _logit_lens),
+    _Section("tuned_lens", lambda view, batch: (), _tuned_lens),
+    _Section("patchscope", lambda view, batch: (), _patchscope),
+    _Section("dla", _dla_hooks, _dla, _dla_reduce),
+    _Section("attention", _attention_hooks, _attention, _attention_reduce),
+    _Section("patching", lambda view, batch: (), _patching),
 )}
 SECTIONS: tuple[str, ...] = tuple(SECTION_TABLE)  # in page order
 

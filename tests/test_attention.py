@@ -237,6 +237,6 @@ def test_outputs(llama_raw, tmp_path, capsys):
     terms = res.qk_terms(2, 5, batch=1)
     terms.print()
     assert "score = " in capsys.readouterr().out
-    assert terms.top_dims(k=3)[0][1] == max(terms.products[int(terms.probs.argmax())].tolist(), key=abs)
+    assert terms.top_dims(top_k=3)[0][1] == max(terms.products[int(terms.probs.argmax())].tolist(), key=abs)
     assert len(terms.to_dataframe()) == terms.products.numel()
     assert "most attended of" not in terms.fragment() and "the 3 most attended of" in terms.fragment(max_keys=3)

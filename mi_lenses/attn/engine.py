@@ -11,6 +11,11 @@ Per head and prompt (queries ``1 .. n-1``: query 0 can only attend to itself):
 * **entropy**: the mean entropy of the attention rows (bits; 0 = always one key);
 * **previous-token score**: the mean attention from token ``i`` to token ``i - 1``.
 
+With ``last_queries=W`` (for long prompts, where ``[batch, layers, heads, pos, pos]`` does not fit in memory) only
+the pattern rows of each prompt's last ``W`` queries are kept, with each head's whole pattern max-pooled to an image
+(``THUMBNAIL`` pixels a side): every layer's pattern is reduced as it passes through the forward pass, and the
+diagnostics still read every row.
+
 Per head, on a separate run of repeated random tokens ``[BOS?] r r`` (``len(r) = induction_length``, the
 TransformerLens induction diagnostic): the **induction score**, the mean attention from each token ``i`` of the second
 copy to token ``i - len(r) + 1``, the token after its earlier occurrence.
@@ -36,14 +41,17 @@ from torch import Tensor
 
 from mi_lenses.attn.interventions import unreproduced_heads
 from mi_lenses.attn.result import VERIFY_TOL, AttentionResult
-from mi_lenses.attn.scores import causal_scores
+from mi_lenses.attn.scores import row_scores
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import IndexSpec, resolve_indices
-from mi_lenses.models.batch import Batch, Cached, PromptInput, cached_forward
+from mi_lenses.models.batch import Batch, Cached, PromptInput, Reduction, cached_forward, derived, make_batch
 from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
 
 DEFAULT_INDUCTION_LENGTH = 40
+THUMBNAIL = 200  # side of each head's pooled pattern image kept with last_queries (the head view's image size)
+ROW_CHUNK = 64  # query rows reduced at a time (the temporaries stay in the cache on long prompts)
+PATTERN_KEYS = ("rows", "thumbnail", "sink", "entropy", "previous_token")  # what attention_reductions keeps
 
 
 def required_hooks(model: Any, layers: IndexSpec = None, *, qk: bool = True) -> list[str]:
@@ -70,6 +78,7 @@ def attention(
     induction_batch: int = 4,
     seed: int = 0,
     qk: bool = True,
+    last_queries: int | None = None,
     beyond_context: bool = False,
     progress: bool = True,
     check: bool = True,
@@ -91,6 +100,9 @@ def attention(
         induction_batch: random sequences averaged over; ``seed`` draws them.
         qk: keep the queries and keys after rotary (``[batch, layer, pos, head, d_head]``) for
             :meth:`~mi_lenses.attn.result.AttentionResult.qk_terms` (the neuron view).
+        last_queries: keep the pattern rows (and queries) of each prompt's last ``last_queries`` tokens only, and
+            each head's whole pattern max-pooled to ``THUMBNAIL`` x ``THUMBNAIL``; the diagnostics still read every
+            row (for long prompts: see the module docstring). Default: every row.
         beyond_context: accept prompts longer than the model's context (``cfg.n_ctx``).
         progress: show a bar over a long forward pass.
         check: verify the patterns (rows sum to one, causal), and that ``scale * q · k`` reproduces the model's
@@ -110,17 +122,29 @@ def attention(
     for name, v, low in (("induction_length", induction_length, 0), ("induction_batch", induction_batch, 1)):
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             raise LensInputError(f"{name} must be an int >= {low}, got {v!r}.")
+    if last_queries is not None and (not isinstance(last_queries, int) or isinstance(last_queries, bool)
+                                     or last_queries < 1):
+        raise LensInputError(f"last_queries must be an int >= 1 or None (every query), got {last_queries!r}.")
     chosen = resolve_indices(layers, view.n_layers, "layer", f"this model has {view.n_layers} blocks")
     unsupported = view.qk_unsupported() if qk else "qk=False was passed"
     users = cache is not None
-    # forward, reduce
-    run = cached_forward(view, input, names=required_hooks(view, chosen, qk=unsupported is None), what="attention()",
-                         cache=cache, attention_mask=attention_mask, prepend_bos=prepend_bos,
-                         required=[view.attn_hook(chosen[0], "pattern")],
+    # forward, reduce (with last_queries, each pattern is reduced as it passes: attention_reductions)
+    names = required_hooks(view, chosen, qk=unsupported is None)
+    first = view.attn_hook(chosen[0], "pattern")
+    reduce: list[tuple[str, Reduction]] = []
+    if last_queries is not None:
+        names = [n for n in names if not n.endswith(("hook_pattern", "hook_attn_scores"))]
+        if cache is None and input is not None:
+            input = make_batch(view, input, prepend_bos=prepend_bos, attention_mask=attention_mask,
+                               beyond_context=beyond_context)
+            reduce = attention_reductions(view, input, chosen, last_queries)
+    has_rows = reduce or (cache is not None and _has(cache, derived(first, "rows")))
+    run = cached_forward(view, input, names=names, what="attention()", cache=cache, attention_mask=attention_mask,
+                         prepend_bos=prepend_bos, required=[derived(first, "rows") if has_rows else first],
                          hint=" (or with mi_lenses.attn.required_hooks(model))", beyond_context=beyond_context,
-                         progress=progress)
+                         progress=progress, reduce=reduce)
     batch, cache = run.batch, run
-    parts = _reduce(view, cache, batch, chosen, unsupported is None, users)
+    parts = _reduce(view, cache, batch, chosen, unsupported is None, users, last_queries)
     model_dtype = str(view.dtype).replace("torch.", "")
     qk_unavailable = unreproduced_heads(parts, batch.lengths, chosen, hooks,
                                         VERIFY_TOL.get(model_dtype, VERIFY_TOL["float32"])) if hooks else {}
@@ -128,7 +152,6 @@ def attention(
     induction, ind_tokens = (None, None)
     if induction_length:
         induction, ind_tokens = _induction(view, chosen, induction_length, induction_batch, seed, prepend_bos)
-    sink, entropy, previous = _diagnostics(parts.patterns, batch.lengths)
     # assemble
     result = AttentionResult(
         model_name=view.name,
@@ -138,9 +161,9 @@ def attention(
         str_tokens=view.str_tokens(batch, known=input is not None),
         lengths=list(batch.lengths),
         patterns=parts.patterns,
-        sink=sink,
-        entropy=entropy,
-        previous_token=previous,
+        sink=parts.sink,
+        entropy=parts.entropy,
+        previous_token=parts.previous,
         induction=induction,
         induction_tokens=ind_tokens,
         q=parts.q,
@@ -150,6 +173,8 @@ def attention(
         qk_note=unsupported,
         qk_unavailable=qk_unavailable,
         model_dtype=model_dtype,
+        first_query=parts.first,
+        thumbnails=parts.thumbnails,
     )
     if check:
         result.verify()
@@ -159,27 +184,59 @@ def attention(
 # ------------------------------------------------------------------------------------------------ reduce
 @dataclass
 class _Parts:
-    patterns: Tensor  # [B, L, H, S, S], each prompt's own tokens, padding NaN
-    q: Tensor | None  # [B, L, S, H, d] after rotary
+    patterns: Tensor  # [B, L, H, Q, S]: query rows first .. first + Q - 1 of each prompt (Q = S: all), padding NaN
+    q: Tensor | None  # [B, L, Q, H, d] after rotary, the same query rows
     k: Tensor | None  # [B, L, S, KV, d]
     scales: list[float]
     score_error: Tensor  # [L], NaN where the cache has no hook_attn_scores
     qk_note: str | None  # why q and k are not kept
+    sink: Tensor  # [B, L, H]
+    entropy: Tensor
+    previous: Tensor
+    first: list[int] | None = None  # each prompt's first kept query (None: every query is kept)
+    thumbnails: Tensor | None = None  # [B, L, H, T, T] with last_queries
+
+    def rows(self, b: int, n: int) -> tuple[int, int]:
+        """Prompt ``b``'s (first kept query, number of kept rows) for its ``n`` tokens."""
+        first = 0 if self.first is None else self.first[b]
+        return first, n - first
 
 
-def _reduce(view: ModelView, cache: Cached, batch: Batch, layers: list[int], qk: bool, users: bool) -> _Parts:
-    """Patterns, queries and keys of every layer re-indexed by each prompt's own tokens, and the largest error of
-    ``scale * q · k`` against the cached ``hook_attn_scores``."""
+def _reduce(view: ModelView, cache: Cached, batch: Batch, layers: list[int], qk: bool, users: bool,
+            last_queries: int | None) -> _Parts:
+    """Patterns, queries and keys of every layer re-indexed by each prompt's own tokens (with ``last_queries``, the
+    kept rows that :func:`attention_reductions` made, or makes now from a cache's whole patterns), the diagnostics
+    of every head and the largest error of ``scale * q · k`` against the cached ``hook_attn_scores``."""
     B, S = batch.shape
     L, H = len(layers), view.n_heads
-    out = _Parts(torch.full((B, L, H, S, S), torch.nan), None, None, [view.attn_scale(l) for l in layers],
-                 torch.full((L,), torch.nan), None)
+    Q = S if last_queries is None else min(last_queries, S)
+    nan = lambda *shape: torch.full(shape, torch.nan)  # noqa: E731
+    out = _Parts(nan(B, L, H, Q, S), None, None, [view.attn_scale(l) for l in layers], nan(L), None,
+                 nan(B, L, H), nan(B, L, H), nan(B, L, H))
+    if last_queries is not None:
+        out.first = [n - min(Q, n) for n in batch.lengths]
+        T = min(THUMBNAIL, S)
+        out.thumbnails = torch.zeros(B, L, H, T, T)
+    reducers = dict(attention_reductions(view, batch, layers, Q)) if last_queries is not None else {}
     for i, l in enumerate(layers):
-        pattern = cache.get(view.attn_hook(l, "pattern"))
-        if pattern is None:
-            raise LensInputError(f"the cache has no {view.attn_hook(l, 'pattern')!r} (it holds block "
-                                 f"{layers[0]}'s): cache every layer you ask for, or pass layers=.")
-        out.patterns[:, i] = batch.own_positions(pattern.detach().float().cpu(), dims=(-2, -1))
+        name, score_name = view.attn_hook(l, "pattern"), view.attn_hook(l, "attn_scores")
+        scores = None
+        if last_queries is None:
+            pattern = cache.get(name)
+            if pattern is None:
+                raise LensInputError(f"the cache has no {name!r} (it holds block {layers[0]}'s): cache every layer "
+                                     "you ask for, or pass layers=.")
+            out.patterns[:, i] = batch.own_positions(pattern.detach().float().cpu(), dims=(-2, -1))
+            out.sink[:, i], out.entropy[:, i], out.previous[:, i] = _diagnostics(out.patterns[:, i], batch.lengths)
+            scores = cache.get(score_name)
+            if scores is not None:
+                scores = batch.own_positions(scores.detach().float().cpu(), dims=(-2, -1))
+        else:
+            got = _reduced(cache, name, reducers[name], PATTERN_KEYS)
+            out.patterns[:, i], out.thumbnails[:, i] = got["rows"], got["thumbnail"]
+            out.sink[:, i], out.entropy[:, i], out.previous[:, i] = got["sink"], got["entropy"], got["previous_token"]
+            if cache.get(score_name) is not None or cache.get(derived(score_name, "rows")) is not None:
+                scores = _reduced(cache, score_name, reducers[score_name], ("rows",))["rows"]
         if not qk or out.qk_note:
             continue
         try:
@@ -191,18 +248,58 @@ def _reduce(view: ModelView, cache: Cached, batch: Batch, layers: list[int], qk:
             out.qk_note = ("the cache holds no queries/keys (run_with_cache without a names_filter)" if users
                            else f"the q·k terms are not available: {err}")
             continue
-        q, k = q.detach().float().cpu(), k.detach().float().cpu()
+        q, k = batch.own_positions(q.detach().float().cpu(), dims=(1,)), k.detach().float().cpu()
         if out.q is None:
-            out.q = torch.full((B, L, S, H, view.d_head), torch.nan)
+            out.q = torch.full((B, L, Q, H, view.d_head), torch.nan)
             out.k = torch.full((B, L, S, k.shape[2], view.d_head), torch.nan)
-        out.q[:, i] = batch.own_positions(q, dims=(1,))
+        for b, n in enumerate(batch.lengths):
+            first, w = out.rows(b, n)
+            out.q[b, i, :w] = q[b, first:n]
         out.k[:, i] = batch.own_positions(k, dims=(1,))
-        scores = cache.get(view.attn_hook(l, "attn_scores"))
         if scores is not None:
-            out.score_error[i] = _score_error(out.q[:, i], out.k[:, i], out.scales[i],
-                                              batch.own_positions(scores.detach().float().cpu(), dims=(-2, -1)),
-                                              batch.lengths, out.patterns[:, i])
+            out.score_error[i] = _score_error(out, i, scores, batch.lengths)
     return out
+
+
+def attention_reductions(view: ModelView, batch: Batch, layers: list[int], last_queries: int
+                         ) -> list[tuple[str, Reduction]]:
+    """What ``attention(last_queries=...)`` keeps of each layer's pattern and scores as they pass through a forward
+    pass (:func:`~mi_lenses.models.batch.run_with_cache`): for each prompt, its last ``last_queries`` rows over its
+    own tokens (``rows``, ``[B, H, Q, S]``, padding NaN), and of the pattern also the diagnostics of every head
+    (``sink``, ``entropy``, ``previous_token``, ``[B, H]``) and its whole pattern max-pooled to at most ``THUMBNAIL``
+    pixels a side (``thumbnail``, ``[B, H, T, T]``, prompt ``b``'s in the top-left ``min(n_b, T)`` square)."""
+    B, S = batch.shape
+    Q, T = min(last_queries, S), min(THUMBNAIL, S)
+    spans = list(zip(batch.offsets, batch.lengths))
+
+    def rows(p: Tensor) -> dict[str, Tensor]:
+        out = torch.full((B, p.shape[1], Q, S), torch.nan)
+        for b, (o, n) in enumerate(spans):
+            w = min(Q, n)
+            out[b, :, :w, :n] = p[b, :, o + n - w : o + n, o : o + n].float().cpu()
+        return {"rows": out}
+
+    def pattern(p: Tensor) -> dict[str, Tensor]:
+        H = p.shape[1]
+        out = {**rows(p), "thumbnail": torch.zeros(B, H, T, T),
+               **{key: torch.full((B, H), torch.nan) for key in ("sink", "entropy", "previous_token")}}
+        for b, (o, n) in enumerate(spans):
+            own = p[b, :, o : o + n, o : o + n]
+            out["sink"][b], out["entropy"][b], out["previous_token"][b] = _head_diagnostics(own)
+            t = min(T, n)
+            out["thumbnail"][b, :, :t, :t] = torch.nn.functional.adaptive_max_pool2d(own.float(), (t, t)).cpu()
+        return out
+
+    return [pair for l in layers for pair in ((view.attn_hook(l, "pattern"), pattern),
+                                              (view.attn_hook(l, "attn_scores"), rows))]
+
+
+def _reduced(cache: Cached, name: str, fn: Reduction, keys: tuple[str, ...]) -> dict[str, Tensor]:
+    """The reduction ``fn`` of hook ``name``: the ``keys`` a forward pass kept (derived cache entries), else ``fn``
+    applied to the whole cached activation."""
+    if cache.get(derived(name, keys[0])) is None:
+        return fn(cache[name])
+    return {key: cache[derived(name, key)] for key in keys}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -211,18 +308,22 @@ def _is_cache(obj: Any) -> bool:
     return obj is not None and not isinstance(obj, (str, Tensor, list, tuple)) and hasattr(obj, "keys")
 
 
-def _score_error(q: Tensor, k: Tensor, scale: float, scores: Tensor, lengths: list[int],
-                 patterns: Tensor | None = None) -> float:
-    """The largest ``|scale * q · k - hook_attn_scores|`` over real causal entries, relative to the scores' size.
+def _has(cache: Any, name: str) -> bool:
+    return name in set(cache.keys())
+
+
+def _score_error(parts: _Parts, i: int, scores: Tensor, lengths: list[int]) -> float:
+    """The largest ``|scale * q · k - hook_attn_scores|`` of layer ``i`` over the real causal entries of the kept
+    rows, relative to the scores' size (``scores``: ``[B, H, Q, S]``, each prompt's own tokens).
 
     The check compares with what the hook really holds: on some bridges (OPT) ``hook_attn_scores`` fires on the
-    post-softmax pattern; when it equals ``patterns`` (``[B, H, S, S]``, each prompt's own tokens) the error is
-    ``|softmax(scale * q · k) - hook_attn_scores|`` instead."""
+    post-softmax pattern; when it equals the pattern the error is ``|softmax(scale * q · k) - hook_attn_scores|``."""
     worst = 0.0
     for b, n in enumerate(lengths):
-        ours = causal_scores(q[b], k[b], scale, n)
-        theirs = scores[b, :, :n, :n]
-        if patterns is not None and torch.allclose(theirs, patterns[b, :, :n, :n], atol=1e-6, equal_nan=True):
+        first, w = parts.rows(b, n)
+        ours = row_scores(parts.q[b, i, :w], parts.k[b, i], parts.scales[i], first, n)
+        theirs = scores[b, :, :w, :n]
+        if torch.allclose(theirs, parts.patterns[b, i, :, :w, :n], atol=1e-6, equal_nan=True):
             ours = ours.softmax(-1)
         keep = torch.isfinite(ours)
         err = (ours[keep] - theirs[keep]).abs().max().item()
@@ -231,18 +332,25 @@ def _score_error(q: Tensor, k: Tensor, scale: float, scores: Tensor, lengths: li
 
 
 def _diagnostics(patterns: Tensor, lengths: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """Sink share, entropy (nats) and previous-token score ``[B, L, H]`` over queries ``1 .. n-1``."""
-    B, L, H = patterns.shape[:3]
-    sink, ent, prev = (torch.full((B, L, H), torch.nan) for _ in range(3))
+    """Sink share, entropy (nats) and previous-token score ``[B, H]`` of one layer's patterns ``[B, H, S, S]``."""
+    B, H = patterns.shape[:2]
+    sink, ent, prev = (torch.full((B, H), torch.nan) for _ in range(3))
     for b, n in enumerate(lengths):
-        if n < 2:
-            continue
-        p = patterns[b, :, :, :n, :n]
-        rows = p[:, :, 1:, :]
-        sink[b] = rows[..., 0].mean(-1)
-        ent[b] = -torch.special.xlogy(rows, rows).sum(-1).mean(-1)
-        prev[b] = torch.diagonal(p, offset=-1, dim1=-2, dim2=-1).mean(-1)
+        sink[b], ent[b], prev[b] = _head_diagnostics(patterns[b, :, :n, :n])
     return sink, ent, prev
+
+
+def _head_diagnostics(p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Sink share, entropy (nats) and previous-token score ``[H]`` of one prompt's patterns ``[H, n, n]`` over queries
+    ``1 .. n-1``, ``ROW_CHUNK`` rows at a time."""
+    H, n = p.shape[0], p.shape[-1]
+    if n < 2:
+        return tuple(torch.full((H,), torch.nan) for _ in range(3))  # type: ignore[return-value]
+    sink = p[:, 1:, 0].float().mean(-1)
+    chunks = (p[:, a : a + ROW_CHUNK].float() for a in range(1, n, ROW_CHUNK))
+    ent = -torch.cat([torch.special.xlogy(c, c).sum(-1) for c in chunks], -1).mean(-1)
+    prev = torch.diagonal(p, offset=-1, dim1=-2, dim2=-1).float().mean(-1)
+    return sink.cpu(), ent.cpu(), prev.cpu()
 
 
 def _induction(view: ModelView, layers: list[int], n: int, rows: int, seed: int,

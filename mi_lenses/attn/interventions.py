@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from mi_lenses.attn.scores import causal_scores
+from mi_lenses.attn.scores import row_scores
 
 def unreproduced_heads(parts, lengths: list[int], layers: list[int], hooked: list[str], atol: float) -> dict[str, str]:
     """Heads (``"L{l}H{h}"`` -> reason) whose pattern ``softmax(scale * q · k)`` does not reproduce within ``atol``
@@ -30,8 +30,9 @@ def unreproduced_heads(parts, lengths: list[int], layers: list[int], hooked: lis
     out: dict[str, str] = {}
     for i, l in enumerate(layers):
         for b, n in enumerate(lengths):
-            s = causal_scores(parts.q[b, i], parts.k[b, i], parts.scales[i], n)
-            err = (s.softmax(-1) - parts.patterns[b, i, :, :n, :n]).abs().amax((-1, -2))
+            first, w = parts.rows(b, n)
+            s = row_scores(parts.q[b, i, :w], parts.k[b, i], parts.scales[i], first, n)
+            err = (s.softmax(-1) - parts.patterns[b, i, :, :w, :n]).abs().amax((-1, -2))
             for h in torch.nonzero(err > atol)[:, 0].tolist():
                 parts.q[b, i, :, h] = float("nan")
                 parts.score_error[i] = float("nan")

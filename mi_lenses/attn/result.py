@@ -5,7 +5,9 @@ prompt's own tokens, the longest prompt's length; padding is NaN), ``d`` = ``d_h
 
 Example:
     >>> res = mi_lenses.attention(model, "The capital of France is")
-    >>> res.top_heads("sink", 1)[0][0].startswith("L")
+    >>> label, value = res.top_heads("sink", 1)[0]          # the head that puts most weight on the first token
+    >>> i, head = divmod(int(res.sink[0].argmax()), res.n_heads)
+    >>> (label, value) == (f"L{res.layers[i]}H{head}", float(res.sink[0, i, head]))
     True
     >>> res.to_dataframe().columns.tolist()
     ['batch', 'layer', 'head', 'label', 'sink', 'entropy_bits', 'previous_token', 'induction']
@@ -14,16 +16,16 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mi_lenses.attn.scores import causal_scores
+from mi_lenses.attn.scores import row_scores
 from mi_lenses.errors import LensInputError, VerificationError
 from mi_lenses.indexing import resolve_index
-from mi_lenses.results import LN2, Result, dataframe, jsonable
+from mi_lenses.results import LN2, Result, dataframe, jsonable, plural
 from mi_lenses.viz.attention import attention_fragment, attention_table, neuron_view, qk_table
 
 Metric = Literal["sink", "entropy", "previous_token", "induction"]
@@ -42,6 +44,11 @@ class AttentionResult(Result):
     ``1 .. n-1`` of each prompt); ``induction`` is ``[L, H]`` from the repeated random tokens ``induction_tokens``.
     ``q`` ``[B, L, S, H, d]`` and ``k`` ``[B, L, S, KV, d]`` are the queries and keys as they enter the scores (after
     rotary), kept for :meth:`qk_terms`; ``scale[i]`` multiplies ``q · k`` in layer ``layers[i]``.
+
+    With ``attention(last_queries=Q)`` (long prompts) only the query rows ``first_query[b] ..`` of each prompt are kept:
+    ``patterns`` is ``[B, L, H, Q, S]`` and ``q`` ``[B, L, Q, H, d]`` (row ``j`` is query ``first_query[b] + j``), and
+    ``thumbnails`` ``[B, L, H, T, T]`` holds each head's whole pattern max-pooled (the views' images). The diagnostics
+    are computed over every row either way.
     """
 
     model_name: str
@@ -63,6 +70,11 @@ class AttentionResult(Result):
     qk_note: str | None = None  # why q and k are not kept
     qk_unavailable: dict[str, str] = field(default_factory=dict)  # "L{l}H{h}" -> why (a user's hook; q NaN)
     model_dtype: str = "float32"  # the model's weights: its own patterns and scores are this precise
+    first_query: list[int] | None = field(default=None, repr=False)  # first kept query per prompt (None: all)
+    thumbnails: Float[Tensor, "B L H T T"] | None = field(default=None, repr=False)  # with first_query
+
+    view_options: ClassVar[dict[str, Any]] = {  # see mi_lenses.results
+        "top_k": 5, "patterns": False, "what": "heads", "value": "sink", "layer": None, "head": None, "query": -1}
 
     # ------------------------------------------------------------------------------------ structure
     @property
@@ -107,13 +119,13 @@ class AttentionResult(Result):
             raise LensInputError(f"unknown metric {name!r}; use one of {METRICS}.")
         return values.nanmean(0) if batch is None else values[self.check_batch(batch)]
 
-    def top_heads(self, metric: Metric, k: int = 5, *, batch: int | None = 0,
+    def top_heads(self, metric: Metric, top_k: int = 5, *, batch: int | None = 0,
                   lowest: bool = False) -> list[tuple[str, float]]:
-        """The ``k`` heads with the highest (``lowest``: lowest) ``metric`` as ``(label, value)``, labels
+        """The ``top_k`` heads with the highest (``lowest``: lowest) ``metric`` as ``(label, value)``, labels
         ``L{layer}H{head}``."""
         vals = self.metric(metric, batch)
         flat = torch.nan_to_num(vals.flatten(), nan=float("inf") if lowest else -float("inf"))
-        idx = flat.argsort(descending=not lowest)[: min(k, flat.numel())].tolist()
+        idx = flat.argsort(descending=not lowest)[: min(top_k, flat.numel())].tolist()
         return [(f"L{self.layers[i // self.n_heads]}H{i % self.n_heads}", float(vals.flatten()[i])) for i in idx]
 
     # ------------------------------------------------------------------------------------ the q·k terms
@@ -133,8 +145,9 @@ class AttentionResult(Result):
             raise LensInputError(f"the q·k terms of L{self.layers[i]}H{h} are unavailable: {reason}.")
         n = self.lengths[b]
         qpos = resolve_index(query, n, "query", f"prompt {b} has {n} tokens")
+        row = self.row(b, qpos)
         kv = h // (self.n_heads // self.n_kv_heads)
-        qv = self.q[b, i, qpos, h]
+        qv = self.q[b, i, row, h]
         keys = self.k[b, i, : qpos + 1, kv]
         products = qv[None, :] * keys * self.scale[i]  # [K, d]
         scores = products.sum(-1)
@@ -149,8 +162,39 @@ class AttentionResult(Result):
             products=products,
             scores=scores,
             probs=scores.softmax(-1),
-            pattern=self.patterns[b, i, h, qpos, : qpos + 1].clone(),
+            pattern=self.patterns[b, i, h, row, : qpos + 1].clone(),
         )
+
+    # ------------------------------------------------------------------------------------ kept rows
+    def rows(self, batch: int) -> tuple[int, int]:
+        """Prompt ``batch``'s kept query rows: ``(first query, number of rows)`` (``(0, n)`` when all are kept)."""
+        n = self.lengths[batch]
+        first = 0 if self.first_query is None else self.first_query[batch]
+        return first, n - first
+
+    def row(self, batch: int, query: int) -> int:
+        """The row of ``patterns`` (and ``q``) that holds query ``query`` (``>= 0``) of prompt ``batch``."""
+        first, w = self.rows(batch)
+        if not first <= query < first + w:
+            raise LensInputError(f"query {query} of prompt {batch} was not kept: this result keeps queries "
+                                 f"{first}..{first + w - 1} (attention(..., last_queries={w})); pass a later query "
+                                 "or run attention() with a larger last_queries.")
+        return query - first
+
+    def block(self, batch: int, layer_index: int, lo: int) -> Float[Tensor, "H W W"]:
+        """Every head's pattern among the prompt's tokens ``lo ..`` (queries and keys), for the head view."""
+        first, w = self.rows(batch)
+        n = self.lengths[batch]
+        return self.patterns[batch, layer_index, :, self.row(batch, lo) : w, lo:n]
+
+    def image(self, batch: int, layer_index: int, head: int) -> Float[Tensor, "n n"]:
+        """One head's whole pattern as the views draw it: ``[n, n]``, or its pooled thumbnail when only the last
+        queries were kept."""
+        n = self.lengths[batch]
+        if self.thumbnails is None:
+            return self.patterns[batch, layer_index, head, :n, :n]
+        t = min(n, self.thumbnails.shape[-1])
+        return self.thumbnails[batch, layer_index, head, :t, :t]
 
     # ------------------------------------------------------------------------------------ identities
     def verify(self, atol: float | None = None) -> "AttentionResult":
@@ -167,12 +211,13 @@ class AttentionResult(Result):
             atol = VERIFY_TOL.get(self.model_dtype, VERIFY_TOL["float32"])
 
         for b, n in enumerate(self.lengths):
-            p = self.patterns[b, :, :, :n, :n]
+            first, w = self.rows(b)
+            p = self.patterns[b, :, :, :w, :n]
             err = (p.sum(-1) - 1).abs().max().item()
             if not err <= atol:
                 raise VerificationError(f"attention rows of prompt {b} sum to 1 ± {err:.2e} (> {atol:.0e}): the "
                                         "pattern reads padding or the wrong hook.")
-            upper = p.triu(1).abs().max().item()
+            upper = p.triu(first + 1).abs().max().item()
             if not upper <= atol:
                 raise VerificationError(f"prompt {b} attends to later tokens ({upper:.2e}): the patterns are not "
                                         "causal, or positions are misaligned.")
@@ -186,9 +231,10 @@ class AttentionResult(Result):
             )
         if self.q is not None and self.k is not None:
             for b, n in enumerate(self.lengths):
+                first, w = self.rows(b)
                 for i in range(len(self.layers)):
-                    s = causal_scores(self.q[b, i], self.k[b, i], self.scale[i], n)
-                    diff = (s.softmax(-1) - self.patterns[b, i, :, :n, :n]).abs()
+                    s = row_scores(self.q[b, i, :w], self.k[b, i], self.scale[i], first, n)
+                    diff = (s.softmax(-1) - self.patterns[b, i, :, :w, :n]).abs()
                     err = diff.nan_to_num(0.0).max().item()  # NaN: a head whose q·k terms are unavailable
                     if not err <= atol:
                         raise VerificationError(
@@ -198,12 +244,14 @@ class AttentionResult(Result):
         return self
 
     # ------------------------------------------------------------------------------------ exports
-    def to_dict(self, *, batch: int = 0, patterns: bool = False) -> dict[str, Any]:
+    def to_dict(self, *, batch: int = 0, top_k: int = 5, patterns: bool = False) -> dict[str, Any]:
         """JSON-ready dict for one prompt: ``tokens``, ``layers``, per-head ``sink``/``entropy_bits``/
-        ``previous_token``/``induction`` as ``[layer][head]``, the top heads of each, and with ``patterns`` the
-        patterns ``[layer][head][query][key]`` over the prompt's tokens."""
+        ``previous_token``/``induction`` as ``[layer][head]``, the ``top_k`` top heads of each, and with
+        ``patterns`` the patterns ``[layer][head][query][key]`` over the prompt's tokens (only the kept queries, from
+        ``first_query``, when the result keeps the last ones)."""
         b = self.check_batch(batch)
         n = self.lengths[b]
+        first, w = self.rows(b)
         out: dict[str, Any] = {
             "model": self.model_name,
             "tokens": self.str_tokens[b],
@@ -215,16 +263,19 @@ class AttentionResult(Result):
             "previous_token": self.previous_token[b],
             "induction": self.induction,
             "induction_length": self.induction_length,
-            "top_heads": {m: self.top_heads(m, 5, batch=b) for m in METRICS
+            "top_heads": {m: self.top_heads(m, top_k, batch=b) for m in METRICS
                           if m != "induction" or self.induction is not None},
         }
         if patterns:
-            out["patterns"] = self.patterns[b, :, :, :n, :n]
+            out["patterns"] = self.patterns[b, :, :, :w, :n]
+            if self.first_query is not None:
+                out["first_query"] = first
         return jsonable(out)
 
     def to_dataframe(self, what: Literal["heads", "patterns"] = "heads"):
         """Tidy pandas frame: ``"heads"`` (default), one row per (prompt, layer, head) with the diagnostics, or
-        ``"patterns"``, one row per (prompt, layer, head, query, key) of real tokens (keys up to the query)."""
+        ``"patterns"``, one row per (prompt, layer, head, query, key) of real tokens (keys up to the query; the kept
+        queries only, when the result keeps the last ones)."""
         B, L, H = self.sink.shape
         if what == "heads":
             b, i, h = torch.cartesian_prod(torch.arange(B), torch.arange(L), torch.arange(H)).unbind(-1)
@@ -237,28 +288,37 @@ class AttentionResult(Result):
         if what == "patterns":
             cols: dict[str, list[Tensor]] = {"batch": [], "layer": [], "head": [], "query": [], "key": [], "weight": []}
             for bb, n in enumerate(self.lengths):
-                qq, kk = torch.tril_indices(n, n)
+                first, w = self.rows(bb)
+                qq, kk = torch.tril_indices(w, n, offset=first)  # row j is query first + j: keys up to it
                 for i, l in enumerate(self.layers):
                     for h in range(H):
                         for name, v in (("batch", bb), ("layer", l), ("head", h)):
                             cols[name].append(torch.full((len(qq),), v))
-                        cols["query"].append(qq)
+                        cols["query"].append(qq + first)
                         cols["key"].append(kk)
                         cols["weight"].append(self.patterns[bb, i, h, qq, kk])
             return dataframe({name: torch.cat(parts).numpy() for name, parts in cols.items()})
         raise LensInputError(f"what must be 'heads' or 'patterns', got {what!r}.")
 
-    def table(self, *, batch: int = 0, value: Metric = "sink"):
+    def table(self, *, batch: int = 0, value: Metric = "sink", top_k: int = 5):
         """A rich table: layers (rows, last on top) x heads, each cell the head's ``value`` shaded; the caption
-        names the top heads of every diagnostic."""
-        return attention_table(self, batch=self.check_batch(batch), value=value)
+        names the ``top_k`` top heads of every diagnostic."""
+        return attention_table(self, batch=self.check_batch(batch), value=value, top_k=top_k)
 
-    def fragment(self, *, batch: int = 0, layer: int | None = None, head: int | None = None,
+    def fragment(self, *, batch: int = 0, top_k: int = 5, layer: int | None = None, head: int | None = None,
                  query: int = -1) -> str:
-        """The page body: diagnostics maps (sink share, entropy, previous-token, induction), the head view of
-        ``layer``, the model view (every layer x head) and the neuron view of ``head`` at ``query`` (default: the
-        head with the highest induction score, else previous-token score, and the last token)."""
-        return attention_fragment(self, batch=self.check_batch(batch), layer=layer, head=head, query=query)
+        """The page body: diagnostics maps (sink share, entropy, previous-token, induction) with the ``top_k`` top
+        heads of each, the head view of ``layer``, the model view (every layer x head) and the neuron view of
+        ``head`` at ``query`` (default: the head with the highest induction score, else previous-token score, and
+        the last token)."""
+        return attention_fragment(self, batch=self.check_batch(batch), top_k=top_k, layer=layer, head=head,
+                                  query=query)
+
+    def _summary(self) -> str:
+        (label, value), = self.top_heads("sink", 1, batch=None)
+        return (f"on {self.model_name!r}: {plural(self.n_batch, 'prompt')} of up to {max(self.lengths)} tokens, "
+                f"{len(self.layers)} layers x {self.n_heads} heads ({self.n_kv_heads} key/value), top sink {label} "
+                f"{value:.2f}{'' if self.induction is None else ', induction scored'}")
 
 
 @dataclass
@@ -279,15 +339,17 @@ class QKTerms(Result):
     probs: Float[Tensor, " K"]
     pattern: Float[Tensor, " K"]
 
+    view_options: ClassVar[dict[str, Any]] = {"top_k": 12, "max_keys": 48}  # see mi_lenses.results
+
     @property
     def title(self) -> str:
         return f"L{self.layer}H{self.head} at {self.str_tokens[self.query]!r}: {self.model_name}"
 
-    def top_dims(self, key: int | None = None, k: int = 8) -> list[tuple[int, float]]:
-        """The ``k`` dimensions with the largest ``|term|`` for ``key`` (default: the most attended key)."""
+    def top_dims(self, key: int | None = None, top_k: int = 8) -> list[tuple[int, float]]:
+        """The ``top_k`` dimensions with the largest ``|term|`` for ``key`` (default: the most attended key)."""
         key = int(self.probs.argmax()) if key is None else resolve_index(key, len(self.str_tokens), "key")
         row = self.products[key]
-        return [(int(d), float(row[d])) for d in row.abs().argsort(descending=True)[:k]]
+        return [(int(d), float(row[d])) for d in row.abs().argsort(descending=True)[:top_k]]
 
     def to_dict(self, *, batch: int = 0) -> dict[str, Any]:
         self.check_batch(batch)
@@ -304,13 +366,19 @@ class QKTerms(Result):
                           "dim": dim.numpy(), "term": self.products[key, dim].numpy(),
                           "score": self.scores[key].numpy(), "prob": self.probs[key].numpy()})
 
-    def table(self, *, batch: int = 0, k: int = 12):
-        """A rich table of the ``k`` most attended keys: score, probability and their largest terms."""
+    def table(self, *, batch: int = 0, top_k: int = 12):
+        """A rich table of the ``top_k`` most attended keys: score, probability and their largest terms."""
         self.check_batch(batch)
-        return qk_table(self, k=k)
+        return qk_table(self, top_k=top_k)
 
     def fragment(self, *, batch: int = 0, max_keys: int = 48) -> str:
         """The neuron view: keys x dimensions of terms (diverging colours), each key's score and probability, and
         the row over the prompt (circuitsvis). Prompts longer than ``max_keys`` show the most attended keys."""
         self.check_batch(batch)
         return neuron_view(self, max_keys=max_keys)
+
+    def _summary(self) -> str:
+        key = int(self.probs.argmax())
+        return (f"L{self.layer}H{self.head} at query {self.query} {self.str_tokens[self.query]!r} on "
+                f"{self.model_name!r}: {len(self.str_tokens)} keys x d_head {self.products.shape[1]}, most attended "
+                f"key {key} {self.str_tokens[key]!r} (weight {float(self.probs[key]):.3f})")

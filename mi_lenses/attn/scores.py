@@ -18,7 +18,13 @@ def causal_scores(q: Tensor, k: Tensor, scale: float, n: int) -> Tensor:
     """``scale * q · k`` of one prompt's first ``n`` tokens, ``[H, n, n]``, with the causal mask (-inf above the
     diagonal). ``q`` is ``[S, H, d]``; ``k`` is ``[S, KV, d]``, one slice per key/value head: query head ``h`` reads
     KV head ``h // (H / KV)`` (grouped-query attention, the layout of ``ModelView.expand_kv``)."""
+    return row_scores(q[:n], k, scale, 0, n)
+
+
+def row_scores(q: Tensor, k: Tensor, scale: float, first: int, n: int) -> Tensor:
+    """The rows of :func:`causal_scores` of the queries ``first .. first + Q - 1`` (``q`` is ``[Q, H, d]``) over the
+    prompt's ``n`` keys: ``[H, Q, n]``, -inf on keys after each query."""
     kk = k[:n].repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    s = torch.einsum("qhd,khd->hqk", q[:n], kk) * scale
-    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
-    return s.masked_fill(upper, -torch.inf)
+    s = torch.einsum("qhd,khd->hqk", q, kk) * scale
+    later = torch.arange(n)[None, :] > torch.arange(first, first + q.shape[0])[:, None]
+    return s.masked_fill(later, -torch.inf)

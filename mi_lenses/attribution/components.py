@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from mi_lenses.attribution.directions import (
@@ -53,10 +53,10 @@ from mi_lenses.attribution.directions import (
 )
 from mi_lenses.attribution.interventions import find_edits, intervention_hooks, plain_residual
 from mi_lenses.attribution.result import DLAResult
-from mi_lenses.attribution.sources import source_attribution
+from mi_lenses.attribution.sources import pattern_rows_kept, source_attribution
 from mi_lenses.errors import LensInputError, VerificationError
 from mi_lenses.indexing import resolve_positions
-from mi_lenses.models.batch import Cached, PromptInput, cached_forward
+from mi_lenses.models.batch import Batch, Cached, PromptInput, cached_forward, make_batch
 from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
 from mi_lenses.progress import bar
@@ -129,14 +129,19 @@ def direct_logit_attribution(
     hooks = active_hooks(view.model)
     if not isinstance(position, int) or isinstance(position, bool):
         raise LensInputError(f"position must be an int (negative counts from each prompt's end), got {position!r}.")
-    names = required_hooks(view) + (intervention_hooks(view) if hooks else [])
-    run = cached_forward(view, input, names=names, required=required_hooks(view), what="direct logit attribution",
-                         cache=cache, logits=logits, attention_mask=attention_mask, prepend_bos=prepend_bos,
-                         shape_hook=view.final_resid_hook,
-                         hint=" (or with mi_lenses.attribution.required_hooks(model))",
-                         beyond_context=beyond_context, progress=progress)
+    # our own forward pass keeps each pattern only at the attributed positions (sources.pattern_rows_kept)
+    batch = None if input is None else make_batch(view, input, prepend_bos=prepend_bos, attention_mask=attention_mask,
+                                                  beyond_context=beyond_context)
+    patterns = {view.attn_hook(l, "pattern") for l in range(view.n_layers)}
+    required = [name for name in required_hooks(view) if name not in patterns]
+    names = required + (intervention_hooks(view) if hooks else [])
+    reduce = [] if cache is not None or batch is None else pattern_rows_kept(view, _positions(batch, position))
+    run = cached_forward(view, batch, names=names, required=required, what="direct logit attribution",
+                         cache=cache, logits=logits, attention_mask=attention_mask, shape_hook=view.final_resid_hook,
+                         hint=" (or with mi_lenses.attribution.required_hooks(model))", progress=progress,
+                         reduce=reduce)
     batch, cache, logits = run.batch, run, run.logits
-    pos = resolve_positions([position], batch.lengths, batch.offsets, every_prompt=True).index[:, 0]
+    pos = _positions(batch, position)
     dirn = resolve_direction(view, batch.shape[0], answer, wrong, direction, through_final_norm)
     parts = _reduce(view, cache, dirn, pos, progress)
     edits = find_edits(view, cache, parts, dirn, pos, hooks) if hooks else None
@@ -175,6 +180,11 @@ def direct_logit_attribution(
     if check and actual_source == "logits":
         result.verify()
     return recorded(result, hooks)
+
+
+def _positions(batch: Batch, position: int) -> Int[Tensor, " B"]:
+    """The padded-sequence index of the attributed ``position`` in each prompt."""
+    return resolve_positions([position], batch.lengths, batch.offsets, every_prompt=True).index[:, 0]
 
 
 def _check_separable(result: DLAResult, hooks: list[str]) -> None:
@@ -281,8 +291,3 @@ def _reduce(view: ModelView, cache: Cached, dirn: Direction, pos: Tensor, progre
                   mlps if view.has_mlp else None, mlp_bias if has_b_out else None, neurons, sources, constants,
                   experts, list(groups), neuron_names, notes)
 
-
-# ------------------------------------------------------------------------------------------------ assemble
-def _keys(cache: Any) -> set[str]:
-    keys = cache.keys() if hasattr(cache, "keys") else []
-    return set(keys)

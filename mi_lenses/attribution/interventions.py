@@ -39,6 +39,7 @@ from torch import Tensor
 
 from mi_lenses.attribution.directions import Direction, effective_directions
 from mi_lenses.attribution.result import SELF_CHECK_TOL
+from mi_lenses.attribution.sources import pattern_rows
 from mi_lenses.models.batch import Cached
 from mi_lenses.models.view import ModelView
 
@@ -146,7 +147,7 @@ def _mark_sources(view: ModelView, cache: Cached, parts, pos_list: list[int], ho
     names = {entry.split(" ")[0] for entry in hooked}
     for l in range(view.n_layers):
         z = torch.stack([cache[view.attn_hook(l, "z")][b, p] for b, p in enumerate(pos_list)]).float()  # [B, H, d]
-        pattern = torch.stack([cache[view.attn_hook(l, "pattern")][b, :, p] for b, p in enumerate(pos_list)]).float()
+        pattern = pattern_rows(view, cache, l, torch.tensor(pos_list)).float()  # [B, H, K]
         v = view.expand_kv(cache[view.attn_hook(l, "v")], dim=2).float()  # [B, K, H, d]
         recon = torch.einsum("bhk,bkhd->bhd", pattern, v.to(pattern.device))
         err = (z.to(recon.device) - recon).abs().amax(-1)

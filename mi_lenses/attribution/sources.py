@@ -3,6 +3,8 @@
 Head ``h`` at destination ``p`` outputs ``z[p, h] @ W_O[h]`` with ``z[p, h] = Σ_s pattern[h, p, s] · v[s, kv(h)]``,
 so its effect on a direction ``d'`` is ``Σ_s pattern[h, p, s] · (v[s, kv(h)] · (W_O[h] d'))``: one term per source position.
 With grouped-query attention ``v`` has one slice per key/value head; query head ``h`` reads slice ``kv(h)``.
+Only the pattern's rows at the attributed positions are read: a forward pass of ours keeps just those
+(:func:`pattern_rows_kept`), never the ``[batch, heads, pos, pos]`` pattern of every layer.
 
 Example (what :func:`~mi_lenses.attribution.direct_logit_attribution` stores as ``res.sources``):
     >>> res = mi_lenses.direct_logit_attribution(model, "The capital of France is", answer=" Paris")
@@ -20,6 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mi_lenses.models.batch import Reduction, derived
 from mi_lenses.models.view import ModelView
 
 
@@ -34,8 +37,30 @@ def source_attribution(
 
     ``wod[b, h] = W_O[h] @ d'_b`` is the head's output projection already dotted with the row's effective direction.
     """
-    pattern = cache[view.attn_hook(layer, "pattern")]  # [B, H, Q, K]
+    row_pattern = pattern_rows(view, cache, layer, pos).float()  # [B, H, K]
     v = view.expand_kv(cache[view.attn_hook(layer, "v")], dim=2)  # [B, K, H, d_head]
-    row_pattern = torch.stack([pattern[b, :, p] for b, p in enumerate(pos.tolist())]).float()  # [B, H, K]
     value_on_dir = torch.einsum("bshd,bhd->bhs", v.float(), wod.to(v.device))  # [B, H, K]
     return row_pattern * value_on_dir
+
+
+def pattern_rows_kept(view: ModelView, pos: Int[Tensor, " B"]) -> list[tuple[str, Reduction]]:
+    """The reductions (:func:`~mi_lenses.models.batch.run_with_cache`) that keep each layer's pattern only at each
+    row's query position ``pos[b]`` (``row``: ``[B, H, K]`` per layer instead of ``[B, H, S, S]``; ``row_pos``:
+    ``pos``)."""
+    rows = torch.arange(len(pos))
+
+    def keep(pattern: Tensor) -> dict[str, Tensor]:
+        return {"row": pattern[rows, :, pos.to(pattern.device)], "row_pos": pos.clone()}
+
+    return [(view.attn_hook(l, "pattern"), keep) for l in range(view.n_layers)]
+
+
+def pattern_rows(view: ModelView, cache: Any, layer: int, pos: Int[Tensor, " B"]) -> Float[Tensor, "B H K"]:
+    """Block ``layer``'s attention pattern at each row's query position ``pos[b]``: the rows
+    :func:`pattern_rows_kept` kept for these positions, else read from the whole cached pattern."""
+    name = view.attn_hook(layer, "pattern")
+    rows, at = cache.get(derived(name, "row")), cache.get(derived(name, "row_pos"))
+    if rows is not None and at is not None and torch.equal(at.cpu(), pos.cpu()):
+        return rows
+    pattern = cache[name]  # [B, H, Q, K]
+    return torch.stack([pattern[b, :, p] for b, p in enumerate(pos.tolist())])

@@ -74,7 +74,7 @@ def run_lens(
     run = cached_forward(view, input, names=plan.hook_names, what="the lens", cache=cache, logits=logits,
                          attention_mask=attention_mask, prepend_bos=opts.prepend_bos, shape_hook=plan.final.hook_name,
                          hint=" (or one that keeps the residual hooks blocks.*.hook_resid_pre/mid/post)",
-                         beyond_context=opts.beyond_context, progress=opts.progress)
+                         beyond_context=opts.beyond_context, progress=opts.progress, fused=True)
     batch = run.batch
     grid = resolve_positions(opts.positions, batch.lengths, batch.offsets)
     ref_index = _reference_index(batch, grid, plan.ahead)

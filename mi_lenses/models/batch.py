@@ -13,14 +13,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError, MissingHookError
+from mi_lenses.models.fused import fused_attention
 from mi_lenses.progress import bar
 
 if TYPE_CHECKING:
@@ -161,27 +163,53 @@ def match_cache(batch: Batch | None, shape: tuple[int, int], attention_mask: Any
     return batch
 
 
+Reduction = Callable[[Tensor], dict[str, Tensor]]  # an activation -> the small tensors kept of it
+
+
+def derived(name: str, key: str) -> str:
+    """The cache key of what a reduction kept of hook ``name`` under ``key`` (e.g.
+    ``blocks.3.attn.hook_pattern:rows``)."""
+    return f"{name}:{key}"
+
+
 def run_with_cache(view: "ModelView", batch: Batch, names: set[str] | Sequence[str], *,
-                   progress: bool = False) -> tuple[Tensor, Any]:
+                   progress: bool = False, reduce: Sequence[tuple[str, Reduction]] = (),
+                   fused: bool = False) -> tuple[Tensor, Any]:
     """One forward pass without gradients, caching the hooks in ``names``; left-padded rows run with their mask.
-    With ``progress``, a long pass (``PROGRESS_TOKENS`` tokens or more) shows a bar over the blocks. TransformerLens
-    removes its caching hooks, and ``hooks()`` the bar's, also when the forward pass raises; hooks the user added
-    before stay active and in their order."""
+
+    ``reduce``: ``(hook name, fn)`` pairs; ``fn`` gets the activation as it passes and returns small tensors the cache
+    keeps under :func:`derived` keys (the activation itself is cached only when ``names`` has it): an engine that reads
+    a row of a ``[batch, heads, pos, pos]`` pattern never holds the others. ``fused``: run fused attention where that
+    gives the same numbers (:func:`~mi_lenses.models.fused.fused_attention`). With ``progress``, a long pass
+    (``PROGRESS_TOKENS`` tokens or more) shows a bar over the blocks. TransformerLens removes its caching hooks, and
+    ``hooks()`` ours, also when the forward pass raises; hooks the user added before stay active and in their order."""
     wanted = set(names)
     kwargs: dict[str, Any] = {}
     if batch.left_padded:
         kwargs["attention_mask"] = batch.attention_mask.to(batch.tokens.device)
-    B, S = batch.shape
-    if not progress or B * S < PROGRESS_TOKENS:
-        with torch.no_grad():
-            return view.model.run_with_cache(batch.tokens, names_filter=lambda n: n in wanted, **kwargs)
-    with bar(view.n_layers, f"forward pass ({B * S} tokens)", unit="block") as b:
-        def tick(act: Tensor, hook: Any = None) -> None:
-            b.update(1)
+    kept: dict[str, Tensor] = {}
 
-        ticks = [(f"blocks.{l}.hook_resid_post", tick) for l in range(view.n_layers)]
-        with torch.no_grad(), view.model.hooks(fwd_hooks=ticks):
-            return view.model.run_with_cache(batch.tokens, names_filter=lambda n: n in wanted, **kwargs)
+    def keeper(name: str, fn: Reduction) -> Callable:
+        def hook(act: Tensor, hook: Any = None) -> None:
+            kept.update({derived(name, key): t for key, t in fn(act.detach()).items()})
+        return hook
+
+    hooks = [(name, keeper(name, fn)) for name, fn in reduce]
+    B, S = batch.shape
+    with contextlib.ExitStack() as stack:
+        if fused:
+            stack.enter_context(fused_attention(view, batch, [*wanted, *(name for name, _ in reduce)]))
+        if progress and B * S >= PROGRESS_TOKENS:
+            b = stack.enter_context(bar(view.n_layers, f"forward pass ({B * S} tokens)", unit="block"))
+            hooks += [(f"blocks.{l}.hook_resid_post", lambda act, hook=None: b.update(1))
+                      for l in range(view.n_layers)]
+        stack.enter_context(torch.no_grad())
+        if hooks:
+            stack.enter_context(view.model.hooks(fwd_hooks=hooks))
+        logits, cache = view.model.run_with_cache(batch.tokens, names_filter=lambda n: n in wanted, **kwargs)
+    if kept:
+        (cache.cache_dict if hasattr(cache, "cache_dict") else cache).update(kept)
+    return logits, cache
 
 
 PROGRESS_TOKENS = 1024  # a forward pass over fewer tokens never takes long enough for a bar
@@ -209,6 +237,8 @@ class Cached:
             t = self.cache[name]
         except (KeyError, IndexError):
             return None
+        if ":" in name:  # a reduction's output (batch first always)
+            return t
         want = _NDIM.get(name.rsplit("hook_", 1)[-1], 3)
         return t[None] if t.ndim == want - 1 else t
 
@@ -227,26 +257,28 @@ class Cached:
 
 
 def cached_forward(
-    view: "ModelView", input: PromptInput | None, *, names: Sequence[str], what: str, cache: Any = None,
+    view: "ModelView", input: PromptInput | Batch | None, *, names: Sequence[str], what: str, cache: Any = None,
     logits: Tensor | None = None, attention_mask: Tensor | None = None, prepend_bos: bool | None = None,
     required: Sequence[str] | None = None, shape_hook: str | None = None, hint: str = "",
-    beyond_context: bool = False, progress: bool = False,
+    beyond_context: bool = False, progress: bool = False, reduce: Sequence[tuple[str, Reduction]] = (),
+    fused: bool = False,
 ) -> Cached:
-    """The one forward pass of every engine: tokens from ``input`` (if given), then either one pass caching
-    ``names`` or the caller's ``cache`` (checked for ``required``, default ``names``), the batch matched to the
-    cache's ``[batch, pos]`` (read from ``shape_hook``, default the first required hook)."""
+    """The one forward pass of every engine: tokens from ``input`` (if given; a :class:`Batch` is taken as it is),
+    then either one pass caching ``names`` (and the ``reduce`` outputs, with ``fused`` attention where it applies: see
+    :func:`run_with_cache`) or the caller's ``cache`` (checked for ``required``, default ``names``), the batch matched
+    to the cache's ``[batch, pos]`` (read from ``shape_hook``, default the first required hook)."""
     if input is None and cache is None:
         raise LensInputError("pass a prompt, a list of prompts, tokens, or cache=ActivationCache.")
-    batch = None if input is None else make_batch(view, input, prepend_bos=prepend_bos,
-                                                  attention_mask=attention_mask, beyond_context=beyond_context)
+    batch = input if isinstance(input, Batch) or input is None else make_batch(
+        view, input, prepend_bos=prepend_bos, attention_mask=attention_mask, beyond_context=beyond_context)
     ran = cache is None
     if ran:
-        logits, cache = run_with_cache(view, batch, names, progress=progress)
+        logits, cache = run_with_cache(view, batch, names, progress=progress, reduce=reduce, fused=fused)
     out = Cached(batch, logits, cache, what, hint, ran)  # type: ignore[arg-type]  (batch matched below)
     required = list(names if required is None else required)
     out.require(required)
     name = shape_hook or required[0]
     key = out[name]
-    S = key.shape[-1] if name.endswith(("hook_pattern", "hook_attn_scores")) else key.shape[1]  # [B, H, Q, K]
+    S = key.shape[-1] if name.endswith(("hook_pattern", "hook_attn_scores", ":rows")) else key.shape[1]  # [B, H, Q, K]
     out.batch = match_cache(batch, (key.shape[0], S), attention_mask)
     return out

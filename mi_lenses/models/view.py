@@ -24,7 +24,7 @@ from torch import Tensor
 
 from mi_lenses.errors import LensInputError, check_text, quoted
 from mi_lenses.indexing import resolve_index
-from mi_lenses.models.batch import Batch, PromptInput, make_batch, run_with_cache
+from mi_lenses.models.batch import Batch, PromptInput, Reduction, make_batch, run_with_cache
 from mi_lenses.models.blocks import Neurons, SublayerPath, is_post_ln, neurons, sublayer_path
 from mi_lenses.models.decode import Decoder, decoder_of
 from mi_lenses.models.kv import BridgeKV, HookedKV, is_bridge, kv_cache
@@ -394,10 +394,11 @@ class ModelView:
         return make_batch(self, input, prepend_bos=prepend_bos, attention_mask=attention_mask,
                           beyond_context=beyond_context)
 
-    def run_with_cache(self, batch: Batch, names: set[str] | Sequence[str], *,
-                       progress: bool = False) -> tuple[Tensor, Any]:
-        """``(logits, cache)`` of one forward pass over ``batch`` caching the hooks in ``names`` (no gradients)."""
-        return run_with_cache(self, batch, names, progress=progress)
+    def run_with_cache(self, batch: Batch, names: set[str] | Sequence[str], *, progress: bool = False,
+                       reduce: Sequence[tuple[str, Reduction]] = (), fused: bool = False) -> tuple[Tensor, Any]:
+        """``(logits, cache)`` of one forward pass over ``batch`` caching the hooks in ``names`` (no gradients; see
+        :func:`~mi_lenses.models.batch.run_with_cache` for ``reduce`` and ``fused``)."""
+        return run_with_cache(self, batch, names, progress=progress, reduce=reduce, fused=fused)
 
     # ----------------------------------------------------------------------------------------- tokens
     @property

@@ -30,7 +30,7 @@ from mi_lenses.models.view import ModelView
 from mi_lenses.patchscopes.presets import identity
 from mi_lenses.patchscopes.result import SweepResult
 from mi_lenses.patchscopes.run import apply_map, patched_readout, source_states
-from mi_lenses.patchscopes.spec import Target, resolve_layer, resolve_map, resolve_target, translate_ids
+from mi_lenses.patchscopes.spec import POINT, Target, resolve_layer, resolve_map, resolve_target, translate_ids
 
 
 def sweep(
@@ -48,6 +48,8 @@ def sweep(
     use_kv_cache: bool = True,
     progress: bool = True,
     prepend_bos: bool | None = None,
+    cache: Any = None,
+    logits: Tensor | None = None,
 ) -> SweepResult:
     """Patchscope statistics for every (source layer, target layer) pair over many source positions.
 
@@ -63,6 +65,8 @@ def sweep(
             real position. A position a shorter prompt lacks is skipped for it.
         target_token: a token whose target probability is tracked (default: the source's own prediction).
         chunk: patched rows per forward pass.
+        cache: the source prompt's ``ActivationCache`` holding ``blocks.*.hook_resid_post`` of the source layers,
+            with ``logits`` (that run's output): no forward pass over the source prompt (a long prompt costs one).
     """
     target = target if target is not None else identity()
     src_view = ModelView(model)
@@ -80,7 +84,13 @@ def sweep(
     tgt_id = None if target_token is None else tgt_view.to_single_token(target_token)
 
     t0 = time.perf_counter()
-    states, logits = source_states(src_view, batch, set(src_layers))
+    if cache is None or logits is None:
+        states, logits = source_states(src_view, batch, set(src_layers))
+    else:
+        states = {l: cache[src_view.hook_name(POINT, l)].detach() for l in src_layers}
+        if any(tuple(t.shape[:2]) != batch.shape for t in states.values()):
+            raise LensInputError(f"the cache's [batch, pos] does not match the source's {batch.shape}: pass the cache "
+                                 "of this source prompt.")
     b_idx = torch.tensor([b for b, _ in pairs])
     p_idx = torch.tensor([p for _, p in pairs])
     P = len(pairs)

@@ -66,13 +66,13 @@ def score_maps(res, batch: int = 0) -> str:
     return '<div class="side">' + "".join(f"<div>{metric_map(res, m, batch)}</div>" for m in metrics) + "</div>"
 
 
-def top_heads_list(res, batch: int = 0, k: int = 5) -> str:
-    """The ``k`` top heads of each diagnostic (and the lowest-entropy heads) as a small HTML table."""
-    rows = [("sink", res.top_heads("sink", k, batch=batch)),
-            ("previous-token", res.top_heads("previous_token", k, batch=batch)),
-            ("lowest entropy (bits)", res.top_heads("entropy", k, batch=batch, lowest=True))]
+def top_heads_list(res, batch: int, top_k: int) -> str:
+    """The ``top_k`` top heads of each diagnostic (and the lowest-entropy heads) as a small HTML table."""
+    rows = [("sink", res.top_heads("sink", top_k, batch=batch)),
+            ("previous-token", res.top_heads("previous_token", top_k, batch=batch)),
+            ("lowest entropy (bits)", res.top_heads("entropy", top_k, batch=batch, lowest=True))]
     if res.induction is not None:
-        rows.append(("induction", res.top_heads("induction", k, batch=batch)))
+        rows.append(("induction", res.top_heads("induction", top_k, batch=batch)))
     body = "".join(f'<tr><th style="text-align:left">{name}</th>'
                    + "".join(f"<td><code>{label}</code> {v:.2f}</td>" for label, v in heads) + "</tr>"
                    for name, heads in rows)
@@ -90,7 +90,7 @@ def head_view_component(res, batch: int, layer: int, window: int = HEAD_VIEW_WIN
     n = res.lengths[batch]
     lo = max(0, n - window)
     return cv.attention.attention_heads(
-        attention=_rounded(res.patterns[batch, i, :, lo:n, lo:n]),
+        attention=_rounded(res.block(batch, i, lo)),
         tokens=distinct(res.str_tokens[batch][:n])[lo:],
         attention_head_names=[f"L{res.layers[i]}H{h}" for h in range(res.n_heads)],
     )
@@ -115,7 +115,7 @@ def head_images(res, batch: int, layer: int, size: int = 200) -> str:
     cells = "".join(
         f'<figure style="margin:0 8px 8px 0;display:inline-block;font-size:12px">'
         f'<img alt="L{res.layers[i]}H{h} pattern" title="{html.escape(titles[h])}" '
-        f'src="{png_data_uri(_thumb(res.patterns[batch, i, h, :n, :n], size))}" width="{px}" height="{px}" '
+        f'src="{png_data_uri(_thumb(res.image(batch, i, h), size))}" width="{px}" height="{px}" '
         f'style="image-rendering:pixelated;border:1px solid #ddd;display:block">'
         f"<figcaption>L{res.layers[i]}H{h}</figcaption></figure>" for h in range(res.n_heads))
     return f"<div>{cells}</div>"
@@ -124,8 +124,9 @@ def head_images(res, batch: int, layer: int, size: int = 200) -> str:
 def head_view(res, batch: int, layer: int, window: int = HEAD_VIEW_WINDOW) -> str:
     """The head view: every head of ``layer`` (click one to enlarge it, hover a token to see where it looks),
     offline. A prompt longer than ``window`` tokens shows every head's whole pattern as an image first, then the
-    interactive view of its last ``window`` tokens."""
+    interactive view of its last ``window`` tokens (at most the query rows the result kept)."""
     n = res.lengths[batch]
+    window = min(window, res.rows(batch)[1])
     if n <= window:
         return circuitsvis_block([head_view_component(res, batch, layer, window)])
     return (f'<p class="note">{n} tokens: every head\'s whole pattern (queries down, keys across; shade = sqrt(weight)'
@@ -148,7 +149,7 @@ def model_view(res, batch: int = 0, size: int = 48) -> str:
         cells = []
         for h in range(res.n_heads):
             cells.append(f'<td style="padding:1px"><img alt="L{res.layers[i]}H{h}" title="{html.escape(titles[i][h])}" '
-                         f'src="{png_data_uri(_thumb(res.patterns[batch, i, h, :n, :n], size))}" width="{px}" '
+                         f'src="{png_data_uri(_thumb(res.image(batch, i, h), size))}" width="{px}" '
                          f'height="{px}" style="image-rendering:pixelated;border:1px solid #ddd;display:block"></td>')
         rows.append(f'<tr><th style="text-align:right;padding:0 6px;font-size:12px">L{res.layers[i]}</th>'
                     f'{"".join(cells)}</tr>')
@@ -207,9 +208,10 @@ def default_head(res, batch: int = 0) -> tuple[int, int]:
     return int(layer), int(head)
 
 
-def attention_fragment(res, batch: int = 0, layer: int | None = None, head: int | None = None,
+def attention_fragment(res, batch: int, top_k: int, layer: int | None = None, head: int | None = None,
                        query: int = -1, level: int = 2) -> str:
-    """Everything about one prompt's attention as an offline HTML fragment (headings at ``level``)."""
+    """Everything about one prompt's attention as an offline HTML fragment (headings at ``level``; the ``top_k``
+    top heads of each diagnostic)."""
     d_layer, d_head = default_head(res, batch)
     layer = d_layer if layer is None else res.layers[res.layer_index(layer)]
     if head is None:  # the layer's own top head by the same diagnostic
@@ -225,7 +227,7 @@ def attention_fragment(res, batch: int = 0, layer: int | None = None, head: int 
         f"{res.n_heads} heads ({res.n_kv_heads} key/value heads), {n} tokens; {induction}. Sink share, entropy and "
         "previous-token score average the queries 1 .. n-1 (query 0 can only attend to itself).</p>",
         f'<div id="attention-diagnostics"><{h}>Per-head diagnostics</{h}>{score_maps(res, batch)}'
-        f"{top_heads_list(res, batch)}</div>",
+        f"{top_heads_list(res, batch, top_k)}</div>",
         f'<div id="head-view"><{h}>Head view: layer {layer}</{h}>'
         '<p class="note">Every head of the layer; click a head to enlarge it, hover a token to see where it '
         f"looks.</p>{head_view(res, batch, layer)}</div>",
@@ -242,9 +244,9 @@ def attention_fragment(res, batch: int = 0, layer: int | None = None, head: int 
     return "\n".join(parts)
 
 
-def attention_table(res, batch: int = 0, value: str = "sink"):
-    """A rich table: layers (rows, last on top) x heads, each cell one diagnostic, shaded; top heads in the
-    caption."""
+def attention_table(res, batch: int, value: str, top_k: int):
+    """A rich table: layers (rows, last on top) x heads, each cell one diagnostic, shaded; the ``top_k`` top heads
+    of each diagnostic in the caption."""
     vals = res.metric(value, batch)
     top = math.log2(max(res.lengths[batch], 2)) if value == "entropy" else 1.0
     table = Table(title=f"{_NAMES[value]} · {res.model_name}", pad_edge=False, min_width=72)
@@ -254,22 +256,22 @@ def attention_table(res, batch: int = 0, value: str = "sink"):
     for i in range(len(res.layers) - 1, -1, -1):
         table.add_row(f"L{res.layers[i]}", *[Text(f"{float(vals[i, h]):.2f}", style=rich_style(float(vals[i, h]) / top))
                                            for h in range(res.n_heads)])
-    lines = [f"{name}: " + ", ".join(f"{label} {v:.2f}" for label, v in res.top_heads(m, 3, batch=batch))
+    lines = [f"{name}: " + ", ".join(f"{label} {v:.2f}" for label, v in res.top_heads(m, top_k, batch=batch))
              for name, m in (("sink", "sink"), ("previous-token", "previous_token"))]
     if res.induction is not None:
-        lines.append("induction: " + ", ".join(f"{label} {v:.2f}" for label, v in res.top_heads("induction", 3)))
+        lines.append("induction: " + ", ".join(f"{label} {v:.2f}" for label, v in res.top_heads("induction", top_k)))
     table.caption = "top heads · " + " · ".join(lines)
     return table
 
 
-def qk_table(terms, k: int = 12):
-    """A rich table of the ``k`` most attended keys: position, token, score, weight and the largest terms."""
+def qk_table(terms, top_k: int):
+    """A rich table of the ``top_k`` most attended keys: position, token, score, weight and the largest terms."""
     table = Table(title=f"L{terms.layer}H{terms.head} at query {terms.query} {terms.str_tokens[terms.query]!r} · "
                         f"{terms.model_name}", caption="score = Σ_d scale · q_d · k_d; weight = softmax(score)")
     for col in ("key", "token", "score", "weight", "largest terms"):
         table.add_column(col, justify="right" if col in ("key", "score", "weight") else "left", no_wrap=True,
                          overflow="ellipsis", max_width=40 if col == "largest terms" else 16)
-    for key in terms.probs.argsort(descending=True)[:k].tolist():
+    for key in terms.probs.argsort(descending=True)[:top_k].tolist():
         dims = ", ".join(f"d{j} {v:+.2f}" for j, v in terms.top_dims(key, 3))
         table.add_row(str(key), repr(terms.str_tokens[key]), f"{float(terms.scores[key]):+.3f}",
                       f"{float(terms.probs[key]):.3f}", dims)

@@ -41,7 +41,10 @@ def lens_section(rep) -> str:
     parts = [
         f'<p class="note">Every residual state decoded through the final norm and unembedding ({ll.point}: row '
         f"<code>l_pre</code> is the input of block l){'; the tuned lens beside it' if tl is not None else ''}. "
-        "Hover a cell for the top tokens.</p>",
+        "Hover a cell for the top tokens."
+        + (f" The prompt's last {len(ll.positions)} of its {len(rep.str_tokens)} positions "
+           "(mi_lenses.logit_lens(model, prompt) decodes them all)." if len(ll.positions) < len(rep.str_tokens) else "")
+        + "</p>",
         '<div id="lens-grids"><h3>Top-1 token per layer and position</h3>',
         _side(*(top1_grid(res) for res in lenses)),
         "</div>",
@@ -106,7 +109,7 @@ def patchscope_section(rep) -> str:
 
 def dla_section(rep) -> str:
 
-    return dla_fragment(rep.dla, batch=0, level=3)
+    return dla_fragment(rep.dla, batch=0, top_k=rep.dla.view_options["top_k"], level=3)
 
 
 def attention_section(rep) -> str:
@@ -117,15 +120,17 @@ def attention_section(rep) -> str:
         note = (f'<p class="note">The head and neuron views open on L{top[0]}H{top[1]}, the head with the largest '
                 f"direct effect on {html.escape(rep.dla.direction)}, at the last token.</p>")
     layer, head = top if top is not None else (None, None)
-    return note + attention_fragment(rep.attention, batch=0, layer=layer, head=head, query=-1, level=3)
+    return note + attention_fragment(rep.attention, batch=0, top_k=rep.attention.view_options["top_k"], layer=layer,
+                                     head=head, query=-1, level=3)
 
 
 def patching_section(rep) -> str:
     note = (f'<p class="note">The corrupted prompt <code>{html.escape(rep.corrupted or "")}</code> against the prompt: '
             "which activations carry the difference. First the residual stream entering each block, patched from the "
             "prompt into the corrupted run one (layer, position) at a time; then every head's attribution.</p>")
-    return note + patching_fragment(rep.patching, level=3) + "<h3>Heads (attribution patching)</h3>" + \
-        patching_fragment(rep.patching_heads, level=4)
+    top_k = rep.patching.view_options["top_k"]
+    return note + patching_fragment(rep.patching, top_k, level=3) + "<h3>Heads (attribution patching)</h3>" + \
+        patching_fragment(rep.patching_heads, top_k, level=4)
 
 
 RENDER = {"logit_lens": lens_section, "patchscope": patchscope_section, "dla": dla_section,
