@@ -29,6 +29,7 @@ Usage (from the repo root, venv active; ~40 min on 2 cores)::
 
     python benchmarks/bench_long_prompt.py                       # 4096 and 8192 tokens -> results/long_prompt.json
     python benchmarks/bench_long_prompt.py --sizes 1024 2048     # quicker, to see the trend
+    python benchmarks/bench_long_prompt.py --resume                # after an interruption: the missing sides
     python benchmarks/bench_long_prompt.py --render benchmarks/results/long_prompt.json
 """
 
@@ -101,7 +102,8 @@ def worker(name: str, cfg: dict, out_dir: Path) -> dict:
 
     call(tokens[:, :16])  # warm-up: the decoder, the parity and fused-attention probes, first-call costs
     info: dict = {"side": side, "tokens": int(n), "threads": torch.get_num_threads(),
-                  "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+                  "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_before": os.getloadavg()}
     try:
         out, wall, cpu, extra, faults = measure(lambda: call(tokens))
     except (MemoryError, RuntimeError) as err:  # (b) under the address-space limit
@@ -109,7 +111,8 @@ def worker(name: str, cfg: dict, out_dir: Path) -> dict:
             raise
         return {**info, "failed": f"out of memory ({type(err).__name__}: {str(err)[:160]})",
                 "process_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    info.update(wall_s=wall, cpu_s=cpu, cpu_util=cpu / (wall * THREADS), extra_peak_bytes=extra, page_faults=faults)
+    info.update(wall_s=wall, cpu_s=cpu, cpu_util=cpu / (wall * THREADS), extra_peak_bytes=extra, page_faults=faults,
+                loadavg_after=os.getloadavg())
     if side == "forward":
         info["next_token"] = int(out[0, -1].argmax())
     elif side == "report":
@@ -160,8 +163,8 @@ def render(report: dict) -> str:
     for size, sides in report["sizes"].items():
         base = sides.get("forward", {})
         lines.append(f"\n{size} tokens of the shipped text (SmolLM2-135M, 30 layers, 9 heads):")
-        lines.append(f"   {'side':<42} {'wall s':>8} {'x (a)':>7} {'CPU s':>8} {'util':>5} {'peak extra':>11} "
-                     f"{'process peak':>13}")
+        lines.append(f"   {'side':<42} {'wall s':>8} {'x (a)':>7} {'CPU s':>8} {'CPU x (a)':>9} {'util':>5} "
+                     f"{'peak extra':>11} {'process peak':>13}")
         for side in SIDES:
             r = sides.get(side)
             if r is None:
@@ -170,7 +173,8 @@ def render(report: dict) -> str:
                 lines.append(f"   {LABELS[side]:<42} {r['failed']}")
                 continue
             ratio = r["wall_s"] / base["wall_s"] if "wall_s" in base else float("nan")
-            lines.append(f"   {LABELS[side]:<42} {r['wall_s']:8.1f} {ratio:7.2f} {r['cpu_s']:8.1f} "
+            cpu_ratio = r["cpu_s"] / base["cpu_s"] if "cpu_s" in base else float("nan")
+            lines.append(f"   {LABELS[side]:<42} {r['wall_s']:8.1f} {ratio:7.2f} {r['cpu_s']:8.1f} {cpu_ratio:9.2f} "
                          f"{r['cpu_util']:5.2f} {r['extra_peak_bytes'] / MiB:9.0f} M "
                          f"{r['process_peak_bytes'] / MiB:11.0f} M")
         rep = sides.get("report", {})
@@ -178,8 +182,8 @@ def render(report: dict) -> str:
             parts = ", ".join(f"{k} {v:.1f} s" for k, v in rep["seconds"].items())
             lines.append(f"   report sections: {parts}; to_html afterwards {rep['to_html_s']:.1f} s "
                          f"({rep['html_bytes'] / MiB:.1f} MiB page)")
-    lines.append("   (x (a): wall time over the plain forward pass's; util < 1: another process shared the cores, CPU "
-                 "s is then the fairer measure; peak extra: VmHWM - VmRSS around the call)")
+    lines.append("   (x (a): wall time, then CPU time, over the plain forward pass's; util < 1: another process shared "
+                 "the cores, CPU s is then the fairer measure; peak extra: VmHWM - VmRSS around the call)")
     return "\n".join(lines)
 
 
@@ -192,6 +196,8 @@ def main() -> None:
     p.add_argument("--side-limit-gib", type=float, default=22.0,
                    help="address-space limit of the other sides (a safety net on a shared machine)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per side")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the sides an interrupted run measured (its .partial.json) and run the others")
     add_worker_options(p, "benchmarks/results/long_prompt.json")
     args = p.parse_args()
     if run_as_worker(args, worker):
@@ -210,23 +216,26 @@ def main() -> None:
                             "nproc": os.cpu_count(), "loadavg_start": os.getloadavg()},
                     "sizes": {}}
     path = (REPO / args.json) if not Path(args.json).is_absolute() else Path(args.json)
+    partial = path.with_suffix(".partial.json")
+    if args.resume and partial.is_file():
+        report["sizes"] = json.loads(partial.read_text())["sizes"]
+        report["env"]["resumed"] = True
     print(f"CPU: {describe_cpu()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_long_prompt_") as tmp:
         out_dir = Path(tmp)
         for n in args.sizes:
-            sides: dict = {}
-            cfg: dict = {}
+            sides: dict = report["sizes"].setdefault(str(n), {})
             for side in [s for s in SIDES if s in args.sides]:
-                limit = int((args.as_limit_gib if side == "run_with_cache" else args.side_limit_gib) * GiB)
-                sides[side] = run_worker(f"{side}@{n}", cfg, out_dir, args.timeout, as_limit=limit)
-                if side == "forward":
-                    cfg["answer"] = sides[side]["next_token"]
-                report["sizes"][str(n)] = sides
-                path.with_suffix(".partial.json").write_text(json.dumps(report, indent=2))
+                if side not in sides:
+                    limit = int((args.as_limit_gib if side == "run_with_cache" else args.side_limit_gib) * GiB)
+                    answer = sides.get("forward", {}).get("next_token")
+                    sides[side] = run_worker(f"{side}@{n}", {"answer": answer}, out_dir, args.timeout,
+                                             as_limit=limit)
+                    partial.write_text(json.dumps(report, indent=2))
     report["env"]["loadavg_end"] = os.getloadavg()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
-    path.with_suffix(".partial.json").unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
     print(render(report))
     print(f"\nwrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
 
