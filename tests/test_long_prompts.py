@@ -112,6 +112,13 @@ def test_fused_attention_stays_off_where_it_would_change_what_runs(llama_raw, mo
         assert not fused._eligible(view, batch, resid)
     padded = view.batch(_tokens(m, 12), attention_mask=torch.tensor([[0, 0] + [1] * 10]))
     assert padded.left_padded and not fused._eligible(view, padded, resid)
+    config = m.original_model.config
+    for attr, value in (("sliding_window", 64), ("attention_chunk_size", 64)):  # masks the probe cannot see
+        monkeypatch.setattr(config, attr, value, raising=False)
+        monkeypatch.setattr(config, "layer_types", None, raising=False)
+        assert not fused._eligible(view, batch, resid), attr
+        monkeypatch.undo()
+    assert fused._eligible(view, batch, resid)
     monkeypatch.setitem(fused._PROBED, m, False)
     assert isinstance(fused.fused_attention(view, batch, resid), contextlib.nullcontext)
 

@@ -46,7 +46,7 @@ class BridgeKV:
     def __init__(self, model: Any):
         self.model = model
         self._in_session = False
-        self.keep_all_positions = _has_sliding_window(model)
+        self.keep_all_positions = has_sliding_window(model)
 
     @contextlib.contextmanager
     def session(self) -> Iterator["BridgeKV"]:
@@ -132,7 +132,7 @@ class HookedKV:
         return 0 if cache is None else int(cache.entries[0].past_keys.shape[1])
 
 
-def _has_sliding_window(model: Any) -> bool:
+def has_sliding_window(model: Any) -> bool:
     """Whether the wrapped HF model has sliding-window attention layers (from its config's ``layer_types``, or its
     ``sliding_window`` where a config has no layer types)."""
     config = getattr(getattr(model, "original_model", None), "config", None)
