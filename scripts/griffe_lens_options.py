@@ -1,12 +1,12 @@
 """A griffe extension (mkdocs.yml: mkdocstrings' python handler, ``extensions``) for the API reference: the lens entry
 points show their real signatures, and the docstrings, written for ``help()`` and doctest, read well as Markdown.
 
-- ``mi_lenses.lenses.options.with_lens_options`` generates the keyword-only options of ``logit_lens``, ``tuned_lens``,
-  ``run_lens`` and ``Lens.__call__`` at import time, and fills ``{options}`` in their docstrings; griffe reads the
-  source, which has neither. For every function decorated with it, this extension inserts one keyword-only parameter
-  per ``LensOptions`` field before ``options`` (its annotation as written in ``LensOptions``, its default from the
-  imported class) and takes the docstring from the imported function. Every ``LensOptions`` field gets its help
-  text as its docstring.
+- ``mi_lenses.options.with_options`` (``with_lens_options`` for the lenses) generates the keyword-only options of
+  ``logit_lens``, ``tuned_lens``, ``run_lens``, ``Lens.__call__`` and the patching entry points at import time, and
+  fills ``{options}`` in their docstrings; griffe reads the source, which has neither. For every function whose
+  imported object names its record (``__options__``), this extension inserts one keyword-only parameter per field
+  before ``options`` (its annotation as written in the record, its default from the imported class) and takes the
+  docstring from the imported function. Every field of an options record gets its help text as its docstring.
 - Docstrings: ``Example:`` sections become griffe's ``Examples:`` (their doctests render as code), doctest blocks
   outside a section are fenced (Markdown would read ``res.heads[0, 1, 2]`` as a link reference), and Sphinx roles
   (``:func:`~mi_lenses.x.f```) become code spans.
@@ -21,7 +21,8 @@ from typing import Any
 
 import griffe
 
-OPTIONS = "mi_lenses.lenses.options.LensOptions"
+from mi_lenses.options import Options
+
 ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|obj|exc):`(~?)([\w.]+)`")
 
 
@@ -51,11 +52,19 @@ def markdown(text: str) -> str:
     return fence_doctests(text)
 
 
-def _options(func: griffe.Function) -> list[griffe.Parameter]:
-    """One keyword-only parameter per ``LensOptions`` field, annotated as written there, with its default."""
-    runtime = griffe.dynamic_import(OPTIONS)
+def _record(path: str) -> type | None:
+    """The options record of the imported function at ``path`` (None if it takes none)."""
     try:
-        static = func.modules_collection[OPTIONS]
+        return getattr(griffe.dynamic_import(path), "__options__", None)
+    except ImportError:
+        return None
+
+
+def _options(func: griffe.Function, runtime: type) -> list[griffe.Parameter]:
+    """One keyword-only parameter per field of the record ``runtime``, annotated as written there, with its default."""
+    path = f"{runtime.__module__}.{runtime.__qualname__}"
+    try:
+        static = func.modules_collection[path]
     except (KeyError, AttributeError):
         static = None
     params = []
@@ -73,13 +82,15 @@ class LensOptionsSignatures(griffe.Extension):
             obj.docstring.value = markdown(obj.docstring.value)
 
     def on_function(self, *, func: griffe.Function, **kwargs: Any) -> None:
-        if not any(str(d.value).endswith("with_lens_options") for d in func.decorators):
+        if not any("with_" in str(d.value) and "options" in str(d.value) for d in func.decorators):
             return
+        record = _record(func.path)
         params = list(func.parameters)
-        if "options" not in [p.name for p in params] or any(p.name == "top_k" for p in params):
+        names = [p.name for p in params]
+        if record is None or "options" not in names or any(f.name in names for f in dataclasses.fields(record)):
             return
-        at = [p.name for p in params].index("options")
-        func.parameters = griffe.Parameters(*params[:at], *_options(func), *params[at:])
+        at = names.index("options")
+        func.parameters = griffe.Parameters(*params[:at], *_options(func, record), *params[at:])
         doc = inspect.getdoc(griffe.dynamic_import(func.path))
         if doc and func.docstring is not None:
             # "name (default ``x``): help" would read as a type in Google style; the Default column shows the default
@@ -87,9 +98,13 @@ class LensOptionsSignatures(griffe.Extension):
             func.docstring.value = markdown(doc)
 
     def on_class(self, *, cls: griffe.Class, **kwargs: Any) -> None:
-        if cls.path != OPTIONS:
+        try:
+            runtime = griffe.dynamic_import(cls.path)
+        except ImportError:
             return
-        for field in dataclasses.fields(griffe.dynamic_import(cls.path)):
+        if not (isinstance(runtime, type) and issubclass(runtime, Options) and dataclasses.is_dataclass(runtime)):
+            return
+        for field in dataclasses.fields(runtime):
             attr = cls.members.get(field.name)
             if attr is not None and attr.docstring is None:
                 attr.docstring = griffe.Docstring(f"{field.metadata['help']} (default ``{field.default!r}``).",

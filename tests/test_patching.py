@@ -119,7 +119,7 @@ def test_noising_layers_and_a_callable_metric(tiny_pair):
     ct, xt = m.to_tokens(CLEAN), m.to_tokens(CORRUPTED)
     metric = _metric(m, ct, xt)
     _, xc = m.run_with_cache(xt)
-    noised = _patch(m, what="resid_pre", direction="noise")
+    noised = _patch(m, what="resid_pre", mode="noise")
     ref = _quiet(patching.get_act_patch_resid_pre, m, ct, xc, metric).cpu()  # corrupted into clean
     assert torch.allclose(noised.values, ref, atol=1024 * EPS)
     some = _patch(m, what="head_out", layers=[0, -1])
@@ -230,7 +230,7 @@ def test_eap_ig_completeness(tiny_pair):
         assert diff == 1.0 and res.ig_steps == steps
         errs.append(abs(cut - diff))
     assert errs[2] < 3e-3 and errs[2] < errs[1] < errs[0], errs
-    noised = _patch(m, what="resid_pre", method="eap_ig", direction="noise", ig_steps=128)
+    noised = _patch(m, what="resid_pre", method="eap_ig", mode="noise", ig_steps=128)
     assert noised.completeness[1] == -1.0 and abs(noised.completeness[0] + 1.0) < 3e-3
 
 
@@ -382,8 +382,9 @@ def test_command_line(hf_folder, tmp_path, capsys):
     assert main(args + ["--method", "attribution", "--what", "head_out", "--by", "layer_pos_head"]) == 0
     assert main(args + ["--edges", "12", "--html", str(tmp_path / "c.html")]) == 0
     assert "faithfulness" in capsys.readouterr().out and "<svg" in (tmp_path / "c.html").read_text()
-    assert main(args + ["--what", "nothing"]) == 2
-    assert "what" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses a value outside the choices --help lists
+        main(args + ["--what", "nothing"])
+    assert exit_.value.code == 2 and "--what: invalid choice: 'nothing'" in capsys.readouterr().err
     # prompts of different lengths: refused with the flag that aligns them, which then gives the Python call's grid
     longer = ["patch", CLEAN + " known", CORRUPTED, "--answer", ANSWER, "--wrong", WRONG, "--model", str(hf_folder)]
     assert main(longer) == 2 and "--position-map" in capsys.readouterr().err
@@ -415,8 +416,8 @@ def test_bad_input_names_the_fix(tiny_pair):
         _patch(m, wrong=ANSWER)  # answer == wrong: the metric does not separate the runs
     with pytest.raises(LensInputError, match="corrupted prompt per clean"):
         mi_lenses.activation_patching(m, [CLEAN, CLEAN], CORRUPTED, answer=ANSWER, progress=False)
-    with pytest.raises(LensInputError, match="direction"):
-        _patch(m, direction="both")
+    with pytest.raises(LensInputError, match="mode"):
+        _patch(m, mode="both")
     with pytest.raises(LensInputError, match="grid"):
         mi_lenses.path_patching(m, CLEAN, CORRUPTED, answer=ANSWER, senders=[(0, 0)], receivers="logits")
     with pytest.raises(LensInputError, match="exactly one"):

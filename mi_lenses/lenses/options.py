@@ -1,7 +1,8 @@
 """The lens options, written once: :class:`LensOptions` is the record :func:`~mi_lenses.lenses.engine.run_lens` takes;
-:func:`with_lens_options` gives every lens entry point (``logit_lens``, ``tuned_lens``, ``run_lens``, calling a
-``Lens``) one explicit keyword-only parameter per field, so ``help()`` and ``inspect.signature`` show every option with
-its default, and the command line derives its flags from the same fields (``metadata["cli"]``).
+:func:`with_lens_options` (:func:`mi_lenses.options.with_options`) gives every lens entry point (``logit_lens``,
+``tuned_lens``, ``run_lens``, calling a ``Lens``) one explicit keyword-only parameter per field, so ``help()`` and
+``inspect.signature`` show every option with its default, and the command line derives its flags from the same fields
+(``metadata["cli"]``).
 
 Example:
     >>> opts = LensOptions(top_k=3, positions=[-1])
@@ -17,63 +18,50 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence, TypeVar
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import torch
 
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import IndexSpec
+from mi_lenses.options import Options, option, with_options
 
 Point = Literal["resid_pre", "resid_mid", "resid_post"]
 MatmulDType = Literal["float32", "bfloat16", "float16"]
 TokenLike = str | int
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _opt(default: Any, help: str, *, cli: dict[str, Any] | None = None) -> Any:
-    """A lens option: its default, its help (the docstring of ``run_lens`` and the command line show it) and, with
-    ``cli``, the ``argparse`` settings of its flag (the flag is ``--name-with-dashes`` unless ``cli["flag"]``)."""
-    return field(default=default, metadata={"help": help, "cli": cli})
-
 
 @dataclass(frozen=True)
-class LensOptions:
+class LensOptions(Options):
     """Every option of a lens run (see :func:`~mi_lenses.lenses.engine.run_lens`); frozen, so one record can serve
     many calls (``opts.replace(top_k=10)`` for a variant)."""
 
-    layers: IndexSpec = _opt(None, "row indices (embedding row .. final row; negative allowed); default all, or the "
+    layers: IndexSpec = option(None, "row indices (embedding row .. final row; negative allowed); default all, or the "
                                    "rows a lens that reads only some has (``lens.rows``)")
-    positions: IndexSpec = _opt(None, "token positions, counted in each prompt's own tokens (-1: each prompt's last "
+    positions: IndexSpec = option(None, "token positions, counted in each prompt's own tokens (-1: each prompt's last "
                                       "real token); default all. A position a shorter prompt lacks is masked for it")
-    point: Point = _opt("resid_pre", "'resid_pre' (row l is the input of block l), 'resid_mid' or 'resid_post'",
+    point: Point = option("resid_pre", "'resid_pre' (row l is the input of block l), 'resid_mid' or 'resid_post'",
                         cli={"choices": ["resid_pre", "resid_mid", "resid_post"]})
-    top_k: int = _opt(5, "tokens kept per row and position", cli={"type": int})
-    targets: TokenLike | Sequence[TokenLike] | None = _opt(
+    top_k: int = option(5, "tokens kept per row and position", cli={"type": int})
+    targets: TokenLike | Sequence[TokenLike] | None = option(
         None, "token strings (each exactly one token, mind the leading space) or ids whose rank and probability are "
               "tracked", cli={"flag": "--target", "action": "append"})
-    return_logits: bool = _opt(False, "also return the full [rows, batch, pos, vocab] logits (memory heavy)")
-    prepend_bos: bool | None = _opt(None, "override the model's BOS default when tokenising text")
-    dtype: MatmulDType | torch.dtype = _opt(
+    return_logits: bool = option(False, "also return the full [rows, batch, pos, vocab] logits (memory heavy)")
+    prepend_bos: bool | None = option(None, "override the model's BOS default when tokenising text")
+    dtype: MatmulDType | torch.dtype = option(
         "float32", "matmul dtype: 'float32', or 'bfloat16'/'float16' (faster only on hardware with fast "
                    "low-precision matmul; statistics are still reduced in float32)",
         cli={"choices": ["float32", "bfloat16", "float16"]})
-    position_chunk: int = _opt(256, "positions decoded per chunk (streaming size)")
-    vocab_tile: int | None = _opt(None, "vocabulary columns per logit tile (default: sized to stay in cache)")
-    fused: bool | None = _opt(None, "reduce each logit tile in one torch.compile'd kernel (compiled once per process; "
+    position_chunk: int = option(256, "positions decoded per chunk (streaming size)")
+    vocab_tile: int | None = option(None, "vocabulary columns per logit tile (default: sized to stay in cache)")
+    fused: bool | None = option(None, "reduce each logit tile in one torch.compile'd kernel (compiled once per process; "
                                     "default: eager reductions, about 0.8 of the matmul roofline)")
-    check: bool = _opt(True, "verify the final row against the model's own logits whenever a forward pass was run")
-    beyond_context: bool = _opt(False, "accept prompts longer than the model's context (cfg.n_ctx); positions past "
+    check: bool = option(True, "verify the final row against the model's own logits whenever a forward pass was run")
+    beyond_context: bool = option(False, "accept prompts longer than the model's context (cfg.n_ctx); positions past "
                                        "it are out of distribution")
-    progress: bool = _opt(True, "show a progress bar when the work takes more than a couple of seconds")
-
-    def replace(self, **changes: Any) -> "LensOptions":
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
+    progress: bool = option(True, "show a progress bar when the work takes more than a couple of seconds")
 
     def validate(self, *, flags: bool = False) -> "LensOptions":
         """Check what can be checked without a model (the engine checks the rest: the vocabulary bound of ``top_k``,
@@ -93,42 +81,10 @@ class LensOptions:
                 raise LensInputError(f"{name(f)} must be an int >= 1, got {v!r}.")
         return self
 
-    @classmethod
-    def docs(cls) -> str:
-        """One line per option (name, default, help): the Args section of the lens entry points."""
-        return "\n".join(f"        {f.name} (default ``{f.default!r}``): {f.metadata['help']}."
-                         for f in dataclasses.fields(cls))
-
 
 FIELDS = tuple(f.name for f in dataclasses.fields(LensOptions))
 
 
-def with_lens_options(fn: F) -> F:
-    """Give ``fn`` (whose last parameter is ``options: LensOptions | None = None``) one keyword-only parameter per
-    :class:`LensOptions` field, placed before ``options``: the signature ``help()`` shows lists them all, and a call
-    merges the keywords it passes over ``options`` (or the defaults) into the one record ``fn`` receives."""
-    sig = inspect.signature(fn)
-    params = list(sig.parameters.values())
-    if not params or params[-1].name != "options":
-        raise TypeError(f"{fn.__qualname__} must end with an `options` parameter to take the lens options")
-    types = typing.get_type_hints(LensOptions)  # resolved here, where the option types are defined
-    generated = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                                   annotation=types[f.name]) for f in dataclasses.fields(LensOptions)]
-    full = sig.replace(parameters=[*params[:-1], *generated, params[-1]])
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        bound = full.bind(*args, **kwargs)  # a TypeError names an unknown keyword, as a written signature would
-        given = {k: bound.arguments.pop(k) for k in FIELDS if k in bound.arguments}
-        base = bound.arguments.get("options") or LensOptions()
-        if not isinstance(base, LensOptions):
-            raise LensInputError(f"options must be a mi_lenses.LensOptions, got {type(base).__name__}.")
-        bound.arguments["options"] = base.replace(**given) if given else base
-        return fn(*bound.args, **bound.kwargs)
-
-    wrapper.__signature__ = full  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {**fn.__annotations__, **{f.name: types[f.name] for f in dataclasses.fields(
-        LensOptions)}}
-    if fn.__doc__ and "{options}" in fn.__doc__:
-        wrapper.__doc__ = fn.__doc__.replace("{options}", LensOptions.docs().strip())
-    return wrapper  # type: ignore[return-value]
+with_lens_options = with_options(LensOptions)
+"""Give a lens entry point (whose last parameter is ``options: LensOptions | None = None``) one keyword-only parameter
+per :class:`LensOptions` field (see :func:`mi_lenses.options.with_options`)."""

@@ -17,9 +17,13 @@ check both.
 Example:
     >>> edges = mi_lenses.edge_attribution(model, "The capital of France is", "The capital of Rome is",
     ...                                    answer=" Paris", wrong=" city")
-    >>> small = mi_lenses.faithfulness(model, edges.circuit(edges=20))
-    >>> small.ablation, small.faithfulness is not None
-    ('resample', True)
+    >>> full = mi_lenses.faithfulness(model, edges.circuit(threshold=0.0), ablation="zero")   # nothing cut
+    >>> abs(full.ablated_value - full.spec.clean_value) < 1e-4        # whatever the ablation: the clean run
+    True
+    >>> small = mi_lenses.faithfulness(model, edges.circuit(edges=20), ablation="mean")
+    >>> c, x = small.spec.clean_value, small.spec.corrupted_value
+    >>> abs(small.faithfulness * (c - x) + x - small.ablated_value) < 1e-5   # the fraction of the gap recovered
+    True
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from mi_lenses.models.flags import split_inputs
 from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
 from mi_lenses.patching.edges import check_head_writes
-from mi_lenses.patching.graph import build_graph, head_writes, writer_hooks, writer_outputs
+from mi_lenses.patching.graph import Graph, build_graph, head_writes, writer_hooks, writer_outputs
 from mi_lenses.patching.metric import Metric
 from mi_lenses.patching.result import Circuit
 
@@ -46,8 +50,21 @@ Ablation = Literal["resample", "zero", "mean"]
 
 def faithfulness(model: Any, circuit: Circuit, *, ablation: Ablation = "resample",
                  reference: PromptInput | None = None) -> Circuit:
-    """The circuit with its ``faithfulness`` measured (see the module docstring); ``reference``: the prompts of a
-    mean ablation (each as long as the clean prompt)."""
+    """The circuit with its ``faithfulness`` measured (see the module docstring).
+
+    Args:
+        model: the model the circuit was found on, hooked as you like (your hooks stay active in the run).
+        circuit: a :class:`~mi_lenses.patching.result.Circuit` (from ``EdgeAttribution.circuit`` or
+            ``PatchingResult.circuit``); its prompts and metric are the ones it was found with.
+        ablation: what replaces everything outside the circuit: ``"resample"`` (the corrupted run's values),
+            ``"zero"`` or ``"mean"`` (the mean over ``reference``).
+        reference: the prompts of a mean ablation (each as long as the clean prompt; default the clean and corrupted
+            prompts).
+
+    Returns:
+        A copy of ``circuit`` with ``faithfulness`` = (metric with the circuit only - corrupted) / (clean -
+        corrupted), ``ablation`` and ``ablated_value`` set.
+    """
     t0 = time.perf_counter()
     view = ModelView(model)
     hooks = active_hooks(view.model)
@@ -89,9 +106,8 @@ def _replacements(view: ModelView, ref_tokens: Tensor | None, like: list[Tensor]
     return [o.mean(0, keepdim=True) for o in outs] if ablation == "mean" else outs
 
 
-@torch.no_grad()
-def _edge_run(view: ModelView, circuit: Circuit, clean: Tensor, ref_tokens: Tensor | None, ablation: str) -> Tensor:
-    graph = build_graph(view)
+def _cut_edges(graph: Graph, circuit: Circuit) -> Tensor:
+    """``cut[w, r]``: the edges of ``graph`` the circuit does not keep (refusing an edge the graph lacks)."""
     w_of = {w: i for i, w in enumerate(graph.writers)}
     r_of = {r: i for i, r in enumerate(graph.readers)}
     kept = torch.zeros(len(graph.writers), len(graph.readers), dtype=torch.bool)
@@ -100,57 +116,68 @@ def _edge_run(view: ModelView, circuit: Circuit, clean: Tensor, ref_tokens: Tens
             raise LensInputError(f"the circuit's edge {w} -> {r} is not an edge of this model's graph: a circuit "
                                  "from another model, or a reader before its writer.")
         kept[w_of[w], r_of[r]] = True
-    cut = graph.valid & ~kept  # [W, R]
-    model = view.model
-    with split_inputs(model, mlp_in=view.has_mlp):
+    return graph.valid & ~kept
+
+
+@torch.no_grad()
+def _edge_run(view: ModelView, circuit: Circuit, clean: Tensor, ref_tokens: Tensor | None, ablation: str) -> Tensor:
+    """The logits of the clean run with every edge outside ``circuit`` cut (see the module docstring)."""
+    graph = build_graph(view)
+    cut = _cut_edges(graph, circuit)
+    with split_inputs(view.model, mlp_in=view.has_mlp):
         _, base_cache = view.run_with_cache(view.batch(clean), writer_hooks(view))
         check_head_writes(view, base_cache)
         repl = _replacements(view, ref_tokens, writer_outputs(view, base_cache), ablation)
-        live: dict[int, Tensor] = {}  # writer index -> (this run's output - replacement)
+        with view.model.hooks(fwd_hooks=_EdgeCuts(view, graph, cut, repl).hooks()):
+            return view.model(clean)
 
-        def embed_hook(t: Tensor, hook=None) -> None:
-            live[0] = t.float() - repl[0].to(t.device)
 
-        def z_hook(layer: int):
-            first, mlp, _ = graph.writer_index(layer)
+class _EdgeCuts:
+    """The hooks of an edge circuit's run: every writer's ``output - replacement`` is recorded as it is written
+    (``live``), and every reader's input loses the recorded writes of the edges cut into it."""
 
-            def hook(t: Tensor, hook=None) -> None:
-                writes = head_writes(t, view.W_O(layer))
-                for h in range(graph.n_heads):
-                    live[first + h] = writes[:, :, h] - repl[first + h].to(t.device)
+    def __init__(self, view: ModelView, graph: Graph, cut: Tensor, repl: list[Tensor]):
+        self.view, self.graph, self.cut, self.repl = view, graph, cut, repl
+        self.live: dict[int, Tensor] = {}  # writer index -> (this run's output - replacement)
 
-            return hook
-
-        def mlp_hook(layer: int):
-            _, mlp, _ = graph.writer_index(layer)
-
-            def hook(t: Tensor, hook=None) -> None:
-                live[mlp] = t.float() - repl[mlp].to(t.device)
-
-            return hook
-
-        def reader_hook(first: int, n: int):
-            def hook(t: Tensor, hook=None) -> Tensor:
-                ws = [w for w in live if bool(cut[w, first : first + n].any())]
-                if not ws:
-                    return t
-                D = torch.stack([live[w] for w in ws])  # [w, B, S, d]
-                E = cut[ws, first : first + n].float().to(D.device)  # [w, n]
-                if t.ndim == 3:
-                    return t - torch.einsum("w,wbsd->bsd", E[:, 0], D).to(t.dtype)
-                return t - torch.einsum("wn,wbsd->bsnd", E, D).to(t.dtype)
-
-            return hook
-
-        hooks = [(view.hook_name("resid_pre", 0), embed_hook)]
+    def hooks(self) -> list:
+        """Writers first, then readers of the same hook point (a writer at blocks.0.hook_resid_pre comes first)."""
+        view = self.view
+        out = [(view.hook_name("resid_pre", 0), self._write(0))]
         for l in range(view.n_layers):
-            hooks.append((view.attn_hook(l, "z"), z_hook(l)))
+            out.append((view.attn_hook(l, "z"), self._heads(l)))
             if view.has_mlp:
-                hooks.append((view.out_hook(l, "mlp"), mlp_hook(l)))
-        # readers after the writers of the same hook point (a writer at blocks.0.hook_resid_pre comes first)
-        hooks += [(name, reader_hook(first, n)) for name, first, n in graph.segments]
-        with model.hooks(fwd_hooks=hooks):
-            return model(clean)
+                out.append((view.out_hook(l, "mlp"), self._write(self.graph.writer_index(l)[1])))
+        return out + [(name, self._read(first, n)) for name, first, n in self.graph.segments]
+
+    def _write(self, w: int):
+        def hook(t: Tensor, hook=None) -> None:
+            self.live[w] = t.float() - self.repl[w].to(t.device)
+
+        return hook
+
+    def _heads(self, layer: int):
+        first, _, _ = self.graph.writer_index(layer)
+
+        def hook(t: Tensor, hook=None) -> None:
+            writes = head_writes(t, self.view.W_O(layer))
+            for h in range(self.graph.n_heads):
+                self.live[first + h] = writes[:, :, h] - self.repl[first + h].to(t.device)
+
+        return hook
+
+    def _read(self, first: int, n: int):
+        def hook(t: Tensor, hook=None) -> Tensor:
+            ws = [w for w in self.live if bool(self.cut[w, first : first + n].any())]
+            if not ws:
+                return t
+            D = torch.stack([self.live[w] for w in ws])  # [w, B, S, d]
+            E = self.cut[ws, first : first + n].float().to(D.device)  # [w, n]
+            if t.ndim == 3:
+                return t - torch.einsum("w,wbsd->bsd", E[:, 0], D).to(t.dtype)
+            return t - torch.einsum("wn,wbsd->bsnd", E, D).to(t.dtype)
+
+        return hook
 
 
 @torch.no_grad()

@@ -17,30 +17,31 @@ Example:
     >>> (writer, reader, score), = edges.top_edges(1)
     >>> abs(score) == float(edges.scores.nan_to_num(0).abs().max())
     True
-    >>> circuit = edges.circuit(edges=10)
-    >>> len(circuit.edges)
-    10
+    >>> heads = mi_lenses.activation_patching(model, "The capital of France is", "The capital of Rome is",
+    ...                                       answer=" Paris", wrong=" city", what="head_out", method="attribution")
+    >>> node = float(edges.node_scores()[edges.writers.index("L1H2")])   # a head's edges add up to its attribution
+    >>> abs(node - float(heads.values[1, 2])) < 1e-5
+    True
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any, Literal
+from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
-from mi_lenses.attribution.directions import TokenSpec
 from mi_lenses.errors import LensInputError
 from mi_lenses.models.batch import PromptInput
 from mi_lenses.models.flags import split_inputs
-from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
-from mi_lenses.patching.activation import integration_steps, resolve_metric, set_runs
+from mi_lenses.options import with_options
+from mi_lenses.patching.experiment import Experiment
 from mi_lenses.patching.gradients import metric_pass, perturb_hook
 from mi_lenses.patching.graph import Graph, build_graph, writer_hooks, writer_outputs
-from mi_lenses.patching.metric import Metric, MetricFn
-from mi_lenses.patching.pair import Direction, make_pair
+from mi_lenses.patching.metric import Metric
+from mi_lenses.patching.options import EdgeOptions
 from mi_lenses.patching.result import EdgeAttribution, PairSpec
 
 HEAD_SUM_RTOL = 1e-3  # Σ_h z_h W_O[h] + b_O against hook_attn_out: float32 noise is ~1e-6
@@ -64,55 +65,49 @@ def check_head_writes(view: ModelView, cache) -> None:
                 "(activation_patching with what='head_out').")
 
 
-def edge_attribution(
-    model: Any,
-    clean: PromptInput,
-    corrupted: PromptInput,
-    *,
-    answer: TokenSpec | None = None,
-    wrong: TokenSpec | None = None,
-    metric: MetricFn | None = None,
-    method: Literal["attribution", "eap_ig"] = "attribution",
-    ig_steps: int | None = None,
-    direction: Direction = "denoise",
-    prepend_bos: bool | None = None,
-) -> EdgeAttribution:
-    """Score every edge between the embeddings, heads, MLPs and the logits (see the module docstring).
+@with_options(EdgeOptions)
+def edge_attribution(model: Any, clean: PromptInput, corrupted: PromptInput, *,
+                     options: EdgeOptions | None = None) -> EdgeAttribution:
+    """Score every edge between the embeddings, heads, MLPs and the logits (see the module docstring): one forward
+    and one backward pass (over ``ig_steps`` points for ``method="eap_ig"``); a writer's scores add up to its node
+    attribution.
 
-    Args mean what they mean in :func:`~mi_lenses.patching.activation.activation_patching`; the prompts must have
-    the same length (edges sum over aligned positions). ``method="eap_ig"`` integrates over ``ig_steps`` points
-    (default 16).
+    Args:
+        {options}
 
     Returns:
         :class:`~mi_lenses.patching.result.EdgeAttribution` (``scores[writer, reader]``, NaN where no edge;
         ``top_edges``, ``top_nodes``, ``circuit``).
     """
-    t0 = time.perf_counter()
-    view = ModelView(model)
-    hooks = active_hooks(view.model)
-    steps = integration_steps(method, ig_steps, ("attribution", "eap_ig"))
-    pair = make_pair(view, clean, corrupted, direction=direction, prepend_bos=prepend_bos, aligned="edge attribution")
-    met = resolve_metric(view, pair, answer, wrong, metric)
+    exp = Experiment.prepare(model, clean, corrupted, options, aligned="edge attribution")
+    steps = options.integration_steps()
+    view = exp.view
     graph = build_graph(view)
+    scores = edge_scores(exp, graph, steps)
+    m = exp.metric
+    return exp.finish(EdgeAttribution(
+        model_name=view.name, method=options.method, mode=exp.pair.mode, metric=m.name, writers=graph.writers,
+        readers=graph.readers, writer_layers=graph.writer_layers, reader_layers=graph.reader_layers, scores=scores,
+        clean_value=m.clean, corrupted_value=m.corrupted, normalised=m.normalised, ig_steps=steps,
+        n_layers=view.n_layers, n_heads=view.n_heads, n_kv_heads=view.n_kv_heads,
+        spec=PairSpec.of(exp.pair, m), seconds=exp.seconds))
+
+
+def edge_scores(exp: Experiment, graph: Graph, steps: int | None) -> Float[Tensor, "W R"]:
+    """Every edge's score in the result's units, NaN where the writer does not feed the reader: both runs cached at
+    the writers (the metric measured on them), the readers' gradients, and the writers' differences times those."""
+    view, pair, met = exp.view, exp.pair, exp.metric
     names = writer_hooks(view)
     with split_inputs(view.model, mlp_in=view.has_mlp):
         base_logits, base_cache = view.run_with_cache(pair.base, names)
         src_logits, src_cache = view.run_with_cache(pair.source, names)
         check_head_writes(view, base_cache)
-        set_runs(met, pair, base=met.cells(logits=base_logits), source=met.cells(logits=src_logits))
+        exp.measure(base=met.cells(logits=base_logits), source=met.cells(logits=src_logits))
         grads = reader_gradients(view, graph, pair.base.tokens, src_cache, met, steps)
     delta = torch.stack([s - b for s, b in zip(writer_outputs(view, src_cache), writer_outputs(view, base_cache))])
     W = delta.shape[0]
     scores = delta.reshape(W, -1) @ grads.reshape(grads.shape[0], -1).T  # [writers, readers]
-    gap = (met.clean - met.corrupted) if met.normalised else 1.0
-    scores = torch.where(graph.valid, scores.cpu() / gap, torch.tensor(float("nan")))
-    result = EdgeAttribution(
-        model_name=view.name, method=method, direction=direction, metric=met.name, writers=graph.writers,
-        readers=graph.readers, writer_layers=graph.writer_layers, reader_layers=graph.reader_layers, scores=scores,
-        clean_value=met.clean, corrupted_value=met.corrupted, normalised=met.normalised, ig_steps=steps,
-        n_layers=view.n_layers, n_heads=view.n_heads, n_kv_heads=view.n_kv_heads,
-        spec=PairSpec.of(view, pair, met), seconds=time.perf_counter() - t0)
-    return recorded(result, hooks)
+    return torch.where(graph.valid, scores.cpu() / exp.gap, torch.tensor(float("nan")))
 
 
 def reader_gradients(view: ModelView, graph: Graph, tokens: Tensor, src_cache, met: Metric,

@@ -8,10 +8,10 @@ token at layer 0, a position before the first difference) is not run at all: its
 Example:
     >>> res = mi_lenses.activation_patching(model, "The capital of France is", "The capital of Rome is",
     ...                                     answer=" Paris", wrong=" city", what="resid_pre")
-    >>> res.values.shape == (model.cfg.n_layers, 6), res.method
-    (True, 'exact')
     >>> float(res.values[0, 0]) == 0.0, res.cells_skipped > 0   # <bos> in both runs: not run, changes nothing
     (True, True)
+    >>> res.cells_run + res.cells_skipped == res.values.numel() and res.passes >= 1
+    True
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mi_lenses.patching.metric import Metric
+from mi_lenses.patching.experiment import Experiment
 from mi_lenses.patching.replay import Engine
 from mi_lenses.patching.sites import Site
 from mi_lenses.progress import bar
-
 
 
 @dataclass
@@ -61,34 +60,23 @@ def patch_hook(site: Site, source: dict[int, Tensor], base: dict[int, Tensor], l
 
 
 @torch.no_grad()
-def exact_grid(engine: Engine, source: dict[int, Tensor], site: Site, metric: Metric, *, max_batch: int | None = None,
-               progress: bool = True) -> ExactRun:
-    """The raw metric of every cell of ``site`` (``[layers, *grid]``) with the ``source`` run's activation (per layer
-    of ``site.layers``) patched into the ``engine``'s base run."""
-    B = engine.batch.shape[0]
-    coords = site.coords()
-    n_cells = site.cells_per_layer()
+def exact_grid(exp: Experiment, site: Site) -> ExactRun:
+    """The raw metric of every cell of ``site`` (``[layers, *grid]``): the base run (the :class:`Engine`), the source
+    run's activations at the site, the metric measured on both, then the source activation of every cell patched into
+    the base run, ``exp.max_batch`` rows per forward pass."""
+    names = [site.hook(l) for l in site.layers]
+    engine = Engine(exp.view, exp.pair.base, names)
+    src_logits, src_cache = exp.view.run_with_cache(exp.pair.source, names)
+    base_raw = exp.metric.cells(logits=engine.logits)
+    exp.measure(base=base_raw, source=exp.metric.cells(logits=src_logits))
+    source = {l: src_cache[site.hook(l)] for l in site.layers}
+    raw = torch.full((len(site.layers), site.cells_per_layer()), float(base_raw[0]))
+    layer_idx, cell_idx = _cells_to_run(engine, source, site)
+    n_run, B, coords = len(cell_idx), engine.batch.shape[0], site.coords()
     base = {l: engine.cache[site.hook(l)] for l in site.layers}
-    base_raw = float(metric.cells(**_final(engine, engine.logits, engine.cache[engine.view.final_resid_hook]))[0])
-    raw = torch.full((len(site.layers), n_cells), base_raw)
-    # rows to run: (layer, cell) with something to patch, each with its B prompts
-    prompts_of = torch.arange(B).repeat(n_cells)
-    cells_of = torch.arange(n_cells).repeat_interleave(B)
-    todo: list[tuple[int, Tensor]] = []
-    for i, layer in enumerate(site.layers):
-        base_act, src_act = engine.cache[site.hook(layer)], source[layer]
-        c = {a: v[cells_of] for a, v in coords.items()}
-        same = (base_act[site.index(prompts_of.to(base_act.device), c, "base")]
-                == src_act[site.index(prompts_of.to(src_act.device), c, "source")].to(base_act.device))
-        same = same.reshape(n_cells * B, -1).all(-1).reshape(n_cells, B).all(-1).cpu()
-        todo += [(i, idx) for idx in [torch.nonzero(~same)[:, 0]] if len(idx)]
-    # one row per (cell, prompt), sorted by block
-    layer_idx = torch.cat([torch.full((len(idx),), i) for i, idx in todo]) if todo else torch.zeros(0, dtype=torch.long)
-    cell_idx = torch.cat([idx for _, idx in todo]) if todo else torch.zeros(0, dtype=torch.long)
-    n_run = len(cell_idx)
-    per_pass = engine.cells_per_pass(max_batch)
+    per_pass = engine.cells_per_pass(exp.max_batch)
     passes = 0
-    with bar(n_run, "exact patching", unit="patch", enabled=progress and n_run > 0) as pbar:
+    with bar(n_run, "exact patching", unit="patch", enabled=exp.progress and n_run > 0) as pbar:
         for a in range(0, n_run, per_pass):
             li, ci = layer_idx[a : a + per_pass], cell_idx[a : a + per_pass]
             entry = torch.tensor([site.layers[i] for i in li.tolist()]).repeat_interleave(B)
@@ -103,17 +91,28 @@ def exact_grid(engine: Engine, source: dict[int, Tensor], site: Site, metric: Me
             def hooks(k: int) -> list:
                 return [(site.write_hook(k), by_layer[k])] if k in by_layer else []
 
-            final = engine.run(entry, prompt, hooks)
-            values = metric.cells(**_final(engine, final if engine.returns_logits else None,
-                                           None if engine.returns_logits else final))
-            raw[li, ci] = values.cpu().float()
+            raw[li, ci] = engine.measure(exp.metric, engine.run(entry, prompt, hooks)).cpu().float()
             passes += 1
             pbar.update(len(ci))
-    return ExactRun(raw.view(site.grid_shape), n_run, len(site.layers) * n_cells - n_run, passes, engine.mode)
+    return ExactRun(raw.view(site.grid_shape), n_run, raw.numel() - n_run, passes, engine.mode)
 
 
-def _final(engine: Engine, logits: Tensor | None, resid: Tensor | None) -> dict[str, Tensor | None]:
-    """The keyword :meth:`Metric.cells` reads: the logits when the engine returns them, else the final residual."""
-    if logits is not None:
-        return {"logits": logits}
-    return {"resid": resid}
+def _cells_to_run(engine: Engine, source: dict[int, Tensor], site: Site) -> tuple[Tensor, Tensor]:
+    """The ``(layer index, cell)`` of every cell with something to patch (its source and base activations differ for
+    some prompt), sorted by layer: a cell whose activations are identical is its base run, not run again."""
+    B = engine.batch.shape[0]
+    coords = site.coords()
+    n_cells = site.cells_per_layer()
+    prompts_of = torch.arange(B).repeat(n_cells)
+    cells_of = torch.arange(n_cells).repeat_interleave(B)
+    todo: list[tuple[int, Tensor]] = []
+    for i, layer in enumerate(site.layers):
+        base_act, src_act = engine.cache[site.hook(layer)], source[layer]
+        c = {a: v[cells_of] for a, v in coords.items()}
+        same = (base_act[site.index(prompts_of.to(base_act.device), c, "base")]
+                == src_act[site.index(prompts_of.to(src_act.device), c, "source")].to(base_act.device))
+        same = same.reshape(n_cells * B, -1).all(-1).reshape(n_cells, B).all(-1).cpu()
+        todo += [(i, idx) for idx in [torch.nonzero(~same)[:, 0]] if len(idx)]
+    if not todo:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.full((len(idx),), i) for i, idx in todo]), torch.cat([idx for _, idx in todo])

@@ -31,10 +31,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
-from mi_lenses.models.batch import Batch
 from mi_lenses.models.view import ModelView
+from mi_lenses.patching.experiment import Experiment
 from mi_lenses.patching.metric import Metric
 from mi_lenses.patching.replay import hooks_after_blocks
 from mi_lenses.patching.sites import Site
@@ -93,72 +94,110 @@ def decode_in_model(view: ModelView) -> bool:
     return hooks_after_blocks(view)
 
 
-def gradient_grid(view: ModelView, base: Batch, source_cache: dict[str, Tensor], site: Site, metric: Metric,
-                  pos_map: list[tuple[int, int]], *, ig_steps: int | None = None,
-                  base_cache: dict[str, Tensor] | None = None) -> GradientRun:
-    """Attribution (``ig_steps=None``) or EAP-IG (``ig_steps`` points) of every cell of ``site``; ``source_cache``
-    (and for EAP-IG ``base_cache``) hold the runs' activations at the site's hooks and at
-    ``blocks.0.hook_resid_pre``; plain attribution reads the base activations from its own gradient pass."""
-    B = base.shape[0]
+def gradient_grid(exp: Experiment, site: Site, *, ig_steps: int | None = None) -> GradientRun:
+    """Attribution (``ig_steps=None``) or EAP-IG (``ig_steps`` points) of every cell of ``site``: the source run (and
+    for EAP-IG the base run) cached at the site's hooks and at ``blocks.0.hook_resid_pre``, one gradient pass (plain
+    attribution reads the base activations and the base run's metric from it), the metric measured on both runs."""
+    view, metric = exp.view, exp.metric
+    names = {site.hook(l) for l in site.layers} | {view.hook_name("resid_pre", 0)}
+    src_logits, source_cache = view.run_with_cache(exp.pair.source, names)
+    base_cache = None
+    if ig_steps:
+        base_logits, base_cache = view.run_with_cache(exp.pair.base, names)
+    grad = _gradient_pass(exp, site, source_cache, base_cache, ig_steps)
+    base_raw = metric.cells(logits=base_logits) if ig_steps else torch.tensor([grad.base_raw])
+    exp.measure(base=base_raw, source=metric.cells(logits=src_logits))
+    values = _cell_attributions(site, grad, source_cache, exp.pair.n_prompts)
+    return GradientRun(values, grad.base_raw, _cut_sum(exp, grad, source_cache) if ig_steps else None)
+
+
+@dataclass
+class _Pass:
+    """One gradient pass: ``grads`` at the write hooks (and the cut), summed over the IG points; ``acts`` the base
+    run's activations at the read hooks; ``base_raw`` the base run's metric (plain attribution)."""
+
+    grads: dict[str, Tensor | None]
+    acts: dict[str, Tensor]
+    base_raw: float
+    points: int
+
+
+def _gradient_pass(exp: Experiment, site: Site, source_cache: dict[str, Tensor], base_cache: dict[str, Tensor] | None,
+                   ig_steps: int | None) -> _Pass:
+    """The gradient of the metric (raw units, averaged over the IG points) at every write hook of ``site`` (and at the
+    embedding cut for EAP-IG), from one batched forward and backward pass of the base run."""
+    view, B = exp.view, exp.pair.n_prompts
     m = ig_steps or 1
-    names = [site.hook(l) for l in site.layers]
-    writes = {site.write_hook(l): site.hook(l) for l in site.layers}  # where the gradient is taken -> read hook
     cut = view.hook_name("resid_pre", 0)
     deltas: dict[str, Tensor] = {}
-    values: dict[str, Tensor] = {}
-    src_pos = torch.tensor([p[0] for p in pos_map])
-    dst_pos = torch.tensor([p[1] for p in pos_map])
-    alphas = (torch.arange(m, dtype=torch.float32) + 0.5) / m if ig_steps else torch.zeros(1)
+    acts: dict[str, Tensor] = {}
+    hooks: list = [(cut, _interpolate(exp, source_cache[cut], m))] if ig_steps else []
+    if base_cache is None:  # plain attribution: this pass is the base run
+        hooks += [(name, _record(acts, name)) for name in dict.fromkeys(site.hook(l) for l in site.layers)]
+    writes = [site.write_hook(l) for l in site.layers] + ([cut] if ig_steps else [])
+    hooks += [(name, perturb_hook(deltas, name)) for name in dict.fromkeys(writes)]
+    raw = metric_pass(view, exp.metric, exp.pair.base.tokens.repeat(m, 1), hooks)
+    total = raw.sum() / m  # raw units: the caller divides by the normalisation's gap
+    order = list(deltas)
+    got = torch.autograd.grad(total, [deltas[n] for n in order], allow_unused=True)
+    grads = {n: None if g is None else g.view(m, B, *g.shape[1:]).sum(0) for n, g in zip(order, got)}
+    if base_cache is not None:
+        acts = dict(base_cache)
+    return _Pass(grads, acts, float(raw[0].detach()) if not ig_steps else float("nan"), m)
 
-    def interpolate(t: Tensor, hook=None) -> Tensor:
-        x0 = source_cache[cut].to(t.device, t.dtype).repeat(m, 1, 1)
+
+def _interpolate(exp: Experiment, x_source: Tensor, m: int):
+    """The hook moving the base run's embeddings (aligned positions) to the ``m`` midpoints towards the source's."""
+    B = exp.pair.n_prompts
+    src_pos = torch.tensor([p[0] for p in exp.pair.pos_map])
+    dst_pos = torch.tensor([p[1] for p in exp.pair.pos_map])
+    alphas = (torch.arange(m, dtype=torch.float32) + 0.5) / m
+
+    def hook(t: Tensor, hook=None) -> Tensor:
+        x0 = x_source.to(t.device, t.dtype).repeat(m, 1, 1)
         a = alphas.to(t.device, t.dtype).repeat_interleave(B)[:, None, None]
         out = t.clone()
         dp, sp = dst_pos.to(t.device), src_pos.to(t.device)
         out[:, dp] = t[:, dp] + a * (x0[:, sp] - t[:, dp])
         return out
 
-    def record(name: str):
-        def hook(t: Tensor, hook=None) -> None:
-            values[name] = t.detach()  # plain attribution: this pass is the base run
+    return hook
 
-        return hook
 
-    hooks: list = []
-    if ig_steps:
-        hooks.append((cut, interpolate))
-    if base_cache is None:
-        hooks += [(name, record(name)) for name in dict.fromkeys(names)]
-    for name in dict.fromkeys(list(writes) + ([cut] if ig_steps else [])):
-        hooks.append((name, perturb_hook(deltas, name)))
-    raw = metric_pass(view, metric, base.tokens.repeat(m, 1), hooks)
-    total = raw.sum() / m  # raw units: the caller divides by the normalisation's gap
-    order = list(deltas)
-    grads = dict(zip(order, torch.autograd.grad(total, [deltas[n] for n in order], allow_unused=True)))
-    base_raw = float(raw[0].detach()) if not ig_steps else float("nan")
-    if base_cache is not None:
-        values = {n: base_cache[n] for n in set(names) | {cut}}
-    out_vals = torch.zeros(site.grid_shape).view(len(site.layers), -1)
+def _record(acts: dict[str, Tensor], name: str):
+    def hook(t: Tensor, hook=None) -> None:
+        acts[name] = t.detach()
+
+    return hook
+
+
+def _cell_attributions(site: Site, grad: _Pass, source_cache: dict[str, Tensor], B: int) -> Float[Tensor, "L ..."]:
+    """``Σ_cell (a_source - a_base) · gradient`` of every cell of ``site`` (raw units)."""
+    out = torch.zeros(site.grid_shape).view(len(site.layers), -1)
     coords = site.coords()
     n_cells = site.cells_per_layer()
     prompts = torch.arange(B).repeat(n_cells)
     cells = {a: v.repeat_interleave(B) for a, v in coords.items()}
     for i, layer in enumerate(site.layers):
         name = site.hook(layer)
-        g = grads[site.write_hook(layer)]
-        g = torch.zeros_like(values[name]) if g is None else g.view(m, B, *g.shape[1:]).sum(0)
-        base_act, src_act = values[name], source_cache[name].to(values[name].device)
+        base_act = grad.acts[name]
+        g = grad.grads[site.write_hook(layer)]
+        g = torch.zeros_like(base_act) if g is None else g
+        src_act = source_cache[name].to(base_act.device)
         p = prompts.to(base_act.device)
         dst = site.index(p, cells, "base")
         delta = src_act[site.index(p, cells, "source")].float() - base_act[dst].float()
-        contrib = (delta * g[dst].float()).reshape(n_cells, B, -1).sum((1, 2))
-        out_vals[i] = contrib.cpu()
-    completeness = None
-    if ig_steps:
-        g = grads[cut]
-        g = torch.zeros_like(values[cut]) if g is None else g.view(m, B, *g.shape[1:]).sum(0)
-        x_src = source_cache[cut].to(values[cut].device).float()
-        dp, sp = dst_pos.to(g.device), src_pos.to(g.device)
-        cut_sum = float(((x_src[:, sp] - values[cut][:, dp].float()) * g[:, dp].float()).sum())
-        completeness = cut_sum
-    return GradientRun(out_vals.view(site.grid_shape), base_raw, completeness)
+        out[i] = (delta * g[dst].float()).reshape(n_cells, B, -1).sum((1, 2)).cpu()
+    return out.view(site.grid_shape)
+
+
+def _cut_sum(exp: Experiment, grad: _Pass, source_cache: dict[str, Tensor]) -> float:
+    """EAP-IG's attributions on the embedding cut (every aligned position of ``blocks.0.hook_resid_pre``), summed."""
+    cut = exp.view.hook_name("resid_pre", 0)
+    base_x = grad.acts[cut]
+    g = grad.grads[cut]
+    g = torch.zeros_like(base_x) if g is None else g
+    src_pos = torch.tensor([p[0] for p in exp.pair.pos_map], device=g.device)
+    dst_pos = torch.tensor([p[1] for p in exp.pair.pos_map], device=g.device)
+    x_src = source_cache[cut].to(base_x.device).float()
+    return float(((x_src[:, src_pos] - base_x[:, dst_pos].float()) * g[:, dst_pos].float()).sum())

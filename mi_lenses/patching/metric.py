@@ -5,7 +5,7 @@ alone without ``wrong``), normalised so that the corrupted run scores 0 and the 
 
     value = (LD(patched) - LD(corrupted)) / (LD(clean) - LD(corrupted))
 
-in both directions (denoising moves a cell from 0 towards 1, noising from 1 towards 0). This is the metric of the
+in both modes (denoising moves a cell from 0 towards 1, noising from 1 towards 0). This is the metric of the
 TransformerLens IOI tutorials, and the one the oracle tests hand to ``transformer_lens.patching``. A callable
 ``metric(logits [B, S, vocab]) -> scalar`` replaces it (raw values, no normalisation), exactly as
 ``patching_metric`` in TransformerLens.

@@ -1,6 +1,6 @@
 """The clean and corrupted runs of a patching experiment: tokens, how their positions align, and which run is patched.
 
-``direction="denoise"`` patches the clean run's activations into the corrupted run (the *base* run is the corrupted
+``mode="denoise"`` patches the clean run's activations into the corrupted run (the *base* run is the corrupted
 one, the *source* the clean one): a cell's value says how much of the clean behaviour that activation restores.
 ``"noise"`` patches corrupted activations into the clean run: how much of it that activation destroys.
 
@@ -19,40 +19,41 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Literal, Mapping, Sequence, get_args
 
 from mi_lenses.errors import LensInputError
 from mi_lenses.models.batch import Batch, PromptInput
 from mi_lenses.models.view import ModelView
 
-Direction = Literal["denoise", "noise"]
+Mode = Literal["denoise", "noise"]
+MODES: tuple[str, ...] = get_args(Mode)
 PositionMap = Mapping[int, int] | Sequence[tuple[int, int]]
 
 
 @dataclass
 class Pair:
     """Clean and corrupted batches (``[B, S]`` each, no padding), the aligned positions ``pos_map`` as
-    ``(clean position, corrupted position)`` and the ``direction``."""
+    ``(clean position, corrupted position)`` and the ``mode``."""
 
     clean: Batch
     corrupted: Batch
     clean_map: list[tuple[int, int]]
-    direction: str
+    mode: str
 
     @property
     def base(self) -> Batch:
         """The run that is patched (corrupted when denoising)."""
-        return self.corrupted if self.direction == "denoise" else self.clean
+        return self.corrupted if self.mode == "denoise" else self.clean
 
     @property
     def source(self) -> Batch:
         """The run the patched activations come from."""
-        return self.clean if self.direction == "denoise" else self.corrupted
+        return self.clean if self.mode == "denoise" else self.corrupted
 
     @property
     def pos_map(self) -> list[tuple[int, int]]:
         """Aligned positions as ``(source position, base position)``."""
-        return list(self.clean_map) if self.direction == "denoise" else [(b, a) for a, b in self.clean_map]
+        return list(self.clean_map) if self.mode == "denoise" else [(b, a) for a, b in self.clean_map]
 
     @property
     def n_prompts(self) -> int:
@@ -69,14 +70,14 @@ class Pair:
 
 
 def make_pair(view: ModelView, clean: PromptInput, corrupted: PromptInput, *, position_map: PositionMap | None = None,
-              direction: Direction = "denoise", prepend_bos: bool | None = None,
+              mode: Mode = "denoise", prepend_bos: bool | None = None,
               beyond_context: bool = False, aligned: str | None = None) -> Pair:
     """The :class:`Pair` of ``clean`` and ``corrupted`` (a prompt, a list of prompts or token ids ``[B, S]``),
     checked: as many clean as corrupted prompts, one length per side, positions aligned or mapped. ``aligned``:
     the analysis (``"edge attribution"``) that takes no position map, named when the lengths differ."""
-    if direction not in ("denoise", "noise"):
-        raise LensInputError(f"direction must be 'denoise' (clean into corrupted) or 'noise' (corrupted into clean), "
-                             f"got {direction!r}.")
+    if mode not in MODES:
+        raise LensInputError(f"mode must be 'denoise' (clean into corrupted) or 'noise' (corrupted into clean), "
+                             f"got {mode!r}.")
     c = view.batch(clean, prepend_bos=prepend_bos, beyond_context=beyond_context)
     x = view.batch(corrupted, prepend_bos=prepend_bos, beyond_context=beyond_context)
     for name, b in (("clean", c), ("corrupted", x)):
@@ -122,4 +123,4 @@ def make_pair(view: ModelView, clean: PromptInput, corrupted: PromptInput, *, po
             if len(set(seen)) != len(seen):
                 raise LensInputError(f"position_map names a {side} position twice: each position pairs with one.")
         pairs.sort(key=lambda p: p[1])
-    return Pair(c, x, pairs, direction)
+    return Pair(c, x, pairs, mode)

@@ -16,213 +16,228 @@ One side is a grid, the other fixed: ``senders=None`` sweeps every head as the s
 (a sender not before the receivers). Under grouped-query attention a key/value receiver is a key/value head.
 
 Example:
-    >>> res = mi_lenses.path_patching(model, "The capital of France is", "The capital of Rome is",
-    ...                               answer=" Paris", wrong=" city", receivers="logits")
-    >>> res.values.shape == (model.cfg.n_layers, model.cfg.n_heads), res.extra["grid"]
-    (True, 'senders')
+    >>> kw = dict(answer=" Paris", wrong=" city")
+    >>> res = mi_lenses.path_patching(model, "The capital of France is", "The capital of Rome is", **kw)
+    >>> heads = mi_lenses.activation_patching(model, "The capital of France is", "The capital of Rome is",
+    ...                                       what="head_out", layers=[-1], **kw)
+    >>> bool(torch.allclose(res.values[-1], heads.values[0], atol=1e-5))   # a last-layer head: only one path
+    True
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any, Literal, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
-from mi_lenses.attribution.directions import TokenSpec
 from mi_lenses.errors import LensInputError
 from mi_lenses.models.batch import PromptInput
-from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
-from mi_lenses.patching.activation import position_labels, resolve_metric, set_runs
-from mi_lenses.patching.metric import MetricFn
-from mi_lenses.patching.pair import Direction, make_pair
+from mi_lenses.options import with_options
+from mi_lenses.patching.experiment import Experiment
+from mi_lenses.patching.options import Head, PathOptions, Receiver
 from mi_lenses.patching.replay import Engine
 from mi_lenses.patching.result import PatchingResult
 from mi_lenses.progress import bar
 
-Head = tuple[int, int]
-Receiver = tuple[int, int, str]
+
+@with_options(PathOptions)
+def path_patching(model: Any, clean: PromptInput, corrupted: PromptInput, *,
+                  options: PathOptions | None = None) -> PatchingResult:
+    """Path patching from ``senders`` to ``receivers``, one side a grid (see the module docstring).
+
+    ``senders=None`` sweeps every head as the sender into fixed ``receivers``; ``receivers="q"``, ``"k"`` or ``"v"``
+    sweeps every later head's input from fixed ``senders``.
+
+    Args:
+        {options}
+
+    Returns:
+        :class:`~mi_lenses.patching.result.PatchingResult` (``values``: ``[layers, heads]``, ``method="path"``; NaN
+        where no path exists).
+    """
+    opts = options
+    exp = Experiment.prepare(model, clean, corrupted, opts, aligned="path patching", max_batch=opts.max_batch,
+                             progress=opts.progress)
+    sweep = Sweep.of(exp.view, opts)
+    engine, raw, passes = path_grid(exp, sweep)
+    values = exp.normalise(raw).view(sweep.shape)
+    n_run = len(sweep.possible)
+    return exp.finish(PatchingResult(
+        **exp.result_fields(), what="path", by="layer_head", method="path", values=values,
+        layers=list(range(exp.view.n_layers)), grid_axes=["layer", "head"], engine=engine.mode, cells_run=n_run,
+        cells_skipped=len(sweep.senders) - n_run, passes=passes, extra=sweep.describe()))
 
 
-def path_patching(
-    model: Any,
-    clean: PromptInput,
-    corrupted: PromptInput,
-    *,
-    answer: TokenSpec | None = None,
-    wrong: TokenSpec | None = None,
-    metric: MetricFn | None = None,
-    senders: Sequence[Head] | None = None,
-    receivers: Literal["logits", "q", "k", "v"] | Sequence[Receiver] = "logits",
-    freeze: Literal["heads", "heads_and_mlps"] = "heads",
-    direction: Direction = "denoise",
-    prepend_bos: bool | None = None,
-    max_batch: int | None = None,
-    progress: bool = True,
-) -> PatchingResult:
-    """Path patching from ``senders`` (``[(layer, head), ...]`` patched together; ``None``: every head, one at a
-    time) to ``receivers`` (``"logits"``; ``[(layer, head, "q"|"k"|"v"), ...]`` patched together; or ``"q"``/``"k"``/
-    ``"v"``: every head after the senders, one at a time). See the module docstring."""
-    t0 = time.perf_counter()
-    view = ModelView(model)
-    hooks = active_hooks(view.model)
-    if freeze not in ("heads", "heads_and_mlps"):
-        raise LensInputError(f"freeze must be 'heads' or 'heads_and_mlps', got {freeze!r}.")
-    pair = make_pair(view, clean, corrupted, direction=direction, prepend_bos=prepend_bos, aligned="path patching")
-    met = resolve_metric(view, pair, answer, wrong, metric)
-    L, H, KV = view.n_layers, view.n_heads, view.n_kv_heads
-    sender_list = None if senders is None else [_head(view, s, "sender") for s in senders]
-    if isinstance(receivers, str):
-        if receivers not in ("logits", "q", "k", "v"):
-            raise LensInputError(f"receivers must be 'logits', 'q', 'k', 'v' or a list of (layer, head, 'q'|'k'|'v'), "
-                                 f"got {receivers!r}.")
-        receiver_grid = receivers if receivers != "logits" else None
-        receiver_list: list[Receiver] = []
-    else:
-        receiver_grid = None
-        receiver_list = [_receiver(view, r) for r in receivers]
-        if not receiver_list:
-            raise LensInputError("receivers is empty: pass 'logits' or at least one (layer, head, 'q'|'k'|'v').")
-    if (sender_list is None) == (receiver_grid is not None):
-        raise LensInputError("one side of a path patching sweep is a grid: pass senders=None (every head) with fixed "
-                             "receivers, or fixed senders with receivers='q', 'k' or 'v' (every later head).")
+@dataclass
+class Sweep:
+    """The experiments of a path patching call: ``senders[i]`` and ``receivers[i]`` (an empty receiver set: the
+    logits) for every cell of the ``[layers, heads]`` grid; ``possible``: the cells whose senders come before their
+    receivers."""
+
+    senders: list[list[Head]]
+    receivers: list[list[Receiver]]
+    shape: tuple[int, int]
+    fixed_senders: list[Head] | None
+    fixed_receivers: list[Receiver]
+    receiver_grid: str | None
+    freeze: str
+
+    @classmethod
+    def of(cls, view: ModelView, opts: PathOptions) -> "Sweep":
+        """The sweep of ``opts.senders`` and ``opts.receivers``, checked against the model (one side is a grid)."""
+        L, H, KV = view.n_layers, view.n_heads, view.n_kv_heads
+        senders = None if opts.senders is None else [_head(view, s, "sender") for s in opts.senders]
+        grid, fixed = _receivers(view, opts.receivers)
+        if (senders is None) == (grid is not None):
+            raise LensInputError("one side of a path patching sweep is a grid: pass senders=None (every head) with "
+                                 "fixed receivers, or fixed senders with receivers='q', 'k' or 'v' (every later "
+                                 "head).")
+        if senders is None:  # every head as the sender, into fixed receivers
+            cells = [[(l, h)] for l in range(L) for h in range(H)]
+            return cls(cells, [fixed] * len(cells), (L, H), None, fixed, None, opts.freeze)
+        n = H if grid == "q" else KV  # fixed senders into every later head's q, k or v
+        return cls([senders] * (L * n), [[(l, g, grid)] for l in range(L) for g in range(n)], (L, n), senders, [],
+                   grid, opts.freeze)
+
+    @property
+    def possible(self) -> list[int]:
+        return [i for i, (s, r) in enumerate(zip(self.senders, self.receivers))
+                if not r or max(l for l, _ in s) < min(l for l, _, _ in r)]
+
+    def describe(self) -> dict[str, Any]:
+        """The result's ``extra``: which side is the grid, the frozen components, the fixed side."""
+        fixed = self.receiver_grid or ("logits" if not self.fixed_receivers else [list(r) for r in
+                                                                                   self.fixed_receivers])
+        return {"grid": "senders" if self.fixed_senders is None else "receivers", "freeze": self.freeze,
+                "senders": None if self.fixed_senders is None else [list(s) for s in self.fixed_senders],
+                "receivers": fixed}
+
+
+def path_grid(exp: Experiment, sweep: Sweep) -> tuple[Engine, Float[Tensor, " n"], int]:
+    """The raw metric of every experiment of ``sweep`` (NaN where impossible), ``exp.max_batch`` paths per pair of
+    forward passes: the engine, the values and the number of passes."""
+    view = exp.view
+    L = view.n_layers
     names = [view.attn_hook(l, "z") for l in range(L)] + \
         ([view.out_hook(l, "mlp") for l in range(L)] if view.has_mlp else []) + \
         [view.attn_hook(l, c) for l in range(L) for c in ("q", "k", "v")]
-    engine = Engine(view, pair.base, names)
-    src_logits, src_cache = view.run_with_cache(pair.source, [view.attn_hook(l, "z") for l in range(L)])
-    set_runs(met, pair, base=met.cells(logits=engine.logits), source=met.cells(logits=src_logits))
-    B = pair.n_prompts
-    if sender_list is None:  # every head as the sender, into fixed receivers
-        experiments = [[(l, h)] for l in range(L) for h in range(H)]
-        rec_sets = [receiver_list] * len(experiments)
-        grid_shape = (L, H)
-    else:  # fixed senders into every later head's q, k or v
-        n = H if receiver_grid == "q" else KV
-        experiments = [sender_list] * (L * n)
-        rec_sets = [[(l, g, receiver_grid)] for l in range(L) for g in range(n)]
-        grid_shape = (L, n)
-    values = torch.full((len(experiments),), float("nan"))
-    ok = [i for i, (s, r) in enumerate(zip(experiments, rec_sets))
-          if not r or max(l for l, _ in s) < min(l for l, _, _ in r)]
-    per_pass = engine.cells_per_pass(max_batch)
-    ctx = _Context(view, engine, src_cache, freeze, B)
-    with bar(len(ok), "path patching", unit="path", enabled=progress and bool(ok)) as pbar:
+    engine = Engine(view, exp.pair.base, names)
+    src_logits, src_cache = view.run_with_cache(exp.pair.source, [view.attn_hook(l, "z") for l in range(L)])
+    exp.measure(base=exp.metric.cells(logits=engine.logits), source=exp.metric.cells(logits=src_logits))
+    values = torch.full((len(sweep.senders),), float("nan"))
+    ok = sweep.possible
+    per_pass = engine.cells_per_pass(exp.max_batch)
+    with bar(len(ok), "path patching", unit="path", enabled=exp.progress and bool(ok)) as pbar:
         for a in range(0, len(ok), per_pass):
             chunk = ok[a : a + per_pass]
-            raw = ctx.paths([experiments[i] for i in chunk], [rec_sets[i] for i in chunk], met)
-            values[torch.tensor(chunk)] = raw.cpu().float()
+            paths = PathBatch(exp, engine, src_cache, sweep.freeze, [sweep.senders[i] for i in chunk],
+                              [sweep.receivers[i] for i in chunk])
+            values[torch.tensor(chunk)] = paths.run()
             pbar.update(len(chunk))
-    values = met.normalise(values).view(grid_shape)
-    result = PatchingResult(
-        model_name=view.name, what="path", by="layer_head", method="path", direction=direction, metric=met.name,
-        values=values, layers=list(range(L)), grid_axes=["layer", "head"], pos_labels=position_labels(view, pair),
-        clean_tokens=view.str_tokens(pair.clean)[0], corrupted_tokens=view.str_tokens(pair.corrupted)[0],
-        pos_map=list(pair.clean_map), clean_value=met.clean, corrupted_value=met.corrupted,
-        normalised=met.normalised, n_prompts=B, engine=engine.mode, cells_run=len(ok),
-        cells_skipped=len(experiments) - len(ok), passes=2 * -(-len(ok) // per_pass),
-        seconds=time.perf_counter() - t0,
-        extra={"grid": "senders" if sender_list is None else "receivers", "freeze": freeze,
-               "senders": None if sender_list is None else [list(s) for s in sender_list],
-               "receivers": receiver_grid or ("logits" if not receiver_list else [list(r) for r in receiver_list])})
-    return recorded(result, hooks)
+    return engine, values, 2 * -(-len(ok) // per_pass)
 
 
-class _Context:
-    """The two steps of path patching for a batch of experiments (each: a sender set and a receiver set)."""
+class PathBatch:
+    """The two steps of path patching (see the module docstring) for a batch of experiments, each a sender set and a
+    receiver set, run on ``B`` rows each (one per prompt pair). Step 1 replays the base run with the senders' ``z``
+    from the source run and every other head (and with ``freeze="heads_and_mlps"`` every MLP) frozen at its base
+    value, recording the receivers' inputs; step 2 replays it with only those inputs patched in."""
 
-    def __init__(self, view: ModelView, engine: Engine, src_cache, freeze: str, B: int):
-        self.view, self.engine, self.src, self.freeze, self.B = view, engine, src_cache, freeze, B
-
-    def paths(self, senders: list[list[Head]], receivers: list[list[Receiver]], met) -> Tensor:
-        view, eng, B = self.view, self.engine, self.B
-        E = len(senders)
+    def __init__(self, exp: Experiment, engine: Engine, src_cache: Any, freeze: str, senders: list[list[Head]],
+                 receivers: list[list[Receiver]]):
+        self.exp, self.engine, self.src, self.senders, self.receivers = exp, engine, src_cache, senders, receivers
+        self.freeze_mlps = freeze == "heads_and_mlps" and exp.view.has_mlp
+        B = exp.pair.n_prompts
         entry = torch.tensor([min(l for l, _ in s) for s in senders]).repeat_interleave(B)
         order = torch.argsort(entry, stable=True)  # rows sorted by entry block
-        prompt = torch.arange(B).repeat(E)[order]
-        exp_of = torch.arange(E).repeat_interleave(B)[order]
-        entry = entry[order]
-        rec_layers = sorted({l for r in receivers for l, _, _ in r})
-        to_logits = not rec_layers
-        recorded_values: dict[tuple[int, str], Tensor] = {}
+        self.entry, self.prompt = entry[order], torch.arange(B).repeat(len(senders))[order]
+        self.exp_of = torch.arange(len(senders)).repeat_interleave(B)[order]
+        self.receiver_layers = sorted({l for r in receivers for l, _, _ in r})
+        self.inputs: dict[tuple[int, str], Tensor] = {}  # (layer, "q"|"k"|"v") -> the receivers' recorded inputs
+        self.rows2 = torch.arange(0)  # row i of step 2 is row rows2[i] of step 1
 
-        def hooks1(k: int) -> list:
-            out = []
-            base_z = eng.cache[view.attn_hook(k, "z")]
-            src_z = self.src[view.attn_hook(k, "z")]
-            mine = [(i, h) for i, e in enumerate(exp_of.tolist()) for (l, h) in senders[e] if l == k]
+    def run(self) -> Float[Tensor, " E"]:
+        """The raw metric of every experiment."""
+        eng = self.engine
+        if not self.receiver_layers:  # into the logits: step 1 gives the metric
+            final = eng.run(self.entry, self.prompt, self.sender_hooks)
+            return self._per_experiment(eng.measure(self.exp.metric, final), self.exp_of)
+        eng.run(self.entry, self.prompt, self.sender_hooks, stop=max(self.receiver_layers))
+        entry2 = torch.tensor([min(l for l, _, _ in self.receivers[e]) for e in self.exp_of.tolist()])
+        self.rows2 = torch.argsort(entry2, stable=True)  # from the first receiver's block
+        final = eng.run(entry2[self.rows2], self.prompt[self.rows2], self.receiver_hooks)
+        return self._per_experiment(eng.measure(self.exp.metric, final), self.exp_of[self.rows2])
 
-            def freeze_z(t: Tensor, hook=None) -> Tensor:
-                n = t.shape[0]
-                new = base_z[prompt[:n].to(base_z.device)].to(t.device, t.dtype).clone()
-                for i, h in mine:
-                    if i < n:
-                        new[i, :, h] = src_z[int(prompt[i]), :, h].to(t.device, t.dtype)
-                return new
-
-            out.append((view.attn_hook(k, "z"), freeze_z))
-            if self.freeze == "heads_and_mlps" and view.has_mlp:
-                base_mlp = eng.cache[view.out_hook(k, "mlp")]
-
-                def freeze_mlp(t: Tensor, hook=None) -> Tensor:
-                    return base_mlp[prompt[: t.shape[0]].to(base_mlp.device)].to(t.device, t.dtype).clone()
-
-                out.append((view.out_hook(k, "mlp"), freeze_mlp))
-            if k in rec_layers:
-                for comp in ("q", "k", "v"):
-                    def record(t: Tensor, hook=None, comp: str = comp) -> None:
-                        recorded_values[(k, comp)] = t.detach().clone()
-
-                    out.append((view.attn_hook(k, comp), record))
-            return out
-
-        if to_logits:
-            final = eng.run(entry, prompt, hooks1)
-            raw = met.cells(**({"logits": final} if eng.returns_logits else {"resid": final}))
-            return self._unsort(raw, order, E)
-        eng.run(entry, prompt, hooks1, stop=max(rec_layers))
-        # step 2: only the receivers' recorded inputs patched, from the first receiver's block
-        entry2 = torch.tensor([min(l for l, _, _ in receivers[e]) for e in exp_of.tolist()])
-        order2 = torch.argsort(entry2, stable=True)
-        inv = torch.empty_like(order2)
-        inv[order2] = torch.arange(len(order2))
-        rows_of = order2  # row i of pass 2 is row order2[i] of pass 1
-
-        def hooks2(k: int) -> list:
-            out = []
+    def sender_hooks(self, k: int) -> list:
+        """Step 1 in block ``k``: the heads' ``z`` frozen at the base run's but the senders' taken from the source
+        run, the MLP frozen too with ``freeze="heads_and_mlps"``, the receivers' inputs recorded."""
+        view, base_cache = self.exp.view, self.engine.cache
+        out = [(view.attn_hook(k, "z"), self._freeze_z(k))]
+        if self.freeze_mlps:
+            out.append((view.out_hook(k, "mlp"), self._frozen(base_cache[view.out_hook(k, "mlp")])))
+        if k in self.receiver_layers:
             for comp in ("q", "k", "v"):
-                mine = [(i, g) for i, r1 in enumerate(rows_of.tolist()) for (l, g, c) in receivers[int(exp_of[r1])]
-                        if l == k and c == comp]
-                if not mine:
-                    continue
-                rec = recorded_values[(k, comp)]
+                def record(t: Tensor, hook=None, comp: str = comp) -> None:
+                    self.inputs[(k, comp)] = t.detach().clone()
 
-                def patch(t: Tensor, hook=None, mine=mine, rec=rec) -> Tensor:
-                    out_t = t.clone()
-                    for i, g in mine:
-                        if i < t.shape[0]:
-                            out_t[i, :, g] = rec[int(rows_of[i]), :, g].to(t.device, t.dtype)
-                    return out_t
+                out.append((view.attn_hook(k, comp), record))
+        return out
 
-                out.append((view.attn_hook(k, comp), patch))
+    def _freeze_z(self, k: int):
+        base_z = self.engine.cache[self.exp.view.attn_hook(k, "z")]
+        src_z = self.src[self.exp.view.attn_hook(k, "z")]
+        mine = [(i, h) for i, e in enumerate(self.exp_of.tolist()) for (l, h) in self.senders[e] if l == k]
+        prompt = self.prompt
+
+        def hook(t: Tensor, hook=None) -> Tensor:
+            n = t.shape[0]
+            new = base_z[prompt[:n].to(base_z.device)].to(t.device, t.dtype).clone()
+            for i, h in mine:
+                if i < n:
+                    new[i, :, h] = src_z[int(prompt[i]), :, h].to(t.device, t.dtype)
+            return new
+
+        return hook
+
+    def _frozen(self, base: Tensor):
+        prompt = self.prompt
+
+        def hook(t: Tensor, hook=None) -> Tensor:
+            return base[prompt[: t.shape[0]].to(base.device)].to(t.device, t.dtype).clone()
+
+        return hook
+
+    def receiver_hooks(self, k: int) -> list:
+        """Step 2 in block ``k``: the receivers' recorded inputs (queries, keys or values) patched in."""
+        out = []
+        rows = self.rows2.tolist()
+        for comp in ("q", "k", "v"):
+            mine = [(i, g) for i, r1 in enumerate(rows) for (l, g, c) in self.receivers[int(self.exp_of[r1])]
+                    if l == k and c == comp]
+            if mine:
+                out.append((self.exp.view.attn_hook(k, comp), self._patch(self.inputs[(k, comp)], mine)))
+        return out
+
+    def _patch(self, recorded: Tensor, mine: list[tuple[int, int]]):
+        rows2 = self.rows2
+
+        def hook(t: Tensor, hook=None) -> Tensor:
+            out = t.clone()
+            for i, g in mine:
+                if i < t.shape[0]:
+                    out[i, :, g] = recorded[int(rows2[i]), :, g].to(t.device, t.dtype)
             return out
 
-        final = eng.run(entry2[order2], prompt[order2], hooks2)
-        raw2 = met.cells(**({"logits": final} if eng.returns_logits else {"resid": final}))
-        # raw2 is per experiment in pass-2 row order (B rows per experiment stay together): back to pass-1 order
-        exp_rows2 = exp_of[order2].view(-1, B)[:, 0]
-        per_exp = torch.empty(E)
-        per_exp[exp_rows2] = raw2.cpu().float()
-        return per_exp
+        return hook
 
-    def _unsort(self, raw: Tensor, order: Tensor, E: int) -> Tensor:
-        """Per-experiment values from rows sorted by ``order`` (each experiment's B rows stay consecutive)."""
-        B = self.B
-        exp_sorted = torch.arange(E).repeat_interleave(B)[order].view(-1, B)[:, 0]
-        out = torch.empty(E)
-        out[exp_sorted] = raw.cpu().float()
+    def _per_experiment(self, raw: Tensor, exp_of_rows: Tensor) -> Float[Tensor, " E"]:
+        """Per-experiment values from rows in any order that keeps each experiment's ``B`` rows together."""
+        out = torch.empty(len(self.senders))
+        out[exp_of_rows.view(-1, self.exp.pair.n_prompts)[:, 0]] = raw.cpu().float()
         return out
 
 
@@ -235,6 +250,19 @@ def _head(view: ModelView, s: Any, what: str) -> Head:
         raise LensInputError(f"{what} L{l}H{h} does not exist: layers 0..{view.n_layers - 1}, heads "
                              f"0..{view.n_heads - 1}.")
     return l, h
+
+
+def _receivers(view: ModelView, receivers: Any) -> tuple[str | None, list[Receiver]]:
+    """``receivers`` as ``(grid component or None, fixed receivers)``: ``"logits"`` is no receiver."""
+    if isinstance(receivers, str):
+        if receivers not in ("logits", "q", "k", "v"):
+            raise LensInputError(f"receivers must be 'logits', 'q', 'k', 'v' or a list of (layer, head, 'q'|'k'|'v'), "
+                                 f"got {receivers!r}.")
+        return (receivers if receivers != "logits" else None), []
+    fixed = [_receiver(view, r) for r in receivers]
+    if not fixed:
+        raise LensInputError("receivers is empty: pass 'logits' or at least one (layer, head, 'q'|'k'|'v').")
+    return None, fixed
 
 
 def _receiver(view: ModelView, r: Any) -> Receiver:

@@ -210,3 +210,7 @@ class Engine:
     @property
     def returns_logits(self) -> bool:
         return self.mode == "forward"
+
+    def measure(self, metric: Any, final: Tensor) -> Tensor:
+        """The raw metric (a :class:`~mi_lenses.patching.metric.Metric`) of the rows :meth:`run` returned."""
+        return metric.cells(**({"logits": final} if self.returns_logits else {"resid": final}))

@@ -57,7 +57,7 @@ class PatchingResult(Result):
     what: str
     by: str
     method: str
-    direction: str
+    mode: str
     metric: str
     values: Float[Tensor, "L ..."]
     layers: list[int]
@@ -108,7 +108,7 @@ class PatchingResult(Result):
             s += f"N{coords['neuron']}"
         if "pos" in coords:
             p = coords["pos"]
-            s += f" {self.pos_labels[p]!r}@{self.pos_map[p][1 if self.direction == 'denoise' else 0]}"
+            s += f" {self.pos_labels[p]!r}@{self.pos_map[p][1 if self.mode == 'denoise' else 0]}"
         return s
 
     def top(self, top_k: int = 10, *, by: Literal["abs", "value", "-value"] = "abs") -> list[tuple[str, float]]:
@@ -137,7 +137,7 @@ class PatchingResult(Result):
         self.check_batch(batch)
         return jsonable({
             "model": self.model_name, "what": self.what, "by": self.by, "method": self.method,
-            "direction": self.direction, "metric": self.metric, "normalised": self.normalised,
+            "mode": self.mode, "metric": self.metric, "normalised": self.normalised,
             "clean_value": self.clean_value, "corrupted_value": self.corrupted_value, "n_prompts": self.n_prompts,
             "layers": self.layers, "axes": self.grid_axes, "positions": self.pos_labels,
             "position_map": [list(p) for p in self.pos_map], "clean_tokens": self.clean_tokens,
@@ -170,7 +170,7 @@ class PatchingResult(Result):
         largest = f", largest {top[0][0]} {top[0][1]:+.4f}" if top else ""
         pairs = f", {self.n_prompts} prompt pairs" if self.n_prompts > 1 else ""
         grid = f"{' x '.join(map(str, self.shape))} ({', '.join(self.grid_axes)})"
-        return (f"{self.method} on {self.model_name!r}: {self.what} by {self.by}, {self.direction}, grid {grid}{pairs}, "
+        return (f"{self.method} on {self.model_name!r}: {self.what} by {self.by}, {self.mode}, grid {grid}{pairs}, "
                 f"metric {self.metric}{largest}")
 
 
@@ -178,11 +178,12 @@ class PatchingResult(Result):
 @dataclass
 class PairSpec:
     """What a circuit's faithfulness is measured on: the two runs' tokens, the metric (answer/wrong ids or a
-    callable) and the direction; ``clean_value``/``corrupted_value`` the raw metric of the two runs."""
+    callable) and the ``mode`` (``"denoise"`` or ``"noise"``); ``clean_value``/``corrupted_value`` the raw metric of
+    the two runs."""
 
     clean_tokens: Tensor
     corrupted_tokens: Tensor
-    direction: str
+    mode: str
     metric: str
     answer_ids: Tensor | None = None
     wrong_ids: Tensor | None = None
@@ -191,13 +192,14 @@ class PairSpec:
     corrupted_value: float = float("nan")
 
     @classmethod
-    def of(cls, view, pair, met) -> "PairSpec":
-        return cls(pair.clean.tokens.cpu(), pair.corrupted.tokens.cpu(), pair.direction, met.name, met.answer_ids,
+    def of(cls, pair, met) -> "PairSpec":
+        """The spec of an experiment's pair and metric (once measured)."""
+        return cls(pair.clean.tokens.cpu(), pair.corrupted.tokens.cpu(), pair.mode, met.name, met.answer_ids,
                    met.wrong_ids, met.fn, met.clean, met.corrupted)
 
     def to_dict(self) -> dict[str, Any]:
         return {"clean_tokens": self.clean_tokens, "corrupted_tokens": self.corrupted_tokens,
-                "direction": self.direction, "metric": self.metric, "answer_ids": self.answer_ids,
+                "mode": self.mode, "metric": self.metric, "answer_ids": self.answer_ids,
                 "wrong_ids": self.wrong_ids, "clean_value": self.clean_value, "corrupted_value": self.corrupted_value}
 
 
@@ -216,7 +218,7 @@ class EdgeAttribution(Result):
 
     model_name: str
     method: str
-    direction: str
+    mode: str
     metric: str
     writers: list[str]
     readers: list[str]
@@ -285,7 +287,7 @@ class EdgeAttribution(Result):
     def to_dict(self, *, batch: int = 0, top_k: int = 20) -> dict[str, Any]:
         """JSON-ready: the settings, the two runs' metric values, the ``top_k`` largest edges and nodes."""
         self.check_batch(batch)
-        return jsonable({"model": self.model_name, "method": self.method, "direction": self.direction,
+        return jsonable({"model": self.model_name, "method": self.method, "mode": self.mode,
                          "metric": self.metric, "ig_steps": self.ig_steps, "clean_value": self.clean_value,
                          "corrupted_value": self.corrupted_value, "n_edges": self.n_edges,
                          "top_edges": [{"writer": w, "reader": r, "score": s} for w, r, s in self.top_edges(top_k)],
@@ -314,7 +316,7 @@ class EdgeAttribution(Result):
         largest = f", largest {top[0][0]} -> {top[0][1]} {top[0][2]:+.4f}" if top else ""
         method = "EAP-IG" if self.method == "eap_ig" else "EAP"
         return (f"{method} on {self.model_name!r}: {self.n_edges} edges ({len(self.writers)} writers x "
-                f"{len(self.readers)} readers), {self.direction}, metric {self.metric}{largest}")
+                f"{len(self.readers)} readers), {self.mode}, metric {self.metric}{largest}")
 
 
 @dataclass
@@ -353,12 +355,13 @@ class Circuit(Result):
     view_options: ClassVar[dict[str, Any]] = {"top_k": 20, "level": 2}  # see mi_lenses.results
 
     @property
-    def title(self) -> str:
-        return f"Circuit: {self.model_name}"
+    def size(self) -> int:
+        """The number of edges (or nodes) kept."""
+        return len(self.edges) if self.kind == "edges" else len(self.nodes)
 
     @property
-    def size(self) -> int:
-        return len(self.edges) if self.kind == "edges" else len(self.nodes)
+    def title(self) -> str:
+        return f"Circuit: {self.model_name}"
 
     def to_dict(self, *, batch: int = 0) -> dict[str, Any]:
         self.check_batch(batch)

@@ -96,8 +96,8 @@ def settings_note(res) -> str:
                  f"{diff:+.4f} ({res.ig_steps} steps).")
     norm = ("normalised: 0 = the corrupted run, 1 = the clean run" if res.normalised else
             f"raw values; clean {res.clean_value:+.4f}, corrupted {res.corrupted_value:+.4f}")
-    return (f'<p class="note">{_METHOD.get(res.method, res.method)}, {res.direction} '
-            f"({'clean activations into the corrupted run' if res.direction == 'denoise' else 'corrupted into clean'})"
+    return (f'<p class="note">{_METHOD.get(res.method, res.method)}, {res.mode} '
+            f"({'clean activations into the corrupted run' if res.mode == 'denoise' else 'corrupted into clean'})"
             f", metric {html.escape(res.metric)} ({norm}; clean {res.clean_value:+.4f}, corrupted "
             f"{res.corrupted_value:+.4f}), on <b>{html.escape(res.model_name)}</b>"
             f"{f' over {res.n_prompts} prompt pairs' if res.n_prompts > 1 else ''}. Clean: "
@@ -125,7 +125,7 @@ def patching_table(res, top_k: int, max_layers: int):
             widths = [max(len(c), 5) + 3 for c in cols]
             n = fit_count(widths, width - 8)
             shown = list(range(len(cols) - n, len(cols)))
-            table = Table(title=f"{res.title} · {res.what} · {res.method} · {res.direction}", pad_edge=False)
+            table = Table(title=f"{res.title} · {res.what} · {res.method} · {res.mode}", pad_edge=False)
             table.add_column("layer", justify="right", style="bold", no_wrap=True)
             for j in shown:
                 table.add_column(cols[j], justify="right", no_wrap=True, min_width=min(len(cols[j]), 10))
@@ -237,7 +237,7 @@ def edges_fragment(res, top_k: int, level: int = 2) -> str:
     return "\n".join([
         f'<p class="note">{method} on <b>{html.escape(res.model_name)}</b>: {res.n_edges} edges between the '
         f"embeddings, {res.n_layers} x {res.n_heads} heads, the MLPs and the logits; metric {html.escape(res.metric)}"
-        f" (clean {res.clean_value:+.4f}, corrupted {res.corrupted_value:+.4f}), {res.direction}"
+        f" (clean {res.clean_value:+.4f}, corrupted {res.corrupted_value:+.4f}), {res.mode}"
         f"{f', {res.ig_steps} integration steps' if res.ig_steps else ''}. Computed in {res.seconds:.2f} s.</p>",
         f"<{h}>The {len(top)} largest edges</{h}>",
         '<div class="scroll">' + circuit_svg(top, res.n_layers, res.n_heads, res.n_kv_heads) + "</div>",
