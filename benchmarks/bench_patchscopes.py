@@ -126,7 +126,7 @@ def main() -> None:
     }
 
     # ------------------------------------------------------------------ (b) generation
-    src = Source("Diana, Princess of Wales", layer=8)
+    src = Source("Diana, Princess of Wales", layers=8)
     desc = presets.description()
     rt_d = resolve_target(desc, view)
     T = rt_d.tokens.shape[1]

@@ -70,7 +70,7 @@ def main() -> None:
                                                                         steps=0, max_tokens=256)
         t0 = time.perf_counter()
         cmp = mi_lenses.compare_lenses(model, args.data, lenses, max_tokens=args.max_tokens, point="resid_pre",
-                                       top_k=(1, 5, 10))
+                                       precision_at=(1, 5, 10))
         out["seconds"][f"evaluate N={n}"] = round(time.perf_counter() - t0, 1)
         out["layers"] = cmp.layers
         out["results"].update(cmp.to_dict()["lenses"])

@@ -10,7 +10,8 @@ Every name is importable from here:
   :class:`NeuronAttribution`);
 * attention: :func:`attention` (patterns, sinks, entropy, previous-token and induction scores, q·k terms);
 * Patchscopes: :func:`patchscope`, :func:`sweep`, :class:`Source`, :class:`Target`, ``presets``, :func:`fit_map`;
-* circuit analysis: :func:`activation_patching` (exact, attribution, EAP-IG), edges, circuits, path patching;
+* circuit analysis: :func:`activation_patching` (exact, attribution, EAP-IG), edges, circuits, path patching, their
+  options records (:class:`ActivationOptions`, :class:`EdgeOptions`, :class:`PathOptions`);
 * the report: :func:`report` (every lens, DLA and attention of one prompt on one offline page);
 * models: :func:`load_model`, :class:`ModelView`, the parity probe (:func:`check_parity`, :func:`skip_parity`,
   :func:`parity_report`, :class:`ParityReport`);
@@ -20,10 +21,12 @@ Every name is importable from here:
 
 Example:
     >>> res = mi_lenses.logit_lens(model, "The capital of France is", targets=" Paris")   # model = load_model()
-    >>> res.labels[-1], res.kl_bits.shape[0] == len(res.labels)
-    ('final', True)
+    >>> res.labels[-1], float(res.kl_bits[-1].abs().max())    # the final row is the model's own distribution
+    ('final', 0.0)
     >>> dla = mi_lenses.direct_logit_attribution(model, "The capital of France is", answer=" Paris")
-    >>> ps = mi_lenses.patchscope(model, mi_lenses.Source("The capital of France is", layer=-1))
+    >>> abs(float(dla.total[0] - dla.actual[0])) < 1e-3        # the parts sum to the model's logit of ' Paris'
+    True
+    >>> ps = mi_lenses.patchscope(model, mi_lenses.Source("The capital of France is", layers=-1))
     >>> bool(ps.prec_at_1[0])
     True
 """
@@ -69,9 +72,12 @@ from mi_lenses.patchscopes import (
     sweep,
 )
 from mi_lenses.patching import (
+    ActivationOptions,
     Circuit,
     EdgeAttribution,
+    EdgeOptions,
     PatchingResult,
+    PathOptions,
     activation_patching,
     edge_attribution,
     faithfulness,
@@ -83,6 +89,7 @@ from mi_lenses.results import Result
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationOptions",
     "AffineLens",
     "AffineMap",
     "AttentionResult",
@@ -91,6 +98,7 @@ __all__ = [
     "DLAResult",
     "DiffusionLensResult",
     "EdgeAttribution",
+    "EdgeOptions",
     "FutureLens",
     "FuturePromptLens",
     "JacobianLens",
@@ -107,6 +115,7 @@ __all__ = [
     "NeuronAttribution",
     "ParityReport",
     "PatchingResult",
+    "PathOptions",
     "PatchscopeLens",
     "PatchscopeResult",
     "QKTerms",

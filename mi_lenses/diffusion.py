@@ -167,8 +167,8 @@ class DiffusionLensResult(Result):
 
     def _summary(self) -> str:
         size = "x".join(map(str, self.images[0][0].size)) if self.images and self.images[0] else "?"
-        return (f"of {self.prompt!r}: {len(self.layers)} of {self.n_layers} text-encoder layers x "
-                f"{plural(len(self.seeds), 'seed')}, {size} pixels")
+        return (f"of {self.prompt!r} on {self.settings.get('pipeline', '?')!r}: {len(self.layers)} of "
+                f"{self.n_layers} text-encoder layers x {plural(len(self.seeds), 'seed')}, {size} pixels")
 
     def save_gallery(self, folder: str | os.PathLike) -> Path:
         """Write ``layer{l:02d}_seed{s}.png`` per image and an offline ``index.html`` into ``folder``, atomically
@@ -186,7 +186,7 @@ class DiffusionLensResult(Result):
 
 
 def diffusion_lens(
-    pipe: Any,
+    pipeline: Any,
     prompt: str,
     *,
     layers: IndexSpec = None,
@@ -198,28 +198,42 @@ def diffusion_lens(
     width: int | None = None,
 ) -> DiffusionLensResult:
     """Generate ``num_images`` images (seeds ``seed, seed + 1, ...``) from each text-encoder layer in ``layers``
-    (0 .. n_layers, negative from the end; default all) of ``pipe`` (see the module docstring). The unconditional
-    branch of classifier-free guidance is the pipeline's own (the empty prompt through the full encoder)."""
-    check_pipeline(pipe)
+    (0 .. n_layers, negative from the end; default all) of ``pipeline`` (see the module docstring). The unconditional
+    branch of classifier-free guidance is the pipeline's own (the empty prompt through the full encoder).
+
+    Args:
+        pipeline: a single-text-encoder Stable-Diffusion-style diffusers pipeline (e.g. from :func:`load_pipeline`).
+        prompt: the text prompt, a non-empty string.
+        layers: text-encoder layers (0 = token + position embeddings .. ``n_layers`` = the last layer, the
+            pipeline's own prompt embedding; negative from the end); default all.
+        num_images: images per layer, one per seed.
+        seed: the first seed (CPU generator); image ``j`` of every layer uses ``seed + j``.
+        num_inference_steps, guidance_scale, height, width: the pipeline's own settings (``None`` height and width:
+            the pipeline's default size).
+
+    Returns:
+        :class:`DiffusionLensResult`: ``images[i][j]`` from layer ``layers[i]`` and seed ``seeds[j]``.
+    """
+    check_pipeline(pipeline)
     if not isinstance(prompt, str) or not prompt:
         raise LensInputError("prompt must be a non-empty string.")
-    n = n_text_layers(pipe)
+    n = n_text_layers(pipeline)
     chosen = resolve_indices(layers, n + 1, "text-encoder layer", f"the text encoder has layers 0..{n}")
     if not isinstance(num_images, int) or num_images < 1:
         raise LensInputError(f"num_images must be an int >= 1, got {num_images!r}.")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise LensInputError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}.")
-    embeds = layer_prompt_embeds(pipe, prompt, chosen)
+    embeds = layer_prompt_embeds(pipeline, prompt, chosen)
     seeds = [seed + j for j in range(num_images)]
     images = []
     for l in chosen:
         row = []
         for s in seeds:
             g = torch.Generator(device="cpu").manual_seed(s)
-            out = pipe(prompt_embeds=embeds[l], num_inference_steps=num_inference_steps,
-                       guidance_scale=guidance_scale, height=height, width=width, generator=g, output_type="pil")
+            out = pipeline(prompt_embeds=embeds[l], num_inference_steps=num_inference_steps,
+                           guidance_scale=guidance_scale, height=height, width=width, generator=g, output_type="pil")
             row.append(out.images[0])
         images.append(row)
     settings = {"steps": num_inference_steps, "guidance_scale": guidance_scale, "height": height, "width": width,
-                "pipeline": type(pipe).__name__}
+                "pipeline": type(pipeline).__name__}
     return DiffusionLensResult(prompt, chosen, n, seeds, images, settings)

@@ -235,8 +235,8 @@ def check_patchscope(m: Any, entry: Entry, mode: str) -> str:
     L = m.cfg.n_layers
     ref = entry.run.logits[-1].log_softmax(-1)
     for pos in (1, S - 1):
-        res = mi_lenses.patchscope(m, mi_lenses.Source(entry.tokens, layer=list(range(L)), position=pos),
-                                   mi_lenses.Target(entry.tokens, position=pos), top_k=5, max_new_tokens=0)
+        res = mi_lenses.patchscope(m, mi_lenses.Source(entry.tokens, layers=list(range(L)), position=pos),
+                                   mi_lenses.Target(entry.tokens, positions=pos), top_k=5, max_new_tokens=0)
         for r in range(L):
             close(res.top_logprobs[r], ref[res.top_ids[r]], f"identity Patchscope (layer {r}, position {pos}) vs HF")
         assert torch.equal(res.top_ids[:, 0], ref.argmax().repeat(L)), "identity Patchscope changed the top-1"

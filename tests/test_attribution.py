@@ -286,7 +286,7 @@ def test_top_labels_dataframe_and_dict(tiny_pair):
     assert len(res.to_dataframe("neurons")) == res.neurons.numel()
     assert len(res.to_dataframe("sources")) == res.n_layers * res.n_heads * len(res.str_tokens[0])
     d = res.to_dict(top_k=3)
-    assert set(d) == {"direction", "total", "actual", "components", "top_neurons", "sources"}
+    assert set(d) == {"metric", "total", "actual", "components", "top_neurons", "sources"}
     assert sum(c["value"] for c in d["components"]) == pytest.approx(d["total"], abs=1024 * EPS)
     assert d["total"] == pytest.approx(d["actual"], abs=8192 * EPS)
     assert len(d["top_neurons"]) == 3 and len(d["sources"]) == 3
@@ -349,8 +349,8 @@ def test_cli_json_contract(smol, tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "L" in printed and "verified" in printed
     data = json.loads(out_json.read_text())
-    assert set(data) == {"direction", "total", "actual", "components", "top_neurons", "sources"}
-    assert data["direction"] == "logit[' Mary'] - logit[' John']"
+    assert set(data) == {"metric", "total", "actual", "components", "top_neurons", "sources"}
+    assert data["metric"] == "logit[' Mary'] - logit[' John']"
     n_tokens = len(smol.to_tokens(IOI)[0])
     assert len(data["components"]) == 1 + 30 * (9 + 1)  # embed, 9 heads + MLP per layer (no biases, no b_U)
     for c in data["components"] + data["top_neurons"]:

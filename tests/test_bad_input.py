@@ -207,18 +207,18 @@ API: dict[str, tuple[Callable[[Env], Any], list[str]]] = {
     "position a shorter prompt lacks (DLA)": (lambda e: mi_lenses.direct_logit_attribution(
         e.m, PROMPTS, answer="Paris", position=-6), ["out of range for prompt 2"]),
     # Patchscopes
-    "source layer out of range": (lambda e: mi_lenses.patchscope(e.m, mi_lenses.Source(PROMPT, layer=L)),
+    "source layer out of range": (lambda e: mi_lenses.patchscope(e.m, mi_lenses.Source(PROMPT, layers=L)),
                                   ["source layer 3 is out of range"]),
     "target prompt without its placeholder": (lambda e: mi_lenses.patchscope(
-        e.m, mi_lenses.Source(PROMPT, layer=0), mi_lenses.Target("no slot here", placeholder="x")),
+        e.m, mi_lenses.Source(PROMPT, layers=0), mi_lenses.Target("no slot here", placeholder="x")),
         ["has no placeholder 'x'"]),
-    "map of the wrong shape": (lambda e: mi_lenses.patchscope(e.m, mi_lenses.Source(PROMPT, layer=0), mi_lenses.Target(
+    "map of the wrong shape": (lambda e: mi_lenses.patchscope(e.m, mi_lenses.Source(PROMPT, layers=0), mi_lenses.Target(
         "The x", placeholder="x", map=lambda h: h[:, :3])), ["the target model needs"]),
     "models of different d_model without a map": (lambda e: mi_lenses.patchscope(
-        e.m, mi_lenses.Source(PROMPT, layer=0), mi_lenses.presets.identity().replace(model=e.other)),
+        e.m, mi_lenses.Source(PROMPT, layers=0), mi_lenses.presets.identity().replace(model=e.other)),
         ["pass Target(map=...)", "fit_map"]),
     "generation past the context window": (lambda e: mi_lenses.patchscope(
-        e.m, mi_lenses.Source(PROMPT, layer=0), max_new_tokens=500), ["context window"]),
+        e.m, mi_lenses.Source(PROMPT, layers=0), max_new_tokens=500), ["context window"]),
     "sweep with unknown target layers": (lambda e: mi_lenses.sweep(e.m, PROMPT, target_layers="diag", progress=False),
                                          ["target_layers must be"]),
     # lens files

@@ -121,7 +121,7 @@ def test_command_writes_the_gallery(pipe, tmp_path, capsys):
 
     pipe.save_pretrained(tmp_path / "sd")
     rc = main(["diffusion-lens", "--pipeline", str(tmp_path / "sd"), "--prompt", PROMPT, "--layers", "0,3",
-               "--steps", "2", "--out", str(tmp_path / "g"), "--json", str(tmp_path / "d.json")])
+               "--num-inference-steps", "2", "--out", str(tmp_path / "g"), "--json", str(tmp_path / "d.json")])
     assert rc == 0
     assert (tmp_path / "g" / "layer03_seed0.png").is_file()
     assert json.loads((tmp_path / "d.json").read_text())["layers"] == [0, 3]

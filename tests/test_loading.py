@@ -129,8 +129,8 @@ def test_healthy_model_passes_in_both_modes(folder_of, arch, mode, monkeypatch):
         model = mi_lenses.load_model(folder_of(arch), compatibility_mode=mode == "compat")
     assert not _mi_warnings(record)
     report = mi_lenses.parity_report(model)
-    assert report.checked and report.passed and report.source == "load_model"
-    assert report.mode == mode and report.tokens == 8 and report.gap < 1024 * EPS and report.top1_agreement == 1.0
+    assert report.checked and report.passed and report.oracle == "load_model"
+    assert report.variant == mode and report.tokens == 8 and report.gap < 1024 * EPS and report.top1_agreement == 1.0
     assert bool(model.compatibility_mode) == (mode == "compat")
     # the oracle: the model load_model returned equals the HF model alone
     tokens = model.to_tokens(PROMPT)
@@ -156,7 +156,7 @@ def test_compat_only_bug_falls_back_to_raw(folder_of):
         assert model.compatibility_mode and not notes
         return
     assert compat_gap > 0.5  # TransformerLens 4.3: ~1.7 nats
-    assert not model.compatibility_mode and report.mode == "raw"
+    assert not model.compatibility_mode and report.variant == "raw"
     assert len(notes) == 1
     for part in ("TransformerLens", "'qwen2_moe'", "loaded in raw mode", "compatibility mode", "nats", "report it"):
         assert part in notes[0], (part, notes[0])
@@ -188,7 +188,7 @@ def test_gemma3_attention_softcap_is_refused(folder_of, mode):
     assert gap > 0.3
     # the explicit opt-out loads it anyway, and records that it was not checked
     model = mi_lenses.load_model(folder, compatibility_mode=mode == "compat", check_parity=False)
-    assert mi_lenses.parity_report(model).source == "skipped" and not mi_lenses.parity_report(model).checked
+    assert mi_lenses.parity_report(model).oracle == "skipped" and not mi_lenses.parity_report(model).checked
 
 
 @pytest.mark.parametrize("mode", ["raw", "compat"])
@@ -209,7 +209,7 @@ def test_user_bridge_changed_after_boot_is_refused_at_entry_points(folder_of):
     healthy = _boot(folder)
     mi_lenses.logit_lens(healthy, PROMPT)
     report = mi_lenses.parity_report(healthy)
-    assert report.checked and report.passed and report.source == str(folder) and report.gap < 1024 * EPS
+    assert report.checked and report.passed and report.oracle == str(folder) and report.gap < 1024 * EPS
 
     bridge = _boot(folder)
     weight = next(p for n, p in bridge.named_parameters() if "layers.1" in n and "down_proj" in n)
@@ -240,7 +240,7 @@ def test_model_built_in_memory_warns_once_and_can_be_checked(folder_of, builder)
     with pytest.raises(LensInputError, match="untouched copy"):
         mi_lenses.check_parity(bridge, hf_model=bridge.original_model)
     report = mi_lenses.check_parity(bridge, hf_model=hf)
-    assert report.checked and report.passed and report.source == "hf_model"
+    assert report.checked and report.passed and report.oracle == "hf_model"
 
 
 def test_user_hooks_defer_the_probe(folder_of):

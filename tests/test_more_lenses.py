@@ -278,7 +278,7 @@ def test_compare_lenses_agrees_with_evaluate_lens(llama_raw):
     tokens = torch.randint(3, m.cfg.d_vocab, (3, 16), generator=torch.Generator().manual_seed(3))
     tuned = mi_lenses.TunedLens.from_model(m)
     cmp = mi_lenses.compare_lenses(m, tokens, {"logit": "logit", "tuned": tuned}, point="resid_pre",
-                                   top_k=(1, 5), batch_size=2, progress=False)
+                                   precision_at=(1, 5), batch_size=2, progress=False)
     ev = mi_lenses.evaluate_lens(tuned, m, tokens)
     close(cmp.stats["logit"]["kl_bits"][:-1], ev.kl_bits["logit lens"], "KL", 1024 * EPS)
     close(cmp.stats["logit"]["ce_bits"][:-1], ev.ce_bits["logit lens"], "CE", 1024 * EPS)
@@ -370,7 +370,7 @@ def test_untrained_future_prompt_is_the_fixed_prompt_patchscope(tiny_pair):
     m = tiny_pair.model
     lens = mi_lenses.fit_future_prompt(m, torch.randint(3, m.cfg.d_vocab, (2, 8)), steps=0, progress=False)
     res = lens(m, PROMPT, layers=[1, -1], point="resid_pre")
-    ps = mi_lenses.PatchscopeLens(mi_lenses.Target(lens.ids, position=-1))(m, PROMPT, layers=[1, -1])
+    ps = mi_lenses.PatchscopeLens(mi_lenses.Target(lens.ids, positions=-1))(m, PROMPT, layers=[1, -1])
     close(res.top_logits, ps.top_logits, "fixed prompt", 1024 * EPS)
     close(res.kl, ps.kl, "fixed prompt KL", 1024 * EPS)
 

@@ -87,7 +87,7 @@ def test_self_patch_changes_nothing(tiny):
                            return_type="tokens")[0, tokens.shape[1]:]
     for layer in range(view.n_layers):
         for pos in (1, tokens.shape[1] - 2, tokens.shape[1] - 1):
-            res = patchscope(m, Source(PROMPT, layer=layer, position=pos), Target(PROMPT, position=pos),
+            res = patchscope(m, Source(PROMPT, layers=layer, position=pos), Target(PROMPT, positions=pos),
                              max_new_tokens=4, stop_at_eos=False)
             assert torch.allclose(res.top_logprobs[0], ref[res.top_ids[0]], atol=128 * EPS), (layer, pos)
             assert int(res.top_ids[0, 0]) == int(ref.argmax())
@@ -106,7 +106,7 @@ def test_patch_matches_hf_oracle(tiny):
     src_tokens, tgt_tokens = view.to_tokens(PROMPT), view.to_tokens(TARGET)
     (i_star,) = placeholder_positions(view, TARGET, "x")
     for layer in range(view.n_layers):
-        res = patchscope(m, Source(PROMPT, layer=layer, position=2), Target(TARGET, placeholder="x"), top_k=8)
+        res = patchscope(m, Source(PROMPT, layers=layer, position=2), Target(TARGET, placeholder="x"), top_k=8)
         h, _ = _hf_states(tiny, src_tokens, layer)
         hf = _hf_patched_logits(tiny, tgt_tokens, layer, [i_star], h[0, 2])[0, -1].log_softmax(-1)
         assert torch.allclose(res.top_logprobs[0], hf[res.top_ids[0]], atol=2048 * EPS), layer
@@ -123,7 +123,7 @@ def test_last_layer_patch_is_the_decoded_state(tiny):
     view = ModelView(m)
     L = view.n_layers
     for layer in range(L):
-        res = patchscope(m, Source(PROMPT, layer=layer, position=3), presets.identity().replace(layer=L - 1))
+        res = patchscope(m, Source(PROMPT, layers=layer, position=3), presets.identity().replace(layer=L - 1))
         h = _state(view, view.to_tokens(PROMPT), layer, 3)
         expect = view.decode(h).log_softmax(-1)
         assert torch.allclose(res.top_logprobs[0], expect[res.top_ids[0]], atol=1024 * EPS)
@@ -184,7 +184,7 @@ def test_a_cache_that_fails_is_reported_and_a_bug_is_not_hidden(tiny, monkeypatc
 @pytest.mark.parametrize("every_step", [False, True])
 def test_cached_generation_equals_uncached(tiny, every_step):
     m = tiny.model
-    src = Source(PROMPT, layer=list(range(ModelView(m).n_layers)), position=-2)
+    src = Source(PROMPT, layers=list(range(ModelView(m).n_layers)), position=-2)
     for tgt in (Target(TARGET, placeholder="x"), presets.identity()):
         kw = dict(max_new_tokens=6, patch_every_step=every_step, stop_at_eos=False)
         a = patchscope(m, src, tgt, use_kv_cache=True, **kw)
@@ -198,7 +198,7 @@ def test_cached_generation_equals_uncached(tiny, every_step):
 
 def test_every_step_differs_from_prompt_only(tiny_pair):
     m = tiny_pair.model
-    src = Source(PROMPT, layer=0, position=-1)
+    src = Source(PROMPT, layers=0, position=-1)
     a = patchscope(m, src, presets.identity(), max_new_tokens=6, stop_at_eos=False)
     b = patchscope(m, src, presets.identity(), max_new_tokens=6, stop_at_eos=False, patch_every_step=True)
     assert torch.equal(a.generated_ids[0, :1], b.generated_ids[0, :1])  # same first token (prompt pass)
@@ -212,7 +212,7 @@ def test_generation_matches_transformer_lens_generate(tiny_pair):
     tokens = view.to_tokens(TARGET)
     (i_star,) = placeholder_positions(view, TARGET, "x")
     vec = _state(view, view.to_tokens(PROMPT), 1, 2)
-    ours = patchscope(m, Source(PROMPT, layer=1, position=2), Target(TARGET, placeholder="x"), max_new_tokens=6,
+    ours = patchscope(m, Source(PROMPT, layers=1, position=2), Target(TARGET, placeholder="x"), max_new_tokens=6,
                       stop_at_eos=False).generated_ids[0]
 
     def hook(resid, hook):
@@ -240,9 +240,9 @@ def test_sweep_equals_per_pair_loop(tiny_pair, target_layers):
     tgt = Target(TARGET, placeholder="x")
     the = int(ModelView(m).to_tokens(" lazy", prepend_bos=False)[0, 0])  # any tracked token id
     sw = sweep(m, prompts, tgt, target_layers=target_layers, positions=[0, -1, 2], chunk=5, progress=False,
-               target_token=the)
+               answer=the)
     nocache = sweep(m, prompts, tgt, target_layers=target_layers, positions=[0, -1, 2], use_kv_cache=False,
-                    progress=False, target_token=the)
+                    progress=False, answer=the)
     assert torch.equal(sw.top1_ids, nocache.top1_ids)
     assert torch.allclose(sw.surprisal, nocache.surprisal, atol=128 * EPS, equal_nan=True)
     assert len(sw.positions) == 6
@@ -252,12 +252,12 @@ def test_sweep_equals_per_pair_loop(tiny_pair, target_layers):
                 continue
             col = 0 if target_layers == "same" else b
             for p, (bi, pos) in enumerate(sw.positions):
-                one = patchscope(m, Source(prompts[bi], layer=l, position=pos), tgt.replace(layer=l2), top_k=the + 1)
+                one = patchscope(m, Source(prompts[bi], layers=l, position=pos), tgt.replace(layer=l2), top_k=the + 1)
                 assert float(sw.prec_at_1[a, col, p]) == float(one.prec_at_1[0])
                 assert float(sw.surprisal[a, col, p]) == pytest.approx(float(one.surprisal[0]), abs=128 * EPS)
                 assert int(sw.top1_ids[a, col, p]) == int(one.top_ids[0, 0])
                 lp_the = one.top_logprobs[0][one.top_ids[0] == the]
-                assert float(sw.target_prob[a, col, p]) == pytest.approx(float(lp_the.exp()), abs=128 * EPS)
+                assert float(sw.answer_prob[a, col, p]) == pytest.approx(float(lp_the.exp()), abs=128 * EPS)
     d = sw.to_dict()
     assert len(d["prec_at_1"]) == L and len(d["prec_at_1"][0]) == L and d["source_layers"] == list(range(L))
     frame = sw.to_dataframe()
@@ -304,7 +304,7 @@ def test_cross_model_patchscope(builder):
     f = fit_map(a.model, CORPUS, 1, target_model=t.model, target_layer=0, ridge=1e-3)
     assert f.d_in == 48 and f.d_out == 32
     tgt = Target(TARGET, placeholder="x", model=t.model, layer=0, map=f)
-    res = patchscope(a.model, Source(PROMPT, layer=1, position=3), tgt, max_new_tokens=3, stop_at_eos=False)
+    res = patchscope(a.model, Source(PROMPT, layers=1, position=3), tgt, max_new_tokens=3, stop_at_eos=False)
     assert res.top_ids.shape == (1, 5) and res.generated_ids.shape == (1, 3)
     view_t = ModelView(t.model)
     h, _ = _hf_states(a, ModelView(a.model).to_tokens(PROMPT), 1)
@@ -314,9 +314,9 @@ def test_cross_model_patchscope(builder):
     hf = _hf_patched_logits(t, view_t.to_tokens(TARGET), 0, [i_star], f(h[0, 3]))[0, -1].log_softmax(-1)
     assert torch.allclose(res.top_logprobs[0], hf[res.top_ids[0]], atol=2048 * EPS)
     with pytest.raises(LensInputError, match="d_model 48 and the target model 32"):
-        patchscope(a.model, Source(PROMPT, layer=1), tgt.replace(map=None))
+        patchscope(a.model, Source(PROMPT, layers=1), tgt.replace(map=None))
     with pytest.raises(LensInputError, match="needs \\[2, 32\\]"):
-        patchscope(a.model, Source(PROMPT, layer=1), tgt.replace(map=lambda x: x))
+        patchscope(a.model, Source(PROMPT, layers=1), tgt.replace(map=lambda x: x))
     sw = sweep(a.model, PROMPT, tgt, source_layers=[1], target_layers=[0], positions=[3], progress=False)
     assert torch.equal(sw.top1_ids[0, 0, :1], res.top_ids[:, 0])
 
@@ -342,9 +342,9 @@ def test_presets_run(tiny_pair):
         tgt = make() if name != "selfie" else make(layer=0)
         if ModelView(m).to_tokens(tgt.prompt).shape[1] + 2 > n_ctx:  # the tiny tokenizer is nearly char-level
             with pytest.raises(LensInputError, match="context window"):
-                patchscope(m, Source(PROMPT, layer=0), tgt, max_new_tokens=2)
+                patchscope(m, Source(PROMPT, layers=0), tgt, max_new_tokens=2)
             continue
-        res = patchscope(m, Source(PROMPT, layer=0), tgt, max_new_tokens=2)
+        res = patchscope(m, Source(PROMPT, layers=0), tgt, max_new_tokens=2)
         assert res.target_name.startswith(name) and res.generated_ids.shape == (1, 2)
         ran += 1
     assert ran >= 4
@@ -355,17 +355,17 @@ def test_presets_run(tiny_pair):
 def test_bad_input_is_a_clear_error(tiny_pair):
     m = tiny_pair.model
     L = ModelView(m).n_layers
-    ok = Source(PROMPT, layer=0)
+    ok = Source(PROMPT, layers=0)
     cases = [
-        (Source(PROMPT, layer=0, position=99), None, "source position 99 is out of range"),
-        (ok, Target(TARGET, position=-99), "target position -99 is out of range"),
+        (Source(PROMPT, layers=0, position=99), None, "source position 99 is out of range"),
+        (ok, Target(TARGET, positions=-99), "target position -99 is out of range"),
         (ok, Target("no placeholder here", placeholder="x"), "has no placeholder 'x'"),
         (ok, Target("Hello world", placeholder="He"), "merges with the text after it"),
-        (Source(PROMPT, layer=L), None, f"source layer {L} is out of range"),
+        (Source(PROMPT, layers=L), None, f"source layer {L} is out of range"),
         (ok, presets.identity().replace(layer=-L - 1), "target layer"),
-        (Source(PROMPT, layer="1"), None, "must be an int"),
+        (Source(PROMPT, layers="1"), None, "must be an int"),
         (ok, Target(TARGET, placeholder="x", map=lambda x: 1 / 0), "the map failed"),
-        (Source("", layer=0), None, "empty prompt"),
+        (Source("", layers=0), None, "empty prompt"),
     ]
     before = hook_counts(m)
     for src, tgt, msg in cases:
@@ -394,16 +394,16 @@ def test_no_hook_left_behind_on_exception(tiny_pair, monkeypatch):
     monkeypatch.setattr(ps_run, "write_hooks", exploding)
     for kw in (dict(), dict(max_new_tokens=2), dict(use_kv_cache=False)):
         with pytest.raises(RuntimeError, match="boom"):
-            patchscope(m, Source(PROMPT, layer=0), Target(TARGET, placeholder="x"), **kw)
+            patchscope(m, Source(PROMPT, layers=0), Target(TARGET, placeholder="x"), **kw)
         assert hook_counts(m) == before
     monkeypatch.undo()
-    patchscope(m, Source(PROMPT, layer=0), max_new_tokens=2)
+    patchscope(m, Source(PROMPT, layers=0), max_new_tokens=2)
     assert hook_counts(m) == before
 
 
 def test_result_rendering(tiny_pair, tmp_path):
     m = tiny_pair.model
-    res = patchscope(m, Source(PROMPT, layer=[0, 1]), presets.attribute(max_new_tokens=3))
+    res = patchscope(m, Source(PROMPT, layers=[0, 1]), presets.attribute(max_new_tokens=3))
     d = res.to_dict()
     assert {"source_token", "generated", "top_tokens"} <= set(d) and len(d["top_tokens"]) == 5
     assert d["source_token"] == res.source_str_tokens[-1]

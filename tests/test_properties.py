@@ -200,8 +200,8 @@ def test_every_identity_holds(tokenizers, spec, texts):
     with torch.no_grad():
         own = m(tokens)[0, -1].float().log_softmax(-1)
     layer = spec.seed % spec.n_layers
-    src = mi_lenses.Source(tokens, layer=layer, position=S - 1)
-    same = mi_lenses.patchscope(m, src, mi_lenses.Target(tokens, position=S - 1), top_k=3)
+    src = mi_lenses.Source(tokens, layers=layer, position=S - 1)
+    same = mi_lenses.patchscope(m, src, mi_lenses.Target(tokens, positions=S - 1), top_k=3)
     close(same.top_logprobs[0], own[same.top_ids[0]], f"{spec} self-patch", 1024 * EPS)
     target = mi_lenses.Target("the x is", placeholder="x")
     kw = dict(max_new_tokens=3, stop_at_eos=False, patch_every_step=bool(spec.seed % 2))

@@ -54,7 +54,7 @@ def test_every_section_is_its_own_entry_point(rep, llama_raw, tuned):
     close(rep.tuned_lens.kl, tuned(m, TEXT).kl, "tuned lens", TIGHT)
     dla = mi_lenses.direct_logit_attribution(m, TEXT, answer=rep.prediction_id, wrong=" city")
     close(rep.dla.values(), dla.values(), "DLA", TIGHT)
-    assert rep.dla.direction == dla.direction and rep.answer == rep.prediction
+    assert rep.dla.metric == dla.metric and rep.answer == rep.prediction
     att = mi_lenses.attention(m, TEXT)
     assert torch.equal(rep.attention.patterns, att.patterns)
     close(rep.attention.induction, att.induction, "induction", TIGHT)
@@ -105,7 +105,7 @@ def test_sections_answer_wrong_and_errors(llama_raw, capsys):
     rep = mi_lenses.report(m, PROMPT, answer=" city", sections=["dla", "logit_lens"], progress=True)
     assert "report" in capsys.readouterr().err  # the progress bar
     assert rep.sections == ["logit_lens", "dla"] and rep.patchscope is None and rep.attention is None
-    assert rep.answer == " city" and rep.dla.direction == "logit[' city']"
+    assert rep.answer == " city" and rep.dla.metric == "logit[' city']"
     assert rep.to_dataframe()["rank_answer"].iloc[-1] == int(rep.logit_lens.target_ranks[-1, 0, -1,
                                                                                           rep.target_index("answer")])
     page = rep.to_html()

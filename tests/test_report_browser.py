@@ -89,7 +89,7 @@ def test_every_result_page_renders_offline(browser, llama_raw, tmp_path):
         "dla": mi_lenses.direct_logit_attribution(m, PROMPT, answer=" city"),
         "attention": mi_lenses.attention(m, PROMPTS),
         "qk": mi_lenses.attention(m, PROMPT).qk_terms(2, 1),
-        "patchscope": mi_lenses.patchscope(m, mi_lenses.Source(PROMPT, layer=[0, 2]), max_new_tokens=2),
+        "patchscope": mi_lenses.patchscope(m, mi_lenses.Source(PROMPT, layers=[0, 2]), max_new_tokens=2),
         "sweep": mi_lenses.sweep(m, PROMPT, positions=[-1, -2], progress=False),
         "evaluation": mi_lenses.evaluate_lens(mi_lenses.TunedLens.from_model(m), m, tokens),
     }

@@ -98,7 +98,7 @@ def test_load_model_gives_this_worlds_model(world):
     assert mi_lenses.ModelView(world.model).is_bridge == (KIND == "bridge")
     # load_model compared it with the HF model (bridge or HookedTransformer alike) and it passed
     report = mi_lenses.parity_report(world.model)
-    assert report.checked and report.passed and report.source == "load_model" and report.gap < 1024 * EPS, report
+    assert report.checked and report.passed and report.oracle == "load_model" and report.gap < 1024 * EPS, report
 
 
 # ------------------------------------------------------------------------------------------------ every feature
@@ -153,7 +153,7 @@ def test_tuned_lens_trains_and_round_trips(world, tmp_path):
 def test_patchscopes_patch_where_they_read(world):
     m = world.model
     mi_lenses.patchscopes.verify(m)  # own state back changes nothing; identity at the last layer reproduces logits
-    src = mi_lenses.Source(PROMPT, layer=1, position=3)
+    src = mi_lenses.Source(PROMPT, layers=1, position=3)
     tgt = mi_lenses.Target("The capital of x is", placeholder="x")
     for every in (False, True):
         kw = dict(max_new_tokens=4, stop_at_eos=False, patch_every_step=every)
@@ -164,8 +164,8 @@ def test_patchscopes_patch_where_they_read(world):
     assert mi_lenses.ModelView(m).kv is not None, "the KV cache path is off: generation would recompute"
     # unpatched generation equals the model's own generate
     tokens = m.to_tokens(PROMPT)
-    ours = mi_lenses.patchscope(m, mi_lenses.Source(tokens, layer=0, position=1),
-                                mi_lenses.Target(tokens, position=1), max_new_tokens=5, stop_at_eos=False)
+    ours = mi_lenses.patchscope(m, mi_lenses.Source(tokens, layers=0, position=1),
+                                mi_lenses.Target(tokens, positions=1), max_new_tokens=5, stop_at_eos=False)
     theirs = m.generate(tokens, max_new_tokens=5, do_sample=False, stop_at_eos=False, verbose=False,
                         use_past_kv_cache=False, return_type="tokens")[0, tokens.shape[1]:]
     assert torch.equal(ours.generated_ids[0], theirs.cpu())
@@ -210,7 +210,7 @@ def test_renderers_and_commands(world, tmp_path, capsys):
     m = world.model
     before = hook_counts(m)
     results = [mi_lenses.logit_lens(m, RAGGED[:2]), mi_lenses.direct_logit_attribution(m, PROMPT, answer=" city"),
-               mi_lenses.patchscope(m, mi_lenses.Source(PROMPT, layer=[0, 1]), max_new_tokens=2),
+               mi_lenses.patchscope(m, mi_lenses.Source(PROMPT, layers=[0, 1]), max_new_tokens=2),
                mi_lenses.sweep(m, PROMPT, positions=[-1], progress=False)]
     for res in results:
         assert res.to_html(tmp_path / "r.html").startswith("<!DOCTYPE html>")
@@ -249,8 +249,8 @@ def test_affine_map_between_a_bridge_and_a_hooked_transformer(world):
     f = mi_lenses.fit_map(hooked, texts, source_layer=0, target_model=bridge, target_layer=0, ridge=1e-6)
     assert f.r2 > 0.999999
     tokens = hooked.to_tokens(PROMPT)
-    res = mi_lenses.patchscope(hooked, mi_lenses.Source(tokens, layer=0, position=4),
-                               mi_lenses.Target(tokens, position=4, model=bridge, map=f))
+    res = mi_lenses.patchscope(hooked, mi_lenses.Source(tokens, layers=0, position=4),
+                               mi_lenses.Target(tokens, positions=4, model=bridge, map=f))
     with torch.no_grad():
         own = bridge(tokens)[0, -1].float().log_softmax(-1)
     close(res.top_logprobs[0], own[res.top_ids[0]], "patched across worlds through the map", 8192 * EPS)
@@ -472,7 +472,7 @@ def test_ragged_dla_and_sweep_equal_single_runs(world):
 def _numbers(m) -> dict[str, torch.Tensor]:
     res = mi_lenses.logit_lens(m, RAGGED, targets=[" city"], top_k=5)
     dla = mi_lenses.direct_logit_attribution(m, RAGGED, answer=" city", wrong="Paris")
-    ps = mi_lenses.patchscope(m, mi_lenses.Source(PROMPT, layer=[0, 1]), max_new_tokens=3, stop_at_eos=False)
+    ps = mi_lenses.patchscope(m, mi_lenses.Source(PROMPT, layers=[0, 1]), max_new_tokens=3, stop_at_eos=False)
     jl = mi_lenses.fit_jacobian_lens(m, RAGGED[1:2], skip_first_positions=2, progress=False)
     data = torch.randint(3, m.cfg.d_vocab, (4, 16), generator=torch.Generator().manual_seed(0))
     cmp = mi_lenses.compare_lenses(m, data, {"patchscope": "patchscope", "jacobian": jl,

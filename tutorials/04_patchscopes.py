@@ -38,7 +38,7 @@ L = mi_lenses.ModelView(model).n_layers  # 30 blocks; layer l = output of block 
 # layer (`l = l* = L-1`) it reproduces the model's own next-token prediction exactly.
 
 # %%
-res = patchscope(model, Source("The capital of France is", layer=[0, 10, 20, L - 1]), presets.identity(),
+res = patchscope(model, Source("The capital of France is", layers=[0, 10, 20, L - 1]), presets.identity(),
                  max_new_tokens=0)
 res.print()
 assert bool(res.prec_at_1[-1])
@@ -49,7 +49,7 @@ assert bool(res.prec_at_1[-1])
 # describes what it resolves to.
 
 # %%
-res = patchscope(model, Source("Diana, Princess of Wales", layer=[2, 8, 14, 20]), presets.description(),
+res = patchscope(model, Source("Diana, Princess of Wales", layers=[2, 8, 14, 20]), presets.description(),
                  max_new_tokens=6)
 for layer, text in zip(res.source_layers, res.generated):
     print(f"{layer:>3} | {text!r}")
@@ -61,13 +61,13 @@ res.show()  # the same in the notebook
 # A `Target` is a prompt with a placeholder (or explicit positions); change anything with `.replace(...)`.
 
 # %%
-currency = patchscope(model, Source("The country whose capital is Tokyo", layer=12), presets.attribute("currency"),
+currency = patchscope(model, Source("The country whose capital is Tokyo", layers=12), presets.attribute("currency"),
                       max_new_tokens=4)
 print(currency.generated)
-hop = patchscope(model, Source(presets.MULTI_HOP_FIRST_HOP, layer=12), presets.multi_hop(), max_new_tokens=4)
+hop = patchscope(model, Source(presets.MULTI_HOP_FIRST_HOP, layers=12), presets.multi_hop(), max_new_tokens=4)
 print(hop.generated)
 mine = Target("The opposite of x is", placeholder="x", layer=3)  # l* fixed at 3 whatever l is
-print(patchscope(model, Source("The weather is hot", layer=12), mine, max_new_tokens=4).generated)
+print(patchscope(model, Source("The weather is hot", layers=12), mine, max_new_tokens=4).generated)
 
 # %% [markdown]
 # ## Sweeps: every (l, l*) pair over many positions, batched
@@ -95,5 +95,5 @@ from mi_lenses.data import TRAIN_TEXT
 texts = [p.replace("\n", " ") for p in TRAIN_TEXT.read_text().split("\n\n") if len(p.split()) > 40][:12]
 f = fit_map(model, texts, source_layer=8, target_layer=16, ridge=1.0, max_tokens=1024)  # last 10 %: held out
 print(f"held-out R^2 of layer 8 -> 16: {f.r2:.3f}")
-mapped = patchscope(model, Source("The capital of France is", layer=8), presets.identity().replace(layer=16, map=f))
+mapped = patchscope(model, Source("The capital of France is", layers=8), presets.identity().replace(layer=16, map=f))
 print(mapped.top_tokens[0][:3], "precision@1:", bool(mapped.prec_at_1[0]))

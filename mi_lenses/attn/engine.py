@@ -24,8 +24,9 @@ Example:
     >>> res = mi_lenses.attention(model, "The capital of France is")
     >>> tuple(res.patterns.shape)       # prompts x layers x heads x queries x keys
     (1, 3, 6, 6, 6)
-    >>> tuple(res.sink.shape), tuple(res.induction.shape)
-    ((1, 3, 6), (3, 6))
+    >>> _, cache = model.run_with_cache(model.to_tokens("The capital of France is"))
+    >>> bool(torch.allclose(res.patterns[0, 1], cache["blocks.1.attn.hook_pattern"][0], atol=1e-6))   # the model's
+    True
     >>> terms = res.qk_terms(1, 4)      # layer 1, head 4, last query: scale * q_d * k_d per key and dimension
     >>> bool(torch.allclose(terms.products.sum(-1), terms.scores, atol=1e-5))
     True
@@ -68,7 +69,7 @@ def required_hooks(model: Any, layers: IndexSpec = None, *, qk: bool = True) -> 
 
 def attention(
     model: Any,
-    input: PromptInput | Any = None,
+    prompt: PromptInput | Any = None,
     *,
     cache: Any = None,
     attention_mask: Tensor | None = None,
@@ -83,12 +84,12 @@ def attention(
     progress: bool = True,
     check: bool = True,
 ) -> AttentionResult:
-    """Attention patterns ``[batch, layer, head, query, key]`` of ``input`` (or of a cache), with per-head
+    """Attention patterns ``[batch, layer, head, query, key]`` of ``prompt`` (or of a cache), with per-head
     diagnostics and the per-dimension ``q · k`` terms behind every score (see the module docstring).
 
     Args:
         model: a TransformerLens model (``TransformerBridge`` or ``HookedTransformer``) or a ``ModelView``.
-        input: a prompt, a list of prompts (right-padded; padding is masked), token ids ``[batch, pos]``, or an
+        prompt: a prompt, a list of prompts (right-padded; padding is masked), token ids ``[batch, pos]``, or an
             ``ActivationCache`` (the same as ``cache=``). With ``cache`` it only supplies the token strings.
         cache: an ``ActivationCache`` holding the patterns (and, for the q·k terms, the queries and keys:
             :func:`required_hooks`); no forward pass is run on the prompt.
@@ -113,8 +114,8 @@ def attention(
     """
     view = ModelView(model)
     hooks = active_hooks(view.model)
-    if cache is None and _is_cache(input):
-        cache, input = input, None
+    if cache is None and _is_cache(prompt):
+        cache, prompt = prompt, None
     # prepare
     if induction_length is None:
         n_ctx = int(getattr(view.cfg, "n_ctx", 0) or 0)
@@ -134,12 +135,12 @@ def attention(
     reduce: list[tuple[str, Reduction]] = []
     if last_queries is not None:
         names = [n for n in names if not n.endswith(("hook_pattern", "hook_attn_scores"))]
-        if cache is None and input is not None:
-            input = make_batch(view, input, prepend_bos=prepend_bos, attention_mask=attention_mask,
+        if cache is None and prompt is not None:
+            prompt = make_batch(view, prompt, prepend_bos=prepend_bos, attention_mask=attention_mask,
                                beyond_context=beyond_context)
-            reduce = attention_reductions(view, input, chosen, last_queries)
+            reduce = attention_reductions(view, prompt, chosen, last_queries)
     has_rows = reduce or (cache is not None and _has(cache, derived(first, "rows")))
-    run = cached_forward(view, input, names=names, what="attention()", cache=cache, attention_mask=attention_mask,
+    run = cached_forward(view, prompt, names=names, what="attention()", cache=cache, attention_mask=attention_mask,
                          prepend_bos=prepend_bos, required=[derived(first, "rows") if has_rows else first],
                          hint=" (or with mi_lenses.attn.required_hooks(model))", beyond_context=beyond_context,
                          progress=progress, reduce=reduce)
@@ -158,7 +159,7 @@ def attention(
         layers=chosen,
         n_heads=view.n_heads,
         n_kv_heads=view.n_kv_heads,
-        str_tokens=view.str_tokens(batch, known=input is not None),
+        str_tokens=view.str_tokens(batch, known=prompt is not None),
         lengths=list(batch.lengths),
         patterns=parts.patterns,
         sink=parts.sink,

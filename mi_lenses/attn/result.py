@@ -9,8 +9,11 @@ Example:
     >>> i, head = divmod(int(res.sink[0].argmax()), res.n_heads)
     >>> (label, value) == (f"L{res.layers[i]}H{head}", float(res.sink[0, i, head]))
     True
-    >>> res.to_dataframe().columns.tolist()
-    ['batch', 'layer', 'head', 'label', 'sink', 'entropy_bits', 'previous_token', 'induction']
+    >>> p = res.patterns[0]                                  # [layers, heads, query, key]
+    >>> bool(torch.allclose(p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-5))      # every row sums to 1
+    True
+    >>> bool(torch.allclose(res.sink[0], p[:, :, 1:, 0].mean(-1)))   # sink: the weight on the first token (queries 1..)
+    True
 """
 
 from __future__ import annotations

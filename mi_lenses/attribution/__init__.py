@@ -2,10 +2,14 @@
 
 Example:
     >>> res = direct_logit_attribution(model, "The capital of France is", answer=" Paris", wrong=" city")
-    >>> res.direction
+    >>> res.metric
     "logit[' Paris'] - logit[' city']"
-    >>> len(res.top(5)), res.to_html(tmp / "dla.html").startswith("<!DOCTYPE html>")
-    (5, True)
+    >>> logits = model(model.to_tokens("The capital of France is")).detach()[0, -1]
+    >>> paris, city = model.to_single_token(" Paris"), model.to_single_token(" city")
+    >>> abs(float(res.actual[0]) - float(logits[paris] - logits[city])) < 1e-4   # the model's own logit difference
+    True
+    >>> abs(float(res.total[0]) - float(res.actual[0])) < 1e-3   # ... which the parts sum to
+    True
 """
 
 from mi_lenses.attribution.components import direct_logit_attribution, required_hooks

@@ -77,7 +77,7 @@ def required_hooks(model: Any) -> list[str]:
 
 def direct_logit_attribution(
     model: Any,
-    input: PromptInput | None = None,
+    prompt: PromptInput | None = None,
     *,
     answer: TokenSpec | None = None,
     wrong: TokenSpec | None = None,
@@ -96,7 +96,7 @@ def direct_logit_attribution(
 
     Args:
         model: a TransformerLens model (raw ``TransformerBridge``, compatibility mode, or ``HookedTransformer``).
-        input: a prompt, a list of prompts (right-padded; ``position`` counts within each prompt), or token ids
+        prompt: a prompt, a list of prompts (right-padded; ``position`` counts within each prompt), or token ids
             ``[batch, pos]`` (with ``attention_mask`` when padded). With ``cache`` it only supplies the token strings.
         answer: the token whose logit is attributed: a string that is exactly one token, an id, or one per prompt.
         wrong: optional token(s) subtracted: the attributed quantity is ``logit[answer] - logit[wrong]``.
@@ -107,6 +107,7 @@ def direct_logit_attribution(
             the result is checked against the model's own logits, else ``actual`` is computed from the final
             residual stream.
         attention_mask: with token ids: 1 on real tokens, 0 on padding (left or right).
+        prepend_bos: add the BOS token when tokenising text prompts (default: the model's setting).
         beyond_context: accept prompts longer than the model's context (``cfg.n_ctx``).
         progress: show a bar over the layers when the attribution takes more than a couple of seconds.
         check: run ``verify()`` when the model's logits are known (always, unless you pass ``False``).
@@ -130,7 +131,7 @@ def direct_logit_attribution(
     if not isinstance(position, int) or isinstance(position, bool):
         raise LensInputError(f"position must be an int (negative counts from each prompt's end), got {position!r}.")
     # our own forward pass keeps each pattern only at the attributed positions (sources.pattern_rows_kept)
-    batch = None if input is None else make_batch(view, input, prepend_bos=prepend_bos, attention_mask=attention_mask,
+    batch = None if prompt is None else make_batch(view, prompt, prepend_bos=prepend_bos, attention_mask=attention_mask,
                                                   beyond_context=beyond_context)
     patterns = {view.attn_hook(l, "pattern") for l in range(view.n_layers)}
     required = [name for name in required_hooks(view) if name not in patterns]
@@ -148,10 +149,10 @@ def direct_logit_attribution(
     actual, actual_source = model_value(view, dirn, logits, parts.resid, torch.arange(batch.shape[0]), pos)
     result = DLAResult(
         model_name=view.name,
-        direction=dirn.label,
+        metric=dirn.label,
         answer=dirn.answer_strs,
         wrong=dirn.wrong_strs,
-        str_tokens=view.str_tokens(batch, known=input is not None),
+        str_tokens=view.str_tokens(batch, known=prompt is not None),
         positions=(pos - torch.tensor(batch.offsets)).tolist(),
         embed_labels=[label for label, _ in view.embed_hooks],
         embed=parts.embed,

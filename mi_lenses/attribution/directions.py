@@ -11,7 +11,8 @@ direction). On a raw bridge the gain is *not* in ``W_U``; it is applied here, so
 
 Example:
     >>> d = resolve_direction(ModelView(model), batch=1, answer=" Paris", wrong=" city")
-    >>> d.label, d.vectors.shape == (1, model.cfg.d_model)
+    >>> W_U, paris, city = ModelView(model).decoder.W, model.to_single_token(" Paris"), model.to_single_token(" city")
+    >>> d.label, bool(torch.allclose(d.vectors[0], W_U[:, paris] - W_U[:, city], atol=1e-6))   # W_U's columns
     ("logit[' Paris'] - logit[' city']", True)
 """
 

@@ -7,11 +7,12 @@ is ever multiplied out per neuron.
 
 Example:
     >>> logits, cache = model.run_with_cache(model.to_tokens("The capital of France is"))
-    >>> attr = neuron_attribution(model, cache, answer=" Paris")      # a NeuronAttribution
-    >>> attr.values.shape == (model.cfg.n_layers, 1, 6, model.cfg.d_mlp)   # [layers, batch, pos, d_mlp]
-    True
+    >>> attr = neuron_attribution(model, cache, answer=" Paris")      # values: [layers, batch, pos, d_mlp]
     >>> dla = mi_lenses.direct_logit_attribution(model, "The capital of France is", answer=" Paris")
     >>> bool(torch.allclose(attr.values[:, 0, -1], dla.neurons[0], atol=1e-5))   # the last position: DLA's neurons
+    True
+    >>> b_out = 0 if dla.mlp_bias is None else dla.mlp_bias[0]           # b_out's part (this Llama has no b_out)
+    >>> bool(torch.allclose(attr.values[:, 0, -1].sum(-1) + b_out, dla.mlps[0], atol=1e-5))  # neurons sum to each MLP
     True
 """
 
@@ -56,6 +57,20 @@ def neuron_attribution(
     ``cache.stack_neuron_results(L, apply_ln=True, project_output_onto=W_U[:, answer])`` (compatibility mode),
     reshaped to ``[layers, batch, pos, d_mlp]`` (``.values``) — and is also right on a raw bridge, where the final
     norm's gain is applied to the direction here.
+
+    Args:
+        model: a TransformerLens model (raw ``TransformerBridge``, compatibility mode, or ``HookedTransformer``).
+        cache: an ``ActivationCache`` of a batched run (``[batch, pos, d_model]``) holding the hooks above.
+        answer: the token whose logit is attributed: a string that is exactly one token, an id, or one per prompt.
+        wrong: optional token(s) subtracted: the attributed quantity is ``logit[answer] - logit[wrong]``.
+        direction: instead of tokens, a ``[d_model]`` or ``[batch, d_model]`` vector read through the final norm like
+            a column of ``W_U`` (``through_final_norm=False``: a plain residual projection).
+        layers: blocks whose neurons are attributed (negative allowed); default all.
+        positions: cache positions attributed (negative allowed); default all.
+        through_final_norm: read ``direction`` through the final norm (default) or as a plain residual projection.
+
+    Returns:
+        :class:`~mi_lenses.attribution.result.NeuronAttribution`.
     """
     view = ModelView(model)
     if not view.has_mlp:
@@ -100,5 +115,5 @@ def neuron_attribution(
                 if not per_position:
                     proj = proj[:, None, :] * inv_scale
                 torch.mul(nr.activations(cache, at), proj, out=out[i, ..., : nr.size])
-    return NeuronAttribution(model_name=view.name, direction=dirn.label, values=out, layers=list(layer_ids),
+    return NeuronAttribution(model_name=view.name, metric=dirn.label, values=out, layers=list(layer_ids),
                              positions=list(range(S)) if pos is None else pos.tolist(), neuron_names=names)

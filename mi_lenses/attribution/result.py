@@ -69,14 +69,15 @@ class DLAResult(Result):
     ('<bos>', 'The', ' capital', ' of', ' France', ' is')
     >>> abs(sum(values) - float(res.heads[0, 1, 2])) < 1e-4
     True
-    >>> len(res.to_dict(top_k=3)["top_neurons"]), res.view_options["top_k"]
-    (3, 10)
+    >>> logits = model(model.to_tokens("The capital of France is")).detach()
+    >>> abs(float(res.actual[0]) - float(logits[0, -1, model.to_single_token(" Paris")])) < 1e-4  # the model's logit
+    True
     """
 
     view_options: ClassVar[dict[str, Any]] = {"top_k": 10, "head": None, "what": "components"}  # see results
 
     model_name: str
-    direction: str
+    metric: str  # what is attributed, e.g. "logit[' Paris'] - logit[' London']"
     answer: list[str]
     wrong: list[str]
     str_tokens: list[list[str]]
@@ -185,7 +186,7 @@ class DLAResult(Result):
                 if self.raw_bridge else ""
             )
             raise VerificationError(
-                f"the parts sum to {float(vals[b].sum()):.6g} but the model's {self.direction} is "
+                f"the parts sum to {float(vals[b].sum()):.6g} but the model's {self.metric} is "
                 f"{float(self.actual[b]):.6g} (prompt {b}, error {float(err[b]):.2e} > {float(tol[b]):.2e}): the "
                 f"decomposition does not reproduce this model.{hint}"
             )
@@ -273,7 +274,7 @@ class DLAResult(Result):
 
     # ------------------------------------------------------------------------------------ exports
     def to_dict(self, *, batch: int | None = 0, top_k: int = 10) -> dict[str, Any]:
-        """The ``mi-lenses dla --json`` contract: ``direction``, ``total``, ``actual``, ``components`` (every part,
+        """The ``mi-lenses dla --json`` contract: ``metric``, ``total``, ``actual``, ``components`` (every part,
         constants included, so they sum to ``total``), ``top_neurons`` (``top_k``) and ``sources`` (per-token values
         through the ``top_k`` heads with the largest ``|value|``). ``batch=None``: means over prompts, no sources."""
         vals = self._pick(self.values(), batch)
@@ -285,7 +286,7 @@ class DLAResult(Result):
                 l, h = (int(x) for x in label[1:].split("H"))
                 sources[label] = self.sources[b, l, h, :n]
         return jsonable({
-            "direction": self.direction,
+            "metric": self.metric,
             "total": float(vals.sum()),
             "actual": float(self._pick(self.actual, batch)),
             "components": [c.as_dict(v) for c, v in zip(self.components(), vals.tolist())],
@@ -332,7 +333,7 @@ class DLAResult(Result):
     def _summary(self) -> str:
         where = f"position {self.positions[0]}" if self.n_batch == 1 else f"positions {self.positions}"
         mean = "" if self.n_batch == 1 else "mean "
-        return (f"of {self.direction} on {self.model_name!r}: {plural(self.n_batch, 'prompt')}, {where}, "
+        return (f"of {self.metric} on {self.model_name!r}: {plural(self.n_batch, 'prompt')}, {where}, "
                 f"{self.n_layers} layers x {self.n_heads} heads, {mean}sum of parts {float(self.total.mean()):+.4f}, "
                 f"{mean}model {float(self.actual.mean()):+.4f}")
 
@@ -351,12 +352,13 @@ class NeuronAttribution(Result):
     >>> label, value = attr.top(1)[0]                 # the neuron and position with the largest |direct effect|
     >>> abs(value) == float(attr.values[:, 0].abs().max())
     True
-    >>> len(attr.to_dict(top_k=3)["top_neurons"]), attr.view_options["top_k"]
-    (3, 10)
+    >>> layer, neuron, position = map(int, label[1:].replace("N", " ").replace("@", " ").split())   # "L1N64@1"
+    >>> value == float(attr.values[attr.layers.index(layer), 0, attr.positions.index(position), neuron])
+    True
     """
 
     model_name: str
-    direction: str
+    metric: str  # what is attributed, as in DLAResult
     values: Float[Tensor, "L B P N"]
     layers: list[int]
     positions: list[int]
@@ -396,9 +398,9 @@ class NeuronAttribution(Result):
         return [(c["label"], v) for c, v in self.top_with_coords(top_k, batch=batch)]
 
     def to_dict(self, *, batch: int = 0, top_k: int = 10) -> dict[str, Any]:
-        """JSON-ready: the direction, the layers and positions, the shape ``[layers, batch, pos, d_mlp]`` and the
+        """JSON-ready: the metric, the layers and positions, the shape ``[layers, batch, pos, d_mlp]`` and the
         ``top_k`` largest neurons of prompt ``batch`` (not every value: ``to_dataframe`` has them all)."""
-        return jsonable({"model": self.model_name, "direction": self.direction, "layers": self.layers,
+        return jsonable({"model": self.model_name, "metric": self.metric, "layers": self.layers,
                          "positions": self.positions, "shape": list(self.values.shape),
                          "top_neurons": [{**c, "value": v} for c, v in self.top_with_coords(top_k, batch=batch)]},
                         digits=8)
@@ -429,7 +431,7 @@ class NeuronAttribution(Result):
         L, B, P, N = self.values.shape
         top = self.top(1)
         largest = f", largest {top[0][0]} {top[0][1]:+.4f}" if top else ""
-        return (f"of {self.direction} on {self.model_name!r}: {L} layers x {plural(B, 'prompt')} x "
+        return (f"of {self.metric} on {self.model_name!r}: {L} layers x {plural(B, 'prompt')} x "
                 f"{plural(P, 'position')} x {N} neurons{largest}")
 
 

@@ -52,7 +52,7 @@ def register(sub, parents: Parents) -> None:
     p.add_argument("--jacobian-seq-len", type=int, default=64, help="tokens per Jacobian-fit prompt (default 64)")
     p.add_argument("--ahead", type=int, default=1,
                    help="positions beyond the next token that a fitted Future Lens predicts (default 1)")
-    p.add_argument("--top-k", default="1,5,10", help="k of precision@k, comma list (default 1,5,10)")
+    p.add_argument("--precision-at", default="1,5,10", help="the k of every precision@k, comma list (default 1,5,10)")
     p.add_argument("--point", choices=("resid_pre", "resid_post"), default="resid_pre",
                    help="rows: block inputs (default) or block outputs (Patchscope layer l is row l_post)")
     add_output(p, "--save-fitted", folder=True, default=None,
@@ -73,9 +73,9 @@ def _names(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     names = _names(args)
     try:
-        top_k = [int(k) for k in args.top_k.split(",") if k.strip()]
+        precision_at = [int(k) for k in args.precision_at.split(",") if k.strip()]
     except ValueError:
-        raise LensInputError(f"--top-k takes a comma list of ints, got {args.top_k!r}.") from None
+        raise LensInputError(f"--precision-at takes a comma list of ints, got {args.precision_at!r}.") from None
     if args.max_tokens is not None and args.max_tokens < args.seq_len:
         raise LensInputError(f"--max-tokens ({args.max_tokens}) must be at least --seq-len ({args.seq_len}).")
     if "tuned" in names and not args.lens:
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         for name, lens in fitted.items():
             print(f"wrote {lens.save(Path(args.save_fitted) / name)}")
     res = compare_lenses(model, args.data, lenses, max_tokens=args.max_tokens, seq_len=args.seq_len,
-                         batch_size=args.batch_size, point=args.point, top_k=top_k)
+                         batch_size=args.batch_size, point=args.point, precision_at=precision_at)
     res.print()
     res.print(metric="kl_bits")
     print(f"compared {len(names)} lenses on {res.n_tokens} tokens in {time.perf_counter() - t0:.0f} s "

@@ -23,9 +23,9 @@ def register(sub, parents: Parents) -> None:
     p.add_argument("--pipeline", required=True, help="local Stable-Diffusion-style pipeline folder (model_index.json)")
     p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--layers", default=None, help="text-encoder layers, comma list (default all; 0 = embeddings)")
-    p.add_argument("--images", type=int, default=1, help="images per layer (seeds SEED, SEED+1, ...; default 1)")
+    p.add_argument("--num-images", type=int, default=1, help="images per layer (seeds SEED, SEED+1, ...; default 1)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--num-inference-steps", type=int, default=25, help="denoising steps (default 25)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_output(p, "--out", folder=True, default=None, help="write the gallery (PNGs + index.html) into this folder")
@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
             raise LensInputError(f"--layers takes a comma list of ints, got {args.layers!r}.") from None
     t0 = time.perf_counter()
     pipe = load_pipeline(args.pipeline, device=args.device)
-    res = diffusion_lens(pipe, args.prompt, layers=layers, num_images=args.images, seed=args.seed,
-                         num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+    res = diffusion_lens(pipe, args.prompt, layers=layers, num_images=args.num_images, seed=args.seed,
+                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
     if args.out:
         print(f"wrote {res.save_gallery(args.out)}")
     res.print()

@@ -35,15 +35,16 @@ def register(sub, parents: Parents) -> None:
     p.add_argument("--target", default="identity",
                    help=f"a preset ({', '.join(PRESET_NAMES)}) or a target prompt with a placeholder "
                         f"(see --placeholder); default identity")
-    p.add_argument("--placeholder", default="x", help="placeholder of a custom target prompt (default 'x')")
+    p.add_argument("--placeholder", default="?", help="placeholder of a custom target prompt (default '?')")
     p.add_argument("--target-layer", default=None,
                    help="target layer l* (default: l). With --sweep: 'all' (default), 'same' or a comma list")
     p.add_argument("--target-position", type=int, default=None, help="target position i* (default: the placeholder)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to generate (default: the preset's suggestion; 0 = next-token readout only)")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--every-step", action="store_true", help="also patch every generated token (default: prompt only)")
+    p.add_argument("--patch-every-step", action="store_true",
+                   help="also patch every generated token (default: prompt only)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--sweep", action="store_true", help="every (l, l*) pair over the source positions: heat maps")
     p.add_argument("--target-model", default=None, help="target model M* (default: the source model)")
@@ -75,7 +76,7 @@ def _target(args):
         tgt = Target(args.target, placeholder=args.placeholder, name="custom")
     changes = {}
     if args.target_position is not None:
-        changes["position"] = args.target_position
+        changes["positions"] = args.target_position
     return tgt.replace(**changes) if changes else tgt
 
 
@@ -113,9 +114,9 @@ def run(args: argparse.Namespace) -> int:
                 raise LensInputError("--target-layer takes one layer without --sweep.")
             target = target.replace(layer=tl[0])
         pos = -1 if args.source_position is None else args.source_position
-        res = patchscope(model, Source(args.source_prompt, layer=layers[0], position=pos), target, top_k=args.top_k,
-                         max_new_tokens=args.max_new_tokens, do_sample=args.sample, seed=args.seed,
-                         patch_every_step=args.every_step)
+        res = patchscope(model, Source(args.source_prompt, layers=layers[0], position=pos), target, top_k=args.top_k,
+                         max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, seed=args.seed,
+                         patch_every_step=args.patch_every_step)
         res.print()
     t2 = time.perf_counter()
     print(f"model(s) loaded in {t1 - t0:.1f} s, patchscope in {t2 - t1:.2f} s.")

@@ -237,6 +237,15 @@ def save_lens(lens: AffineLens, path: str | os.PathLike, format: LensFormat = "m
 
     The ``tuned-lens`` format has no notion of a mean-free residual stream: a lens fitted on a LayerNorm model in
     compatibility mode is exported in its exact raw-residual form (``M P``).
+
+    Args:
+        lens: the fitted lens (a ``TunedLens``, ``JacobianLens``, ``FutureLens``, attribute lens, ...).
+        path: the folder written (created if missing).
+        format: ``"mi_lenses"`` (default; every lens kind) or ``"tuned-lens"`` (a lens with a translator for every
+            block, predicting the next token).
+
+    Returns:
+        The folder written.
     """
     if format not in FORMATS:
         raise LensInputError(f"unknown lens format {format!r}; use one of {FORMATS}.")
@@ -268,10 +277,24 @@ def load_lens(path: str | os.PathLike, model: Any = None) -> AffineLens:
     """Load a lens folder in any format (its class from the file: a ``TunedLens``, ``JacobianLens``, ...); with
     ``model``, check that it belongs to the model and bind it.
 
-    >>> _ = mi_lenses.TunedLens.from_model(model).save(tmp / "lens")
-    >>> res = load_lens(tmp / "lens", model)(model, "The capital of France is")
-    >>> type(load_lens(tmp / "lens")).__name__
-    'TunedLens'
+    Args:
+        path: a lens folder, in the native format or the ``tuned-lens`` package's.
+        model: optional; the model the lens is checked against (layers, ``d_model``, unembedding fingerprint,
+            residual basis) and bound to. Without it the lens is returned unchecked.
+
+    Returns:
+        The lens, of the class its file names.
+
+    Example:
+        >>> lens = mi_lenses.TunedLens.from_model(model)
+        >>> _ = torch.nn.init.normal_(lens.weight, std=0.05)     # translators that are not the identity
+        >>> _ = lens.save(tmp / "lens")
+        >>> loaded = load_lens(tmp / "lens", model)
+        >>> type(loaded).__name__, bool(torch.equal(loaded.weight, lens.weight))
+        ('TunedLens', True)
+        >>> res = loaded(model, "The capital of France is")
+        >>> bool(torch.equal(res.top_logits, lens(model, "The capital of France is").top_logits))   # the same readout
+        True
     """
     rec = files.read(path)
     if rec.kind not in KINDS:

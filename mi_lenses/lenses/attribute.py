@@ -92,7 +92,23 @@ def fit_attribute_lens(
 ) -> AttributeLens:
     """Fit the LRE of a relation on the first ``n_train`` of ``samples`` (subjects, or ``(subject, object)`` pairs;
     objects are only used by :func:`evaluate_attribute_lens`), one ``W, b`` per row (0 = embeddings ...
-    ``n_layers`` = final; default all). ``beta`` scales ``W`` when the lens is read (the paper's 2.5)."""
+    ``n_layers`` = final; default all). ``beta`` scales ``W`` when the lens is read (the paper's 2.5).
+
+    Args:
+        model: a TransformerLens model or a ``ModelView``.
+        template: the relation's prompt with one ``{}`` where the subject goes (``"The capital of {} is"``); the
+            subject's last token must stay a token of its own (put a space or punctuation after the ``{}``).
+        samples: subject strings or ``(subject, object)`` pairs; the first ``n_train`` are fitted on.
+        n_train: how many of ``samples`` the Jacobians are averaged over (default 8).
+        beta: the scale on ``W`` when the lens is read, ``beta * W h + b`` (stored in the lens as ``scale``).
+        rows: the residual rows fitted (0 = embeddings .. ``n_layers`` = final, negative from the end); default all.
+        dim_batch: output dimensions per backward pass of the Jacobian (``ceil(d_model / dim_batch)`` passes per
+            subject; larger is faster and uses more memory).
+        progress: show a progress bar over the subjects.
+
+    Returns:
+        :class:`AttributeLens`, with the template, ``beta`` and the training subjects in its ``meta``.
+    """
     view = ModelView(model)
     pairs = [_sample(s) for s in samples]
     if not isinstance(n_train, int) or n_train < 1 or not pairs:
@@ -189,7 +205,18 @@ class RelationEvaluation(Result):
 
 def evaluate_attribute_lens(lens: AttributeLens, model: Any, samples: Sequence[str | tuple[str, str]]) -> \
         RelationEvaluation:
-    """Faithfulness (and accuracy, given objects) of ``lens`` on held-out ``samples``, per fitted row."""
+    """Faithfulness (and accuracy, given objects) of ``lens`` on held-out ``samples``, per fitted row.
+
+    Args:
+        lens: an :class:`AttributeLens` from :func:`fit_attribute_lens` (its ``meta["template"]`` builds the prompts).
+        model: the model it was fitted on (a TransformerLens model or a ``ModelView``).
+        samples: held-out subject strings or ``(subject, object)`` pairs; accuracy is reported only when every
+            sample has an object (its first token is compared).
+
+    Returns:
+        :class:`RelationEvaluation`: per row, the fraction of subjects whose LRE top-1 equals the LM's own top-1
+        (``faithfulness``) and, with objects, equals the object's first token (``accuracy``).
+    """
     view = ModelView(model)
     if not isinstance(lens, AttributeLens):
         raise LensInputError(f"expected an AttributeLens (mi_lenses.fit_attribute_lens), got {type(lens).__name__}.")

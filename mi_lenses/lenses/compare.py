@@ -137,12 +137,13 @@ def compare_lenses(
     seq_len: int = 128,
     batch_size: int = 4,
     point: Point = "resid_pre",
-    top_k: Sequence[int] = (1,),
+    precision_at: Sequence[int] = (1, 5, 10),
     progress: bool = True,
 ) -> LensComparison:
     """Run every lens on the same held-out tokens and average the statistics per row (see the module docstring).
 
     Args:
+        model: a TransformerLens model or a ``ModelView``; every lens is bound to it.
         data: a text source for :func:`~mi_lenses.data.load_tokens` or token ids ``[n_seq, seq_len]``.
         lenses: names of built-in lenses (``"logit"``, ``"patchscope"``, ``"patchscope-q"``), or a mapping
             ``{name: lens}`` with fitted lenses (a ``TunedLens``, ``JacobianLens``, ``FutureLens``, any ``Lens``)
@@ -151,7 +152,7 @@ def compare_lenses(
         batch_size: sequences per forward pass (one cache serves every lens).
         point: the rows, ``"resid_pre"`` (default: ``embed``, the input of every block, ``final``) or
             ``"resid_post"`` (the same states labelled as block outputs: Patchscope layer ``l`` is row ``l_post``).
-        top_k: the ``k`` of ``prec_at_k`` (1 always included).
+        precision_at: the ``k`` of every ``prec_at_k`` reported (1 always included).
         progress: a bar over the batches.
     """
     view = ModelView(model)
@@ -162,9 +163,9 @@ def compare_lenses(
     for n, l in built.items():
         if not isinstance(l, Lens):
             raise LensInputError(f"lens {n!r} is a {type(l).__name__}, not a mi_lenses Lens.")
-    ks = sorted({1, *[int(k) for k in top_k]})
+    ks = sorted({1, *[int(k) for k in precision_at]})
     if ks[0] < 1 or ks[-1] > view.d_vocab:
-        raise LensInputError(f"top_k values must lie in 1..{view.d_vocab}, got {list(top_k)}.")
+        raise LensInputError(f"precision_at values must lie in 1..{view.d_vocab}, got {list(precision_at)}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise LensInputError(f"batch_size must be a positive int, got {batch_size!r}.")
     tokens = data if isinstance(data, torch.Tensor) else load_tokens(data, view, seq_len, max_tokens=max_tokens)

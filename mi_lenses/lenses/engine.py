@@ -7,8 +7,9 @@ Example:
     >>> res = run_lens(mi_lenses.LogitLens(), model, "The capital of France is", targets=" Paris", top_k=3)
     >>> res.labels[0], res.labels[-1], tuple(res.top_ids.shape)   # rows x prompts x positions x k
     ('embed', 'final', (4, 1, 6, 3))
-    >>> res.target_ranks.shape[-1], bool((res.target_ranks >= 0).all())   # the rank of ' Paris' at every cell
-    (1, True)
+    >>> final = model(model.to_tokens("The capital of France is")).detach()[0, -1]
+    >>> int(res.target_ranks[-1, 0, -1, 0]) == int((final > final[model.to_single_token(" Paris")]).sum())
+    True
     >>> res.verify() is res     # the final row reproduces the model's own log-probs
     True
 """
@@ -44,19 +45,19 @@ CHECK_ATOL = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.05}
 def run_lens(
     lens: "Lens",
     model: Any,
-    input: PromptInput | None = None,
+    prompt: PromptInput | None = None,
     *,
     cache: Any = None,
     logits: Tensor | None = None,
     attention_mask: Tensor | None = None,
     options: LensOptions | None = None,
 ) -> LensResult:
-    """Decode every residual row of ``input`` (or of an existing ``cache``) through ``lens`` and the unembedding.
+    """Decode every residual row of ``prompt`` (or of an existing ``cache``) through ``lens`` and the unembedding.
 
     Args:
         lens: a :class:`~mi_lenses.lenses.lens.Lens` (``LogitLens()``, a ``TunedLens``, or your own ``transform``).
         model: a TransformerLens model (``TransformerBridge`` or ``HookedTransformer``) or a ``ModelView``.
-        input: a prompt, a list of prompts (right-padded; padding is masked out), or token ids ``[batch, pos]``.
+        prompt: a prompt, a list of prompts (right-padded; padding is masked out), or token ids ``[batch, pos]``.
             With ``cache`` it supplies the token strings and next tokens only; no forward pass is run.
         cache: an ``ActivationCache`` holding the residual hooks; ``logits`` (the model output of that run) enables
             ``verify()``.
@@ -71,7 +72,7 @@ def run_lens(
     view = ModelView(model)
     hooks = active_hooks(view.model)
     plan = _prepare(view, lens, opts)
-    run = cached_forward(view, input, names=plan.hook_names, what="the lens", cache=cache, logits=logits,
+    run = cached_forward(view, prompt, names=plan.hook_names, what="the lens", cache=cache, logits=logits,
                          attention_mask=attention_mask, prepend_bos=opts.prepend_bos, shape_hook=plan.final.hook_name,
                          hint=" (or one that keeps the residual hooks blocks.*.hook_resid_pre/mid/post)",
                          beyond_context=opts.beyond_context, progress=opts.progress, fused=True)
@@ -83,7 +84,7 @@ def run_lens(
     stats, final_top1 = _reduce(view, plan, resid, grid, ref_index, next_ids, opts)
     result = _assemble(view, plan, batch, grid, ref_index, stats, final_top1.view(grid.index.shape), next_ids,
                        run.logits)
-    if opts.check and run.logits is not None and input is not None and plan.rows[-1].is_final and plan.exact_final:
+    if opts.check and run.logits is not None and prompt is not None and plan.rows[-1].is_final and plan.exact_final:
         result.verify()  # at the tolerance of the coarser of the matmul dtype and the model's dtype
     return recorded(result, hooks)
 

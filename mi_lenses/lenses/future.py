@@ -104,7 +104,22 @@ def fit_future_lens(
     """Fit a linear :class:`FutureLens` predicting ``ahead`` tokens further than the next one (see the module
     docstring): for every row ``r`` (0 = embeddings ... ``n_layers`` = final; default all), least squares from
     ``h_r[t]`` to ``h_final[t + ahead]`` over every ``t`` of ``data`` (a text source for
-    :func:`~mi_lenses.lenses.tuned.data.load_tokens`, or token ids ``[n_seq, seq_len]``)."""
+    :func:`~mi_lenses.lenses.tuned.data.load_tokens`, or token ids ``[n_seq, seq_len]``).
+
+    Args:
+        model: a TransformerLens model or a ``ModelView``.
+        data: the corpus fitted on: a text source or token ids ``[n_seq, seq_len]``.
+        ahead: how many tokens beyond the next one the lens predicts (0: the next token, as the logit lens).
+        rows: the residual rows fitted (0 = embeddings .. ``n_layers`` = final, negative from the end); default all.
+        max_tokens, seq_len: read at most ``max_tokens`` tokens of a text source (default 16384; ``None``: all of
+            it), packed into sequences of ``seq_len`` (which must exceed ``ahead``).
+        batch_size: sequences per forward pass.
+        ridge: the ridge penalty, relative to the mean diagonal of ``X^T X`` (0: plain least squares).
+        progress: show a progress bar over the batches.
+
+    Returns:
+        :class:`FutureLens`, one ``W, b`` per fitted row.
+    """
     view = ModelView(model)
     if not isinstance(ahead, int) or isinstance(ahead, bool) or ahead < 0:
         raise LensInputError(f"ahead must be an int >= 0 (0 = the next token), got {ahead!r}.")

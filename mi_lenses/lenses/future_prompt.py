@@ -125,7 +125,26 @@ def fit_future_prompt(
     """Train one soft prompt per row (0 = embeddings ... ``n_layers`` = final; default all) on hidden states of
     ``data`` (a text source or token ids ``[n_seq, seq_len]``): each Adam step samples ``batch_size`` positions
     ``t`` and minimises the mean KL(model at ``t + ahead`` || lens) over them, for every row at once (one forward and
-    backward pass of ``rows x batch_size`` soft-prompt runs). ``meta["loss"]`` records the mean KL (nats) per step."""
+    backward pass of ``rows x batch_size`` soft-prompt runs). ``meta["loss"]`` records the mean KL (nats) per step.
+
+    Args:
+        model: a TransformerLens model or a ``ModelView`` (its weights are frozen during training and restored).
+        data: the corpus trained on: a text source or token ids ``[n_seq, seq_len]``.
+        ahead: how many tokens beyond the next one the lens predicts (default 0: the next token).
+        rows: the residual rows, one soft prompt each (0 = embeddings .. ``n_layers`` = final, negative from the
+            end); default all.
+        init: the text whose token embeddings start every soft prompt (default the paper's fixed prompt).
+        steps: Adam steps (0: the untrained fixed-prompt intervention).
+        batch_size: positions sampled per step.
+        lr: Adam's learning rate.
+        max_tokens, seq_len: read at most ``max_tokens`` tokens of a text source (default 8192; ``None``: all of
+            it), packed into sequences of ``seq_len`` (which must exceed ``ahead``).
+        seed: seeds the sampling of positions.
+        progress: show a progress bar over the steps.
+
+    Returns:
+        :class:`FuturePromptLens`, with the training settings and per-step loss in its ``meta``.
+    """
     view = ModelView(model)
     if not isinstance(ahead, int) or ahead < 0:
         raise LensInputError(f"ahead must be an int >= 0, got {ahead!r}.")

@@ -98,6 +98,8 @@ def fit_jacobian_lens(
     """Fit a :class:`JacobianLens` on ``data`` with the reference estimator (see the module docstring).
 
     Args:
+        model: a TransformerLens model or a ``ModelView`` (a raw ``TransformerBridge`` for the
+            ``"transformer_lens"`` backend).
         data: prompts (a list of strings, each truncated to ``seq_len`` tokens), or a text source for
             :func:`~mi_lenses.data.load_tokens` / token ids ``[n_seq, seq_len]`` (native backend).
         backend: ``"native"`` or ``"transformer_lens"`` (TL >= 4.3's ``JacobianLens.fit``; raw bridges, prompts
@@ -107,6 +109,7 @@ def fit_jacobian_lens(
         skip_first_positions: leading positions left out of the source average (attention sinks), as the
             reference.
         dim_batch: output dimensions per backward pass (memory, not FLOPs).
+        progress: show a progress bar over the prompts.
     """
     view = ModelView(model)
     if backend not in ("native", "transformer_lens"):

@@ -78,11 +78,11 @@ class Lens(ABC):
         return self
 
     @with_lens_options
-    def __call__(self, model: Any, input: PromptInput | None = None, *, cache: Any = None,
+    def __call__(self, model: Any, prompt: PromptInput | None = None, *, cache: Any = None,
                  logits: Tensor | None = None, attention_mask: Tensor | None = None,
                  options: LensOptions | None = None) -> LensResult:
         """Run this lens on ``model``: see :func:`~mi_lenses.lenses.engine.run_lens` for every option."""
-        return run_lens(self, model, input, cache=cache, logits=logits, attention_mask=attention_mask,
+        return run_lens(self, model, prompt, cache=cache, logits=logits, attention_mask=attention_mask,
                         options=options)
 
 

@@ -89,13 +89,13 @@ class Batch:
 
 
 def make_batch(
-    view: "ModelView", input: PromptInput, *, prepend_bos: bool | None = None, attention_mask: Tensor | None = None,
+    view: "ModelView", prompt: PromptInput, *, prepend_bos: bool | None = None, attention_mask: Tensor | None = None,
     beyond_context: bool = False,
 ) -> Batch:
-    """Tokens, lengths and offsets of ``input`` (see the module docstring). A prompt longer than the model's context
+    """Tokens, lengths and offsets of ``prompt`` (see the module docstring). A prompt longer than the model's context
     (``cfg.n_ctx``) is refused unless ``beyond_context``."""
-    if isinstance(input, Tensor):
-        tokens = view.to_tokens(input)
+    if isinstance(prompt, Tensor):
+        tokens = view.to_tokens(prompt)
         if attention_mask is None:
             batch = Batch(tokens, [tokens.shape[1]] * tokens.shape[0], [0] * tokens.shape[0])
         else:
@@ -103,8 +103,8 @@ def make_batch(
     elif attention_mask is not None:
         raise LensInputError("attention_mask= goes with token ids; prompts given as text are padded by mi_lenses.")
     else:
-        tokens = view.to_tokens(input, prepend_bos)
-        prompts = [input] if isinstance(input, str) else list(input)
+        tokens = view.to_tokens(prompt, prepend_bos)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         lengths = [tokens.shape[1]] if len(prompts) == 1 else \
             [int(view.to_tokens(p, prepend_bos).shape[-1]) for p in prompts]
         batch = Batch(tokens, lengths, [0] * len(prompts))
@@ -257,20 +257,20 @@ class Cached:
 
 
 def cached_forward(
-    view: "ModelView", input: PromptInput | Batch | None, *, names: Sequence[str], what: str, cache: Any = None,
+    view: "ModelView", prompt: PromptInput | Batch | None, *, names: Sequence[str], what: str, cache: Any = None,
     logits: Tensor | None = None, attention_mask: Tensor | None = None, prepend_bos: bool | None = None,
     required: Sequence[str] | None = None, shape_hook: str | None = None, hint: str = "",
     beyond_context: bool = False, progress: bool = False, reduce: Sequence[tuple[str, Reduction]] = (),
     fused: bool = False,
 ) -> Cached:
-    """The one forward pass of every engine: tokens from ``input`` (if given; a :class:`Batch` is taken as it is),
+    """The one forward pass of every engine: tokens from ``prompt`` (if given; a :class:`Batch` is taken as it is),
     then either one pass caching ``names`` (and the ``reduce`` outputs, with ``fused`` attention where it applies: see
     :func:`run_with_cache`) or the caller's ``cache`` (checked for ``required``, default ``names``), the batch matched
     to the cache's ``[batch, pos]`` (read from ``shape_hook``, default the first required hook)."""
-    if input is None and cache is None:
+    if prompt is None and cache is None:
         raise LensInputError("pass a prompt, a list of prompts, tokens, or cache=ActivationCache.")
-    batch = input if isinstance(input, Batch) or input is None else make_batch(
-        view, input, prepend_bos=prepend_bos, attention_mask=attention_mask, beyond_context=beyond_context)
+    batch = prompt if isinstance(prompt, Batch) or prompt is None else make_batch(
+        view, prompt, prepend_bos=prepend_bos, attention_mask=attention_mask, beyond_context=beyond_context)
     ran = cache is None
     if ran:
         logits, cache = run_with_cache(view, batch, names, progress=progress, reduce=reduce, fused=fused)

@@ -67,7 +67,7 @@ class ParityReport:
     probe was switched off, ``"not found"`` when no Hugging Face copy of an entry point's model could be found)."""
 
     architecture: str
-    mode: str  # "raw" / "compat" (bridge) or "hooked" / "hooked-folded"
+    variant: str  # how the model was loaded: "raw" / "compat" (bridge) or "hooked" / "hooked-folded"
     dtype: str
     tokens: int
     gap: float
@@ -75,12 +75,12 @@ class ParityReport:
     top1_agreement: float
     tolerance: float
     seconds: float  # the probe's time: the reference (reloading it too, at an entry point) and the model's forward
-    source: str
+    oracle: str  # where the Hugging Face reference came from
 
     @property
     def checked(self) -> bool:
         """Whether the model was compared with Hugging Face at all."""
-        return self.source not in ("skipped", "not found")
+        return self.oracle not in ("skipped", "not found")
 
     @property
     def passed(self) -> bool:
@@ -89,8 +89,8 @@ class ParityReport:
 
     def __str__(self) -> str:
         if not self.checked:
-            return f"parity probe {self.source} ({self.architecture}, {self.mode})"
-        return (f"parity probe: {self.architecture} ({self.mode}, {self.dtype}) vs Hugging Face on {self.tokens} tokens: "
+            return f"parity probe {self.oracle} ({self.architecture}, {self.variant})"
+        return (f"parity probe: {self.architecture} ({self.variant}, {self.dtype}) vs Hugging Face on {self.tokens} tokens: "
                 f"max |Δ log p| = {self.gap:.3g} nats, max KL = {self.kl:.3g} (tolerance {self.tolerance:g}), "
                 f"{'passed' if self.passed else 'FAILED'} in {self.seconds * 1000:.0f} ms")
 
@@ -181,7 +181,7 @@ def versions() -> str:
 def disagreement(report: ParityReport, *, fix: str) -> str:
     """The message of a model that disagrees with Hugging Face: who is wrong, by how much, and how to proceed."""
     what = {"raw": "TransformerBridge", "compat": "TransformerBridge in compatibility mode",
-            "hooked": "HookedTransformer", "hooked-folded": "HookedTransformer (folded weights)"}[report.mode]
+            "hooked": "HookedTransformer", "hooked-folded": "HookedTransformer (folded weights)"}[report.variant]
     return (
         f"{versions()}: the {what} of this {report.architecture!r} model disagrees with the Hugging Face model it "
         f"was built from: its log-probabilities differ by up to {report.gap:.3g} nats (KL up to {report.kl:.3g}) on a "
@@ -214,7 +214,15 @@ def register(model: Any, report: ParityReport) -> ParityReport:
 
 
 def parity_report(model: Any) -> ParityReport | None:
-    """The probe's result for ``model`` (``None`` when it was never probed)."""
+    """The probe's result for ``model`` (``None`` when it was never probed).
+
+    Args:
+        model: the TransformerLens model (or a ``ModelView`` of it).
+
+    Returns:
+        The :class:`ParityReport` recorded by :func:`check_parity`, :func:`skip_parity` or an entry point's probe, or
+        ``None``.
+    """
     model = getattr(model, "model", model) if type(model).__name__ == "ModelView" else model
     try:
         return _REPORTS.get(model)
@@ -230,7 +238,14 @@ def _unchecked(model: Any, source: str) -> ParityReport:
 
 def skip_parity(model: Any) -> ParityReport:
     """Opt ``model`` out of the probe at every entry point (e.g. weights you changed on purpose); returns the
-    record."""
+    record.
+
+    Args:
+        model: the TransformerLens model never to probe.
+
+    Returns:
+        The :class:`ParityReport` recorded for it, with ``oracle`` ``"skipped"`` (no comparison is run).
+    """
     return register(model, _unchecked(model, "skipped"))
 
 
@@ -272,7 +287,7 @@ def check_parity(model: Any, hf_model: Any = None, *, tolerance: float | None = 
     register(model, report)
     if not report.passed:
         fix = ("A bridge in compatibility mode may work raw: mi_lenses.load_model(<folder>, compatibility_mode=False) "
-               "checks it. " if report.mode == "compat" else "")
+               "checks it. " if report.variant == "compat" else "")
         raise ModelLoadError(disagreement(report, fix=fix + "If you changed the weights on purpose, "
                                           "mi_lenses.skip_parity(model) accepts the model as it is."))
     return report

@@ -2,13 +2,13 @@
 layer and model, then reading the next token or generating.
 
 Example:
-    >>> res = patchscope(model, Source("The capital of France is", layer=[0, 1, 2]), presets.attribute("capital"),
+    >>> res = patchscope(model, Source("The capital of France is", layers=[0, 1, 2]), presets.attribute("capital"),
     ...                  max_new_tokens=3)
     >>> res.row_labels, len(res.generated)
     (['0', '1', '2'], 3)
     >>> sw = sweep(model, "The capital of France is", presets.identity(), target_layers="same", progress=False)
-    >>> sw.prec_at_1_mean.shape
-    torch.Size([3, 1])
+    >>> sw.prec_at_1_mean.shape, sw.prec_at_1_mean[-1, 0].item()    # the last layer into itself: the prediction
+    (torch.Size([3, 1]), 1.0)
 """
 
 from mi_lenses.patchscopes import presets

@@ -1,11 +1,14 @@
 """Affine maps ``f(h) = h W + b`` between hidden spaces (models or layers), fitted by least squares.
 
-Example (across models: ``fit_map(small, texts, 3, target_model=large, target_layer=10)``; here across layers):
-    >>> f = fit_map(model, ["The capital of France is Paris.", "The quick brown fox."] * 4, source_layer=0,
-    ...             target_layer=2, ridge=1e-2)
-    >>> f.d_in == f.d_out == model.cfg.d_model, f.r2 is not None       # r2: held-out R^2
-    (True, True)
-    >>> res = mi_lenses.patchscope(model, Source("The capital of France is", layer=0),
+Example (across models: ``fit_map(small, data, 3, target_model=large, target_layer=10)``; here across layers):
+    >>> text = mi_lenses.data.EVAL_TEXT.read_text()[:3000]           # varied tokens: more states than d_model
+    >>> same = fit_map(model, text, source_layer=1, target_layer=1)   # a layer onto itself: the identity map
+    >>> round(same.r2, 6), bool(torch.allclose(same.weight, torch.eye(model.cfg.d_model), atol=1e-4))
+    (1.0, True)
+    >>> f = fit_map(model, text, source_layer=0, target_layer=2, ridge=1e-2)   # r2: held-out R^2
+    >>> 0.5 < f.r2 < 0.99                      # layer 2 is largely, not exactly, an affine function of layer 0
+    True
+    >>> res = mi_lenses.patchscope(model, Source("The capital of France is", layers=0),
     ...                            presets.identity().replace(layer=2, map=f))
 """
 
@@ -118,7 +121,7 @@ def fit(
 
 def paired_states(
     source_model: Any,
-    texts: Sequence[str] | str,
+    data: Sequence[str] | str,
     source_layer: int,
     target_model: Any = None,
     target_layer: int | None = None,
@@ -127,13 +130,13 @@ def paired_states(
 ) -> tuple[Float[Tensor, "n d_src"], Float[Tensor, "n d_tgt"]]:
     """Hidden states of the same tokens at ``source_layer`` of one model and ``target_layer`` of another (or the same).
 
-    Both models must tokenise the texts identically (same tokenizer), so the states pair token by token.
+    Both models must tokenise the text identically (same tokenizer), so the states pair token by token.
     """
     src = ModelView(source_model)
     tgt = ModelView(target_model if target_model is not None else src)
     ls = resolve_layer(src, source_layer, "source layer")
     lt = resolve_layer(tgt, ls if target_layer is None else target_layer, "target layer")
-    texts = [texts] if isinstance(texts, str) else list(texts)
+    texts = [data] if isinstance(data, str) else list(data)
     if not texts:
         raise LensInputError("fit_map needs some text: pass a list of strings.")
     xs, ys, total = [], [], 0
@@ -164,7 +167,7 @@ def paired_states(
 
 def fit_map(
     source_model: Any,
-    texts: Sequence[str] | str,
+    data: Sequence[str] | str,
     source_layer: int,
     target_model: Any = None,
     target_layer: int | None = None,
@@ -173,6 +176,21 @@ def fit_map(
     max_tokens: int = 4096,
 ) -> AffineMap:
     """Fit ``f`` from ``source_layer`` of ``source_model`` to ``target_layer`` of ``target_model`` (default: the same
-    model, i.e. a cross-layer map) on the paired states of ``texts``; ``map.r2`` is the held-out ``R^2``."""
-    X, Y = paired_states(source_model, texts, source_layer, target_model, target_layer, max_tokens)
+    model, i.e. a cross-layer map) on the paired states of ``data`` (a text or a list of texts); ``map.r2`` is the
+    held-out ``R^2``.
+
+    Args:
+        source_model: the model whose hidden states are mapped (the input ``h``).
+        data: a text or a list of texts; both models read the same tokens (their tokenizers must agree).
+        source_layer: the block whose output residual stream (``resid_post``) is ``h`` (negative allowed).
+        target_model: the model mapped into; default ``source_model`` (a cross-layer map).
+        target_layer: its block whose ``resid_post`` is the target; default ``source_layer``.
+        ridge: L2 penalty of the least-squares fit (``0``: plain least squares).
+        holdout: the share of token positions (the last ones) kept out of the fit to measure ``r2``.
+        max_tokens: at most this many token positions are read.
+
+    Returns:
+        :class:`AffineMap` (``weight`` ``[d_in, d_out]``, ``bias``, ``r2``).
+    """
+    X, Y = paired_states(source_model, data, source_layer, target_model, target_layer, max_tokens)
     return fit(X, Y, ridge=ridge, holdout=holdout)

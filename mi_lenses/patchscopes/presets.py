@@ -73,7 +73,7 @@ def attribute(template: str = "currency", max_new_tokens: int = 6) -> Target:
 def multi_hop(second_hop: str = MULTI_HOP_SECOND_HOP, max_new_tokens: int = 6) -> Target:
     """Multi-hop / chain-of-thought: the second hop with a placeholder for the first hop's answer.
 
-    Use with ``Source(MULTI_HOP_FIRST_HOP, layer=l)`` (position -1): the state of "... Visual Basic Script" is patched
+    Use with ``Source(MULTI_HOP_FIRST_HOP, layers=l)`` (position -1): the state of "... Visual Basic Script" is patched
     where "x" stands in "The current CEO of x", so a correct first-hop state yields the CEO of Microsoft.
     """
     return Target(second_hop, placeholder="x", name="multi_hop", max_new_tokens=max_new_tokens,

@@ -2,7 +2,7 @@
 sweeps (:class:`SweepResult`). Surprisal is stored in nats (``-ln p``); ``surprisal_bits`` and every export use bits.
 
 Example:
-    >>> res = mi_lenses.patchscope(model, mi_lenses.Source("The capital of France is", layer=[0, -1]),
+    >>> res = mi_lenses.patchscope(model, mi_lenses.Source("The capital of France is", layers=[0, -1]),
     ...                            mi_lenses.presets.identity(), max_new_tokens=2)
     >>> res.source_layers, res.prec_at_1.tolist()[-1], len(res.generated)
     ([0, 2], True, 2)
@@ -160,9 +160,9 @@ class PatchscopeResult(Result):
 class SweepResult(Result):
     """Patchscope statistics over source layers ``l`` x target layers ``l*`` x source positions.
 
-    ``prec_at_1``/``surprisal``/``target_prob`` are ``[Ls, Lt, P]`` (``nan`` where a pair was not run, e.g. off the
-    diagonal of an ``l* = l`` sweep); the ``*_mean`` properties average over positions. ``target_prob`` is the
-    probability of ``target_token`` (default: the source model's own next-token prediction at each position).
+    ``prec_at_1``/``surprisal``/``answer_prob`` are ``[Ls, Lt, P]`` (``nan`` where a pair was not run, e.g. off the
+    diagonal of an ``l* = l`` sweep); the ``*_mean`` properties average over positions. ``answer_prob`` is the
+    probability of ``answer`` (default: the source model's own next-token prediction at each position).
 
     ``positions[p]`` is ``(batch, position)`` of source position ``p`` (position counted in that prompt's tokens).
     """
@@ -178,8 +178,8 @@ class SweepResult(Result):
     source_predictions: list[str]
     prec_at_1: Float[Tensor, "Ls Lt P"]
     surprisal: Float[Tensor, "Ls Lt P"]  # nats
-    target_prob: Float[Tensor, "Ls Lt P"]
-    target_token: str | None
+    answer_prob: Float[Tensor, "Ls Lt P"]
+    answer: str | None
     top1_ids: Int[Tensor, "Ls Lt P"]
     vocab: dict[int, str] = field(repr=False)
     seconds: float = float("nan")
@@ -201,8 +201,8 @@ class SweepResult(Result):
         return _nanmean(self.surprisal_bits)
 
     @property
-    def target_prob_mean(self) -> Float[Tensor, "Ls Lt"]:
-        return _nanmean(self.target_prob)
+    def answer_prob_mean(self) -> Float[Tensor, "Ls Lt"]:
+        return _nanmean(self.answer_prob)
 
     def per_layer(self) -> Float[Tensor, " Ls"]:
         """Precision@1 for ``l* = l`` (the diagonal) per source layer."""
@@ -216,7 +216,7 @@ class SweepResult(Result):
         """JSON-ready (``--sweep --json``): ``prec_at_1[l][l2]`` and ``surprisal[l][l2]`` (bits, position means)."""
         self.check_batch(batch)
         tl = self.source_layers if self.diagonal else self.target_layers
-        prec, surp, prob = self.prec_at_1_mean, self.surprisal_bits_mean, self.target_prob_mean
+        prec, surp, prob = self.prec_at_1_mean, self.surprisal_bits_mean, self.answer_prob_mean
         n = len(self.source_layers)
 
         def full(t: Tensor) -> list:  # an l* = l sweep becomes a square matrix with None off the diagonal
@@ -233,8 +233,8 @@ class SweepResult(Result):
             "n_positions": len(self.positions),
             "prec_at_1": full(prec),
             "surprisal": full(surp),
-            "target_prob": full(prob),
-            "target_token": self.target_token,
+            "answer_prob": full(prob),
+            "answer": self.answer,
             "units": {"surprisal": "bits"},
         })
 
@@ -253,7 +253,7 @@ class SweepResult(Result):
                         position=self.positions[p][1], source_token=self.source_tokens[p],
                         source_prediction=self.source_predictions[p], top1=self.vocab[int(self.top1_ids[a, b, p])],
                         prec_at_1=float(self.prec_at_1[a, b, p]), surprisal_bits=float(self.surprisal_bits[a, b, p]),
-                        target_prob=float(self.target_prob[a, b, p]),
+                        answer_prob=float(self.answer_prob[a, b, p]),
                     ))
         return dataframe(records)
 

@@ -1,7 +1,7 @@
 """Run a Patchscope: read the source state, map it, patch it into the target run, read the next token or generate.
 
 Example:
-    >>> res = patchscope(model, Source("The capital of France is", layer=[0, 2]), presets.attribute("capital"),
+    >>> res = patchscope(model, Source("The capital of France is", layers=[0, 2]), presets.attribute("capital"),
     ...                  max_new_tokens=4)
     >>> res.prec_at_1.shape, len(res.generated)    # per source layer: top-1 == the source model's own prediction?
     (torch.Size([2]), 2)
@@ -215,7 +215,7 @@ def patchscope(
     use_kv_cache: bool = True,
     stop_at_eos: bool = True,
 ) -> PatchscopeResult:
-    """Run the Patchscope ``(S, i, M, l) -> (T, i*, f, M*, l*)`` for every source layer in ``source.layer``.
+    """Run the Patchscope ``(S, i, M, l) -> (T, i*, f, M*, l*)`` for every source layer in ``source.layers``.
 
     Args:
         model: the default model (``M`` when ``source.model`` is None; ``M*`` when ``target.model`` is None too).
@@ -229,7 +229,7 @@ def patchscope(
         stop_at_eos: cut the generated text at the end-of-sequence token.
 
     Example:
-        >>> res = patchscope(model, Source("The capital of France is", layer=-1), presets.identity())
+        >>> res = patchscope(model, Source("The capital of France is", layers=-1), presets.identity())
         >>> bool(res.prec_at_1[0])   # the last layer patched into the last layer reproduces the prediction
         True
     """
@@ -297,7 +297,7 @@ class _Job:
 def _prepare(model: Any, source: Source, target: Target, *, top_k: int, max_new_tokens: int | None,
              do_sample: bool, temperature: float) -> _Job:
     if not isinstance(source, Source):
-        raise LensInputError(f"expected a Source(prompt, layer, position=-1), got {source!r}.")
+        raise LensInputError(f"expected a Source(prompt, layers, position=-1), got {source!r}.")
     src = ModelView(source.model if source.model is not None else model)
     tgt = ModelView(target.model if target.model is not None else src)
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= tgt.d_vocab:
@@ -309,7 +309,7 @@ def _prepare(model: Any, source: Source, target: Target, *, top_k: int, max_new_
         raise LensInputError(f"temperature must be > 0 when sampling, got {temperature!r}.")
     src_layers = [resolve_layer(src, l, "source layer") for l in source.layers]
     if not src_layers:
-        raise LensInputError("Source(layer=[]) selects no layer.")
+        raise LensInputError("Source(layers=[]) selects no layer.")
     tgt_layers = [resolve_layer(tgt, l if target.layer is None else target.layer, "target layer") for l in src_layers]
     src_tokens = src.to_tokens(source.prompt, source.prepend_bos)
     if src_tokens.shape[0] != 1:
@@ -345,7 +345,7 @@ def verify(model: Any, prompt: str = "The capital of France is", atol: float = 1
         own = view.model(tokens)[0].float().log_softmax(-1).cpu()
     for layer in range(L):
         pos = S - 1 if layer % 2 else max(S - 2, 0)
-        res = patchscope(view.model, Source(tokens, layer=layer, position=pos), Target(tokens, position=pos))
+        res = patchscope(view.model, Source(tokens, layers=layer, position=pos), Target(tokens, positions=pos))
         err = float((res.top_logprobs[0] - own[-1, res.top_ids[0]]).abs().max())
         if not err <= atol:
             raise VerificationError(
@@ -353,7 +353,7 @@ def verify(model: Any, prompt: str = "The capital of France is", atol: float = 1
                 f"(> {atol:.0e}): the patch hooks do not write where they read."
             )
     for pos in range(S):
-        res = patchscope(view.model, Source(tokens, layer=L - 1, position=pos), identity().replace(layer=L - 1))
+        res = patchscope(view.model, Source(tokens, layers=L - 1, position=pos), identity().replace(layer=L - 1))
         err = float((res.top_logprobs[0] - own[pos, res.top_ids[0]]).abs().max())
         if not bool(res.prec_at_1[0]) or not err <= atol:
             raise VerificationError(

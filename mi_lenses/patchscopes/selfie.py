@@ -171,11 +171,21 @@ def selfie(
     (default the last token) with SelfIE (see the module docstring).
 
     Args:
+        model: a TransformerLens model or a ``ModelView``; the states are read from it and interpreted by it.
+        prompt: one prompt: a string or token ids ``[1, pos]``.
+        layers: the blocks whose outputs (``hook_resid_post``) are interpreted: an int, a list or a range, negative
+            from the end; default all.
+        positions: the token positions interpreted (default ``-1``: the last token; negative from the end). One
+            row per (layer, position).
         interpretation: the interpretation prompt as a :class:`Target` whose placeholder marks where the state goes
             (default ``presets.selfie()``; every occurrence is injected).
         inject_layer: ``k``, the block output where the state is written (default: the target's ``layer``, 2 for
             the preset).
         max_new_tokens, do_sample, temperature, seed: generation (greedy by default; sampling is seeded).
+        use_kv_cache: generate with the model's KV cache (the patched prompt runs once, then one token per step);
+            ``False`` recomputes the whole sequence at every step. Both give the same tokens.
+        stop_at_eos: cut each interpretation at the end-of-sequence token (``max_new_tokens`` are still generated).
+        prepend_bos: add the BOS token when tokenising a string ``prompt`` (default: the model's setting).
     """
     view = ModelView(model)
     hooks = active_hooks(view.model)

@@ -8,13 +8,13 @@ front by :func:`resolve` (positions, placeholder, layers, ``d_model`` vs the map
 negative from the end), as in the paper. This is logit-lens row ``l + 1`` (``point="resid_pre"`` rows, tuned-lens
 indexing) and the row labelled ``"{l}_post"`` (``"final"`` for ``l = L-1``) of ``logit_lens(..., point="resid_post")``.
 
-**Placeholder convention.** Unless ``Target.position`` is given, ``i*`` is the position of the token that *ends* the
+**Placeholder convention.** Unless ``Target.positions`` is given, ``i*`` is the position of the token that *ends* the
 last occurrence of ``Target.placeholder`` in the target prompt (``occurrence="all"``: every occurrence, all patched
 with the same vector, as SelfIE does). The placeholder must end on a token boundary (a merge with the text after it is
 an error). The readout is always the target's **last** position: the next-token distribution after the whole prompt.
 
 Example:
-    >>> src = Source("The capital of France is", layer=1)          # i = -1 (last token), M = the run's model
+    >>> src = Source("The capital of France is", layers=1)          # i = -1 (last token), M = the run's model
     >>> tgt = Target("cat -> cat\\n1135 -> 1135\\nhello -> hello\\n?", placeholder="?")   # l* = l, f = identity
     >>> rt = resolve_target(tgt, ModelView(model))
     >>> rt.positions == (rt.tokens.shape[1] - 1,)                    # the final "?" is patched
@@ -41,34 +41,37 @@ POINT = "resid_post"
 
 @dataclass(frozen=True)
 class Source:
-    """Where the hidden state comes from: prompt ``S``, layer(s) ``l``, position ``i``, model ``M``.
+    """Where the hidden state comes from: prompt ``S``, layers ``l``, position ``i``, model ``M``.
 
-    ``layer`` may be a list: one patched run per source layer (e.g. the per-layer generation table).
-    ``model=None`` means the model passed to :func:`mi_lenses.patchscopes.patchscope`.
+    ``layers`` is one block or several (kept as a tuple): one patched run per source layer (e.g. the per-layer
+    generation table). ``model=None`` means the model passed to :func:`mi_lenses.patchscopes.patchscope`.
+
+    >>> Source("The capital of France is", layers=range(2)).layers
+    (0, 1)
     """
 
     prompt: str | Tensor
-    layer: int | Sequence[int]
+    layers: int | Sequence[int]
     position: int = -1
     model: Any = None
     prepend_bos: bool | None = None
 
-    @property
-    def layers(self) -> list[int]:
-        return list(self.layer) if isinstance(self.layer, (list, tuple, range)) else [self.layer]
+    def __post_init__(self) -> None:
+        many = isinstance(self.layers, (list, tuple, range))
+        object.__setattr__(self, "layers", tuple(self.layers) if many else (self.layers,))
 
 
 @dataclass(frozen=True)
 class Target:
-    """Where the state goes: prompt ``T``, position(s) ``i*``, map ``f``, model ``M*``, layer ``l*``.
+    """Where the state goes: prompt ``T``, positions ``i*``, map ``f``, model ``M*``, layer ``l*``.
 
-    Defaults: ``layer=None`` -> ``l* = l``; ``position=None`` -> the placeholder token; ``map=None`` -> identity;
+    Defaults: ``layer=None`` -> ``l* = l``; ``positions=None`` -> the placeholder token; ``map=None`` -> identity;
     ``model=None`` -> the source model. ``max_new_tokens`` is the preset's suggested generation length.
     """
 
     prompt: str | Tensor = IDENTITY_PROMPT
     layer: int | None = None
-    position: int | Sequence[int] | None = None
+    positions: int | Sequence[int] | None = None
     placeholder: str | None = "?"
     occurrence: Literal["last", "all"] = "last"
     model: Any = None
@@ -124,7 +127,7 @@ def placeholder_positions(
     if not starts:
         raise LensInputError(
             f"the target prompt {prompt!r} has no placeholder {placeholder!r}: write {placeholder!r} where the "
-            f"source state should be patched, or pass Target(position=...) (--target-position on the command line)."
+            f"source state should be patched, or pass Target(positions=...) (--target-position on the command line)."
         )
     if occurrence == "last":
         starts = starts[-1:]
@@ -135,11 +138,11 @@ def placeholder_positions(
         if n > full.shape[0] or not torch.equal(full[:n], prefix):
             raise LensInputError(
                 f"the placeholder {placeholder!r} at character {s} of the target prompt merges with the text after "
-                f"it into one token: put a space or newline after it, or pass Target(position=...)."
+                f"it into one token: put a space or newline after it, or pass Target(positions=...)."
             )
         out.append(n - 1)
     if len(set(out)) != len(out):
-        raise LensInputError(f"two occurrences of {placeholder!r} end in the same token; pass Target(position=...).")
+        raise LensInputError(f"two occurrences of {placeholder!r} end in the same token; pass Target(positions=...).")
     return out
 
 
@@ -152,17 +155,17 @@ def resolve_target(target: Target, view: ModelView) -> ResolvedTarget:
         raise LensInputError("the target prompt must be one prompt (a string or tokens [1, pos]).")
     T = tokens.shape[1]
     check_context(view, T, "the target prompt", opt_in=False)
-    if target.position is not None:
-        raw = [target.position] if not isinstance(target.position, (list, tuple, range)) else list(target.position)
+    if target.positions is not None:
+        raw = [target.positions] if not isinstance(target.positions, (list, tuple, range)) else list(target.positions)
         if not raw:
-            raise LensInputError("Target(position=[]) patches nothing: give at least one position.")
+            raise LensInputError("Target(positions=[]) patches nothing: give at least one position.")
         positions = [resolve_position(p, T, "target position") for p in raw]
     elif isinstance(target.prompt, str) and target.placeholder:
         positions = placeholder_positions(view, target.prompt, target.placeholder, target.occurrence,
                                           target.prepend_bos)
     else:
         raise LensInputError(
-            "the target needs a position: pass Target(position=...) or a string prompt with a placeholder."
+            "the target needs a position: pass Target(positions=...) or a string prompt with a placeholder."
         )
     if len(set(positions)) != len(positions):
         raise LensInputError(f"target positions {positions} name a position twice.")

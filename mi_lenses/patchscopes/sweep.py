@@ -35,7 +35,7 @@ from mi_lenses.patchscopes.spec import POINT, Target, resolve_layer, resolve_map
 
 def sweep(
     model: Any,
-    source: PromptInput,
+    prompt: PromptInput,
     target: Target | None = None,
     *,
     source_layers: IndexSpec = None,
@@ -43,7 +43,7 @@ def sweep(
     positions: IndexSpec = None,
     attention_mask: Tensor | None = None,
     target_model: Any = None,
-    target_token: str | int | None = None,
+    answer: str | int | None = None,
     chunk: int = 256,
     use_kv_cache: bool = True,
     progress: bool = True,
@@ -55,16 +55,20 @@ def sweep(
 
     Args:
         model: the source model ``M`` (and ``M*`` unless ``target_model`` or ``target.model`` is given).
-        source: a prompt, a list of prompts (right-padded; padding skipped) or token ids ``[B, S]`` (with
-            ``attention_mask`` when padded).
+        prompt: the source prompt: a prompt, a list of prompts (right-padded; padding skipped) or token ids
+            ``[B, S]`` (with ``attention_mask`` when padded).
         target: :class:`Target` (default: the token-identity preset).
         source_layers: default all blocks.
         target_layers: ``None`` -> ``[target.layer]`` if the target fixes one (e.g. SelfIE), else all blocks (the
             full ``l x l*`` grid); ``"same"`` -> ``l* = l`` only; or a list.
         positions: source positions, counted in each prompt's own tokens (``-1``: its last token); default every
             real position. A position a shorter prompt lacks is skipped for it.
-        target_token: a token whose target probability is tracked (default: the source's own prediction).
+        answer: a token whose probability in the target run is tracked (default: the source's own prediction).
         chunk: patched rows per forward pass.
+        use_kv_cache: compute the target prompt's unpatched prefix (before the first patched position) once and
+            share it through the model's KV cache; ``False`` runs the whole target prompt for every row.
+        progress: show a progress bar over the chunks of patched rows (when there is more than one).
+        prepend_bos: add the BOS token when tokenising the source prompt (default: the model's setting).
         cache: the source prompt's ``ActivationCache`` holding ``blocks.*.hook_resid_post`` of the source layers,
             with ``logits`` (that run's output): no forward pass over the source prompt (a long prompt costs one).
     """
@@ -75,13 +79,13 @@ def sweep(
     if not isinstance(chunk, int) or chunk < 1:
         raise LensInputError(f"chunk must be a positive int, got {chunk!r}.")
     src_layers, tgt_layers, diagonal = _layers(src_view, tgt_view, target, source_layers, target_layers)
-    batch = src_view.batch(source, prepend_bos=prepend_bos, attention_mask=attention_mask)
+    batch = src_view.batch(prompt, prepend_bos=prepend_bos, attention_mask=attention_mask)
     grid = resolve_positions(positions, batch.lengths, batch.offsets, "source position")
     pairs = [(b, int(grid.index[b, j])) for b in range(grid.index.shape[0]) for j in range(grid.index.shape[1])
              if bool(grid.valid[b, j])]
     rt = resolve_target(target, tgt_view)
     fmap = resolve_map(target.map, src_view, tgt_view)
-    tgt_id = None if target_token is None else tgt_view.to_single_token(target_token)
+    tgt_id = None if answer is None else tgt_view.to_single_token(answer)
 
     t0 = time.perf_counter()
     if cache is None or logits is None:
@@ -130,8 +134,8 @@ def sweep(
         source_predictions=[src_view.id_to_str(int(i)) for i in pred],
         prec_at_1=prec,
         surprisal=surp,
-        target_prob=prob,
-        target_token=None if tgt_id is None else tgt_view.id_to_str(tgt_id),
+        answer_prob=prob,
+        answer=None if tgt_id is None else tgt_view.id_to_str(tgt_id),
         top1_ids=top1,
         vocab=vocab,
         seconds=seconds,

@@ -31,7 +31,7 @@ def head_grid(res, batch: int = 0) -> str:
         [[f"{float(vals[l, h]):+.2f}" for h in heads] for l in layers],
         [[float(vals[l, h]) / vmax for h in heads] for l in layers],
         [[f"L{l}H{h}: {float(vals[l, h]):+.4f}" for h in heads] for l in layers],
-        caption=f"Direct effect of every head on {html.escape(res.direction)} (blue: up, red: down; scale "
+        caption=f"Direct effect of every head on {html.escape(res.metric)} (blue: up, red: down; scale "
                 f"±{vmax:.3g}).",
         signed=True,
     )
@@ -119,7 +119,7 @@ def dla_fragment(res, batch: int, top_k: int, head: tuple[int, int] | None = Non
     prompt = "".join(res.str_tokens[batch])
     top_parts = "".join(f"<li><code>{esc(label)}</code> {v:+.4f}</li>" for label, v in res.top(top_k, batch=batch))
     parts = [
-        f'<p class="note">Direct logit attribution of <b>{html.escape(res.direction)}</b> on '
+        f'<p class="note">Direct logit attribution of <b>{html.escape(res.metric)}</b> on '
         f"<b>{html.escape(res.model_name)}</b> at position {pos} (<code>{esc(res.str_tokens[batch][pos])}</code>). "
         f"Model's own value: {float(res.actual[batch]):+.4f} ({res.actual_source}); sum of all parts: "
         f"{float(res.total[batch]):+.4f}; constants: {consts}. Final-norm scale frozen from the run "
@@ -166,7 +166,7 @@ def dla_table(res, top_k: int, batch: int | None = 0):
         where = f"position {res.positions[batch]} {res.str_tokens[batch][res.positions[batch]]!r}"
     actual = float(res.actual.mean() if batch is None else res.actual[batch])
     total = float(res.total.mean() if batch is None else res.total[batch])
-    table = Table(title=f"DLA of {res.direction} · {res.model_name} · {where}",
+    table = Table(title=f"DLA of {res.metric} · {res.model_name} · {where}",
                   caption=f"model's value {actual:+.4f}, sum of parts {total:+.4f}")
     table.add_column("part", style="bold")
     table.add_column("value", justify="right")
@@ -186,7 +186,7 @@ def neuron_attribution_table(res, batch: int, top_k: int):
     """A rich table of the ``top_k`` neurons (at a position) with the largest |direct effect|, each with a bar."""
     top = res.top_with_coords(top_k, batch=batch)
     vmax = max([abs(v) for _, v in top] + [1e-9])
-    table = Table(title=f"Neuron attribution of {res.direction} · {res.model_name}",
+    table = Table(title=f"Neuron attribution of {res.metric} · {res.model_name}",
                   caption=f"{res.values.shape[0]} layers x {res.values.shape[2]} positions x "
                           f"{res.values.shape[3]} neurons (prompt {batch})")
     for col in ("neuron", "layer", "position", "value"):
@@ -218,7 +218,7 @@ def neuron_attribution_fragment(res, batch: int, top_k: int) -> str:
         f'background:{css(diverging(v / max(vmax, 1e-9)))}">{v:+.4f}</td></tr>'
         for c, v in res.top_with_coords(top_k, batch=batch))
     return "\n".join([
-        f'<p class="note">Direct effect of every MLP neuron on <b>{html.escape(res.direction)}</b> '
+        f'<p class="note">Direct effect of every MLP neuron on <b>{html.escape(res.metric)}</b> '
         f"(<b>{html.escape(res.model_name)}</b>, prompt {batch}): activation x W_out[n] · direction, the final "
         "norm's scale frozen per position.</p>",
         grid,

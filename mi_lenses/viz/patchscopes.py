@@ -99,10 +99,10 @@ def sweep_fragment(sw) -> str:
 
     prec = sw.prec_at_1_mean
     surp = sw.surprisal_bits_mean
-    prob = sw.target_prob_mean
+    prob = sw.answer_prob_mean
     finite = surp[torch.isfinite(surp)]
     s_hi = float(finite.max()) if finite.numel() else 1.0
-    who = repr(sw.target_token) if sw.target_token else "the source model's own prediction"
+    who = repr(sw.answer) if sw.answer else "the source model's own prediction"
     parts = [
         f'<p class="note">{len(sw.positions)} source positions; target preset "{html.escape(sw.target_name)}"; '
         f"rows: source layer l, columns: target layer l* (output of the block, resid_post). Computed in "

@@ -118,7 +118,7 @@ def attention_section(rep) -> str:
     note = ""
     if top is not None:
         note = (f'<p class="note">The head and neuron views open on L{top[0]}H{top[1]}, the head with the largest '
-                f"direct effect on {html.escape(rep.dla.direction)}, at the last token.</p>")
+                f"direct effect on {html.escape(rep.dla.metric)}, at the last token.</p>")
     layer, head = top if top is not None else (None, None)
     return note + attention_fragment(rep.attention, batch=0, top_k=rep.attention.view_options["top_k"], layer=layer,
                                      head=head, query=-1, level=3)
@@ -184,7 +184,7 @@ def report_table(rep, max_layers: int = 16):
     if rep.dla is not None:
         d = rep.dla
         parts = ", ".join(f"{label} {v:+.2f}" for label, v in d.top(8, batch=0))
-        items.append(Text.assemble(("DLA ", "bold"), f"of {d.direction}: {parts} (sum of parts "
+        items.append(Text.assemble(("DLA ", "bold"), f"of {d.metric}: {parts} (sum of parts "
                                    f"{float(d.total[0]):+.3f} = model {float(d.actual[0]):+.3f})"))
     if rep.attention is not None:
         a = rep.attention

@@ -134,7 +134,24 @@ def evaluate_lens(
 ) -> LensEvaluation:
     """Evaluate ``lens`` (and, with ``baseline``, the logit lens) on held-out ``data`` (a text source as in
     :func:`~mi_lenses.data.load_tokens`, or tokens ``[n_seq, seq_len]``): :func:`~mi_lenses.lenses.compare.
-    compare_lenses` of those lenses, with the same options."""
+    compare_lenses` of those lenses, with the same options.
+
+    Args:
+        lens: the :class:`~mi_lenses.lenses.lens.Lens` evaluated (a ``TunedLens``, any fitted or built-in lens).
+        model: a TransformerLens model or a ``ModelView``; the lens is bound to it.
+        data: held-out data: a text source for :func:`~mi_lenses.data.load_tokens` or token ids
+            ``[n_seq, seq_len]``.
+        max_tokens, seq_len: read at most ``max_tokens`` tokens of a text source (``None``: all of it), packed into
+            sequences of ``seq_len`` (token ids are used as given).
+        batch_size: sequences per forward pass (one cache serves every lens).
+        point: the residual state the rows read (default ``"resid_pre"``), as in ``compare_lenses``.
+        baseline: also evaluate the logit lens, beside ``lens``.
+        progress: a bar over the batches.
+
+    Returns:
+        :class:`LensEvaluation`: per row, the mean KL to the model's output, cross-entropy and entropy, in bits;
+        the final row is left out.
+    """
     lenses: dict[str, Lens] = {"logit lens": LogitLens()} if baseline else {}
     lenses[lens.name if lens.name not in lenses else f"{lens.name} (evaluated)"] = lens
     cmp = compare_lenses(model, data, lenses, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,

@@ -118,7 +118,7 @@ class TunedLens(AffineLens, torch.nn.Module):
 @with_lens_options
 def tuned_lens(
     model: Any,
-    input: PromptInput | None = None,
+    prompt: PromptInput | None = None,
     *,
     lens: "TunedLens | str | os.PathLike",
     cache: Any = None,
@@ -126,8 +126,24 @@ def tuned_lens(
     attention_mask: Tensor | None = None,
     options: LensOptions | None = None,
 ) -> LensResult:
-    """The tuned lens of ``input``: ``lens`` is a :class:`TunedLens` or a lens folder (either file format, loaded and
-    checked against ``model``); every other option as :func:`~mi_lenses.lenses.engine.run_lens`."""
+    """The tuned lens of ``prompt``: ``lens`` is a :class:`TunedLens` or a lens folder (either file format, loaded and
+    checked against ``model``); every other option as :func:`~mi_lenses.lenses.engine.run_lens`.
+
+    Args:
+        model: a TransformerLens model (``TransformerBridge`` or ``HookedTransformer``) or a ``ModelView``.
+        prompt: a prompt, a list of prompts (right-padded; padding is masked out), or token ids ``[batch, pos]``.
+            With ``cache`` it supplies the token strings and next tokens only; no forward pass is run.
+        lens: a :class:`TunedLens`, or the folder of one (loaded with :meth:`TunedLens.load`).
+        cache: an ``ActivationCache`` holding the residual hooks, instead of a forward pass.
+        logits: the output of the run that ``cache`` holds; it enables ``verify()``.
+        attention_mask: with token ids: 1 on real tokens, 0 on padding (left or right).
+        options: a :class:`~mi_lenses.lenses.options.LensOptions` record. Its fields (``layers``, ``positions``,
+            ``top_k``, ``targets``, ...) are also keyword options here that override it: see ``LensOptions`` and
+            :func:`~mi_lenses.lenses.engine.run_lens` for each.
+
+    Returns:
+        :class:`~mi_lenses.lenses.result.LensResult`.
+    """
     if not isinstance(lens, TunedLens):
         lens = TunedLens.load(lens, model)
-    return run_lens(lens, model, input, cache=cache, logits=logits, attention_mask=attention_mask, options=options)
+    return run_lens(lens, model, prompt, cache=cache, logits=logits, attention_mask=attention_mask, options=options)
