@@ -55,7 +55,8 @@ def attention_module(block: torch.nn.Module) -> torch.nn.Module:
 
 def out_projection(attn: torch.nn.Module) -> torch.nn.Module:
     names = ("o_proj", "c_proj", "dense", "out_proj")
-    return _first(attn, names) or _first(attn.attention, names)  # GPT-Neo nests its self-attention
+    # GPT-Neo nests its self-attention; JetMoE's mixture of attention experts has no single output projection (None)
+    return _first(attn, names) or _first(getattr(attn, "attention", None), names)
 
 
 def mlp_module(block: torch.nn.Module) -> torch.nn.Module | None:
@@ -179,8 +180,9 @@ def hf_run(name: str, hf: torch.nn.Module, tokens: Tensor) -> HFRun:
     for l, block in enumerate(layers):
         handles.append(block.register_forward_pre_hook(keep_in(("block", l)), with_kwargs=True))
         o = out_projection(attention_module(block))
-        handles.append(o.register_forward_pre_hook(keep_in(("z", l)), with_kwargs=True))
-        handles.append(o.register_forward_hook(keep_out(("attn_out", l))))
+        if o is not None:
+            handles.append(o.register_forward_pre_hook(keep_in(("z", l)), with_kwargs=True))
+            handles.append(o.register_forward_hook(keep_out(("attn_out", l))))
         mlp = mlp_module(block)
         if is_moe(mlp):
             handles.append(mlp.register_forward_pre_hook(keep_in(("mlp_in", l)), with_kwargs=True))
@@ -207,11 +209,11 @@ def hf_run(name: str, hf: torch.nn.Module, tokens: Tensor) -> HFRun:
         logits=out.logits[0].detach().double(),
         block_in=[got[("block", l)] for l in range(L)],
         final_in=got["final"],
-        z=[seq(got[("z", l)]) for l in range(L)],
+        z=[seq(got.get(("z", l))) for l in range(L)],
         mlp_out=[seq(got[("mlp_out", l)]) for l in range(L)],
         mlp_act=[seq(got.get(("act", l))) for l in range(L)],
         mlp_in=[seq(got.get(("mlp_in", l))) for l in range(L)],
-        attn_out=[seq(got[("attn_out", l)]) for l in range(L)],
+        attn_out=[seq(got.get(("attn_out", l))) for l in range(L)],
         norm_in={(k[1], k[2]): seq(v) for k, v in got.items() if isinstance(k, tuple) and k[0] == "norm"},
         attentions=tuple(a[0].detach().double() for a in out.attentions),
     )
@@ -390,26 +392,245 @@ def dla_oracle(name: str, hf: torch.nn.Module, tokens: Tensor, run: HFRun, answe
     return DLAOracle(float(diff), heads, mlps, neurons, experts)
 
 
+# --- issue 26: MLA and MoE
+POST_NORMS.update({"flex_olmo": ("post_attention_layernorm", "post_feedforward_layernorm"),
+                   "afmoe": ("post_attention_layernorm", "post_mlp_layernorm")})
+
+
 def _moe_neurons(mlp: torch.nn.Module, x: Tensor, dirn: Tensor) -> tuple[Tensor, Tensor]:
-    """Router-weighted expert neurons (every expert in order, zero where not routed), then the shared expert's
-    neurons times its sigmoid gate; and the per-expert (and shared) totals."""
+    """Every expert's neurons (router-weighted, zero where not routed; a down-projection bias is one more per expert),
+    then the shared expert's (times its gate, its bias last); and the per-expert (and shared) totals.
+
+    The HF block's output is linear in its down projections' weights and biases (the routing does not read them), so
+    ``out · dirn = Σ_w w ∂(out · dirn)/∂w``: one backward pass through the block itself (its router, scaling factors,
+    gates and activations) splits it exactly per weight, summed here per neuron. Nothing of the layout is assumed
+    but which axis of a down projection indexes neurons (the one that is not d_model)."""
+    d = x.shape[-1]
     ex = mlp.experts
-    dtype = ex.gate_up_proj.dtype
-    _, weights, idx = router(mlp)(x[None].to(dtype))
-    w = torch.zeros(ex.num_experts, dtype=torch.float64)
-    w[idx[0]] = weights[0].double()
-    parts, totals = [], []
-    for e in range(ex.num_experts):
-        gate, up = (ex.gate_up_proj[e].double() @ x).chunk(2, dim=-1)
-        act = ex.act_fn(gate) * up
-        n = w[e] * act * (dirn @ ex.down_proj[e].double())
-        parts.append(n)
-        totals.append(n.sum())
-    shared = getattr(mlp, "shared_expert", None)
+    shared = _first(mlp, ("shared_expert", "shared_experts"))
+    params = [ex.down_proj, getattr(ex, "down_proj_bias", None)]
     if shared is not None:
-        g = torch.sigmoid(mlp.shared_expert_gate.weight.double() @ x)[0]
-        act = shared.act_fn(shared.gate_proj.weight.double() @ x) * (shared.up_proj.weight.double() @ x)
-        n = g * act * (dirn @ shared.down_proj.weight.double())
-        parts.append(n)
-        totals.append(n.sum())
-    return torch.cat(parts).float(), torch.stack(totals).float()
+        params += [shared.down_proj.weight, shared.down_proj.bias]
+    live = [p for p in params if p is not None]
+    with torch.enable_grad():
+        out = mlp(x[None, None].to(ex.down_proj.dtype))
+        grads = dict(zip(map(id, live), torch.autograd.grad(_tensor(out).reshape(-1, d)[0].double() @ dirn, live,
+                                                             allow_unused=True)))
+
+    def split(p: Tensor | None) -> Tensor | None:  # each weight times its gradient
+        if p is None:
+            return None
+        g = grads[id(p)]
+        return (p.detach().double() * (torch.zeros_like(p) if g is None else g).double())
+
+    per = split(ex.down_proj)  # [E, d, I] or [E, I, d]
+    parts = per.sum(1) if ex.down_proj.shape[1] == d else per.sum(2)  # [E, I]
+    if params[1] is not None:
+        parts = torch.cat([parts, split(params[1]).sum(-1, keepdim=True)], -1)
+    neurons, totals = [parts.reshape(-1)], [parts.sum(-1)]
+    if shared is not None:
+        s = split(params[2]).sum(0)
+        if params[3] is not None:
+            s = torch.cat([s, split(params[3]).sum()[None]])
+        neurons.append(s)
+        totals.append(s.sum()[None])
+    return torch.cat(neurons).float(), torch.cat(totals).float()
+# --- end
+
+
+# --- issue 26: attention masks
+# Post-sublayer norms of the windowed variants (as their full-attention configurations).
+POST_NORMS.update({name: ("post_attention_layernorm", "post_feedforward_layernorm")
+                   for name in ("gemma2_window", "gemma3_window", "olmo3_window", "exaone4_window")})
+# Where compatibility mode leaves each head's value bias in the head (TransformerLens 4.3 does not fold GPT-OSS's: right,
+# since with learned attention sinks a pattern row sums to less than one, so the bias is not a constant of b_O).
+VALUE_BIAS_KEPT = {"gpt_oss", "gpt_oss_window"}
+
+
+def hf_pattern(hf: torch.nn.Module, layer: int, scores: Tensor, hf_attn: Tensor, heads: slice = slice(None)) -> Tensor:
+    """The pattern HF's eager attention makes of ``scores`` ``[H, Q, K]`` (``scale · q · k`` of the query heads
+    ``heads``): soft-capped by the config's ``attn_logit_softcapping``, masked where HF's own pattern ``hf_attn`` is
+    exactly 0 (its causal, sliding-window or chunked mask), and softmaxed with the attention module's learned sink
+    logits (``sinks``, GPT-OSS) as one more column that is dropped afterwards."""
+    cap = getattr(hf.config, "attn_logit_softcapping", None)
+    s = scores.double()
+    if cap:
+        s = cap * torch.tanh(s / cap)
+    s = s.masked_fill(hf_attn == 0, -torch.inf)
+    sinks = getattr(attention_module(hf_layers(hf)[layer]), "sinks", None)
+    if sinks is None:
+        return s.softmax(-1)
+    col = sinks.detach().double()[heads][:, None, None].expand(*s.shape[:-1], 1)
+    return torch.cat([s, col], -1).softmax(-1)[..., :-1]
+# --- end
+
+
+# --- issue 26: state-space and hybrid
+# State-space and hybrid blocks, from the HF modules alone: each block's token mixer without heads (an SSM, linear
+# attention, a short convolution, RWKV's time-mix; attention TransformerLens does not split into heads) is that
+# module's output; a block TransformerLens wraps whole (RecurrentGemma, Zamba 2's hybrid layers) is its output minus
+# its input; heads, MLPs and dense neurons as above. Every part is carried to the logit through the post-norms and
+# the residual multiplier of its block and the final norm (scale frozen from the run).
+HYBRID_FINAL = ("norm_f", "ln_out", "final_norm", "embedding_norm", "final_layernorm", "norm")
+HYBRID_MIXERS = ("mixer", "mamba", "linear_attn", "conv", "attention")  # token mixers without heads
+HYBRID_MLPS = ("mlp", "feed_forward", "shared_mlp")
+HYBRID_WHOLE = {"recurrent_gemma"}  # TransformerLens wraps every block whole
+
+
+def hybrid_final(hf: torch.nn.Module) -> torch.nn.Module:
+    return _first(hf.base_model, HYBRID_FINAL)
+
+
+@dataclass
+class HybridOracle:
+    """Per-layer direct effects on ``logit[answer] - logit[wrong]`` at the last position, the lens rows and the
+    attention layers' patterns of one HF run (float64)."""
+
+    logit_diff: float
+    lens: Tensor  # [L + 1, S, V]
+    heads: Tensor  # [L, H], zero where a block has no heads
+    mixers: Tensor  # [L], zero on blocks with heads
+    mlps: Tensor  # [L]
+    neurons: list[Tensor | None]  # dense MLPs' neurons, None elsewhere
+    patterns: dict[int, Tensor]  # attention layer -> [H, S, S]
+
+
+def _kind(name: str, block: torch.nn.Module) -> str:
+    """``"heads"``, ``"mixer"``, ``"mlp"`` (Nemotron-H's MLP blocks) or ``"whole"``."""
+    if name in HYBRID_WHOLE:
+        return "whole"
+    if _first(block, ("self_attn",)) is not None:
+        return "heads"
+    mixer = _first(block, HYBRID_MIXERS)
+    if mixer is None:
+        return "whole"
+    return "mlp" if "MLP" in type(mixer).__name__ else "mixer"
+
+
+def _hybrid_norm(mod: torch.nn.Module, x: Tensor, d: int, what: str) -> NormFormula:
+    """:func:`_checked`, with the ``(1 + w)`` gain of Qwen3-Next / Qwen3.5's zero-centred RMSNorm."""
+    if "Qwen3" in type(mod).__name__:
+        f = NormFormula.of(mod, d)
+        f = NormFormula(f.centre, 1.0 + f.gain, f.bias, f.eps)
+        err = (f.apply(x) - mod(x).double()).abs().max().item()
+        assert err < 1024 * EPS, f"oracle norm formula for {what} ({type(mod).__name__}) is off by {err:.2e}"
+        return f
+    return _checked(mod, x, d, what)
+
+
+@torch.no_grad()
+def hybrid_oracle(name: str, hf: torch.nn.Module, tokens: Tensor, answer: int, wrong: int) -> HybridOracle:
+    cfg = hf.config
+    layers = hf_layers(hf)
+    L, S = len(layers), tokens.shape[1]
+    H = getattr(cfg, "num_attention_heads", 1)
+    final = hybrid_final(hf)
+    got: dict[Any, Tensor] = {}
+    handles = []
+
+    def keep(key, out=False):
+        def hook(mod, args, kwargs, output=None):
+            x = _tensor(output) if out else (args[0] if args else kwargs.get("hidden_states"))
+            got[key] = x.detach().clone()
+        if out:
+            return lambda mod, args, kwargs, output: hook(mod, args, kwargs, output)
+        return hook
+
+    def pattern(l):
+        def hook(mod, args, kwargs, output):
+            got[("pattern", l)] = output[1][0].detach().double()
+        return hook
+
+    kinds = [_kind(name, b) for b in layers]
+    handles.append(final.register_forward_pre_hook(keep("final"), with_kwargs=True))
+    for l, block in enumerate(layers):
+        handles.append(block.register_forward_pre_hook(keep(("in", l)), with_kwargs=True))
+        handles.append(block.register_forward_hook(keep(("out", l), True), with_kwargs=True))
+        if kinds[l] == "heads":
+            attn = block.self_attn
+            handles.append(out_projection(attn).register_forward_pre_hook(keep(("z", l)), with_kwargs=True))
+            handles.append(attn.register_forward_hook(pattern(l), with_kwargs=True))
+        elif kinds[l] in ("mixer", "mlp"):
+            handles.append(_first(block, HYBRID_MIXERS).register_forward_hook(keep(("mixer", l), True),
+                                                                             with_kwargs=True))
+        mlp = _first(block, HYBRID_MLPS) if kinds[l] in ("heads", "mixer") else None
+        if mlp is not None:
+            handles.append(mlp.register_forward_hook(keep(("mlp", l), True), with_kwargs=True))
+            down = _first(mlp, ("down_proj", "output_linear", "value"))
+            if down is not None and not is_moe(mlp) and name != "rwkv":
+                handles.append(down.register_forward_pre_hook(keep(("act", l)), with_kwargs=True))
+        for attr in ("post_attention_layernorm", "post_feedforward_layernorm"):
+            if _first(block, ("post_feedforward_layernorm",)) is not None:  # OLMo-style post-norms
+                handles.append(getattr(block, attr).register_forward_pre_hook(keep(("norm", l, attr)),
+                                                                              with_kwargs=True))
+    try:
+        out = hf(tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    logits = out.logits[0].double()
+
+    def row(state: Tensor) -> Tensor:
+        def replace(mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            new = state.to(x.dtype).reshape(x.shape)
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+        h = final.register_forward_pre_hook(replace, with_kwargs=True)
+        try:
+            return hf(tokens).logits[0].double()
+        finally:
+            h.remove()
+
+    lens = torch.stack([row(s) for s in [*(got[("in", l)] for l in range(L)), got["final"]]])
+    # the readout direction: the HF head on the basis vectors after the final norm (soft-cap undone)
+    d = cfg.hidden_size
+    cap = getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logits_soft_cap", None)
+    uncap_ = (lambda z: z) if not cap else (lambda z: cap * torch.atanh(z / cap))
+    basis = torch.cat([torch.zeros(1, d), torch.eye(d)])[None]
+    h = final.register_forward_hook(lambda mod, args, o: basis.to(_tensor(o).dtype))
+    try:
+        z = uncap_(hf(tokens[:, :1].expand(1, d + 1)).logits[0].double())
+    finally:
+        h.remove()
+    lin = z[1:] - z[:1]
+    u = lin[:, answer] - lin[:, wrong]
+    x_final = got["final"][0, -1].double()
+    dirn = _hybrid_norm(final, got["final"][0], d, "the final norm").pullback(u, x_final)
+    mult = float(getattr(cfg, "residual_multiplier", 1.0) or 1.0)
+    heads, mixers, mlps = torch.zeros(L, H), torch.zeros(L), torch.zeros(L)
+    neurons: list[Tensor | None] = [None] * L
+    patterns: dict[int, Tensor] = {}
+    for l, block in enumerate(layers):
+        a_dir = m_dir = dirn * mult
+        if ("norm", l, "post_attention_layernorm") in got:
+            for attr in ("post_attention_layernorm", "post_feedforward_layernorm"):
+                x = got[("norm", l, attr)][0]
+                f = _hybrid_norm(getattr(block, attr), x, d, f"L{l}.{attr}")
+                if attr.startswith("post_attention"):
+                    a_dir = f.pullback(a_dir, x[-1])
+                else:
+                    m_dir = f.pullback(m_dir, x[-1])
+        kind = kinds[l]
+        if kind == "whole":
+            mixers[l] = float((got[("out", l)][0, -1] - got[("in", l)][0, -1]).double() @ dirn)
+        elif kind == "heads":
+            W_O = _weight_out_in(out_projection(block.self_attn))
+            zl = got[("z", l)].reshape(S, -1)[-1].double()
+            dh = zl.shape[-1] // H
+            for hh in range(H):
+                sl = slice(hh * dh, (hh + 1) * dh)
+                heads[l, hh] = float((zl[sl] @ W_O[:, sl].T) @ a_dir)
+            patterns[l] = got[("pattern", l)]
+        elif kind == "mixer":
+            mixers[l] = float(got[("mixer", l)].reshape(S, -1)[-1].double() @ a_dir)
+        else:
+            mlps[l] = float(got[("mixer", l)].reshape(S, -1)[-1].double() @ m_dir)
+        if ("mlp", l) in got:
+            mlps[l] = float(got[("mlp", l)].reshape(S, -1)[-1].double() @ m_dir)
+        if ("act", l) in got:
+            mlp = _first(block, HYBRID_MLPS)
+            W_down = _weight_out_in(_first(mlp, ("down_proj", "output_linear", "value")))
+            neurons[l] = (got[("act", l)].reshape(S, -1)[-1].double() * (m_dir @ W_down)).float()
+    diff = float(uncap_(logits[-1, answer]) - uncap_(logits[-1, wrong]))
+    return HybridOracle(diff, lens, heads, mixers, mlps, neurons, patterns)
+# --- end

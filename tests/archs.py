@@ -131,6 +131,203 @@ SPECS: dict[str, Spec] = {
                         max_position_embeddings=CTX), "not supported by TransformerLens 4.3"),
 }
 
+# --- issue 26: MLA and MoE
+# Multi-head latent attention: value heads (16) twice as wide as the query/key heads' non-rotary part (8), so a
+# per-head width taken from cfg.d_head is visibly wrong; layer 0 dense, layer 1 a mixture of experts.
+_MLA = dict(num_key_value_heads=HEADS, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4, qk_nope_head_dim=8,
+            v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=2, moe_intermediate_size=24,
+            n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5)
+SPECS.update({
+    "deepseek_v2": Spec("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                        _llama_like(**{**_MLA, "q_lora_rank": None, "routed_scaling_factor": 2.0,
+                                       "norm_topk_prob": False}, first_k_dense_replace=1, topk_method="greedy"),
+                        "multi-head latent attention (no q LoRA), 2 shared experts, routed_scaling_factor"),
+    "deepseek_v3": Spec("DeepseekV3Config", "DeepseekV3ForCausalLM", _llama_like(**_MLA, first_k_dense_replace=1),
+                        "multi-head latent attention, interleaved rotary, grouped router with bias"),
+    "glm4_moe_lite": Spec("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM",
+                          _llama_like(**_MLA, mlp_layer_types=["dense", "sparse"]), "multi-head latent attention"),
+    "youtu": Spec("YoutuConfig", "YoutuForCausalLM",
+                  _llama_like(**{k: _MLA[k] for k in ("num_key_value_heads", "kv_lora_rank", "q_lora_rank",
+                                                       "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")}),
+                  "multi-head latent attention, dense MLP"),
+    "glm_moe_dsa": Spec("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM",
+                        _llama_like(**_MLA, mlp_layer_types=["dense", "sparse"]),
+                        "multi-head latent attention with a sparse-attention indexer"),
+    "ernie4_5_moe": Spec("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
+                         _llama_like(moe_num_experts=4, moe_k=2, moe_intermediate_size=24, moe_num_shared_experts=2,
+                                     moe_layer_start_index=1, moe_layer_end_index=1, use_bias=True),
+                         "2 shared experts, router with a score-correction bias"),
+    "glm4_moe": Spec("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                     _llama_like(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                 n_shared_experts=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
+                                 partial_rotary_factor=0.5, use_qk_norm=True, head_dim=8),
+                     "shared experts, routed_scaling_factor, partial rotary"),
+    "laguna": Spec("LagunaConfig", "LagunaForCausalLM",
+                   _llama_like(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                               shared_expert_intermediate_size=40, head_dim=8, sliding_window=CTX,
+                               moe_routed_scaling_factor=2.5, layer_types=["full_attention", "full_attention"]),
+                   "shared expert, routed_scaling_factor applied by the block, per-head output gate"),
+    "minimax_m2": Spec("MiniMaxM2Config", "MiniMaxM2ForCausalLM",
+                       _llama_like(num_local_experts=4, num_experts_per_tok=2, head_dim=8),
+                       "router with an e_score_correction_bias argument"),
+    "afmoe": Spec("AfmoeConfig", "AfmoeForCausalLM",
+                  _llama_like(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, num_shared_experts=2,
+                              num_dense_layers=1, head_dim=8, route_scale=2.5, sliding_window=CTX,
+                              layer_types=["full_attention", "full_attention"]),
+                  "router with a bias argument, shared experts, route_scale, output gate, post-norms"),
+    "gpt_oss": Spec("GptOssConfig", "GptOssForCausalLM",
+                    _llama_like(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=CTX,
+                                layer_types=["full_attention", "full_attention"]),
+                    "experts without act_fn (clamped swiglu), biased experts, attention sinks"),
+    "phimoe": Spec("PhimoeConfig", "PhimoeForCausalLM", _llama_like(num_local_experts=4, num_experts_per_tok=2),
+                   "MoE, LayerNorm; booted under TransformerLens's spelling PhiMoEForCausalLM"),
+    # --- issue 26: decoders and embeddings; bridges missing hooks (refused by name: mi_lenses.models.gaps)
+    "modernbert_decoder": Spec("ModernBertDecoderConfig", "ModernBertDecoderForCausalLM",
+                               dict(hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
+                                    num_attention_heads=HEADS, max_position_embeddings=CTX, cls_token_id=1,
+                                    sep_token_id=2), "prediction head (dense, activation, norm) before the decoder"),
+    "nanochat": Spec("NanoChatConfig", "NanoChatForCausalLM", _llama_like(), "embeddings normalised before block 0"),
+    "bitnet": Spec("BitNetConfig", "BitNetForCausalLM", _llama_like(), "attn_sub_norm before o_proj"),
+    "hunyuan": Spec("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", _llama_like(head_dim=8),
+                    "q/k norms after the rotation"),
+    "openai_gpt": Spec("OpenAIGPTConfig", "OpenAIGPTLMHeadModel",
+                       dict(n_embd=D, n_layer=LAYERS, n_head=HEADS, n_positions=CTX), "post-LN GPT-1"),
+    "xglm": Spec("XGLMConfig", "XGLMForCausalLM",
+                 dict(d_model=D, num_layers=LAYERS, attention_heads=HEADS, ffn_dim=FF, max_position_embeddings=CTX),
+                 "sinusoidal positions, scaled embeddings"),
+    "gemma4": Spec("Gemma4TextConfig", "Gemma4ForCausalLM",
+                   _llama_like(head_dim=8, tie_word_embeddings=True, sliding_window=CTX),
+                   "per-layer attention geometry"),
+    # --- end
+    "flex_olmo": Spec("FlexOlmoConfig", "FlexOlmoForCausalLM", _llama_like(num_experts=4, num_experts_per_tok=2),
+                      "MoE, post-sublayer norms"),
+})
+# --- end
+
+# --- issue 26: attention masks
+# Sliding windows and chunks of WINDOW positions, shorter than the matrix prompt (15 tokens; tests/test_masks.py
+# checks it), so most keys fall outside them; one sliding and one full layer where the config has layer types.
+WINDOW = 4
+_SLIDING_FULL = ["sliding_attention", "full_attention"]
+SPECS.update({
+    "mistral_window": Spec("MistralConfig", "MistralForCausalLM", _llama_like(sliding_window=WINDOW),
+                           "sliding window shorter than the prompt"),
+    "qwen2_window": Spec("Qwen2Config", "Qwen2ForCausalLM",
+                         _llama_like(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+                         "full then sliding-window layer (max_window_layers)"),
+    "phi3_window": Spec("Phi3Config", "Phi3ForCausalLM", _llama_like(num_key_value_heads=HEADS, sliding_window=WINDOW),
+                        "sliding window shorter than the prompt"),
+    "gpt_neo_window": Spec("GPTNeoConfig", "GPTNeoForCausalLM",
+                           dict(hidden_size=D, num_layers=LAYERS, num_heads=HEADS, max_position_embeddings=CTX,
+                                intermediate_size=FF, attention_types=[[["global", "local"], 1]], window_size=WINDOW),
+                           "local attention shorter than the prompt"),
+    "cohere2_window": Spec("Cohere2Config", "Cohere2ForCausalLM",
+                           _llama_like(tie_word_embeddings=True, logit_scale=0.25, sliding_window=WINDOW,
+                                       layer_types=_SLIDING_FULL), "sliding-window (rotary) and full (NoPE) layers"),
+    "exaone4_window": Spec("Exaone4Config", "Exaone4ForCausalLM",
+                           _llama_like(sliding_window=WINDOW, layer_types=_SLIDING_FULL),
+                           "sliding-window and full layers, post-sublayer norms"),
+    "gemma2_window": Spec("Gemma2Config", "Gemma2ForCausalLM",
+                          _llama_like(head_dim=8, tie_word_embeddings=True, query_pre_attn_scalar=8,
+                                      sliding_window=WINDOW, final_logit_softcapping=3.0, attn_logit_softcapping=2.0),
+                          "sliding-window and full layers, soft-capped scores"),
+    "gemma3_window": Spec("Gemma3TextConfig", "Gemma3ForCausalLM",
+                          _llama_like(head_dim=8, tie_word_embeddings=True, query_pre_attn_scalar=8,
+                                      sliding_window=WINDOW, layer_types=_SLIDING_FULL),
+                          "sliding-window and full layers"),
+    "olmo3_window": Spec("Olmo3Config", "Olmo3ForCausalLM", _llama_like(sliding_window=WINDOW, layer_types=_SLIDING_FULL),
+                         "sliding-window and full layers"),
+    "starcoder2_window": Spec("Starcoder2Config", "Starcoder2ForCausalLM",
+                              _llama_like(sliding_window=WINDOW, use_bias=True), "sliding window shorter than the prompt"),
+    "gpt_oss_window": Spec("GptOssConfig", "GptOssForCausalLM",
+                           _llama_like(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=WINDOW,
+                                       layer_types=_SLIDING_FULL),
+                           "learned attention sinks, sliding-window and full layers"),
+    "llama4_chunked": Spec("Llama4TextConfig", "Llama4ForCausalLM",
+                           _llama_like(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=FF, head_dim=8,
+                                       moe_layers=[1], interleave_moe_layer_step=2, attention_chunk_size=WINDOW,
+                                       no_rope_layers=[1, 0], layer_types=["chunked_attention", "full_attention"]),
+                           "chunked attention shorter than the prompt"),
+})
+# --- end
+
+# --- issue 26: state-space and hybrid
+# Every block kind of TransformerLens 4.3's state-space and hybrid adapters: pure SSMs (no attention at all), hybrids
+# with one mixer and one attention block (2 layers), Nemotron-H's one-sublayer blocks (SSM, attention, MLP: 3 layers).
+_SSM2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=4, mamba_d_conv=3, mamba_expand=2,
+             mamba_chunk_size=8)
+_GDN = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+            linear_conv_kernel_dim=3, head_dim=8, layer_types=["linear_attention", "full_attention"])
+HYBRID_SPECS = {
+    "mamba": Spec("MambaConfig", "MambaForCausalLM",
+                  dict(hidden_size=D, num_hidden_layers=LAYERS, state_size=4, expand=2, conv_kernel=3,
+                       time_step_rank=4, tie_word_embeddings=False), "Mamba: SSM blocks only"),
+    "mamba2": Spec("Mamba2Config", "Mamba2ForCausalLM",
+                   dict(hidden_size=D, num_hidden_layers=LAYERS, state_size=4, expand=2, conv_kernel=3, num_heads=8,
+                        head_dim=8, n_groups=1, chunk_size=8, tie_word_embeddings=False), "Mamba 2: SSM blocks only"),
+    "falcon_mamba": Spec("FalconMambaConfig", "FalconMambaForCausalLM",
+                         dict(hidden_size=D, num_hidden_layers=LAYERS, state_size=4, expand=2, conv_kernel=3,
+                              time_step_rank=4, tie_word_embeddings=False), "Mamba with B/C/dt norms"),
+    "rwkv": Spec("RwkvConfig", "RwkvForCausalLM",
+                 dict(hidden_size=D, num_hidden_layers=LAYERS, attention_hidden_size=D, intermediate_size=FF,
+                      context_length=CTX, tie_word_embeddings=False), "RWKV time-mix, gated channel-mix"),
+    "recurrent_gemma": Spec("RecurrentGemmaConfig", "RecurrentGemmaForCausalLM",
+                            dict(hidden_size=D, num_hidden_layers=3, num_attention_heads=HEADS, num_key_value_heads=1,
+                                 head_dim=8, intermediate_size=FF, lru_width=D, attention_window_size=16,
+                                 block_types=["recurrent", "attention"], conv1d_width=3, logits_soft_cap=30.0),
+                            "RG-LRU and local attention, blocks wrapped whole"),
+    "jamba": Spec("JambaConfig", "JambaForCausalLM",
+                  _llama_like(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                              num_experts=4, num_experts_per_tok=2, mamba_d_state=4, mamba_d_conv=3, mamba_expand=2,
+                              mamba_dt_rank=4), "Mamba + attention, MoE"),
+    "bamba": Spec("BambaConfig", "BambaForCausalLM", _llama_like(attn_layer_indices=[1], **_SSM2),
+                  "Mamba 2 + attention"),
+    "granitemoehybrid": Spec("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM",
+                             _llama_like(layer_types=["mamba", "attention"], num_local_experts=0,
+                                         shared_intermediate_size=FF, embedding_multiplier=3.0,
+                                         residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=4.0,
+                                         position_embedding_type="rope", **_SSM2),
+                             "Mamba 2 + attention, Granite multipliers"),
+    "nemotron_h": Spec("NemotronHConfig", "NemotronHForCausalLM",
+                       _llama_like(num_hidden_layers=3, head_dim=8, hybrid_override_pattern="M*-", mamba_num_heads=8,
+                                   mamba_head_dim=8, n_groups=1, ssm_state_size=4, conv_kernel=3, expand=2,
+                                   chunk_size=8), "one-sublayer blocks: SSM, attention, MLP"),
+    "zamba2": Spec("Zamba2Config", "Zamba2ForCausalLM",
+                   _llama_like(num_key_value_heads=HEADS, layers_block_type=["mamba", "hybrid"], mamba_d_state=4,
+                               mamba_d_conv=3, mamba_expand=2, mamba_headdim=8, n_mamba_heads=8, mamba_ngroups=1,
+                               chunk_size=8, num_mem_blocks=1, use_mem_rope=False),
+                   "Mamba 2 + shared-transformer hybrid blocks"),
+    "lfm2": Spec("Lfm2Config", "Lfm2ForCausalLM",
+                 _llama_like(layer_types=["conv", "full_attention"], conv_L_cache=3, block_auto_adjust_ff_dim=False),
+                 "short convolution + attention"),
+    "qwen3_next": Spec("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                       _llama_like(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                   shared_expert_intermediate_size=40, decoder_sparse_step=1, **_GDN),
+                       "gated DeltaNet + gated attention, MoE"),
+    "qwen3_5": Spec("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", _llama_like(**_GDN),
+                    "gated DeltaNet + gated attention"),
+    # --- issue 26: decoders and embeddings (Falcon-H1: attention and Mamba 2 in parallel in every block, muP
+    # multipliers, lm_head_multiplier far from 1)
+    "falcon_h1": Spec("FalconH1Config", "FalconH1ForCausalLM",
+                      _llama_like(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=4, mamba_d_conv=3,
+                                  mamba_expand=2, mamba_chunk_size=8, mamba_d_ssm=None, lm_head_multiplier=0.5),
+                      "attention and Mamba 2 in parallel, lm_head_multiplier"),
+    "lfm2_moe": Spec("Lfm2MoeConfig", "Lfm2MoeForCausalLM",
+                     _llama_like(layer_types=["conv", "full_attention"], conv_L_cache=3, num_experts=4,
+                                 num_experts_per_tok=2, moe_intermediate_size=24, num_dense_layers=1),
+                     "short convolution + attention, MoE"),
+    "qwen3_5_moe": Spec("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
+                        _llama_like(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                    shared_expert_intermediate_size=40, **_GDN),
+                        "gated DeltaNet + gated attention, MoE with a shared expert"),
+    # --- end
+    "olmo_hybrid": Spec("OlmoHybridConfig", "OlmoHybridForCausalLM",
+                        _llama_like(layer_types=["linear_attention", "full_attention"]),
+                        "gated DeltaNet + attention with post-norms"),
+}
+SPECS.update(HYBRID_SPECS)
+# --- end
+
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:
     """Move every norm gain away from its neutral value and every norm / linear bias away from zero."""
@@ -168,9 +365,14 @@ def build(name: str, tokenizer: Any) -> torch.nn.Module:
     return model
 
 
+def _base(hf: torch.nn.Module) -> torch.nn.Module:
+    """The decoder of an HF causal LM (Llama 4's base_model_prefix names no attribute: its decoder is ``model``)."""
+    return hf.base_model if hf.base_model is not hf else getattr(hf, "model", hf)
+
+
 def hf_layers(hf: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder blocks of an HF causal LM."""
-    base = hf.base_model
+    base = _base(hf)
     for path in ("layers", "h", "decoder.layers", "blocks"):
         mod: Any = base
         for part in path.split("."):
@@ -183,8 +385,8 @@ def hf_layers(hf: torch.nn.Module) -> torch.nn.ModuleList:
 def hf_final_module(hf: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     """The first module after the last block: the final norm (``"norm"``), or, without one (OPT-350m), the module
     that reads the last block's output (``"project_out"``)."""
-    base = hf.base_model
-    for owner, attrs in ((base, ("norm", "ln_f", "final_layernorm", "final_layer_norm")),
+    base = _base(hf)
+    for owner, attrs in ((base, ("norm", "ln_f", "final_layernorm", "final_layer_norm", "layer_norm", "final_norm")),
                          (getattr(base, "decoder", None), ("final_layer_norm", "project_out"))):
         for attr in attrs:
             mod = getattr(owner, attr, None) if owner is not None else None

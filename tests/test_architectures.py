@@ -53,7 +53,11 @@ def test_post_ln_model_has_no_resid_mid(matrix):
         mi_lenses.logit_lens(m, matrix.entry("opt_350m").tokens, point="resid_mid")
 
 
-NEURON_CASES = [(n, m) for n in ("gemma2", "olmo2", "opt_350m", "granite", "mixtral", "qwen2_moe") for m in AM.MODES]
+NEURON_CASES = [(n, m) for n in ("gemma2", "olmo2", "opt_350m", "granite", "mixtral", "qwen2_moe",
+                                  # --- issue 26: MLA and MoE (shared experts and scaling factors, a router with a
+                                  # bias argument, experts without act_fn, a block-level scale, post-norms)
+                                  "deepseek_v3", "ernie4_5_moe", "afmoe", "gpt_oss", "laguna")
+                for m in AM.MODES]
 
 
 @pytest.mark.parametrize("name,mode", NEURON_CASES, ids=[f"{n}-{m}" for n, m in NEURON_CASES])
@@ -132,3 +136,40 @@ def test_dla_under_user_hooks_on_every_block_layout(matrix, name, mode):
         else:
             with pytest.raises(mi_lenses.LensInputError, match="blocks.0.hook_mlp_out.*move the intervention"):
                 mi_lenses.direct_logit_attribution(m, tokens, answer=AM.ANSWER, wrong=AM.WRONG, check=False)
+
+
+@pytest.mark.parametrize("mode", AM.MODES)
+def test_patching_refuses_single_heads_of_latent_attention(matrix, mode):
+    """DeepSeek V2's multi-head latent attention: TransformerLens splits hook_z by cfg.d_head although each value head
+    is wider, so patching head h would write another head's slice. Per-head patching, edges and paths are refused by
+    name; block-level patching runs (and denoising every position of resid_pre at layer 0 gives the clean run)."""
+    import mi_lenses
+
+    m = matrix.model("deepseek_v2", mode)
+    tokens = matrix.entry("deepseek_v2").tokens
+    corrupted = tokens.flip(-1)
+    kw = dict(answer=int(tokens[0, -1]), wrong=int(tokens[0, 1]))
+    for call in (lambda: mi_lenses.activation_patching(m, tokens, corrupted, what="head_out", **kw),
+                 lambda: mi_lenses.edge_attribution(m, tokens, corrupted, **kw),
+                 lambda: mi_lenses.path_patching(m, tokens, corrupted, **kw)):
+        with pytest.raises(mi_lenses.LensInputError, match="multi-head latent attention"):
+            call()
+    res = mi_lenses.activation_patching(m, tokens, corrupted, what="resid_pre", by="layer", layers=[0], **kw)
+    assert abs(float(res.values[0]) - 1.0) < 64 * EPS
+
+
+# --- issue 26: decoders and embeddings
+def test_not_built_architectures_have_no_config_class():
+    """The named skips (arch_matrix.NOT_BUILT) stay skips only while transformers has no config class for them."""
+    import transformers
+
+    for arch, cfg in AM.NOT_BUILT.items():
+        assert not hasattr(transformers, cfg), f"transformers now has {cfg}: add {arch} to the matrix (tests/archs.py)"
+
+
+def test_phimoe_boots_under_transformer_lens_spelling(matrix):
+    """PhiMoE: TransformerLens registers PhiMoEForCausalLM, HF saves PhimoeForCausalLM (the same class): load_model
+    boots it under TransformerLens's spelling and leaves the HF config as saved."""
+    m = matrix.model("phimoe", "raw")
+    assert m.original_model.config.architectures == ["PhimoeForCausalLM"]
+# --- end

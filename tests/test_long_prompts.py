@@ -6,6 +6,7 @@ No timing is asserted (``benchmarks/bench_long_prompt.py`` measures them)."""
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import mi_lenses
 import mi_lenses.models.batch as batch_module
 import mi_lenses.models.view as view_module
 from conftest import PROMPTS
-from mi_lenses.models import fused
+from mi_lenses.models import fused, masks
 from mi_lenses.models.view import ModelView
 from oracles import close
 from tolerance import EPS, TIGHT
@@ -116,6 +117,7 @@ def test_fused_attention_stays_off_where_it_would_change_what_runs(llama_raw, mo
     for attr, value in (("sliding_window", 64), ("attention_chunk_size", 64)):  # masks the probe cannot see
         monkeypatch.setattr(config, attr, value, raising=False)
         monkeypatch.setattr(config, "layer_types", None, raising=False)
+        monkeypatch.setattr(masks, "_READ", weakref.WeakKeyDictionary())  # read once per model: read it again
         assert not fused._eligible(view, batch, resid), attr
         monkeypatch.undo()
     assert fused._eligible(view, batch, resid)

@@ -42,11 +42,12 @@ from torch import Tensor
 
 from mi_lenses.attn.interventions import unreproduced_heads
 from mi_lenses.attn.result import VERIFY_TOL, AttentionResult
-from mi_lenses.attn.scores import row_scores
+from mi_lenses.attn.scores import probabilities, row_scores
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import IndexSpec, resolve_indices
 from mi_lenses.models.batch import Batch, Cached, PromptInput, Reduction, cached_forward, derived, make_batch
 from mi_lenses.models.interventions import active_hooks, recorded
+from mi_lenses.models.masks import LayerMask, attention_masks
 from mi_lenses.models.view import ModelView
 
 DEFAULT_INDUCTION_LENGTH = 40
@@ -60,11 +61,28 @@ def required_hooks(model: Any, layers: IndexSpec = None, *, qk: bool = True) -> 
     ``qk`` the attention scores and the queries/keys that make them."""
     view = ModelView(model)
     names = []
-    for l in resolve_indices(layers, view.n_layers, "layer", f"this model has {view.n_layers} blocks"):
+    for l in attention_layers(view, layers)[0]:
         names.append(view.attn_hook(l, "pattern"))
         if qk:
             names += [view.attn_hook(l, "attn_scores"), *view.qk_hooks(l)]
     return names
+
+
+def attention_layers(view: ModelView, layers: IndexSpec) -> tuple[list[int], str | None]:
+    """The blocks ``layers`` names (default: every block with attention heads) and a note naming the blocks left out
+    because they mix tokens without heads (state-space and hybrid models; :mod:`mi_lenses.models.layout`)."""
+    chosen = resolve_indices(layers, view.n_layers, "layer", f"this model has {view.n_layers} blocks")
+    heads = set(view.attn_layers)
+    if set(chosen) <= heads:
+        return chosen, None
+    others = ", ".join(f"{l} ({view.layout(l).mixer or 'MLP'})" for l in chosen if l not in heads)
+    if not heads:
+        raise LensInputError(f"this model has no attention heads TransformerLens exposes (blocks {others}): "
+                             "attention() has nothing to read; use the logit lens or DLA, which read every block.")
+    if layers is not None:
+        raise LensInputError(f"blocks {others} have no attention heads TransformerLens exposes (this model mixes "
+                             f"tokens there without them): pick layers among {sorted(heads)}.")
+    return [l for l in chosen if l in heads], f"blocks {others} have no attention heads: left out"
 
 
 def attention(
@@ -126,7 +144,7 @@ def attention(
     if last_queries is not None and (not isinstance(last_queries, int) or isinstance(last_queries, bool)
                                      or last_queries < 1):
         raise LensInputError(f"last_queries must be an int >= 1 or None (every query), got {last_queries!r}.")
-    chosen = resolve_indices(layers, view.n_layers, "layer", f"this model has {view.n_layers} blocks")
+    chosen, layers_note = attention_layers(view, layers)
     unsupported = view.qk_unsupported() if qk else "qk=False was passed"
     users = cache is not None
     # forward, reduce (with last_queries, each pattern is reduced as it passes: attention_reductions)
@@ -173,9 +191,12 @@ def attention(
         score_error=parts.score_error,
         qk_note=unsupported,
         qk_unavailable=qk_unavailable,
+        notes=[layers_note] if layers_note else [],
         model_dtype=model_dtype,
         first_query=parts.first,
         thumbnails=parts.thumbnails,
+        masks=parts.masks,
+        learned_sink=parts.learned_sink(),
     )
     if check:
         result.verify()
@@ -196,6 +217,15 @@ class _Parts:
     previous: Tensor
     first: list[int] | None = None  # each prompt's first kept query (None: every query is kept)
     thumbnails: Tensor | None = None  # [B, L, H, T, T] with last_queries
+    masks: list[LayerMask] | None = None  # each kept layer's mask (window, chunks, sinks, soft-cap)
+
+    def learned_sink(self) -> Tensor | None:
+        """``[B, L, H, Q]``: each kept row's weight on the learned attention sink (1 - the row's sum) in the layers
+        that have sinks, 0 in the others; None when no layer has them."""
+        if self.masks is None or all(m.sinks is None for m in self.masks):
+            return None
+        has = torch.tensor([m.sinks is not None for m in self.masks])[None, :, None, None]
+        return torch.where(has, 1.0 - self.patterns.sum(-1), torch.zeros(()))
 
     def rows(self, b: int, n: int) -> tuple[int, int]:
         """Prompt ``b``'s (first kept query, number of kept rows) for its ``n`` tokens."""
@@ -214,6 +244,8 @@ def _reduce(view: ModelView, cache: Cached, batch: Batch, layers: list[int], qk:
     nan = lambda *shape: torch.full(shape, torch.nan)  # noqa: E731
     out = _Parts(nan(B, L, H, Q, S), None, None, [view.attn_scale(l) for l in layers], nan(L), None,
                  nan(B, L, H), nan(B, L, H), nan(B, L, H))
+    every = attention_masks(view.model)
+    out.masks = [every[l] for l in layers]
     if last_queries is not None:
         out.first = [n - min(Q, n) for n in batch.lengths]
         T = min(THUMBNAIL, S)
@@ -246,13 +278,16 @@ def _reduce(view: ModelView, cache: Cached, batch: Batch, layers: list[int], qk:
             # everything but the q·k terms: a user's cache without the queries and keys, or a model whose bridge
             # exposes neither its rotated queries/keys nor the rotation
             out.q = out.k = None
+            silent = [n.rsplit(".", 1)[-1] for n in view.qk_hooks(l) if cache.get(n) is None]
             out.qk_note = ("the cache holds no queries/keys (run_with_cache without a names_filter)" if users
+                           else f"the q·k terms are not available: block {l}'s bridge does not fire "
+                                f"{'/'.join(silent)} (its queries and keys as they enter the scores)" if silent
                            else f"the q·k terms are not available: {err}")
             continue
         q, k = batch.own_positions(q.detach().float().cpu(), dims=(1,)), k.detach().float().cpu()
         if out.q is None:
-            out.q = torch.full((B, L, Q, H, view.d_head), torch.nan)
-            out.k = torch.full((B, L, S, k.shape[2], view.d_head), torch.nan)
+            out.q = torch.full((B, L, Q, H, q.shape[-1]), torch.nan)  # q·k width (MLA: wider than cfg.d_head)
+            out.k = torch.full((B, L, S, k.shape[2], k.shape[-1]), torch.nan)
         for b, n in enumerate(batch.lengths):
             first, w = out.rows(b, n)
             out.q[b, i, :w] = q[b, first:n]
@@ -322,10 +357,10 @@ def _score_error(parts: _Parts, i: int, scores: Tensor, lengths: list[int]) -> f
     worst = 0.0
     for b, n in enumerate(lengths):
         first, w = parts.rows(b, n)
-        ours = row_scores(parts.q[b, i, :w], parts.k[b, i], parts.scales[i], first, n)
+        ours = row_scores(parts.q[b, i, :w], parts.k[b, i], parts.scales[i], first, n, parts.masks[i])
         theirs = scores[b, :, :w, :n]
         if torch.allclose(theirs, parts.patterns[b, i, :, :w, :n], atol=1e-6, equal_nan=True):
-            ours = ours.softmax(-1)
+            ours = probabilities(ours, parts.masks[i])[0]
         keep = torch.isfinite(ours)
         err = (ours[keep] - theirs[keep]).abs().max().item()
         worst = max(worst, err / max(1.0, theirs[keep].abs().max().item()))

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from mi_lenses.attn.scores import row_scores
+from mi_lenses.attn.scores import probabilities, row_scores
+
 
 def unreproduced_heads(parts, lengths: list[int], layers: list[int], hooked: list[str], atol: float) -> dict[str, str]:
     """Heads (``"L{l}H{h}"`` -> reason) whose pattern ``softmax(scale * q · k)`` does not reproduce within ``atol``
@@ -31,8 +32,8 @@ def unreproduced_heads(parts, lengths: list[int], layers: list[int], hooked: lis
     for i, l in enumerate(layers):
         for b, n in enumerate(lengths):
             first, w = parts.rows(b, n)
-            s = row_scores(parts.q[b, i, :w], parts.k[b, i], parts.scales[i], first, n)
-            err = (s.softmax(-1) - parts.patterns[b, i, :, :w, :n]).abs().amax((-1, -2))
+            s = row_scores(parts.q[b, i, :w], parts.k[b, i], parts.scales[i], first, n, parts.masks[i])
+            err = (probabilities(s, parts.masks[i])[0] - parts.patterns[b, i, :, :w, :n]).abs().amax((-1, -2))
             for h in torch.nonzero(err > atol)[:, 0].tolist():
                 parts.q[b, i, :, h] = float("nan")
                 parts.score_error[i] = float("nan")

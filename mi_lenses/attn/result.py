@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mi_lenses.attn.scores import row_scores
+from mi_lenses.attn.scores import probabilities, row_scores
 from mi_lenses.errors import LensInputError, VerificationError
 from mi_lenses.indexing import resolve_index
+from mi_lenses.models.masks import LayerMask
 from mi_lenses.results import LN2, Result, dataframe, jsonable, plural
 from mi_lenses.viz.attention import attention_fragment, attention_table, neuron_view, qk_table
 
@@ -52,6 +53,11 @@ class AttentionResult(Result):
     ``patterns`` is ``[B, L, H, Q, S]`` and ``q`` ``[B, L, Q, H, d]`` (row ``j`` is query ``first_query[b] + j``), and
     ``thumbnails`` ``[B, L, H, T, T]`` holds each head's whole pattern max-pooled (the views' images). The diagnostics
     are computed over every row either way.
+
+    ``masks[i]`` is what layer ``layers[i]`` lets a query see beyond causality (a sliding window, chunks) and adds to
+    its softmax (learned attention sinks, a soft-cap): :class:`~mi_lenses.models.masks.LayerMask`. Where a layer has
+    learned attention sinks (GPT-OSS) its pattern rows sum to less than one: ``learned_sink`` ``[B, L, H, S]`` holds
+    each row's share on the sink (``1 -`` the row's sum; 0 in layers without sinks, ``None`` when no layer has them).
     """
 
     model_name: str
@@ -75,6 +81,9 @@ class AttentionResult(Result):
     model_dtype: str = "float32"  # the model's weights: its own patterns and scores are this precise
     first_query: list[int] | None = field(default=None, repr=False)  # first kept query per prompt (None: all)
     thumbnails: Float[Tensor, "B L H T T"] | None = field(default=None, repr=False)  # with first_query
+    masks: list[LayerMask] = field(default_factory=list, repr=False)  # per kept layer; empty: causal only
+    learned_sink: Float[Tensor, "B L H S"] | None = field(default=None, repr=False)  # each row's share on the sink
+    notes: list[str] = field(default_factory=list)  # blocks left out (hybrid models: mixers without heads)
 
     view_options: ClassVar[dict[str, Any]] = {  # see mi_lenses.results
         "top_k": 5, "patterns": False, "what": "heads", "value": "sink", "layer": None, "head": None, "query": -1}
@@ -107,6 +116,10 @@ class AttentionResult(Result):
             raise LensInputError(f"layer {layer!r} is not in this result: it holds blocks {self.layers}.")
         return self.layers.index(layer)
 
+    def mask(self, layer_index: int) -> LayerMask:
+        """The mask of kept layer ``layer_index`` (the causal mask where the result does not record one)."""
+        return self.masks[layer_index] if self.masks else LayerMask()
+
     def check_head(self, head: int) -> int:
         return resolve_index(head, self.n_heads, "head", f"this model has {self.n_heads} heads")
 
@@ -135,7 +148,8 @@ class AttentionResult(Result):
     def qk_terms(self, layer: int, head: int, query: int = -1, *, batch: int = 0) -> "QKTerms":
         """The neuron view's data for one head and query token: per key and ``d_head`` dimension the term
         ``scale * q_d * k_d`` (after rotary; grouped-query attention: query head ``h`` reads KV head
-        ``h // (n_heads / n_kv_heads)``), their sums (the attention scores) and the softmax (the pattern row).
+        ``h // (n_heads / n_kv_heads)``), their sums (the attention scores) and the softmax over the keys the
+        layer's mask lets the query see (the pattern row; with the layer's learned attention sink, if it has one).
         ``query`` counts in the prompt's own tokens (``-1``: its last)."""
         if self.q is None or self.k is None:
             raise LensInputError(f"this result keeps no queries and keys ({self.qk_note}): run "
@@ -154,6 +168,11 @@ class AttentionResult(Result):
         keys = self.k[b, i, : qpos + 1, kv]
         products = qv[None, :] * keys * self.scale[i]  # [K, d]
         scores = products.sum(-1)
+        mask = self.mask(i)
+        visible = mask.visible(qpos, 1, qpos + 1)[0]
+        capped = mask.capped(scores)
+        head_mask = LayerMask(sinks=None if mask.sinks is None else mask.sinks[h : h + 1])
+        probs, sink = probabilities(capped.masked_fill(~visible, -torch.inf)[None, None], head_mask)
         return QKTerms(
             model_name=self.model_name,
             layer=self.layers[i],
@@ -164,8 +183,11 @@ class AttentionResult(Result):
             scale=self.scale[i],
             products=products,
             scores=scores,
-            probs=scores.softmax(-1),
+            probs=probs[0, 0],
             pattern=self.patterns[b, i, h, row, : qpos + 1].clone(),
+            visible=visible,
+            sink=float(sink[0, 0]),
+            mask=mask.describe(),
         )
 
     # ------------------------------------------------------------------------------------ kept rows
@@ -203,9 +225,11 @@ class AttentionResult(Result):
     def verify(self, atol: float | None = None) -> "AttentionResult":
         """Check the identities; raise ``VerificationError`` naming the one that fails.
 
-        1. every pattern row sums to one over the prompt's real keys and puts nothing on later keys (causal);
+        1. every pattern row sums to one over the prompt's real keys (less the learned sink's share, in layers that
+           have sinks) and puts nothing on the keys the layer's mask hides (later keys; outside a sliding window or
+           the query's chunk);
         2. ``scale * q · k`` reproduces the model's ``hook_attn_scores`` (where the run cached them);
-        3. the softmax of those scores reproduces the patterns.
+        3. the softmax of those scores under the layer's mask (soft-cap, learned sinks) reproduces the patterns.
 
         ``atol`` (also the relative tolerance of 2.) defaults to ``VERIFY_TOL`` of the model's dtype (1e-4 in
         float32; 5e-2 for bfloat16, whose scores and patterns are rounded to 8 bits).
@@ -215,15 +239,8 @@ class AttentionResult(Result):
 
         for b, n in enumerate(self.lengths):
             first, w = self.rows(b)
-            p = self.patterns[b, :, :, :w, :n]
-            err = (p.sum(-1) - 1).abs().max().item()
-            if not err <= atol:
-                raise VerificationError(f"attention rows of prompt {b} sum to 1 ± {err:.2e} (> {atol:.0e}): the "
-                                        "pattern reads padding or the wrong hook.")
-            upper = p.triu(first + 1).abs().max().item()
-            if not upper <= atol:
-                raise VerificationError(f"prompt {b} attends to later tokens ({upper:.2e}): the patterns are not "
-                                        "causal, or positions are misaligned.")
+            for i in range(len(self.layers)):
+                self._check_rows(b, i, self.patterns[b, i, :, :w, :n], first, atol)
         bad = torch.nonzero(self.score_error > atol)
         if len(bad):
             i = int(bad[0, 0])
@@ -236,8 +253,8 @@ class AttentionResult(Result):
             for b, n in enumerate(self.lengths):
                 first, w = self.rows(b)
                 for i in range(len(self.layers)):
-                    s = row_scores(self.q[b, i, :w], self.k[b, i], self.scale[i], first, n)
-                    diff = (s.softmax(-1) - self.patterns[b, i, :, :w, :n]).abs()
+                    s = row_scores(self.q[b, i, :w], self.k[b, i], self.scale[i], first, n, self.mask(i))
+                    diff = (probabilities(s, self.mask(i))[0] - self.patterns[b, i, :, :w, :n]).abs()
                     err = diff.nan_to_num(0.0).max().item()  # NaN: a head whose q·k terms are unavailable
                     if not err <= atol:
                         raise VerificationError(
@@ -246,12 +263,32 @@ class AttentionResult(Result):
                         )
         return self
 
+    def _check_rows(self, b: int, i: int, p: Float[Tensor, "H W n"], first: int, atol: float) -> None:
+        """Identity 1 of :meth:`verify` on prompt ``b``'s kept rows of layer ``i``."""
+        mask = self.mask(i)
+        total = p.sum(-1)
+        if mask.sinks is None:
+            err = (total - 1).abs().max().item()
+            why = "the pattern reads padding or the wrong hook"
+        else:  # the learned sink takes the rest: rows sum to at most one
+            err = max(0.0, (total - 1).max().item(), -total.min().item())
+            why = "a row with a learned attention sink sums to more than one"
+        if not err <= atol:
+            raise VerificationError(f"attention rows of prompt {b} in block {self.layers[i]} sum to 1 ± {err:.2e} "
+                                    f"(> {atol:.0e}): {why}.")
+        hidden = p.masked_fill(mask.visible(first, p.shape[1], p.shape[2]), 0.0).abs().max().item()
+        if not hidden <= atol:
+            raise VerificationError(
+                f"prompt {b} attends to keys that block {self.layers[i]}'s mask ({mask.describe()}) hides "
+                f"({hidden:.2e}): the patterns are not the model's mask, or positions are misaligned.")
+
     # ------------------------------------------------------------------------------------ exports
     def to_dict(self, *, batch: int = 0, top_k: int = 5, patterns: bool = False) -> dict[str, Any]:
         """JSON-ready dict for one prompt: ``tokens``, ``layers``, per-head ``sink``/``entropy_bits``/
         ``previous_token``/``induction`` as ``[layer][head]``, the ``top_k`` top heads of each, and with
         ``patterns`` the patterns ``[layer][head][query][key]`` over the prompt's tokens (only the kept queries, from
-        ``first_query``, when the result keeps the last ones)."""
+        ``first_query``, when the result keeps the last ones) and, on a model with learned attention sinks, each
+        row's share on the sink (``learned_sink``, ``[layer][head][query]``)."""
         b = self.check_batch(batch)
         n = self.lengths[b]
         first, w = self.rows(b)
@@ -271,6 +308,8 @@ class AttentionResult(Result):
         }
         if patterns:
             out["patterns"] = self.patterns[b, :, :, :w, :n]
+            if self.learned_sink is not None:
+                out["learned_sink"] = self.learned_sink[b, :, :, :w]
             if self.first_query is not None:
                 out["first_query"] = first
         return jsonable(out)
@@ -328,7 +367,9 @@ class AttentionResult(Result):
 class QKTerms(Result):
     """The terms of one attention row (the neuron view): ``products[key, d] = scale * q_d * k_d``; their sum over
     ``d`` is ``scores[key]`` (the model's pre-softmax score), and ``probs = softmax(scores)`` equals ``pattern``
-    (the row the model's ``hook_pattern`` recorded)."""
+    (the row the model's ``hook_pattern`` recorded). The softmax runs over the ``visible`` keys (those the layer's
+    ``mask`` lets the query see: outside a sliding window or the query's chunk, ``probs`` is 0) and, in a layer with
+    learned attention sinks, the sink too: ``sink`` is its share, and ``probs`` sums to ``1 - sink``."""
 
     model_name: str
     layer: int
@@ -341,6 +382,9 @@ class QKTerms(Result):
     scores: Float[Tensor, " K"]
     probs: Float[Tensor, " K"]
     pattern: Float[Tensor, " K"]
+    visible: Bool[Tensor, " K"] | None = field(default=None, repr=False)  # None: every key (causal)
+    sink: float = 0.0  # the learned attention sink's share of the row (GPT-OSS)
+    mask: str = "the causal mask"  # the layer's mask in words
 
     view_options: ClassVar[dict[str, Any]] = {"top_k": 12, "max_keys": 48}  # see mi_lenses.results
 
@@ -358,7 +402,8 @@ class QKTerms(Result):
         self.check_batch(batch)
         return jsonable({"model": self.model_name, "layer": self.layer, "head": self.head, "kv_head": self.kv_head,
                          "query": self.query, "tokens": self.str_tokens, "scale": self.scale,
-                         "scores": self.scores, "probs": self.probs, "pattern": self.pattern,
+                         "scores": self.scores, "probs": self.probs, "pattern": self.pattern, "sink": self.sink,
+                         "mask": self.mask,
                          "products": self.products})
 
     def to_dataframe(self):

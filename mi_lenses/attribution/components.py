@@ -57,6 +57,7 @@ from mi_lenses.attribution.sources import pattern_rows_kept, source_attribution
 from mi_lenses.errors import LensInputError, VerificationError
 from mi_lenses.indexing import resolve_positions
 from mi_lenses.models.batch import Batch, Cached, PromptInput, cached_forward, make_batch
+from mi_lenses.models.gaps import refuse
 from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
 from mi_lenses.progress import bar
@@ -67,8 +68,12 @@ def required_hooks(model: Any) -> list[str]:
     view = ModelView(model)
     names = [hook for _, hook in view.embed_hooks]
     for l in range(view.n_layers):
-        names += [view.attn_hook(l, name) for name in ("z", "pattern", "v")]
-        if view.has_mlp:
+        lay = view.layout(l)
+        if lay.heads:
+            names += [view.attn_hook(l, name) for name in ("z", "pattern", "v", "q_gate")
+                      if name != "q_gate" or getattr(view.cfg, "gated_q_proj", False)]
+            names += [view.output_gate(l)[0]] if view.output_gate(l) else []  # type: ignore[index]
+        if view.has_mlp and lay.mlp:
             names += list(view.neurons(l).hooks)
     names += write_hooks(view)
     names.append(view.final_resid_hook)
@@ -127,13 +132,14 @@ def direct_logit_attribution(
     :mod:`mi_lenses.attribution.interventions`) and the hooks are listed in ``res.active_hooks``.
     """
     view = ModelView(model)
+    refuse(view.model, "dla", "direct logit attribution")
     hooks = active_hooks(view.model)
     if not isinstance(position, int) or isinstance(position, bool):
         raise LensInputError(f"position must be an int (negative counts from each prompt's end), got {position!r}.")
     # our own forward pass keeps each pattern only at the attributed positions (sources.pattern_rows_kept)
     batch = None if prompt is None else make_batch(view, prompt, prepend_bos=prepend_bos, attention_mask=attention_mask,
                                                   beyond_context=beyond_context)
-    patterns = {view.attn_hook(l, "pattern") for l in range(view.n_layers)}
+    patterns = {view.attn_hook(l, "pattern") for l in view.attn_layers}
     required = [name for name in required_hooks(view) if name not in patterns]
     names = required + (intervention_hooks(view) if hooks else [])
     reduce = [] if cache is not None or batch is None else pattern_rows_kept(view, _positions(batch, position))
@@ -166,6 +172,8 @@ def direct_logit_attribution(
         actual=actual,
         actual_source=actual_source,
         attn_out=parts.attn_out,
+        mixers=parts.mixers,
+        mixer_kinds=parts.mixer_kinds,
         scale=parts.scale.cpu(),
         raw_bridge=view.is_bridge and not view.is_compat,
         experts=parts.experts,
@@ -221,6 +229,8 @@ class _Parts:
     expert_names: list[str]
     neuron_names: list[str] | None
     notes: list[str]
+    mixers: Float[Tensor, "B L"] | None = None
+    mixer_kinds: list[str] | None = None
 
 
 @torch.no_grad()
@@ -250,19 +260,36 @@ def _reduce(view: ModelView, cache: Cached, dirn: Direction, pos: Tensor, progre
     expert_vals: dict[tuple[int, str], Tensor] = {}
     neuron_names: list[str] | None = None
     notes: list[str] = []
+    mixers, kinds = torch.zeros(B, L), [""] * L
+    has_mlp = False
+
+    def span(hooks: tuple[str, str], d: Tensor) -> Tensor:  # what a mixer / whole MLP adds to the stream, on d
+        return ((at(cache[hooks[1]]) - at(cache[hooks[0]])) * d).sum(-1).cpu()
+
     progress_bar = bar(L, "direct logit attribution", unit="layer", enabled=progress)
     for l in range(L):
-        d_attn = dirs.attn[l]
-        z = at(cache[view.attn_hook(l, "z")])  # [B, H, d_head]
-        wod = torch.einsum("hdm,bm->bhd", view.W_O(l).to(dev), d_attn)  # W_O[h] @ d'
-        heads[:, l] = (z * wod).sum(-1).cpu()
-        b_O = view.b_O(l)
-        if b_O is not None:
-            has_b_O = True
-            attn_bias[:, l] = (d_attn @ b_O.to(dev)).cpu()
-        attn_out[:, l] = proj(view.sublayer(l, "attn").out_hook, d_attn)
-        sources[:, l] = source_attribution(view, cache, l, pos, wod).cpu()
-        if view.has_mlp:
+        lay = view.layout(l)
+        if lay.note and lay.note not in notes:
+            notes.append(lay.note)
+        kinds[l] = "heads" if lay.heads else lay.mixer or ""
+        if lay.span is not None:
+            mixers[:, l] = span(lay.span, dirs.resid[l])
+        if lay.mlp_span is not None:
+            has_mlp = True
+            mlps[:, l] = span(lay.mlp_span, dirs.resid[l])
+        if lay.heads:
+            d_attn = dirs.attn[l]
+            z = view.split_heads(at(cache[view.attn_hook(l, "z")]))  # [B, H, d_value]
+            wod = torch.einsum("hdm,bm->bhd", view.W_O(l).to(dev), d_attn)  # W_O[h] @ d'
+            heads[:, l] = (z * wod).sum(-1).cpu()
+            b_O = view.b_O(l)
+            if b_O is not None:
+                has_b_O = True
+                attn_bias[:, l] = (d_attn @ b_O.to(dev)).cpu()
+            attn_out[:, l] = proj(view.sublayer(l, "attn").out_hook, d_attn)
+            sources[:, l] = source_attribution(view, cache, l, pos, wod).cpu()
+        if view.has_mlp and lay.mlp:
+            has_mlp = True
             d_mlp = dirs.mlp[l]
             mlps[:, l] = proj(view.sublayer(l, "mlp").out_hook, d_mlp)
             nr = view.neurons(l)
@@ -288,7 +315,8 @@ def _reduce(view: ModelView, cache: Cached, dirn: Direction, pos: Tensor, progre
         for (l, label), v in expert_vals.items():
             experts[:, l, groups[label]] = v
     constants = {k: v.cpu() for k, v in dirs.constants.items()}
+    hybrid = any(k != "heads" for k in kinds)
     return _Parts(resid, scale, embed, heads, attn_bias if has_b_O else None, attn_out,
-                  mlps if view.has_mlp else None, mlp_bias if has_b_out else None, neurons, sources, constants,
-                  experts, list(groups), neuron_names, notes)
+                  mlps if has_mlp else None, mlp_bias if has_b_out else None, neurons, sources, constants,
+                  experts, list(groups), neuron_names, notes, mixers if hybrid else None, kinds if hybrid else None)
 

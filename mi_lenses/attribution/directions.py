@@ -210,12 +210,14 @@ class WriteDirections:
     """Where each component's output is dotted: the direction on block 0's input (the embeddings), and per layer on
     what the attention and the MLP compute (``view.sublayer(l, ...).out_hook``), each carried back from the final
     norm through every norm on the way (frozen scales), residual multipliers included; ``constants`` holds what
-    those norms' biases add (``L{l}.ln1.b``, ...)."""
+    those norms' biases add (``L{l}.ln1.b``, ...); ``resid`` per layer on the residual stream itself, where a mixer
+    or a whole MLP (:mod:`mi_lenses.models.layout`) is read as a difference of residual states."""
 
     embed: Float[Tensor, "... d_model"]
     attn: list[Float[Tensor, "... d_model"]]
     mlp: list[Float[Tensor, "... d_model"]]
     constants: dict[str, Float[Tensor, "..."]]
+    resid: list[Float[Tensor, "... d_model"]] = field(default_factory=list)
 
 
 def write_directions(view: ModelView, final: Float[Tensor, "... d_model"], cache: Any,
@@ -231,6 +233,7 @@ def write_directions(view: ModelView, final: Float[Tensor, "... d_model"], cache
     d = final.float()
     attn: list[Tensor] = [d] * L
     mlp: list[Tensor] = [d] * L
+    resid: list[Tensor] = [d] * L
     consts: dict[str, Tensor] = {}
 
     def through(site: Any, d: Tensor) -> Tensor:
@@ -241,11 +244,14 @@ def write_directions(view: ModelView, final: Float[Tensor, "... d_model"], cache
         return site.norm.pullback(d, site.norm.scale(x))
 
     for l in reversed(range(L)):
-        pa, pm = view.sublayer(l, "attn"), view.sublayer(l, "mlp") if view.has_mlp else None
+        lay = view.layout(l)
+        resid[l] = d
+        pa = view.sublayer(l, "attn") if lay.heads else None
+        pm = view.sublayer(l, "mlp") if view.has_mlp and lay.mlp else None
         if pm is not None and pm.resid_norm is not None:
             d = through(pm.resid_norm, d)
         m_dir = d
-        if pa.resid_norm is not None:
+        if pa is not None and pa.resid_norm is not None:
             d = through(pa.resid_norm, d)
         a_dir = d
         for path, dirn, out in ((pa, a_dir, attn), (pm, m_dir, mlp)):
@@ -254,13 +260,17 @@ def write_directions(view: ModelView, final: Float[Tensor, "... d_model"], cache
             if path.post_norm is not None:
                 dirn = through(path.post_norm, dirn)
             out[l] = dirn * path.multiplier if path.multiplier != 1.0 else dirn
-    return WriteDirections(d, attn, mlp, consts)
+    return WriteDirections(d, attn, mlp, consts, resid)
 
 
 def write_hooks(view: ModelView) -> list[str]:
-    """The hooks :func:`write_directions` reads (sublayer outputs, norm inputs)."""
+    """The hooks :func:`write_directions` reads (sublayer outputs, norm inputs; residual states around a mixer)."""
     names: list[str] = []
     for l in range(view.n_layers):
-        for s in ("attn", "mlp") if view.has_mlp else ("attn",):
-            names += view.sublayer(l, s).hooks
+        lay = view.layout(l)
+        if lay.heads:
+            names += view.sublayer(l, "attn").hooks
+        if view.has_mlp and lay.mlp:
+            names += view.sublayer(l, "mlp").hooks
+        names += lay.hooks
     return names

@@ -146,9 +146,10 @@ def _mark_sources(view: ModelView, cache: Cached, parts, pos_list: list[int], ho
     """NaN the source positions of every head whose ``z`` is not ``pattern · v`` at the row's position."""
     names = {entry.split(" ")[0] for entry in hooked}
     for l in range(view.n_layers):
-        z = torch.stack([cache[view.attn_hook(l, "z")][b, p] for b, p in enumerate(pos_list)]).float()  # [B, H, d]
+        z = view.split_heads(torch.stack([cache[view.attn_hook(l, "z")][b, p]
+                                          for b, p in enumerate(pos_list)]).float())  # [B, H, d]
         pattern = pattern_rows(view, cache, l, torch.tensor(pos_list)).float()  # [B, H, K]
-        v = view.expand_kv(cache[view.attn_hook(l, "v")], dim=2).float()  # [B, K, H, d]
+        v = view.expand_kv(view.attn_v(cache, l), dim=2).float()  # [B, K, H, d]
         recon = torch.einsum("bhk,bkhd->bhd", pattern, v.to(pattern.device))
         err = (z.to(recon.device) - recon).abs().amax(-1)
         bad = err > Z_RTOL.get(_dtype(view), 1e-3) * (1.0 + z.abs().amax(-1).to(recon.device))  # [B, H]

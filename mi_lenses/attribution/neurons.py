@@ -34,6 +34,7 @@ from mi_lenses.attribution.directions import (
 from mi_lenses.attribution.result import NeuronAttribution
 from mi_lenses.errors import LensInputError
 from mi_lenses.indexing import IndexSpec, resolve_indices
+from mi_lenses.models.gaps import refuse
 from mi_lenses.models.view import ModelView
 
 
@@ -73,6 +74,7 @@ def neuron_attribution(
         :class:`~mi_lenses.attribution.result.NeuronAttribution`.
     """
     view = ModelView(model)
+    refuse(view.model, "dla", "neuron attribution")
     if not view.has_mlp:
         raise LensInputError("this model has no MLP layers (cfg.attn_only): there are no neurons to attribute.")
     resid = cache[view.final_resid_hook]
@@ -107,6 +109,8 @@ def neuron_attribution(
         out = torch.zeros(len(layer_ids), B, P, view.d_mlp, device=dev)
         names = None
         for i, l in enumerate(layer_ids):
+            if not view.layout(l).mlp:  # a block without an MLP with neurons (state-space, hybrid): zeros
+                continue
             nr = view.neurons(l)
             if nr.names is not None and nr.size == view.d_mlp:
                 names = list(nr.names)

@@ -6,8 +6,9 @@ Shapes: ``B`` prompts (rows), ``L`` layers, ``H`` heads, ``N`` neurons per MLP (
 Per-prompt tensors are exact; ``batch=None`` in the accessors means the mean over prompts.
 
 The additive parts of the attributed value (``components``): the embeddings, every head ``L{l}H{h}``, each layer's
-attention output bias ``L{l}.b_O`` (when the model has one), every MLP ``MLP{l}`` (its neurons plus its bias ``b_out``)
-and the constants no residual component produces (``b_U``, the final LayerNorm's bias ``ln_final.b``). Neurons
+attention output bias ``L{l}.b_O`` (when the model has one), on state-space and hybrid models every block's token
+mixer without heads ``Mixer{l}`` (an SSM, linear attention, ...: ``mixer_kinds``), every MLP ``MLP{l}`` (its neurons
+plus its bias ``b_out``) and the constants no residual component produces (``b_U``, the final LayerNorm's bias ``ln_final.b``). Neurons
 ``L{l}N{n}`` and source positions refine a MLP and a head; they are not extra parts. Under the user's own hooks, what a
 hook changed between the cached states is a part too (``edit@<hook name>``, kind ``intervention``; see
 :mod:`mi_lenses.attribution.interventions`).
@@ -31,13 +32,13 @@ from mi_lenses.viz.attribution import (
     neuron_attribution_table,
 )
 
-KINDS = ("embed", "pos_embed", "head", "attn_bias", "mlp", "constant", "intervention")
+KINDS = ("embed", "pos_embed", "head", "attn_bias", "mixer", "mlp", "constant", "intervention")
 
 
 @dataclass(frozen=True)
 class Component:
-    """One labelled unit: ``kind`` is one of ``embed``, ``pos_embed``, ``head``, ``attn_bias``, ``mlp``, ``neuron``,
-    ``constant``."""
+    """One labelled unit: ``kind`` is one of ``embed``, ``pos_embed``, ``head``, ``attn_bias``, ``mixer``, ``mlp``,
+    ``neuron``, ``constant``."""
 
     label: str
     kind: str
@@ -103,6 +104,8 @@ class DLAResult(Result):
     interventions: dict[str, Float[Tensor, " B"]] = field(default_factory=dict)  # hook name -> a hook's edit
     sources_unavailable: dict[str, str] = field(default_factory=dict)  # "L{l}H{h}" -> why (sources are NaN there)
     model_dtype: str = "float32"  # the model's weights: its own logits (``actual``) are this precise
+    mixers: Float[Tensor, "B L"] | None = None  # state-space / hybrid: what each block's mixer without heads wrote
+    mixer_kinds: list[str] | None = None  # per block: "heads", or the mixer ("SSM", "linear attention", ...); "": none
 
     # ------------------------------------------------------------------------------------ structure
     @property
@@ -125,9 +128,12 @@ class DLAResult(Result):
         """The additive parts, in model order: embeddings, then per layer its heads, ``b_O``, MLP; then constants."""
         out = [Component(label, label) for label in self.embed_labels]
         for l in range(self.n_layers):
-            out += [Component(f"L{l}H{h}", "head", l, h) for h in range(self.n_heads)]
-            if self.attn_bias is not None:
-                out.append(Component(f"L{l}.b_O", "attn_bias", l))
+            if self.has_heads(l):
+                out += [Component(f"L{l}H{h}", "head", l, h) for h in range(self.n_heads)]
+                if self.attn_bias is not None:
+                    out.append(Component(f"L{l}.b_O", "attn_bias", l))
+            elif self.mixer_kinds[l]:  # type: ignore[index]
+                out.append(Component(f"Mixer{l}", "mixer", l))
             if self.mlps is not None:
                 out.append(Component(f"MLP{l}", "mlp", l))
         out += [Component(name, "constant") for name in self.constants]
@@ -138,13 +144,20 @@ class DLAResult(Result):
         """Per-row values aligned with :meth:`components`."""
         cols = [self.embed[:, i] for i in range(self.embed.shape[1])]
         for l in range(self.n_layers):
-            cols += list(self.heads[:, l].unbind(-1))
-            if self.attn_bias is not None:
-                cols.append(self.attn_bias[:, l])
+            if self.has_heads(l):
+                cols += list(self.heads[:, l].unbind(-1))
+                if self.attn_bias is not None:
+                    cols.append(self.attn_bias[:, l])
+            elif self.mixer_kinds[l]:  # type: ignore[index]
+                cols.append(self.mixers[:, l])  # type: ignore[index]
             if self.mlps is not None:
                 cols.append(self.mlps[:, l])
         cols += list(self.constants.values()) + list(self.interventions.values())
         return torch.stack(cols, -1)
+
+    def has_heads(self, layer: int) -> bool:
+        """Whether block ``layer`` is attributed per attention head (every block of a transformer)."""
+        return self.mixer_kinds is None or self.mixer_kinds[layer] == "heads"
 
     @property
     def total(self) -> Float[Tensor, " B"]:
@@ -295,6 +308,7 @@ class DLAResult(Result):
             **({"experts": {f"MLP{l}.{name}": float(v) for l in range(self.n_layers)
                             for name, v in zip(self.expert_names, self._pick(self.experts, batch)[l].tolist())}}
                if self.experts is not None else {}),
+            **({"mixer_kinds": list(self.mixer_kinds)} if self.mixer_kinds is not None else {}),
             **({"notes": list(self.notes)} if self.notes else {}),
             **({"sources_unavailable": self.sources_unavailable} if self.sources_unavailable else {}),
         }, digits=8)

@@ -38,7 +38,17 @@ def source_attribution(
     ``wod[b, h] = W_O[h] @ d'_b`` is the head's output projection already dotted with the row's effective direction.
     """
     row_pattern = pattern_rows(view, cache, layer, pos).float()  # [B, H, K]
-    v = view.expand_kv(cache[view.attn_hook(layer, "v")], dim=2)  # [B, K, H, d_head]
+    gate = view.attn_hook(layer, "q_gate")
+    if getattr(view.cfg, "gated_q_proj", False) and gate in view.hook_names:
+        # Qwen3-Next / Qwen3.5: z = (pattern · v) ⊙ sigmoid(gate) at the destination, so the gate joins W_O d'
+        g = torch.stack([cache[gate][b, p] for b, p in enumerate(pos.tolist())]).float()
+        wod = wod * torch.sigmoid(g.reshape(wod.shape).to(wod.device))
+    out_gate = view.output_gate(layer)
+    if out_gate is not None:  # Laguna, AFMoE: the same with their own gate and activation
+        hook, act = out_gate
+        g = torch.stack([cache[hook][b, p] for b, p in enumerate(pos.tolist())]).float()  # [B, H] or [B, H * d]
+        wod = wod * act(g.reshape(*wod.shape[:2], -1).to(wod.device))
+    v = view.expand_kv(view.attn_v(cache, layer), dim=2)  # [B, K, H, d_value]
     value_on_dir = torch.einsum("bshd,bhd->bhs", v.float(), wod.to(v.device))  # [B, H, K]
     return row_pattern * value_on_dir
 
@@ -52,7 +62,7 @@ def pattern_rows_kept(view: ModelView, pos: Int[Tensor, " B"]) -> list[tuple[str
     def keep(pattern: Tensor) -> dict[str, Tensor]:
         return {"row": pattern[rows, :, pos.to(pattern.device)], "row_pos": pos.clone()}
 
-    return [(view.attn_hook(l, "pattern"), keep) for l in range(view.n_layers)]
+    return [(view.attn_hook(l, "pattern"), keep) for l in view.attn_layers]
 
 
 def pattern_rows(view: ModelView, cache: Any, layer: int, pos: Int[Tensor, " B"]) -> Float[Tensor, "B H K"]:

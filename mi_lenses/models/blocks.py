@@ -8,9 +8,9 @@ logit attribution:
   **post-norm** (Gemma 2/3, OLMo 2: ``post_attention_layernorm``/``post_feedforward_layernorm``), the **residual
   multiplier** (Granite), and on post-LN blocks (OPT-350m) the **residual norm** applied to the stream after the add;
 * the **MLP's neurons**: activation and output row of every neuron, for dense MLPs ``hook_post`` and ``W_out``; for
-  mixture-of-experts blocks (Mixtral, OLMoE, Qwen2-MoE and its shared expert) every expert's neurons weighted by the
-  router (zero where the token is not routed) and the shared expert's times its gate, recomputed from the block's
-  input and the experts' weights, so that they sum to what the block writes.
+  mixture-of-experts blocks every expert's neurons weighted by the router (zero where the token is not routed) and
+  the shared experts' times their gate, recomputed from the block's input and the experts' weights
+  (:mod:`mi_lenses.models.experts`), so that they sum to what the block writes.
 
 Every norm on the way is linearised with its scale frozen at its input in the run (the convention of the final norm),
 so the parts of a direct logit attribution still add up exactly to the logit.
@@ -35,6 +35,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mi_lenses.models.decode import Norm, NormKind
+from mi_lenses.models.experts import Shared, expert_activations, expert_layout, expert_rows_on, routing
 
 
 def unwrap(module: Any) -> Any:
@@ -109,7 +110,7 @@ def sublayer_path(model: Any, layer: int, sublayer: str) -> SublayerPath:
         out_hook = f"{p}.{post_attr}.hook_in"
         post = _norm_site(model, block, post_attr, f"L{layer}.{post_attr}", (out_hook,))
     elif mult != 1.0:  # a scaled-residual block: hook_attn_out / hook_mlp_out hold the scaled contribution
-        out_hook = f"{p}.{sublayer}.hook_out"
+        out_hook = f"{p}.{sublayer if sublayer == 'attn' else mlp_name(block)}.hook_out"
     else:
         out_hook = f"{p}.hook_{sublayer}_out"
     if is_post_ln(model):
@@ -137,9 +138,15 @@ class Neurons:
     note: str | None = None
 
 
+def mlp_name(block: Any) -> str:
+    """The block's MLP child: ``mlp``, or Granite-MoE-hybrid's ``shared_mlp``."""
+    return "mlp" if hasattr(block, "mlp") or not hasattr(block, "shared_mlp") else "shared_mlp"
+
+
 def dense_neurons(model: Any, layer: int) -> Neurons:
-    mlp = model.blocks[layer].mlp
-    hook = f"blocks.{layer}.mlp.hook_post"
+    name = mlp_name(model.blocks[layer])
+    mlp = getattr(model.blocks[layer], name)
+    hook = f"blocks.{layer}.{name}.hook_post"
     b = getattr(mlp, "b_out", None)
 
     def project(d: Tensor) -> Tensor:
@@ -150,70 +157,66 @@ def dense_neurons(model: Any, layer: int) -> Neurons:
                    lambda cache, at: at(cache[hook]).float(), project)
 
 
-def _experts(moe: Any) -> Any:
-    ex = unwrap(getattr(moe, "experts", None))
-    return ex if all(isinstance(getattr(ex, a, None), Tensor) for a in ("gate_up_proj", "down_proj")) else None
-
-
 def is_moe(model: Any, layer: int) -> bool:
-    mlp = model.blocks[layer].mlp
+    mlp = getattr(model.blocks[layer], mlp_name(model.blocks[layer]))
     inner = unwrap(mlp)
-    return "MoE" in type(mlp).__name__ or (hasattr(inner, "experts") and
+    dense = hasattr(mlp, "W_out") and not hasattr(inner, "experts")  # Jamba: dense layers in an MoE bridge too
+    return ("MoE" in type(mlp).__name__ and not dense) or (hasattr(inner, "experts") and
                                           (hasattr(inner, "gate") or hasattr(inner, "router")))
 
 
 def moe_neurons(model: Any, layer: int) -> Neurons:
-    """The router-weighted expert neurons of a mixture-of-experts block (experts with fused ``gate_up_proj``
-    ``[E, 2I, d]`` and ``down_proj`` ``[E, d, I]``, a top-k router returning ``(logits, weights, indices)``), then the
-    shared expert's neurons times ``sigmoid(shared_expert_gate)``. Another MoE layout gives no neurons (and a note):
-    the layer is then attributed as a whole."""
+    """The router-weighted expert neurons of a mixture-of-experts block, then the shared experts' (times their gate),
+    in every layout :mod:`mi_lenses.models.experts` reads (router signatures, scaling factors, transposed or biased
+    experts, several shared experts). Another layout gives no neurons (and a note): the layer is then attributed as a
+    whole."""
     moe = unwrap(model.blocks[layer].mlp)
     hook = f"blocks.{layer}.mlp.hook_in"
-    ex = _experts(moe)
-    router = unwrap(getattr(moe, "gate", None) or getattr(moe, "router", None))
-    if ex is None or router is None:
+    ex_module = getattr(moe, "experts", None)
+    ex = unwrap(ex_module)
+    lay = expert_layout(moe, ex, int(model.cfg.d_model)) if ex is not None else \
+        f"{type(moe).__name__} has no experts module"
+    shared = Shared.of(moe)
+    if isinstance(lay, str) or isinstance(shared, str):
+        why = lay if isinstance(lay, str) else shared
         return Neurons(0, None, (), lambda cache, at: torch.zeros(0), lambda d: torch.zeros(0),
-                       note=f"the experts of {type(moe).__name__} are not in a layout mi_lenses reads: the MLP is "
-                            "attributed as a whole, without experts or neurons")
-    E, two_i, _ = ex.gate_up_proj.shape
-    I = two_i // 2
-    names = [f"E{e}N{n}" for e in range(E) for n in range(I)]
-    groups = [(f"E{e}", slice(e * I, (e + 1) * I)) for e in range(E)]
-    shared = unwrap(getattr(moe, "shared_expert", None))
-    shared_gate = unwrap(getattr(moe, "shared_expert_gate", None))
-    n_shared = 0
+                       note=f"{why}: the MLP is attributed as a whole, without experts or neurons")
+    E, I, bias = lay.E, lay.I, int(lay.has_down_bias)
+    names = [f"E{e}N{n}" for e in range(E) for n in range(I)] if not bias else \
+        [f"E{e}N{n}" if n < I else f"E{e}.bias" for e in range(E) for n in range(I + 1)]
+    groups = [(f"E{e}", slice(e * (I + bias), (e + 1) * (I + bias))) for e in range(E)]
+    n_routed = E * (I + bias)
+    n_shared = 0 if shared is None else shared.size + int(shared.has_bias)
     if shared is not None:
-        n_shared = int(unwrap(shared.down_proj).weight.shape[1])
-        names += [f"SN{n}" for n in range(n_shared)]
-        groups.append(("shared", slice(E * I, E * I + n_shared)))
+        names += [f"SN{n}" for n in range(shared.size)] + (["S.bias"] if shared.has_bias else [])
+        groups.append(("shared", slice(n_routed, n_routed + n_shared)))
 
     def activations(cache: Any, at: Callable[[Tensor], Tensor]) -> Tensor:
         x = at(cache[hook])
         lead, d = x.shape[:-1], x.shape[-1]
-        dtype = ex.gate_up_proj.dtype
-        x = x.reshape(-1, d).to(dtype)
+        x = x.reshape(-1, d).to(ex.gate_up_proj.dtype)
         with torch.no_grad():
-            _, weights, idx = router(x)
-            w = torch.zeros(x.shape[0], E, device=x.device).scatter_(1, idx.long(), weights.float())
-            gate, up = torch.einsum("nd,eid->nei", x, ex.gate_up_proj).float().chunk(2, dim=-1)
-            acts = [(ex.act_fn(gate) * up * w[..., None]).reshape(x.shape[0], E * I)]
+            inputs, w = routing(moe, ex_module, x, E)
+            acts = expert_activations(ex, lay, inputs) * (w * lay.scale)[..., None]  # [N, E, I]
+            if bias:
+                acts = torch.cat([acts, (w * lay.scale)[..., None]], -1)
+            parts = [acts.reshape(x.shape[0], n_routed)]
             if shared is not None:
-                act = getattr(shared, "act_fn", torch.nn.functional.silu)
-                g = act(unwrap(shared.gate_proj)(x).float()) * unwrap(shared.up_proj)(x).float()
-                if shared_gate is not None:
-                    g = g * torch.sigmoid(shared_gate(x).float())
-                acts.append(g)
-        return torch.cat(acts, -1).reshape(*lead, -1)
+                parts.append(shared.activations(x))
+        return torch.cat(parts, -1).reshape(*lead, -1)
 
     def project(d: Tensor) -> Tensor:
         lead = d.shape[:-1]
         flat = d.reshape(-1, d.shape[-1]).float().to(ex.down_proj.device)
-        parts = [torch.einsum("nd,edi->nei", flat, ex.down_proj.detach().float()).reshape(flat.shape[0], E * I)]
+        rows = expert_rows_on(ex, lay, flat)  # [N, E, I]
+        if bias:
+            rows = torch.cat([rows, (flat @ ex.down_proj_bias.detach().float().T)[..., None]], -1)
+        parts = [rows.reshape(flat.shape[0], n_routed)]
         if shared is not None:
-            parts.append(flat @ unwrap(shared.down_proj).weight.detach().float())
+            parts.append(shared.rows_on(flat))
         return torch.cat(parts, -1).reshape(*lead, -1)
 
-    return Neurons(E * I + n_shared, None, (hook,), activations, project, tuple(names), tuple(groups))
+    return Neurons(n_routed + n_shared, None, (hook,), activations, project, tuple(names), tuple(groups))
 
 
 def neurons(model: Any, layer: int) -> Neurons:

@@ -374,8 +374,8 @@ def _project_out(model: Any) -> tuple[Tensor | None, Tensor | None]:
 
 def logit_multiplier(model: Any) -> float:
     """What the HF model multiplies its logits by after the unembedding: Cohere's ``logit_scale`` (the live module
-    attribute: TransformerLens sets it to 1 when compatibility mode folds it into ``W_U``), one over Granite's
-    ``logits_scaling``; 1 elsewhere (and on a HookedTransformer, whose ``W_U`` holds it)."""
+    attribute: TransformerLens sets it to 1 when compatibility mode folds it into ``W_U``), Falcon-H1's
+    ``lm_head_multiplier`` (on its decoder module), one over Granite's ``logits_scaling``; 1 elsewhere (and on a HookedTransformer, whose ``W_U`` holds it)."""
     hf = getattr(model, "original_model", None)
     if hf is None:
         return 1.0
@@ -383,6 +383,10 @@ def logit_multiplier(model: Any) -> float:
     scale = getattr(hf, "logit_scale", None)
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
         mult *= float(scale)
+    base = getattr(hf, "model", None)  # Falcon-H1's lm_head_multiplier (on its decoder, read live like logit_scale)
+    head = getattr(base, "lm_head_multiplier", None) if isinstance(base, torch.nn.Module) else None
+    if isinstance(head, (int, float)) and not isinstance(head, bool):
+        mult *= float(head)
     div = getattr(getattr(hf, "config", None), "logits_scaling", None)
     if isinstance(div, (int, float)) and not isinstance(div, bool) and div:
         mult /= float(div)

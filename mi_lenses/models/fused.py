@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import torch
 
 from mi_lenses.models.interventions import active_hooks
-from mi_lenses.models.kv import has_sliding_window
+from mi_lenses.models.masks import attention_masks
 
 if TYPE_CHECKING:
     from mi_lenses.models.batch import Batch
@@ -67,13 +67,12 @@ def _eligible(view: "ModelView", batch: "Batch", names: Iterable[str]) -> bool:
         return False
     if any(".attn." in name or name.endswith("hook_attn_in") for name in names):
         return False
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        return False  # what SDPA does not compute (Gemma 2's soft-capped scores)
-    if has_sliding_window(model) or getattr(config, "attention_chunk_size", None):
-        return False  # masks the 16-token probe cannot see (windows and chunks longer than it): keep the eager pass
+    if any(not m.is_causal or m.sinks is not None or m.score_cap is not None for m in attention_masks(model)):
+        # masks the 16-token probe cannot see (windows and chunks longer than it), and what SDPA does not compute
+        # (learned attention sinks, Gemma 2's soft-capped scores): keep the eager pass
+        return False
     attns = _attentions(model)
-    return attns is not None and all(getattr(a.original_component, "config", None) is config and
-                                     getattr(a.original_component, "sinks", None) is None and not _hooked(a)
+    return attns is not None and all(getattr(a.original_component, "config", None) is config and not _hooked(a)
                                      for a in attns)
 
 

@@ -25,12 +25,15 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 import weakref
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor
+
+from mi_lenses.models.masks import has_local_attention
 
 _PROBED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 
@@ -46,7 +49,7 @@ class BridgeKV:
     def __init__(self, model: Any):
         self.model = model
         self._in_session = False
-        self.keep_all_positions = has_sliding_window(model)
+        self.keep_all_positions = has_local_attention(model)
 
     @contextlib.contextmanager
     def session(self) -> Iterator["BridgeKV"]:
@@ -66,9 +69,10 @@ class BridgeKV:
     def forward(self, tokens: Tensor, cache: Any = None) -> tuple[Tensor, Any]:
         """Logits of ``tokens`` (continuing ``cache``) and the cache extended by them."""
         if cache is None and self.keep_all_positions:
-            # a cache that keeps every position: transformers' default for sliding-window models (Gemma 2, Mistral)
-            # drops keys outside the window, which TransformerLens's attention bridges do not expect; the window is
-            # still applied, by the attention mask. Other models keep transformers' own cache layout.
+            # a cache that keeps every position: transformers' default for sliding-window and chunked models
+            # (Gemma 2, Mistral, Llama 4) drops keys outside the window or chunk, which TransformerLens's attention
+            # bridges do not expect; the window is still applied, by the attention mask. Other models keep
+            # transformers' own cache layout.
             from transformers import DynamicCache  # deferred: transformers is imported once a bridge exists
 
             cache = DynamicCache()
@@ -79,20 +83,45 @@ class BridgeKV:
             return self.model(tokens, return_type="logits_and_cache", **kwargs)
 
     def repeat(self, cache: Any, n: int) -> Any:
-        """A new cache holding the (batch 1) ``cache`` ``n`` times; ``cache`` itself is left unchanged."""
-        from transformers import DynamicCache  # deferred: transformers is imported once a bridge exists
-
+        """A new cache holding the (batch 1) ``cache`` ``n`` times; ``cache`` itself is left unchanged. Every layer
+        is repeated, of any kind: keys and values (attention), conv and recurrent states (state-space, linear
+        attention layers of hybrid models)."""
         layers = getattr(cache, "layers", None)
-        if layers is None or not all(getattr(layer, "keys", None) is not None for layer in layers):
+        if layers is None:
             raise RuntimeError(f"unsupported KV cache type {type(cache).__name__}.")
+        new = copy.copy(cache)
         with torch.no_grad():
-            data = [(layer.keys.expand(n, *layer.keys.shape[1:]).contiguous(),
-                     layer.values.expand(n, *layer.values.shape[1:]).contiguous()) for layer in layers]
-        return DynamicCache(ddp_cache_data=data)
+            new.layers = [_repeat_layer(layer, n) for layer in layers]
+        return new
 
     @staticmethod
     def length(cache: Any) -> int:
-        return 0 if cache is None else int(cache.get_seq_length())
+        """Positions held: the most any layer holds (a hybrid's first layer may be a state-space one)."""
+        if cache is None:
+            return 0
+        layers = [layer for layer in getattr(cache, "layers", None) or () if hasattr(layer, "get_seq_length")]
+        return max([int(cache.get_seq_length()), *(int(layer.get_seq_length()) for layer in layers)])
+
+
+# a cache layer's per-sequence states, batch first: keys and values, a sparse-attention indexer's keys (GLM-MoE-DSA),
+# the conv / recurrent states of state-space and linear-attention layers (dicts of tensors per state)
+_BATCHED = ("keys", "values", "indexer_keys", "conv_states", "recurrent_states")
+
+
+def _repeat_layer(layer: Any, n: int) -> Any:
+    """A copy of one (batch 1) cache layer holding it ``n`` times; every other tensor (a length counter updated in
+    place) and dict of the layer is copied, so the original cache is left unchanged."""
+
+    def rep(name: str, t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        return t.expand(n, *t.shape[1:]).contiguous() if name in _BATCHED and t.ndim > 1 else t.detach().clone()
+
+    new = copy.copy(layer)
+    for name, value in vars(layer).items():
+        setattr(new, name, {k: rep(name, t) for k, t in value.items()} if isinstance(value, dict) else
+                rep(name, value))
+    return new
 
 
 class HookedKV:
@@ -132,27 +161,16 @@ class HookedKV:
         return 0 if cache is None else int(cache.entries[0].past_keys.shape[1])
 
 
-def has_sliding_window(model: Any) -> bool:
-    """Whether the wrapped HF model has sliding-window attention layers (from its config's ``layer_types``, or its
-    ``sliding_window`` where a config has no layer types)."""
-    config = getattr(getattr(model, "original_model", None), "config", None)
-    if config is None:
-        return False
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        return any("sliding" in str(t) for t in layer_types)
-    return getattr(config, "sliding_window", None) is not None
-
-
 def kv_cache(model: Any) -> BridgeKV | HookedKV | None:
     """The model's KV-cache adapter, or ``None`` (and a warning saying why) when cached forward passes do not work on
-    it: probed once per model, the cache must grow by the tokens fed and a cached step must give the logits of a full
-    forward pass."""
+    it: probed once per model, the cache must grow by the tokens fed and a cached step of two tokens (a Patchscope feeds
+    several) must give the logits of a full forward pass (the state-space layers of some hybrid models continue a
+    cache only one token at a time)."""
     kv = BridgeKV(model) if is_bridge(model) else HookedKV(model)
     if model not in _PROBED:
-        probe = torch.tensor([[1, 2]], dtype=torch.long, device=model.W_U.device) % model.cfg.d_vocab
+        probe = torch.tensor([[1, 2, 3]], dtype=torch.long, device=model.W_U.device) % model.cfg.d_vocab
         with torch.no_grad():
-            full = model(probe)[0, -1].float()  # a plain forward pass: its failures are not the cache's, they raise
+            full = model(probe)[0, 1:].float()  # a plain forward pass: its failures are not the cache's, they raise
             try:
                 _, cache = kv.forward(probe[:, :1])
                 step, cache = kv.forward(probe[:, 1:], cache)
@@ -164,8 +182,8 @@ def kv_cache(model: Any) -> BridgeKV | HookedKV | None:
                 # ValueError), TransformerLens's own shape assertions. Anything else raises.
                 why = f"a cached forward pass fails ({type(err).__name__}: {err})"
             else:
-                gap = float((step[0, -1].float() - full).abs().max())
-                why = (f"the cache holds {length} positions after 2 tokens" if length != 2 else
+                gap = float((step[0].float() - full).abs().max())
+                why = (f"the cache holds {length} positions after 3 tokens" if length != 3 else
                        f"a cached step differs from a full pass by {gap:.2g}"
                        if not gap <= 1e-3 * float(full.abs().max()) + 1e-4 else "")
         if why:

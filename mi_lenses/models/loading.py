@@ -37,6 +37,7 @@ import torch
 
 from mi_lenses.atomic import write_atomic
 from mi_lenses.errors import ModelLoadError, quoted
+from mi_lenses.models.gaps import refuse_load, registry_alias
 from mi_lenses.models.parity import (
     ISSUES,
     PROBE_TEXT,
@@ -354,10 +355,11 @@ def _wrap(folder: Path | str, hf_model: Any, tokenizer: Any, *, device, dtype, c
         # deferred: transformers and TransformerLens cost seconds to import; only loading needs them
         from transformer_lens.model_bridge import TransformerBridge
 
-        with _transformer_lens_fails(f"wrap this model (architecture {arch!r})"):
+        with _transformer_lens_fails(f"wrap this model (architecture {arch!r})"), registry_alias(hf_model):
             model = TransformerBridge.boot_transformers(
                 str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
             )
+        refuse_load(model)  # an architecture whose bridge lacks what every analysis reads (mi_lenses.models.gaps)
     model.eval()
     if kind == "bridge" and compat:
         try:
@@ -420,7 +422,7 @@ def _transformer_lens_fails(what: str) -> Iterator[None]:
     try:
         yield
     except Exception as err:  # noqa: BLE001 - TransformerLens raises several types for unsupported architectures
-        raise ModelLoadError(f"TransformerLens cannot {what}: {err}") from err
+        raise ModelLoadError(f"TransformerLens cannot {what}: {err} ({versions()})") from err
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -27,10 +27,16 @@ from mi_lenses.indexing import resolve_index
 from mi_lenses.models.batch import Batch, PromptInput, Reduction, make_batch, run_with_cache
 from mi_lenses.models.blocks import Neurons, SublayerPath, is_post_ln, neurons, sublayer_path
 from mi_lenses.models.decode import Decoder, decoder_of
+from mi_lenses.models.gaps import gap
 from mi_lenses.models.kv import BridgeKV, HookedKV, is_bridge, kv_cache
+from mi_lenses.models.layout import BlockLayout, block_layout
+from mi_lenses.models.masks import attention_masks
 from mi_lenses.models.parity import ensure_checked
 
 POINTS = ("resid_pre", "resid_mid", "resid_post")
+# attention modules whose head outputs are gated at the destination (ModelView.output_gate), and the gate's activation
+_OUTPUT_GATES: dict[str, Callable[[Tensor], Tensor]] = {"LagunaAttention": torch.nn.functional.softplus,
+                                                        "AfmoeAttention": torch.sigmoid}
 
 
 @dataclass(frozen=True)
@@ -194,7 +200,20 @@ class ModelView:
         expert's neurons and the shared expert's)."""
         if not self.has_mlp:
             return 0
-        return max(self.neurons(l).size for l in range(self.n_layers))
+        return max([self.neurons(l).size for l in range(self.n_layers) if self.layout(l).mlp] or [0])
+
+    def layout(self, layer: int) -> BlockLayout:
+        """Block ``layer``'s parts: attention heads, or another token mixer (state-space, linear attention, ...),
+        and its MLP (:mod:`mi_lenses.models.layout`), read once."""
+        key = ("layout", layer)
+        if key not in self._memo:
+            self._memo[key] = block_layout(self.model, layer, self.hook_names)
+        return self._memo[key]
+
+    @property
+    def attn_layers(self) -> list[int]:
+        """The blocks with attention heads (every block of a transformer; only some of a hybrid model)."""
+        return [l for l in range(self.n_layers) if self.layout(l).heads]
 
     def neurons(self, layer: int) -> Neurons:
         """Block ``layer``'s MLP neurons: their activations and output rows (:mod:`mi_lenses.models.blocks`; a
@@ -227,23 +246,57 @@ class ModelView:
         post-LN residual norm), so that its direction depends on the position."""
         subs = ("attn", "mlp") if self.has_mlp else ("attn",)
         return any(p.post_norm is not None or p.resid_norm is not None
-                   for l in range(self.n_layers) for p in (self.sublayer(l, s) for s in subs))
+                   for l in range(self.n_layers) for s in subs
+                   if (self.layout(l).heads if s == "attn" else self.layout(l).mlp)
+                   for p in (self.sublayer(l, s),))
 
     @property
     def embed_hooks(self) -> list[tuple[str, str]]:
         """``(label, hook name)`` of the input embeddings that are added to the residual stream: the token
         embedding (after ``project_in`` where the model has one, OPT-350m), and the learned positional embedding
         where the model has one (rotary models have none)."""
-        has_project_in = "project_in.hook_out" in self.hook_names
-        hooks = [("embed", "project_in.hook_out" if has_project_in else "hook_embed")]
+        first = next((h for h in ("project_in.hook_out", "blocks.0.pre_ln.hook_out") if h in self.hook_names),
+                     "hook_embed")  # OPT-350m projects the embeddings, RWKV normalises them in block 0
+        hooks = [("embed", first)]
         if getattr(self.cfg, "positional_embedding_type", "standard") in ("standard", "learned"):
             hooks.append(("pos_embed", "hook_pos_embed"))
+        elif not self.layout(0).heads:  # what the first block reads (RecurrentGemma scales hook_embed after it)
+            lay = self.layout(0)
+            hooks = [("embed", (lay.span or lay.mlp_span or (first,))[0])]
         return hooks
 
     def attn_hook(self, layer: int, name: str) -> str:
         """Hook inside block ``layer``'s attention: ``z`` (per query head), ``v`` (per KV head on a bridge),
         ``pattern`` (``[batch, head, query, key]``)."""
         return f"blocks.{layer}.attn.hook_{name}"
+
+    # --- issue 26: multi-head latent attention
+    def is_mla(self, layer: int) -> bool:
+        """Whether block ``layer`` runs multi-head latent attention (DeepSeek V2/V3, GLM-4-MoE-Lite, Youtu,
+        GLM-MoE-DSA): queries and keys decompressed from latents, value heads wider than ``cfg.d_head``, ``hook_q``,
+        ``hook_k`` and ``hook_v`` fired per head before the position axis (``[batch, head, pos, d]``)."""
+        return self.is_bridge and hasattr(getattr(self.model.blocks[layer], "attn", None), "hook_kv_latent")
+
+    def split_heads(self, z: Float[Tensor, "... a b"]) -> Float[Tensor, "... n_heads d_value"]:
+        """A head-major ``[..., n_heads * d_value]`` tensor (``hook_z``, the input of ``W_O``) as ``[..., n_heads,
+        d_value]``, whatever split TransformerLens gave it: it splits multi-head latent attention's ``hook_z`` by
+        ``cfg.d_head`` although each value head is wider (the width comes from ``W_O`` instead)."""
+        return z if z.shape[-2] == self.n_heads else z.flatten(-2).unflatten(-1, (self.n_heads, -1))
+
+    def attn_v(self, cache: Any, layer: int) -> Float[Tensor, "B S KV d_value"]:
+        """Block ``layer``'s values, one slice per key/value head, position before head."""
+        v = cache[self.attn_hook(layer, "v")]
+        return v.transpose(1, 2) if self.is_mla(layer) else v
+
+    def output_gate(self, layer: int) -> tuple[str, Callable[[Tensor], Tensor]] | None:
+        """The gate block ``layer`` multiplies its head outputs by, computed from the destination's input:
+        ``z = (pattern · v) ⊙ act(gate)`` (Laguna: softplus, per head; AFMoE: sigmoid, per dimension), as its hook
+        (before the activation) and the activation; None without one."""
+        attn = getattr(self.model.blocks[layer], "attn", None)
+        act = _OUTPUT_GATES.get(type(getattr(attn, "original_component", None)).__name__)
+        hook = f"blocks.{layer}.attn.gate.hook_out"
+        return (hook, act) if act is not None and hook in self.hook_names else None
+    # --- end
 
     # ----------------------------------------------------------------------------------------- attention scores
     @property
@@ -255,13 +308,12 @@ class ModelView:
         return getattr(self.cfg, "positional_embedding_type", "standard") == "rotary"
 
     def qk_unsupported(self) -> str | None:
-        """Why the attention scores of this model are not ``scale * q · k`` (ALiBi, soft-capped scores), or None."""
-        if getattr(self.cfg, "positional_embedding_type", "standard") == "alibi":
+        """Why the attention scores of this model are not ``scale * q · k`` under its masks (ALiBi), or None (soft-caps,
+        sliding windows, chunks and learned sinks are reproduced: :mod:`mi_lenses.models.masks`)."""
+        if any(m.alibi for m in attention_masks(self.model)):
             return "this model adds ALiBi position biases to q · k"
-        cap = getattr(self.cfg, "attn_scores_soft_cap", -1.0)
-        if cap is not None and float(cap) > 0:
-            return f"this model soft-caps its attention scores (attn_scores_soft_cap={cap})"
-        return None
+        why = gap(self.model, "qk", with_versions=False)
+        return f"the q·k terms are not available on {why}" if why else None
 
     def qk_hooks(self, layer: int) -> list[str]:
         """Every hook :meth:`attn_qk` may read in block ``layer`` (the ones this model has): the queries and keys
@@ -297,6 +349,10 @@ class ModelView:
             except (KeyError, IndexError):
                 return None
 
+        if self.is_mla(layer):  # hook_q / hook_k: the rotary and non-rotary parts joined, [B, H, S, d]
+            q, k = get("q"), get("k")
+            if q is not None and k is not None:
+                return q.float().transpose(1, 2), k.float().transpose(1, 2)
         q, k = get("rot_q"), get("rot_k")
         if q is not None and k is not None:
             return q.float(), k.float()

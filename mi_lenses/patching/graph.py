@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from mi_lenses.models.view import ModelView
+from mi_lenses.patching.sites import check_head_split
 
 
 @dataclass
@@ -48,6 +49,8 @@ class Graph:
 
 
 def build_graph(view: ModelView) -> Graph:
+    """The writers, readers and valid edges of ``view``'s model (heads split as ``hook_z`` holds them)."""
+    check_head_split(view, "edge attribution")
     L, H, KV = view.n_layers, view.n_heads, view.n_kv_heads
     parallel = bool(getattr(view.cfg, "parallel_attn_mlp", False))
     writers, wl = ["embed"], [-1]

@@ -41,6 +41,7 @@ from mi_lenses.patching.experiment import Experiment
 from mi_lenses.patching.options import Head, PathOptions, Receiver
 from mi_lenses.patching.replay import Engine
 from mi_lenses.patching.result import PatchingResult
+from mi_lenses.patching.sites import check_head_split
 from mi_lenses.progress import bar
 
 
@@ -121,6 +122,7 @@ def path_grid(exp: Experiment, sweep: Sweep) -> tuple[Engine, Float[Tensor, " n"
     """The raw metric of every experiment of ``sweep`` (NaN where impossible), ``exp.max_batch`` paths per pair of
     forward passes: the engine, the values and the number of passes."""
     view = exp.view
+    check_head_split(view, "path patching")
     L = view.n_layers
     names = [view.attn_hook(l, "z") for l in range(L)] + \
         ([view.out_hook(l, "mlp") for l in range(L)] if view.has_mlp else []) + \

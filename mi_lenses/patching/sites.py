@@ -156,6 +156,19 @@ class Site:
         return tuple(out)
 
 
+def check_head_split(view: ModelView, analysis: str) -> None:
+    """Refuse per-head ``hook_z`` / ``q`` / ``k`` / ``v`` work on multi-head latent attention: TransformerLens splits
+    those hooks by ``cfg.d_head`` while each value head is wider (and fires q/k/v head-first), so patching head ``h``
+    there would write another head's slice."""
+    mla = [l for l in range(view.n_layers) if view.is_mla(l)]
+    if mla:
+        raise LensInputError(
+            f"{analysis} patches single heads' hook_z/q/k/v, but blocks {mla[:4]}{'...' if len(mla) > 4 else ''} run "
+            "multi-head latent attention, whose heads TransformerLens does not split into those hooks one to one: "
+            "patch what='attn_out', 'resid_pre', 'mlp_out' or 'head_pattern' instead, or use "
+            "mi_lenses.direct_logit_attribution for per-head effects.")
+
+
 def resolve_site(view: ModelView, what: str, by: str | None, *, sizes: dict[str, int], layers: IndexSpec = None,
                  pos_map: Sequence[tuple[int, int]] | None = None) -> Site:
     """The :class:`Site` of ``what`` cut by ``by`` (default per ``what``), checked: ``by`` must use axes ``what`` has,
@@ -174,6 +187,8 @@ def resolve_site(view: ModelView, what: str, by: str | None, *, sizes: dict[str,
                              "what='resid_pre' or 'resid_post'.")
     if what in ("mlp_out", "neurons") and not view.has_mlp:
         raise LensInputError(f"this model has no MLPs, so what={what!r} does not exist.")
+    if what in ("head_out", "head_q", "head_k", "head_v"):
+        check_head_split(view, f"what={what!r}")
     chosen = resolve_indices(layers, view.n_layers, "layer", f"this model has {view.n_layers} blocks")
     n = sizes.get("pos", 0)
     pairs = [(p, p) for p in range(n)] if pos_map is None else [tuple(p) for p in pos_map]
