@@ -5,7 +5,8 @@
 #   bash scripts/setup.sh --test   # .venv: runtime + test oracles (pytest, tuned-lens, hypothesis) + the docs extra
 #                                  # (mkdocs, the notebook kernel and tools)
 #   bash scripts/setup.sh --tl3    # .venv-tl3: TransformerLens 3.9 (HookedTransformer) first, then mi_lenses with
-#                                  # pip's resolver and the test extras; fails if installing us moved TransformerLens
+#                                  # pip's resolver and the test extras, then SAELens 6.54.12 (the dictionaries'
+#                                  # oracle; it needs TransformerLens < 4); fails if installing us moved TransformerLens
 # MI_LENSES_LOCK=off installs the newest versions pyproject.toml allows instead (torch stays at the 2.13.0 CPU wheel)
 # and MI_LENSES_VENV names the environment: scripts/drift.sh uses both.
 set -euo pipefail
@@ -34,6 +35,7 @@ case "${1:-}" in
   --tl3)
     quiet pip install -q "${pins[@]}" "transformer-lens==3.9.0"   # a user's existing 3.x environment
     quiet pip install -q "${pins[@]}" -e ".[test]"                 # installing us must leave it in place
+    quiet pip install -q "${pins[@]}" "sae-lens==6.54.12"          # the SAELens oracle (tests/test_features.py)
     python - <<'PY'
 from importlib.metadata import version
 v = version("transformer-lens")

@@ -162,7 +162,8 @@ COMMANDS = {  # command -> the Python entry points whose keywords its flags are
     "patchscope": ["patchscope", "sweep", "Source", "Target"], "patch": ["activation_patching", "edge_attribution",
                                                                          "faithfulness"],
     "compare": ["compare_lenses"], "diffusion-lens": ["diffusion_lens"], "tuned-lens train": ["TrainConfig"],
-    "tuned-lens eval": ["evaluate_lens"],
+    "tuned-lens eval": ["evaluate_lens"], "train-dictionary": ["DictionaryTrainConfig"],
+    "evaluate-dictionary": ["evaluate_dictionary"],
 }
 
 

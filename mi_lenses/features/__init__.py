@@ -1,0 +1,105 @@
+"""Dictionaries (SAEs, transcoders, per-layer and cross-layer transcoder sets) and reading features with them.
+
+* :mod:`~mi_lenses.features.dictionary`: :class:`Dictionary` (one hook: encode, decode, the parts of its output) and
+  :class:`DictionarySet`;
+* :mod:`~mi_lenses.features.formats`: the files (SAELens, sparsify, circuit-tracer, ours), :func:`load_dictionary`
+  and :func:`save_dictionary` here;
+* :mod:`~mi_lenses.features.reading`: :func:`features` (activations per position and the reconstruction error);
+* :mod:`~mi_lenses.features.dla`: :func:`feature_dla` (each feature's direct effect, summing exactly to the
+  component's DLA) and the feature logit lens;
+* :mod:`~mi_lenses.features.train`: :func:`train_dictionary` (TopK SAEs and transcoders streamed from the model,
+  :class:`DictionaryTrainConfig`); :mod:`~mi_lenses.features.evaluate`: :func:`evaluate_dictionary` (FVU, L0, dead
+  features, cross-entropy spliced in, loss recovered).
+
+Example:
+    >>> g = torch.Generator().manual_seed(0)
+    >>> d = Dictionary(torch.randn(model.cfg.d_model, 64, generator=g) * 0.3, torch.zeros(64),
+    ...                torch.randn(64, model.cfg.d_model, generator=g) * 0.1, torch.zeros(model.cfg.d_model),
+    ...                hook="blocks.1.hook_mlp_out")
+    >>> path = save_dictionary(d, tmp / "sae", model=model)          # records the model's fingerprint
+    >>> f = mi_lenses.features(model, "The capital of France is", load_dictionary(path))
+    >>> f.activations.shape[-1], f.error.shape[-1] == model.cfg.d_model
+    (64, True)
+    >>> r = mi_lenses.feature_dla(model, "The capital of France is", d, answer=" Paris")
+    >>> dla = mi_lenses.direct_logit_attribution(model, "The capital of France is", answer=" Paris")
+    >>> abs(float(r.total[0] - dla.mlps[0, 1])) < 1e-4             # features + bias + error = the MLP's DLA
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from mi_lenses.features.dictionary import Dictionary, DictionarySet
+from mi_lenses.features.dla import FeatureDLA, feature_dla, feature_logit_lens
+from mi_lenses.features.evaluate import DictionaryEvaluation, evaluate_dictionary
+from mi_lenses.features.formats import DictionaryFormat
+from mi_lenses.features.formats import load as _load
+from mi_lenses.features.formats import save as _save
+from mi_lenses.features.reading import FeatureResult, check_dictionary, features, read_vectors
+from mi_lenses.features.train import DictionaryTrainConfig, train_dictionary
+from mi_lenses.models.identity import model_identity
+from mi_lenses.models.view import ModelView
+
+
+def load_dictionary(path: str | os.PathLike) -> Dictionary | DictionarySet:
+    """Load a dictionary folder: SAELens (``cfg.json`` + ``sae_weights.safetensors``), a sparsify hook folder
+    (``cfg.json`` + ``sae.safetensors``, named by its module, e.g. ``layers.12.mlp``), circuit-tracer's transcoder
+    sets and cross-layer transcoders (``config.yaml`` + ``layer_{i}.safetensors`` / ``W_enc_{i}``, ``W_dec_{i}``) or
+    ours (``mi_dictionary.json``). Only safetensors are read, never pickles.
+
+    Args:
+        path: the folder.
+
+    Returns:
+        a :class:`Dictionary` (SAE or transcoder) or a :class:`DictionarySet` (per-layer or cross-layer transcoders).
+    """
+    return _load(path)
+
+
+def save_dictionary(
+    dictionary: Dictionary | DictionarySet,
+    path: str | os.PathLike,
+    *,
+    format: DictionaryFormat = "mi_lenses",
+    model: Any = None,
+) -> Path:
+    """Write a dictionary into the folder ``path`` (atomically), in our format or SAELens's.
+
+    Args:
+        dictionary: a :class:`Dictionary` or (ours only) a :class:`DictionarySet`.
+        path: the folder to write.
+        format: ``"mi_lenses"`` (every field, a checksum, the model's identity) or ``"saelens"`` (``cfg.json`` +
+            ``sae_weights.safetensors``, loadable by SAELens's ``SAE.load_from_disk``).
+        model: the model the dictionary belongs to: its hooks are checked and its identity recorded (our format), so
+            that the file is refused on another model.
+
+    Returns:
+        the folder.
+    """
+    meta: dict[str, Any] = {}
+    if model is not None:
+        view = ModelView(model)
+        check_dictionary(view, dictionary)
+        meta = model_identity(view)
+    return _save(dictionary, path, format=format, meta=meta)
+
+
+__all__ = [
+    "Dictionary",
+    "DictionaryEvaluation",
+    "DictionarySet",
+    "DictionaryTrainConfig",
+    "FeatureDLA",
+    "FeatureResult",
+    "feature_dla",
+    "feature_logit_lens",
+    "features",
+    "load_dictionary",
+    "read_vectors",
+    "save_dictionary",
+    "evaluate_dictionary",
+    "train_dictionary",
+]
