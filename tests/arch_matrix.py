@@ -617,3 +617,46 @@ CONVENTIONS += (
               "only), so no tiny model can be built to check it against Hugging Face; untested.\n"
               for arch, cfg in NOT_BUILT.items()))
 # --- end
+
+
+# --- issue 26: the rest of the registry
+NOTES[("mpt", "q·k terms")] = NOTES[("bloom", "q·k terms")]  # ALiBi
+# JetMoE's mixture of attention experts: TransformerLens wraps the attention and the MoE MLP whole (no heads).
+for _f, _text in (("DLA heads", _MIXER_PART), ("DLA sources", _MIXER_PART), ("DLA neurons", _NO_NEURONS),
+                  ("attention patterns", _NO_HEADS), ("q·k terms", _NO_HEADS)):
+    NOTES[("jetmoe", _f)] = _text
+REFUSED["hrm_text"] = ("TransformerLens 4.3's bridge has no blocks (two recurrent stacks run several times a "
+                       "forward) and no blocks.*.hook_resid_pre/post")
+REFUSED_MATCH["hrm_text"] = "HrmTextForCausalLM under TransformerLens 4.3"
+REFUSED["deepseek_v4"] = ("TransformerLens 4.3's bridge has no blocks.*.hook_resid_pre/post (hc_mult "
+                          "residual streams mixed by hyper-connections) nor attention heads")
+REFUSED_MATCH["deepseek_v4"] = "DeepseekV4ForCausalLM under TransformerLens 4.3"
+
+# Registered in TransformerLens 4.3 without a transformers model class: remote-code checkpoints and
+# TransformerLens's own formats (tests/test_architectures.py fails when transformers gains the class).
+_REMOTE = "a remote-code checkpoint (trust_remote_code)"
+REMOTE_ONLY = {
+    "BaichuanForCausalLM": f"Baichuan 1/2: {_REMOTE}",
+    "BaiChuanForCausalLM": f"Baichuan 1 (an older spelling): {_REMOTE}",
+    "ExaoneForCausalLM": f"EXAONE 3.x: {_REMOTE}; transformers 5.25 has EXAONE 4 (in the matrix: "
+                         "exaone4_window)",
+    "InternLM2ForCausalLM": f"InternLM 2: {_REMOTE}",
+    "OpenELMForCausalLM": f"Apple OpenELM: {_REMOTE}",
+    "OuroForCausalLM": f"ByteDance Ouro (looped depth): {_REMOTE}",
+    "QwenForCausalLM": f"Qwen (1): {_REMOTE}; Qwen 2 and later are in the matrix",
+    "RavenForCausalLM": f"Huginn (depth-recurrent): {_REMOTE}",
+    "MinGPTForCausalLM": "TransformerLens's own conversion of minGPT weights; no Hugging Face model",
+    "NanoGPTForCausalLM": "TransformerLens's own conversion of nanoGPT weights; no Hugging Face model",
+    "NeelSoluOldForCausalLM": "TransformerLens's own format of Neel Nanda's old SoLU models; no Hugging Face "
+                              "model",
+}
+# TransformerLens's other spellings of an architecture in the matrix (the same adapter class).
+ALIASED = {"Gemma1ForCausalLM": "GemmaForCausalLM", "NeoForCausalLM": "GPTNeoForCausalLM",
+           "NeoXForCausalLM": "GPTNeoXForCausalLM", "MPTForCausalLM": "MptForCausalLM",
+           "JetMoEForCausalLM": "JetMoeForCausalLM"}
+CONVENTIONS += (
+    "".join(f"- `{arch}`: registered by TransformerLens 4.3, but transformers 5.25 has no `{arch}`: {why}; "
+            "untested.\n" for arch, why in REMOTE_ONLY.items())
+    + "".join(f"- `{arch}`: TransformerLens 4.3's other name for `{target}` (the same adapter), checked "
+              "in the matrix under that name.\n" for arch, target in ALIASED.items()))
+# --- end

@@ -60,7 +60,7 @@ def out_projection(attn: torch.nn.Module) -> torch.nn.Module:
 
 
 def mlp_module(block: torch.nn.Module) -> torch.nn.Module | None:
-    return _first(block, ("mlp", "block_sparse_moe", "feed_forward"))
+    return _first(block, ("mlp", "block_sparse_moe", "feed_forward", "ffn"))  # MPT: ffn
 
 
 def router(mlp: torch.nn.Module) -> torch.nn.Module | None:
@@ -472,9 +472,13 @@ def hf_pattern(hf: torch.nn.Module, layer: int, scores: Tensor, hf_attn: Tensor,
 # its input; heads, MLPs and dense neurons as above. Every part is carried to the logit through the post-norms and
 # the residual multiplier of its block and the final norm (scale frozen from the run).
 HYBRID_FINAL = ("norm_f", "ln_out", "final_norm", "embedding_norm", "final_layernorm", "norm")
-HYBRID_MIXERS = ("mixer", "mamba", "linear_attn", "conv", "attention")  # token mixers without heads
+HYBRID_MIXERS = ("mixer", "mamba", "linear_attn", "conv", "attention",  # token mixers without heads
+                 "self_attention")  # JetMoE's mixture of attention experts (no per-head W_O)
 HYBRID_MLPS = ("mlp", "feed_forward", "shared_mlp")
 HYBRID_WHOLE = {"recurrent_gemma"}  # TransformerLens wraps every block whole
+# MLPs with no dense down projection to split into neurons (RWKV's channel-mix, JetMoE's experts in one 3-D
+# weight)
+NO_NEURON_ORACLE = {"rwkv", "jetmoe"}
 
 
 def hybrid_final(hf: torch.nn.Module) -> torch.nn.Module:
@@ -557,7 +561,7 @@ def hybrid_oracle(name: str, hf: torch.nn.Module, tokens: Tensor, answer: int, w
         if mlp is not None:
             handles.append(mlp.register_forward_hook(keep(("mlp", l), True), with_kwargs=True))
             down = _first(mlp, ("down_proj", "output_linear", "value"))
-            if down is not None and not is_moe(mlp) and name != "rwkv":
+            if down is not None and not is_moe(mlp) and name not in NO_NEURON_ORACLE:
                 handles.append(down.register_forward_pre_hook(keep(("act", l)), with_kwargs=True))
         for attr in ("post_attention_layernorm", "post_feedforward_layernorm"):
             if _first(block, ("post_feedforward_layernorm",)) is not None:  # OLMo-style post-norms
@@ -633,4 +637,10 @@ def hybrid_oracle(name: str, hf: torch.nn.Module, tokens: Tensor, answer: int, w
             neurons[l] = (got[("act", l)].reshape(S, -1)[-1].double() * (m_dir @ W_down)).float()
     diff = float(uncap_(logits[-1, answer]) - uncap_(logits[-1, wrong]))
     return HybridOracle(diff, lens, heads, mixers, mlps, neurons, patterns)
+# --- end
+
+
+# --- issue 26: the rest of the registry
+# GLM-4's post-sublayer norms (its post_attention_layernorm is the pre-MLP norm)
+POST_NORMS["glm4"] = ("post_self_attn_layernorm", "post_mlp_layernorm")
 # --- end

@@ -328,6 +328,49 @@ HYBRID_SPECS = {
 SPECS.update(HYBRID_SPECS)
 # --- end
 
+# --- issue 26: the rest of the registry
+# Every other decoder-only causal LM in TransformerLens 4.3's registry that transformers can build (the
+# remote-code ones and TransformerLens's other spellings: arch_matrix.NOT_BUILT / REMOTE_ONLY / ALIASED).
+SPECS.update({
+    "apertus": Spec("ApertusConfig", "ApertusForCausalLM", _llama_like(), "xIELU activation, q/k norms"),
+    "arcee": Spec("ArceeConfig", "ArceeForCausalLM", _llama_like(head_dim=8),
+                  "squared-ReLU MLP without a gate"),
+    "ernie4_5": Spec("Ernie4_5Config", "Ernie4_5ForCausalLM", _llama_like(use_bias=True, head_dim=8),
+                     "interleaved rotary, linear biases"),
+    "glm": Spec("GlmConfig", "GlmForCausalLM", _llama_like(head_dim=8, attention_bias=True),
+                "partial interleaved rotary, fused gate_up, q/k/v biases"),
+    "glm4": Spec("Glm4Config", "Glm4ForCausalLM", _llama_like(head_dim=8, attention_bias=True),
+                 "GLM with post-sublayer norms"),
+    "ministral3": Spec("Ministral3Config", "Ministral3ForCausalLM",
+                       _llama_like(head_dim=8, sliding_window=CTX), "Mistral 3 text decoder"),
+    "seed_oss": Spec("SeedOssConfig", "SeedOssForCausalLM",
+                     _llama_like(head_dim=8, attention_bias=True, attention_out_bias=True),
+                     "q/k/v and output biases"),
+    "vaultgemma": Spec("VaultGemmaConfig", "VaultGemmaForCausalLM",
+                       _llama_like(head_dim=8, tie_word_embeddings=True, query_pre_attn_scalar=8,
+                                   sliding_window=CTX, final_logit_softcapping=3.0,
+                                   attn_logit_softcapping=2.0),
+                       "Gemma 2 without post-norms, soft-caps"),
+    "jais2": Spec("Jais2Config", "Jais2ForCausalLM", _llama_like(head_dim=8), "LayerNorm, squared-ReLU MLP"),
+    "mpt": Spec("MptConfig", "MptForCausalLM",
+                dict(d_model=D, n_heads=HEADS, n_layers=LAYERS, expansion_ratio=2, max_seq_len=CTX),
+                "ALiBi, fused Wqkv, bias-free LayerNorm"),
+    "hrm_text": Spec("HrmTextConfig", "HrmTextForCausalLM", _llama_like(head_dim=8),
+                     "two recurrent stacks (H and L cycles); refused by name"),
+    "deepseek_v4": Spec("DeepseekV4Config", "DeepseekV4ForCausalLM",
+                        dict(hidden_size=D, moe_intermediate_size=24, num_hidden_layers=LAYERS,
+                             num_attention_heads=HEADS, num_key_value_heads=1, head_dim=16, q_lora_rank=24,
+                             num_experts_per_tok=2, n_routed_experts=4, n_shared_experts=1,
+                             max_position_embeddings=CTX, tie_word_embeddings=False),
+                        "hyper-connections (hc_mult residual streams); refused by name"),
+})
+HYBRID_SPECS["jetmoe"] = SPECS["jetmoe"] = Spec(
+    "JetMoeConfig", "JetMoeForCausalLM",
+    dict(hidden_size=D, num_hidden_layers=LAYERS, num_key_value_heads=KV, kv_channels=8, intermediate_size=FF,
+         num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=CTX, tie_word_embeddings=False),
+    "mixture of attention experts, MoE MLP")
+# --- end
+
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:
     """Move every norm gain away from its neutral value and every norm / linear bias away from zero."""
@@ -386,7 +429,8 @@ def hf_final_module(hf: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     """The first module after the last block: the final norm (``"norm"``), or, without one (OPT-350m), the module
     that reads the last block's output (``"project_out"``)."""
     base = _base(hf)
-    for owner, attrs in ((base, ("norm", "ln_f", "final_layernorm", "final_layer_norm", "layer_norm", "final_norm")),
+    for owner, attrs in ((base, ("norm", "ln_f", "final_layernorm", "final_layer_norm", "layer_norm",
+                                 "final_norm", "norm_f")),
                          (getattr(base, "decoder", None), ("final_layer_norm", "project_out"))):
         for attr in attrs:
             mod = getattr(owner, attr, None) if owner is not None else None

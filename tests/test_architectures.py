@@ -1,6 +1,7 @@
-"""The architecture matrix (see :mod:`arch_matrix`): tiny random models of 27 Hugging Face decoder architectures
-(28 configurations: OPT in its 125m and 350m layouts), booted with ``mi_lenses.load_model(folder)`` raw and in
-compatibility mode, every feature checked against the HF model alone; and the support page generated from it.
+"""The architecture matrix (see :mod:`arch_matrix`): tiny random models of every decoder architecture of
+TransformerLens 4.3's registry that transformers builds, and variants (98 configurations), booted with
+``mi_lenses.load_model(folder)`` raw and in compatibility mode, every feature checked against the HF model
+alone; and the support page generated from it.
 """
 
 from __future__ import annotations
@@ -165,6 +166,34 @@ def test_not_built_architectures_have_no_config_class():
 
     for arch, cfg in AM.NOT_BUILT.items():
         assert not hasattr(transformers, cfg), f"transformers now has {cfg}: add {arch} to the matrix (tests/archs.py)"
+
+
+def test_every_registry_decoder_is_in_the_matrix_or_named():
+    """Every causal LM of TransformerLens's registry is a configuration of the matrix, an alias load_model
+    boots under TransformerLens's spelling (gaps.ALIASES), another TransformerLens spelling of a matrix
+    architecture (arch_matrix.ALIASED: the same adapter class), or named on the support page as not buildable
+    here (arch_matrix.NOT_BUILT / REMOTE_ONLY), which stays true only while transformers has no such class."""
+    import transformers
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES as REG
+
+    from mi_lenses.models.gaps import ALIASES
+
+    models = {spec.model for spec in SPECS.values()}
+    for arch, cls in REG.items():
+        if not arch.endswith("ForCausalLM"):
+            continue
+        if arch in AM.ALIASED:
+            target = AM.ALIASED[arch]
+            assert target in models and REG[target] is cls, f"{arch} is not an alias of {target}"
+            assert not hasattr(transformers, arch), f"transformers now has {arch}: check it is {target}"
+        elif arch in AM.REMOTE_ONLY:
+            assert not hasattr(transformers, arch), f"transformers now has {arch}: add it to archs.py"
+        else:
+            assert arch in models or arch in AM.NOT_BUILT \
+                or any(ALIASES.get(m) == arch for m in models), f"{arch} is neither in the matrix nor named"
+    page = PAGE.read_text(encoding="utf-8")
+    for arch in [*AM.REMOTE_ONLY, *AM.ALIASED, *AM.NOT_BUILT]:
+        assert f"`{arch}`" in page, f"docs/architectures.md does not name {arch}"
 
 
 def test_phimoe_boots_under_transformer_lens_spelling(matrix):

@@ -22,6 +22,14 @@ GAPS: dict[str, tuple[str, str]] = {
     "ModernBertDecoderForCausalLM": ("load", "its bridge leaves out the prediction head (dense, activation, norm) "
                                              "between the final norm and the decoder, so no logit it decodes is "
                                              "the model's"),
+    "HrmTextForCausalLM": ("load", "its bridge has no blocks (two recurrent stacks, L_blocks and "
+                                   "H_blocks, that run H_cycles * (L_cycles + 1) times in one forward) "
+                                   "and no blocks.*.hook_resid_pre/post, so there is no residual stream "
+                                   "of one layer for a lens, direct logit attribution or Patchscope"),
+    "DeepseekV4ForCausalLM": ("load", "DeepSeek V4 carries hc_mult residual streams mixed by "
+                                      "hyper-connections between blocks, and its bridge has no "
+                                      "blocks.*.hook_resid_pre/post (one residual stream for a lens, "
+                                      "direct logit attribution or Patchscope) nor attention heads"),
     "XGLMForCausalLM": ("dla", "its bridge has no hook_pos_embed (XGLM's sinusoidal positions, one of the parts)"),
     "Gemma4ForCausalLM": ("dla", "its per-layer attention geometry (sliding and full layers of different head "
                                  "widths) cannot be split into TransformerLens's per-head weights"),
