@@ -9,7 +9,10 @@
   component's DLA) and the feature logit lens;
 * :mod:`~mi_lenses.features.train`: :func:`train_dictionary` (TopK SAEs and transcoders streamed from the model,
   :class:`DictionaryTrainConfig`); :mod:`~mi_lenses.features.evaluate`: :func:`evaluate_dictionary` (FVU, L0, dead
-  features, cross-entropy spliced in, loss recovered).
+  features, cross-entropy spliced in, loss recovered);
+* :mod:`~mi_lenses.features.intervene`: :func:`intervene` (ablate, clamp, scale or add features, the error kept;
+  steering during generation). Feature-level patching is ``activation_patching(..., what="features",
+  dictionary=...)``.
 
 Example:
     >>> g = torch.Generator().manual_seed(0)
@@ -37,6 +40,7 @@ from mi_lenses.features.dla import FeatureDLA, feature_dla, feature_logit_lens
 from mi_lenses.features.evaluate import DictionaryEvaluation, evaluate_dictionary
 from mi_lenses.features.formats import DictionaryFormat
 from mi_lenses.features.formats import load as _load
+from mi_lenses.features.intervene import Intervention, intervene
 from mi_lenses.features.formats import save as _save
 from mi_lenses.features.reading import FeatureResult, check_dictionary, features, read_vectors
 from mi_lenses.features.train import DictionaryTrainConfig, train_dictionary
@@ -94,9 +98,11 @@ __all__ = [
     "DictionaryTrainConfig",
     "FeatureDLA",
     "FeatureResult",
+    "Intervention",
     "feature_dla",
     "feature_logit_lens",
     "features",
+    "intervene",
     "load_dictionary",
     "read_vectors",
     "save_dictionary",

@@ -28,7 +28,10 @@ from mi_lenses.models.batch import PromptInput
 from mi_lenses.options import with_options
 from mi_lenses.patching.exact import exact_grid
 from mi_lenses.patching.experiment import Experiment
-from mi_lenses.patching.gradients import gradient_grid
+from mi_lenses.features.dictionary import DictionarySet
+from mi_lenses.features.reading import as_dictionary, check_dictionary
+from mi_lenses.patching.features import feature_exact, feature_gradients
+from mi_lenses.patching.gradients import gradient_grid, site_ig_grid
 from mi_lenses.patching.options import ActivationOptions
 from mi_lenses.patching.result import PatchingResult
 from mi_lenses.patching.sites import Site, resolve_site
@@ -40,8 +43,10 @@ def activation_patching(model: Any, clean: PromptInput, corrupted: PromptInput, 
     """Patch every cell of a grid of activations between a clean and a corrupted run and measure the metric.
 
     ``method="exact"`` runs every cell that changes something (TransformerLens's numbers, batched and replayed from
-    the patched block: :mod:`~mi_lenses.patching.exact`); ``"attribution"`` and ``"eap_ig"`` estimate the whole grid
-    from gradients (:mod:`~mi_lenses.patching.gradients`). With the default metric a cell's value is 0 for the
+    the patched block: :mod:`~mi_lenses.patching.exact`); ``"attribution"``, ``"eap_ig"`` (the input embeddings
+    interpolated) and ``"ig"`` (each layer's own activation interpolated) estimate the whole grid from gradients
+    (:mod:`~mi_lenses.patching.gradients`). ``what="features"`` with ``dictionary=`` patches a dictionary's feature
+    activations, the error kept (:mod:`~mi_lenses.patching.features`). With the default metric a cell's value is 0 for the
     corrupted run and 1 for the clean one.
 
     Args:
@@ -53,13 +58,24 @@ def activation_patching(model: Any, clean: PromptInput, corrupted: PromptInput, 
     opts = options  # with_options merged the keywords into it; Experiment.prepare validates it
     exp = Experiment.prepare(model, clean, corrupted, opts, position_map=opts.position_map,
                              max_batch=opts.max_batch, progress=opts.progress)
-    site = pair_site(exp, opts.what, opts.by, opts.layers)
+    site = pair_site(exp, opts.what, opts.by, opts.layers, opts.dictionary)
+    features = site.what == "features"
+    steps = opts.integration_steps()
     if opts.method == "exact":
-        run = exact_grid(exp, site)
+        run = feature_exact(exp, site) if features else exact_grid(exp, site)
         values = exp.normalise(run.raw)
         info = dict(engine=run.mode, cells_run=run.cells_run, cells_skipped=run.cells_skipped, passes=run.passes)
+    elif features or opts.method == "ig":
+        if features and opts.method == "eap_ig":
+            raise LensInputError("method='eap_ig' attributes to the input embeddings' path, not to features: use "
+                                 "method='ig' (integrated gradients at the features) or 'attribution'.")
+        raw = (feature_gradients(exp, site, ig_steps=steps) if features
+               else site_ig_grid(exp, site, ig_steps=steps))
+        values = raw / exp.gap
+        info = dict(engine="gradient", passes=len(site.layers) if steps else 1)
+        if steps:
+            info.update(ig_steps=steps)
     else:
-        steps = opts.integration_steps()
         grad = gradient_grid(exp, site, ig_steps=steps)
         values = grad.values / exp.gap
         info = dict(engine="gradient", passes=1)
@@ -70,8 +86,9 @@ def activation_patching(model: Any, clean: PromptInput, corrupted: PromptInput, 
         layers=site.layers, grid_axes=["layer", *site.grid_axes], **info))
 
 
-def pair_site(exp: Experiment, what: str, by: str | None, layers: IndexSpec) -> Site:
-    """The site of ``what``/``by`` over the pair's aligned positions (attention patterns need equal lengths)."""
+def pair_site(exp: Experiment, what: str, by: str | None, layers: IndexSpec, dictionary: Any = None) -> Site:
+    """The site of ``what``/``by`` over the pair's aligned positions (attention patterns need equal lengths;
+    ``dictionary``: the one whose features ``what="features"`` patches, checked against the model)."""
     view, pair = exp.view, exp.pair
     S = pair.base.shape[1]
     heads = view.n_kv_heads if what in ("head_k", "head_v") else view.n_heads
@@ -79,5 +96,14 @@ def pair_site(exp: Experiment, what: str, by: str | None, layers: IndexSpec) -> 
         raise LensInputError("attention patterns are patched whole over their key positions, which needs clean and "
                              "corrupted prompts of the same length with positions aligned one to one: patch "
                              "head_out, head_q, head_k or head_v instead.")
+    if dictionary is not None:
+        dictionary = as_dictionary(dictionary)
+        if isinstance(dictionary, DictionarySet):
+            if len(dictionary.dictionaries) != 1 or dictionary.cross:
+                raise LensInputError("what='features' patches one dictionary's features: pass a member of the set "
+                                     "(dictionary_set.dictionaries[i]).")
+            dictionary = dictionary.dictionaries[0]
+        check_dictionary(view, dictionary)
     return resolve_site(view, what, by, sizes={"pos": S, "head": heads, "neuron": view.d_mlp, "src": S,
-                                               "d": view.d_model}, layers=layers, pos_map=pair.pos_map)
+                                               "d": view.d_model}, layers=layers, pos_map=pair.pos_map,
+                        dictionary=dictionary)

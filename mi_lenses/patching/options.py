@@ -31,7 +31,7 @@ from mi_lenses.patching.metric import MetricFn
 from mi_lenses.patching.pair import MODES, Mode, PositionMap
 from mi_lenses.patching.sites import BYS, WHATS, By, What
 
-Method = Literal["exact", "attribution", "eap_ig"]
+Method = Literal["exact", "attribution", "eap_ig", "ig"]
 EdgeMethod = Literal["attribution", "eap_ig"]
 Freeze = Literal["heads", "heads_and_mlps"]
 Head = tuple[int, int]
@@ -86,8 +86,8 @@ class _Gradients:
     ig_steps: int | None
 
     def integration_steps(self) -> int | None:
-        """The number of EAP-IG points (None for the other methods)."""
-        return (self.ig_steps or DEFAULT_IG_STEPS) if self.method == "eap_ig" else None
+        """The number of integration points of ``eap_ig`` and ``ig`` (None for the other methods)."""
+        return (self.ig_steps or DEFAULT_IG_STEPS) if self.method in ("eap_ig", "ig") else None
 
     def _check_method(self, methods: tuple[str, ...]) -> None:
         if self.method not in methods:
@@ -95,8 +95,8 @@ class _Gradients:
         steps = self.ig_steps
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
             raise LensInputError(f"ig_steps must be a positive int, got {steps!r}.")
-        if steps is not None and self.method != "eap_ig":
-            raise LensInputError("ig_steps= goes with method='eap_ig'.")
+        if steps is not None and self.method not in ("eap_ig", "ig"):
+            raise LensInputError("ig_steps= goes with method='eap_ig' or 'ig'.")
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,14 @@ class ActivationOptions(_Gradients, PairOptions):
     by: By | None = option(None, "the grid after the layer (default per what: layer_pos, layer_head for heads, "
                                "layer_neuron for neurons)", cli={"choices": BYS})
     method: Method = option("exact", "'exact' (forward passes, TransformerLens's numbers), 'attribution' (one forward "
-                                   "and one backward pass) or 'eap_ig' (integrated gradients along the input path)",
+                                   "and one backward pass), 'eap_ig' (integrated gradients along the input path) or "
+                                   "'ig' (integrated gradients at the patched site: each layer's activation "
+                                   "interpolated between the runs, Marks et al. 2024)",
                           cli={"choices": list(get_args(Method))})
-    ig_steps: int | None = option(None, f"the points of method='eap_ig' (default {DEFAULT_IG_STEPS})", cli={"type": int})
+    ig_steps: int | None = option(None, f"the points of method='eap_ig' or 'ig' (default {DEFAULT_IG_STEPS})",
+                                  cli={"type": int})
+    dictionary: Any = option(None, "with what='features': the dictionary (an SAE or a transcoder, or its folder) whose "
+                                   "features are patched", cli={"metavar": "FOLDER"})
     layers: IndexSpec = option(None, "the layers of the grid (default all)")
     position_map: PositionMap | None = option(
         None, "{clean position: corrupted position} for prompts of different lengths (the grid runs over the mapped "

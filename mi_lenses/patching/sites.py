@@ -17,10 +17,15 @@ cut into grid cells (``by``).
 ``head_v``        ``blocks.l.attn.hook_v``           ``pos, head, d`` (key/value heads)       ``layer_head``
 ``head_pattern``  ``blocks.l.attn.hook_pattern``     ``head, pos, src`` (pos = destination)   ``layer_head``
 ``neurons``       ``blocks.l.mlp.hook_post``         ``pos, neuron``                          ``layer_neuron``
+``features``      the ``dictionary``'s hooks         ``pos, feature``                         ``layer_feature``
 ================  =================================  =======================================  ==================
 
+``features`` are a dictionary's feature activations (``dictionary=``: an SAE or a transcoder on one hook, whose block
+is the grid's one layer): a patch replaces the base run's activations of the cell's features by the source run's and
+keeps the base run's reconstruction error (:mod:`~mi_lenses.patching.features`).
+
 ``by`` picks the grid axes after the layer: ``layer_pos``, ``layer_head``, ``layer_pos_head``, ``layer`` (the whole
-activation of a layer), ``layer_neuron``, ``layer_pos_neuron``. An axis that is not a grid axis is patched whole (every
+activation of a layer), ``layer_neuron``, ``layer_pos_neuron``, ``layer_feature``, ``layer_pos_feature``. An axis that is not a grid axis is patched whole (every
 position, every head...). The grid is ``[layers, *grid axes]``: ``layer_pos`` gives ``[L, P]``, ``layer_pos_head``
 ``[L, P, H]`` (TransformerLens's ``get_act_patch_attn_head_pattern_by_pos`` orders it ``[L, H, P]``).
 
@@ -44,18 +49,20 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence, get_args
+from typing import Any, Literal, Sequence, get_args
 
 import torch
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError
+from mi_lenses.features.dictionary import hook_layer
 from mi_lenses.indexing import IndexSpec, resolve_indices
 from mi_lenses.models.view import ModelView
 
 What = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head_out", "head_q", "head_k",
-               "head_v", "head_pattern", "neurons"]
-By = Literal["layer_pos", "layer_head", "layer_pos_head", "layer", "layer_neuron", "layer_pos_neuron"]
+               "head_v", "head_pattern", "neurons", "features"]
+By = Literal["layer_pos", "layer_head", "layer_pos_head", "layer", "layer_neuron", "layer_pos_neuron", "layer_feature",
+             "layer_pos_feature"]
 
 WHATS: tuple[str, ...] = get_args(What)
 BYS: tuple[str, ...] = get_args(By)
@@ -64,12 +71,14 @@ AXES: dict[str, tuple[str, ...]] = {
     **{w: ("pos", "head", "d") for w in ("head_out", "head_q", "head_k", "head_v")},
     "head_pattern": ("head", "pos", "src"),
     "neurons": ("pos", "neuron"),
+    "features": ("pos", "feature"),
 }
 GRID_AXES: dict[str, tuple[str, ...]] = {
     "layer_pos": ("pos",), "layer_head": ("head",), "layer_pos_head": ("pos", "head"), "layer": (),
-    "layer_neuron": ("neuron",), "layer_pos_neuron": ("pos", "neuron")}
+    "layer_neuron": ("neuron",), "layer_pos_neuron": ("pos", "neuron"), "layer_feature": ("feature",),
+    "layer_pos_feature": ("pos", "feature")}
 DEFAULT_BY = {**{w: "layer_pos" for w in WHATS}, **{w: "layer_head" for w in WHATS if w.startswith("head_")},
-              "neurons": "layer_neuron"}
+              "neurons": "layer_neuron", "features": "layer_feature"}
 
 
 def hook_of(view: ModelView, what: str, layer: int) -> str:
@@ -96,6 +105,7 @@ class Site:
     sizes: dict[str, int]
     pos_map: list[tuple[int, int]] = field(default_factory=list)
     identity_map: bool = True
+    dictionary: Any = field(default=None, repr=False)
 
     @property
     def axes(self) -> tuple[str, ...]:
@@ -110,7 +120,9 @@ class Site:
         return (len(self.layers), *(self.sizes[a] for a in self.grid_axes))
 
     def hook(self, layer: int) -> str:
-        """Where the activation is read (cached) in block ``layer``."""
+        """Where the activation is read (cached) in block ``layer`` (features: the dictionary's input)."""
+        if self.what == "features":
+            return self.dictionary.hook
         return hook_of(self.view, self.what, layer)
 
     @property
@@ -119,7 +131,10 @@ class Site:
         return self.what == "resid_mid"
 
     def write_hook(self, layer: int) -> str:
-        """Where a patch is written in block ``layer``: the read hook, or ``hook_attn_out`` for ``resid_mid``."""
+        """Where a patch is written in block ``layer``: the read hook, ``hook_attn_out`` for ``resid_mid``, the
+        dictionary's output hook for features."""
+        if self.what == "features":
+            return self.dictionary.writes
         return self.view.out_hook(layer, "attn") if self.additive else self.hook(layer)
 
     def cells_per_layer(self) -> int:
@@ -170,7 +185,7 @@ def check_head_split(view: ModelView, analysis: str) -> None:
 
 
 def resolve_site(view: ModelView, what: str, by: str | None, *, sizes: dict[str, int], layers: IndexSpec = None,
-                 pos_map: Sequence[tuple[int, int]] | None = None) -> Site:
+                 pos_map: Sequence[tuple[int, int]] | None = None, dictionary: Any = None) -> Site:
     """The :class:`Site` of ``what`` cut by ``by`` (default per ``what``), checked: ``by`` must use axes ``what`` has,
     the model must have the hook (no ``resid_mid`` on parallel blocks, no MLP hooks on attention-only models)."""
     if what not in WHATS:
@@ -189,8 +204,20 @@ def resolve_site(view: ModelView, what: str, by: str | None, *, sizes: dict[str,
         raise LensInputError(f"this model has no MLPs, so what={what!r} does not exist.")
     if what in ("head_out", "head_q", "head_k", "head_v"):
         check_head_split(view, f"what={what!r}")
+    if (what == "features") != (dictionary is not None):
+        raise LensInputError("what='features' patches a dictionary's features: pass dictionary= (an SAE or a "
+                             "transcoder), and only with what='features'.")
+    if what == "features":
+        layer = hook_layer(dictionary.writes)
+        if layer is None:
+            raise LensInputError(f"the dictionary writes {dictionary.writes!r}, outside the blocks: feature patching "
+                                 "needs a dictionary inside a block.")
+        if layers is not None and resolve_indices(layers, view.n_layers, "layer") != [layer]:
+            raise LensInputError(f"the dictionary sits in block {layer}: layers= can only be {layer} (or None).")
+        sizes = dict(sizes, feature=dictionary.n_features)
+        layers = [layer]
     chosen = resolve_indices(layers, view.n_layers, "layer", f"this model has {view.n_layers} blocks")
     n = sizes.get("pos", 0)
     pairs = [(p, p) for p in range(n)] if pos_map is None else [tuple(p) for p in pos_map]
     identity = all(a == b for a, b in pairs) and len(pairs) == n
-    return Site(view, what, by, chosen, dict(sizes, pos=len(pairs)), pairs, identity)
+    return Site(view, what, by, chosen, dict(sizes, pos=len(pairs)), pairs, identity, dictionary)
