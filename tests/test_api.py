@@ -274,6 +274,7 @@ def results(builder, tmp_path_factory) -> dict[str, mi_lenses.Result]:
         "FeatureResult": mi_lenses.features(m, PROMPTS, _tiny_dictionary(m)),
         "FeatureDLA": mi_lenses.feature_dla(m, PROMPTS, _tiny_dictionary(m), answer=" city"),
         "DictionaryEvaluation": mi_lenses.evaluate_dictionary(m, _tiny_dictionary(m), tokens, progress=False),
+        "FeatureContexts": mi_lenses.feature_contexts(m, _tiny_dictionary(m), tokens, progress=False),
     }
     if importlib.util.find_spec("diffusers") is not None:
         from tiny_diffusion import tiny_pipeline
@@ -311,7 +312,8 @@ def test_every_result_class_has_a_fixture_instance(results, kind):
 # options also run with every value their annotation allows.
 OPTION_VALUES = {"top_k": 3, "max_positions": 3, "max_layers": 2, "max_keys": 4, "patterns": True, "query": 0,
                  "level": 3, ("PatchscopeResult", "layer"): 1, ("AttentionResult", "layer"): 1,
-                 ("AttentionResult", "head"): 2, ("DLAResult", "head"): (1, 2)}
+                 ("AttentionResult", "head"): 2, ("DLAResult", "head"): (1, 2), ("FeatureResult", "feature"): 3,
+                 ("FeatureContexts", "feature"): "F3"}
 
 
 def _option_values(cls: type, name: str) -> list:
@@ -467,6 +469,7 @@ TOP_K_COUNTS = {
     "NeuronAttribution": lambda d: len(d["top_neurons"]),
     "FeatureResult": lambda d: max(len(p["top"]) for p in d["positions"]),
     "FeatureDLA": lambda d: len(d["top_features"]),
+    "FeatureContexts": lambda d: max(len(f["contexts"]) for f in d["features"]),
 }
 
 

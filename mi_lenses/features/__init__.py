@@ -6,7 +6,9 @@
   and :func:`save_dictionary` here;
 * :mod:`~mi_lenses.features.reading`: :func:`features` (activations per position and the reconstruction error);
 * :mod:`~mi_lenses.features.dla`: :func:`feature_dla` (each feature's direct effect, summing exactly to the
-  component's DLA) and the feature logit lens;
+  component's DLA) and the feature logit lens (through a tuned lens with ``lens=``);
+* :mod:`~mi_lenses.features.contexts`: :func:`feature_contexts` (each feature's max-activating contexts over a
+  corpus, its activation frequency and logit lens: the data of a feature dashboard);
 * :mod:`~mi_lenses.features.train`: :func:`train_dictionary` (TopK SAEs and transcoders streamed from the model,
   :class:`DictionaryTrainConfig`); :mod:`~mi_lenses.features.evaluate`: :func:`evaluate_dictionary` (FVU, L0, dead
   features, cross-entropy spliced in, loss recovered);
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from mi_lenses.features.dictionary import Dictionary, DictionarySet
+from mi_lenses.features.contexts import FeatureContexts, feature_contexts
 from mi_lenses.features.dla import FeatureDLA, feature_dla, feature_logit_lens
 from mi_lenses.features.evaluate import DictionaryEvaluation, evaluate_dictionary
 from mi_lenses.features.formats import DictionaryFormat
@@ -96,9 +99,11 @@ __all__ = [
     "DictionaryEvaluation",
     "DictionarySet",
     "DictionaryTrainConfig",
+    "FeatureContexts",
     "FeatureDLA",
     "FeatureResult",
     "Intervention",
+    "feature_contexts",
     "feature_dla",
     "feature_logit_lens",
     "features",

@@ -11,7 +11,9 @@ value. ``verify()`` checks that sum.
 
 The **feature logit lens** reads a feature's decoder direction in the residual stream through the final norm's gain
 (its scale is a token's, so it is left out) and the unembedding: the tokens it promotes and suppresses most
-(:func:`feature_logit_lens`).
+(:func:`feature_logit_lens`). With ``lens=`` (a ``TunedLens`` or another affine lens) the direction is first read
+through the lens's linear map at the residual row that first holds the write (``l + 1`` for a write in block ``l``,
+``l`` for ``hook_resid_pre``); a zero-initialised tuned lens is the identity there, so it gives the logit lens.
 
 Example (a transcoder from the MLP's input to its output):
     >>> D, g = model.cfg.d_model, torch.Generator().manual_seed(0)
@@ -27,6 +29,7 @@ Example (a transcoder from the MLP's input to its output):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -53,6 +56,7 @@ from mi_lenses.features.reading import (
     resolve_hook,
 )
 from mi_lenses.indexing import resolve_positions
+from mi_lenses.lenses.affine import AffineLens, load_lens
 from mi_lenses.models.batch import PromptInput
 from mi_lenses.models.blocks import is_post_ln
 from mi_lenses.models.interventions import active_hooks, recorded
@@ -120,15 +124,60 @@ def to_residual(view: ModelView, hook: str, vectors: Float[Tensor, "n d_out"]) -
     return v
 
 
-def feature_logit_lens(view: ModelView, hook: str, vectors: Tensor, top_k: int = 10
+def lens_row(view: ModelView, hook: str) -> int:
+    """The residual row (lens index: 0 = embeddings, ``l`` = output of block ``l - 1``) that first holds what is
+    written at ``hook``: a block's input for ``hook_resid_pre``, its output for everything written inside it."""
+    layer = hook_layer(hook)
+    tail = hook.split(".", 2)[-1] if layer is not None else hook
+    if layer is None:
+        raise LensInputError(f"the feature logit lens reads dictionaries inside the blocks; {hook!r} is not.")
+    if tail == "hook_resid_mid":
+        raise LensInputError("a lens maps block inputs and outputs, not resid_mid: read this dictionary's feature "
+                             "logit lens without lens=, or use a dictionary on hook_resid_pre / hook_resid_post.")
+    return layer if tail == "hook_resid_pre" else layer + 1
+
+
+def as_affine_lens(view: ModelView, lens: Any) -> Any:
+    """``lens`` (an affine lens such as a ``TunedLens``, or a lens folder) bound to the model; ``None`` stays."""
+    if lens is None:
+        return None
+    if isinstance(lens, (str, os.PathLike)):
+        lens = load_lens(lens)
+    if not isinstance(lens, AffineLens):
+        raise LensInputError(f"lens= takes an affine lens (a TunedLens, a fitted lens or its folder) to read feature "
+                             f"directions through, got {type(lens).__name__}; leave it out for the logit lens.")
+    if getattr(lens, "ahead", 0):
+        raise LensInputError(f"this {lens.name} predicts {lens.ahead} token(s) ahead; the feature logit lens reads "
+                             "the next token: use a tuned lens.")
+    return lens.bind(view.model)
+
+
+def through_lens(view: ModelView, lens: Any, hook: str, v: Float[Tensor, "n d_model"]) -> Tensor:
+    """Residual directions written at ``hook`` read through ``lens``'s linear part at the row that first holds them
+    (a direction carries no bias: ``apply(v) - apply(0)``); ``lens=None``: unchanged."""
+    if lens is None:
+        return v
+    row = lens_row(view, hook)
+    return lens.apply(v, row) - lens.apply(torch.zeros_like(v), row)
+
+
+def feature_logit_lens(view: ModelView, hook: str, vectors: Tensor, top_k: int = 10, lens: Any = None
                        ) -> list[tuple[list[tuple[str, float]], list[tuple[str, float]]]]:
     """Per decoder direction (``vectors`` ``[n, d_out]`` written at ``hook``): the ``top_k`` tokens it promotes and
-    suppresses most, ``(token, logit)``, through the final norm's gain (and centring) and the unembedding."""
-    v = to_residual(view, hook, vectors)
+    suppresses most, ``(token, logit)``, through ``lens`` (a bound affine lens, e.g. a ``TunedLens``: its map at
+    the row that first holds the write; ``None``: the logit lens), the final norm's gain (and centring) and the
+    unembedding."""
+    return decode_directions(view, through_lens(view, lens, hook, to_residual(view, hook, vectors)), top_k)
+
+
+def decode_directions(view: ModelView, v: Float[Tensor, "n d_model"], top_k: int
+                      ) -> list[tuple[list[tuple[str, float]], list[tuple[str, float]]]]:
+    """Residual directions through the final norm's gain (and centring) and the unembedding: per direction the
+    ``top_k`` promoted and suppressed tokens ``(token, logit)``."""
     dec = view.decoder
     if dec.kind == "LN":
         v = v - v.mean(-1, keepdim=True)
-    logits = v.to(dec.W.device) @ dec.W
+    logits = v.to(dec.W.device).float() @ dec.W.float()
     k = min(top_k, logits.shape[-1])
     out = []
     for row in logits:
@@ -153,6 +202,7 @@ def feature_dla(
     through_final_norm: bool = True,
     beyond_context: bool = False,
     top_k: int = 10,
+    lens: Any = None,
     check: bool = True,
 ) -> FeatureDLA:
     """Each feature's direct effect on ``answer`` (``- wrong``) or a direction at ``position``, with the bias, skip
@@ -174,6 +224,9 @@ def feature_dla(
         through_final_norm: read ``direction`` through the final norm (default) or as a plain residual projection.
         beyond_context: accept prompts longer than the model's context (``cfg.n_ctx``).
         top_k: how many of the largest features get their feature logit lens (promoted and suppressed tokens).
+        lens: read the feature logit lens through this lens (a ``TunedLens`` or another affine lens, or its folder:
+            its map at the row that first holds the dictionary's write) instead of the logit lens; the attribution
+            itself is unchanged.
         check: run ``verify()`` before returning.
 
     Returns:
@@ -183,6 +236,7 @@ def feature_dla(
     view = ModelView(model)
     hooks = active_hooks(view.model)
     dictionary = as_dictionary(dictionary)
+    lens = as_affine_lens(view, lens)
     if not isinstance(position, int) or isinstance(position, bool):
         raise LensInputError(f"position must be an int (negative counts from each prompt's end), got {position!r}.")
     for d in members(dictionary):
@@ -236,18 +290,25 @@ def feature_dla(
         error=error,
         component=component,
         labels=labels,
-        logit_lens=_logit_lens(view, dictionary, values_t, top_k),
+        logit_lens=_logit_lens(view, dictionary, values_t, top_k, lens),
     )
     if check:
         result.verify()
     return recorded(result, hooks)
 
 
-def _logit_lens(view: ModelView, dictionary: Dictionary | DictionarySet, values: Tensor, top_k: int
+def _logit_lens(view: ModelView, dictionary: Dictionary | DictionarySet, values: Tensor, top_k: int, lens: Any = None
                 ) -> dict[int, dict[str, list]]:
     """The feature logit lens of the ``top_k`` largest features of every prompt (5 tokens each way)."""
     wanted = sorted({int(i) for row in values for i in row.abs().topk(min(top_k, row.numel())).indices.tolist()
                      if row[i] != 0})
+    return feature_lens(view, dictionary, wanted, lens)
+
+
+def feature_lens(view: ModelView, dictionary: Dictionary | DictionarySet, wanted: list[int], lens: Any = None,
+                 top_k: int = 5) -> dict[int, dict[str, list]]:
+    """The feature logit lens (through ``lens`` if given) of the features ``wanted`` (indices over the whole
+    dictionary): ``{feature: {"promoted": [(token, logit)], "suppressed": [...]}}``, ``top_k`` tokens each way."""
     ds, offsets = members(dictionary), [0]
     for d in ds:
         offsets.append(offsets[-1] + d.n_features)
@@ -256,12 +317,14 @@ def _logit_lens(view: ModelView, dictionary: Dictionary | DictionarySet, values:
         j = max(k for k in range(len(ds)) if offsets[k] <= f)
         i = f - offsets[j]
         d = ds[j]
-        v = to_residual(view, resolve_out(view, d), d.decoder_rows()[i: i + 1])
+        hook = resolve_out(view, d)
+        v = through_lens(view, lens, hook, to_residual(view, hook, d.decoder_rows()[i: i + 1]))
         if isinstance(dictionary, DictionarySet):  # a cross-layer feature writes into later layers too
             for (s, t), W in dictionary.cross.items():
                 if s == j:
-                    v = v + to_residual(view, resolve_out(view, ds[t]), W[i: i + 1])
-        ((up, down),) = feature_logit_lens(view, "blocks.0.hook_resid_post", v, 5)
+                    later = resolve_out(view, ds[t])
+                    v = v + through_lens(view, lens, later, to_residual(view, later, W[i: i + 1]))
+        ((up, down),) = decode_directions(view, v, top_k)
         out[f] = {"promoted": up, "suppressed": down}
     return out
 

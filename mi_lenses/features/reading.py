@@ -38,7 +38,7 @@ from mi_lenses.models.identity import check_identity
 from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
 from mi_lenses.results import Result, dataframe, jsonable, plural
-from mi_lenses.viz.features import feature_fragment, feature_table
+from mi_lenses.viz.features import feature_fragment, feature_table, feature_tokens_view
 
 DictionaryInput = Dictionary | DictionarySet | str | os.PathLike
 _ALIASES = {"mlp.hook_out": "hook_mlp_out", "attn.hook_out": "hook_attn_out", "mlp.hook_in": "ln2.hook_normalized"}
@@ -248,11 +248,21 @@ class FeatureResult(Result):
     writes: list[Tensor] = field(repr=False)
     dictionary: Any = field(default=None, repr=False)
 
-    view_options: ClassVar[dict[str, Any]] = {"top_k": 5}  # see mi_lenses.results
+    view_options: ClassVar[dict[str, Any]] = {"top_k": 5, "feature": None}  # see mi_lenses.results
 
     @property
     def n_batch(self) -> int:
         return int(self.activations.shape[0])
+
+    def column(self, feature: int | str) -> int:
+        """The index of ``feature`` (an index, negative from the end, or a label such as ``"F7"``)."""
+        n = len(self.labels)
+        if isinstance(feature, str) and feature in self.labels:
+            return self.labels.index(feature)
+        if isinstance(feature, int) and not isinstance(feature, bool) and -n <= feature < n:
+            return feature % n
+        raise LensInputError(f"no feature {feature!r}: pass an index in [0, {n}) or a label ({self.labels[0]} .. "
+                             f"{self.labels[-1]}).")
 
     @property
     def title(self) -> str:
@@ -315,22 +325,25 @@ class FeatureResult(Result):
         vals, idx = row.topk(min(top_k, row.numel()))
         return [(self.labels[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist()) if v != 0]
 
-    def _rows(self, batch: int, top_k: int) -> list[dict[str, Any]]:
+    def _rows(self, batch: int, top_k: int, feature: int | str | None = None) -> list[dict[str, Any]]:
         b = self.check_batch(batch)
         err = self._errors()[:, b].norm(dim=-1).sum(0)
+        col = None if feature is None else self.column(feature)
         rows = []
         for p, tok in enumerate(self.str_tokens[b]):
             at = self.offsets[b] + p
             rows.append({"position": p, "token": tok, "l0": int(self.l0[b, at]), "error_norm": float(err[at]),
                          "top": [{"feature": label, "activation": v} for label, v in
                                  self.top(top_k, batch=b, position=p)]})
+            if col is not None:
+                rows[-1]["feature_activation"] = float(self.activations[b, at, col])
         return rows
 
-    def to_dict(self, *, batch: int = 0, top_k: int = 5) -> dict[str, Any]:
+    def to_dict(self, *, batch: int = 0, top_k: int = 5, feature: int | str | None = None) -> dict[str, Any]:
         """JSON-ready: the dictionary, and per position of prompt ``batch`` its token, active-feature count (L0),
-        error norm and ``top_k`` most active features."""
+        error norm and ``top_k`` most active features (with ``feature``: also that feature's activation)."""
         return jsonable({"model": self.model_name, "dictionary": self.dictionary_name,
-                         "shape": list(self.activations.shape), "positions": self._rows(batch, top_k)})
+                         "shape": list(self.activations.shape), "positions": self._rows(batch, top_k, feature)})
 
     def to_dataframe(self):
         """Tidy frame, one row per active (prompt, position, feature): ``batch``, ``position`` (the prompt's own),
@@ -342,13 +355,31 @@ class FeatureResult(Result):
         return dataframe(rows or {"batch": [], "position": [], "token": [], "feature": [], "label": [],
                                   "activation": []})
 
-    def table(self, *, batch: int = 0, top_k: int = 5):
-        """A rich table: per position of prompt ``batch`` its token, L0, error norm and most active features."""
-        return feature_table(self.title, self._rows(batch, top_k), top_k)
+    def table(self, *, batch: int = 0, top_k: int = 5, feature: int | str | None = None):
+        """A rich table: per position of prompt ``batch`` its token, L0, error norm and most active features (with
+        ``feature``: a column of that feature's activation over the tokens, shaded)."""
+        label = None if feature is None else self.labels[self.column(feature)]
+        return feature_table(self.title, self._rows(batch, top_k, feature), top_k, label)
 
-    def fragment(self, *, batch: int = 0, top_k: int = 5) -> str:
-        """The page body: the same table as HTML."""
-        return feature_fragment(self.title, self._rows(batch, top_k), top_k)
+    def fragment(self, *, batch: int = 0, top_k: int = 5, feature: int | str | None = None) -> str:
+        """The page body: the same table as HTML, then circuitsvis coloured tokens: ``feature``'s activation over
+        the prompt's tokens, or (None) a picker over the features in some position's ``top_k``."""
+        b = self.check_batch(batch)
+        n, o = len(self.str_tokens[b]), self.offsets[b]
+        acts = self.activations[b, o: o + n]
+        if feature is not None:
+            cols = [self.column(feature)]
+        else:
+            top = acts.topk(min(top_k, acts.shape[-1]), dim=-1)
+            chosen = {int(i) for v, i in zip(top.values.flatten().tolist(), top.indices.flatten().tolist()) if v != 0}
+            cols = sorted(chosen, key=lambda i: -float(acts[:, i].abs().max()))[:20]
+        views = ""
+        if cols and n:
+            views = (f"<h3>{'Activation over the tokens' if feature is not None else 'Features over the tokens (pick one)'}"
+                     "</h3>" + feature_tokens_view(self.str_tokens[b], acts[:, cols].tolist(),
+                                                   [self.labels[i] for i in cols]))
+        label = None if feature is None else self.labels[cols[0]]
+        return feature_fragment(self.title, self._rows(batch, top_k, feature), top_k, views, label)
 
     def _summary(self) -> str:
         B, S, F = self.activations.shape

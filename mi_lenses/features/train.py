@@ -14,11 +14,27 @@ layer; no activation is ever written to disk, and every token is seen once (``ma
   ``W_dec`` is ``W_enc.T`` with unit rows, a transcoder's zero; on the first batch ``b_dec`` is set to the mean of
   the target (a transcoder's ``b_enc`` to ``-mean(x) @ W_enc``, centring its pre-activations);
 * loss: ``FVU = sum ||y - y_hat||^2 / sum ||y - mean(y)||^2`` plus ``auxk_alpha`` x the AuxK loss: the ``k_aux``
-  largest pre-activations of the *dead* latents (no activation in the last ``dead_tokens`` tokens) reconstruct the
-  residual ``y - y_hat`` (scaled by ``min(n_dead / k_aux, 1)``), which brings dead latents back;
-* Adam with ``lr = 2e-4 / sqrt(n_features / 2**14)`` by default (constant; sparsify's 1000 warm-up steps are left out
-  for runs this short); an SAE's decoder gradient loses its component along each row and the rows are renormalised
-  to unit norm after every step (a transcoder's decoder is free, as in sparsify).
+  largest (ReLU'd) pre-activations of the *dead* latents (no positive activation in the last ``dead_tokens`` tokens)
+  reconstruct the detached residual ``y - y_hat`` through their decoder rows, without ``b_dec`` (scaled by
+  ``min(n_dead / k_aux, 1)``). As in sparsify 1.3.3 the AuxK gradient reaches only the dead latents' decoder rows:
+  its fused encoder drops the gradient of the pre-activations, so neither the encoder nor ``b_dec`` is moved by it
+  (OpenAI's reference trainer also backpropagates it into the encoder; see docs/features.md for what that does to
+  the dead fraction). Losses and gradients equal ``sparsify.SparseCoder.forward(x, y, dead_mask=...,
+  total_variance=...)`` to float32 rounding (tests/test_features_training.py checks it);
+* Adam (torch defaults) with ``lr = 2e-4 / sqrt(n_features / 2**14)`` by default; an SAE's decoder gradient loses
+  its component along each row before the step and the rows are renormalised to unit norm after it (sparsify
+  renormalises before the next forward pass instead: the same trajectory, but its last saved decoder is not
+  renormalised); a transcoder's decoder is free, as in sparsify. One step equals sparsify's ``Trainer`` update with
+  ``optimizer="adam"`` at a constant learning rate.
+
+Deliberate differences from sparsify's ``Trainer`` defaults: the learning rate is constant (sparsify's Adam warms up
+linearly over 1000 steps and decays linearly to 0 at the end, so a run shorter than 1000 steps never reaches the
+nominal rate, and its very first step has lr 0); Adam, not sparsify's default ``signum`` (SignSGD with schedule-free
+momentum, lr ``5e-3 / sqrt(n_features / 2**14)``); ``auxk_alpha`` 1/32 (Gao et al.) where sparsify's default is 0,
+and ``dead_tokens`` a quarter of the run (at most 10M) where sparsify's is 10M. "Tokens since fired" is counted as in
+sparsify (every token of the step added, reset for each latent that fired in the step), except that a latent fires
+only with a *positive* activation: sparsify also counts a TopK pick of value 0 (a token with fewer than ``k``
+positive pre-activations), which can keep a dead latent off the dead list.
 
 A checkpoint (``out/checkpoint/state.pt``, written atomically every ``checkpoint_every`` steps) holds the weights, the
 Adam states, the dead-latent counters and the position in the data: ``resume=True`` ends at the same weights as an
@@ -175,29 +191,39 @@ class _Coder:
             mean_in = dist.all_reduce(x.sum(0).double()).div(n_global).float()
             self.b_enc.copy_(-mean_in @ self.W_enc)
 
+    def losses(self, x: Tensor, y: Tensor, total_var: Tensor, dead: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The FVU and AuxK losses of one (share of a) batch, as sparsify's ``SparseCoder.forward(x, y,
+        dead_mask=dead, total_variance=total_var)`` computes them, and the TopK ``(values, indices)``.
+
+        As in sparsify the AuxK loss trains only the decoder: its ``k_aux`` pre-activations are taken detached
+        (sparsify's fused encoder drops the gradient of its pre-activations), so the encoder of a dead latent is
+        not pushed by the AuxK loss; the target ``e`` is detached too."""
+        pre = (((x - self.b_dec) if self.sae else x) @ self.W_enc + self.b_enc).relu()
+        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        recon = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec
+        if self.W_skip is not None:
+            recon = recon + x @ self.W_skip.T
+        e = y - recon
+        fvu = e.pow(2).sum() / total_var
+        n_dead = int(dead.sum())
+        aux = fvu.new_zeros(())
+        if n_dead > 0:
+            k_aux = min(self.k_aux, n_dead)
+            scale = min(n_dead / self.k_aux, 1.0)
+            av, ai = torch.where(dead, pre.detach(), -torch.inf).topk(k_aux, dim=-1, sorted=False)
+            e_hat = F.embedding_bag(ai, self.W_dec, per_sample_weights=av, mode="sum")
+            aux = scale * (e_hat - e.detach()).pow(2).sum() / total_var
+        return fvu, aux, vals, idx
+
     def step(self, x: Tensor, y: Tensor, dist: _Dist, n_global: int, dead_after: int) -> dict[str, float]:
         """One Adam step on this process's share ``x``, ``y`` of the global batch of ``n_global`` tokens."""
         cfg = self.cfg
         with torch.no_grad():
             moments = dist.all_reduce(torch.stack([y.double().sum(0), y.double().pow(2).sum(0)]))
             total_var = (moments[1] - moments[0].pow(2) / n_global).sum().clamp_min(1e-12).float()
-        pre = ((x - self.b_dec) if self.sae else x) @ self.W_enc + self.b_enc
-        pre = pre.relu()
-        vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
-        recon = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec
-        if self.W_skip is not None:
-            recon = recon + x @ self.W_skip.T
-        e = y - recon
-        fvu = e.pow(2).sum() / total_var
         dead = self.since_fired > dead_after
         n_dead = int(dead.sum())
-        aux = torch.zeros(())
-        if cfg.auxk_alpha > 0 and n_dead > 0:
-            k_aux = min(self.k_aux, n_dead)
-            scale = min(n_dead / self.k_aux, 1.0)
-            av, ai = torch.where(dead, pre, -torch.inf).topk(k_aux, dim=-1, sorted=False)
-            e_hat = F.embedding_bag(ai, self.W_dec, per_sample_weights=av, mode="sum")
-            aux = scale * (e_hat - e.detach()).pow(2).sum() / total_var
+        fvu, aux, vals, idx = self.losses(x, y, total_var, dead if cfg.auxk_alpha > 0 else torch.zeros_like(dead))
         for p in self.params:
             p.grad = None
         (fvu + cfg.auxk_alpha * aux).backward()
