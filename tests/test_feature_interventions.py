@@ -191,3 +191,135 @@ def test_feature_patching_results_have_every_view(m, capsys):
     assert res.to_dict()["what"] == "features" and res.grid_axes == ["layer", "pos", "feature"]
     res.show()
     assert "<" in res.to_html()
+
+
+# ------------------------------------------------------------------------------------------------ sets of dictionaries
+def _set(m, widths=None):
+    """One dictionary per block: an SAE on block 0's residual stream, skip transcoders on the later blocks (the last
+    one narrower, so the feature axis is padded)."""
+    L = m.cfg.n_layers
+    widths = widths or [N] * (L - 1) + [N - 8]
+    ds = [_sae(m, "blocks.0.hook_resid_post", seed=20)]
+    for l in range(1, L):
+        D = m.cfg.d_model
+        s = 30 + 10 * l
+        ds.append(Dictionary(_rand(D, widths[l], scale=0.5, seed=s), _rand(widths[l], scale=0.1, seed=s + 1),
+                             _rand(widths[l], D, scale=0.3, seed=s + 2), _rand(D, scale=0.05, seed=s + 3),
+                             hook=f"blocks.{l}.ln2.hook_normalized", hook_out=f"blocks.{l}.hook_mlp_out",
+                             W_skip=_rand(D, D, scale=0.05, seed=s + 4)))
+    return mi_lenses.DictionarySet(ds)
+
+
+@pytest.mark.parametrize("method", ["exact", "attribution", "ig"])
+def test_a_set_patches_every_layer_as_its_dictionary_alone(m, method):
+    s = _set(m)
+    L = m.cfg.n_layers
+    kw = dict(answer=ANSWER, wrong=WRONG, what="features", by="layer_pos_feature", method=method, progress=False,
+              **({"ig_steps": 4} if method == "ig" else {}))
+    res = mi_lenses.activation_patching(m, CLEAN, CORRUPTED, dictionary=s, **kw)
+    assert res.layers == list(range(L)) and res.grid_axes == ["layer", "pos", "feature"]
+    assert res.values.shape == (L, len(res.pos_labels), N)
+    run = skipped = 0
+    for i, d in enumerate(s.dictionaries):
+        one = mi_lenses.activation_patching(m, CLEAN, CORRUPTED, dictionary=d, **kw)
+        assert one.layers == [i] and one.values.shape == (1, len(res.pos_labels), d.n_features)
+        assert float(one.values.abs().max()) > 1e-3  # something to compare
+        gap = float((res.values[i, :, : d.n_features] - one.values[0]).abs().max())
+        assert gap < 1e-5, (i, gap)
+        assert bool(res.values[i, :, d.n_features:].isnan().all())  # the narrower dictionary's padding
+        run, skipped = run + one.cells_run, skipped + one.cells_skipped
+    if method == "exact":
+        assert (res.cells_run, res.cells_skipped) == (run, skipped) and res.cells_run > 0
+    else:
+        assert res.passes == (L if method == "ig" else 1)
+    # coarser grids of the set: each layer's row is its dictionary's, and attribution sums any grid to one total
+    for by in ("layer_feature", "layer_pos", "layer"):
+        coarse = mi_lenses.activation_patching(m, CLEAN, CORRUPTED, dictionary=s, **{**kw, "by": by})
+        last = mi_lenses.activation_patching(m, CLEAN, CORRUPTED, dictionary=s.dictionaries[-1], **{**kw, "by": by})
+        assert coarse.values.shape[0] == L and coarse.grid_axes == ["layer", *([] if by == "layer" else [by[6:]])]
+        row = coarse.values[-1, : last.values.shape[-1]] if by == "layer_feature" else coarse.values[-1]
+        assert float((row - last.values[0]).abs().max()) < 1e-5
+        if method == "attribution":  # linear: every layer's cells sum to the same total on any grid
+            totals = coarse.values.reshape(L, -1).nansum(1) - res.values.reshape(L, -1).nansum(1)
+            assert float(totals.abs().max()) < 1e-4
+    assert active_hooks(m) == []
+
+
+def test_a_set_takes_a_layer_selection_and_has_every_view(m, capsys):
+    s = _set(m, widths=[N] * m.cfg.n_layers)
+    L = m.cfg.n_layers
+    kw = dict(answer=ANSWER, wrong=WRONG, what="features", dictionary=s, progress=False)
+    full = mi_lenses.activation_patching(m, CLEAN, CORRUPTED, by="layer_pos_feature", **kw)
+    picked = mi_lenses.activation_patching(m, CLEAN, CORRUPTED, by="layer_pos_feature", layers=[-1, 0], **kw)
+    assert picked.layers == [0, L - 1]
+    assert float((picked.values - full.values[[0, L - 1]]).abs().max()) < 1e-5
+    one = mi_lenses.activation_patching(m, CLEAN, CORRUPTED, by="layer_pos_feature", layers=1, **kw)
+    assert one.layers == [1] and float((one.values[0] - full.values[1]).abs().max()) < 1e-5
+    # labels name the layer and the feature; every view works
+    (label, value), = full.top(1)
+    layer, pos, feature = torch.unravel_index(full.values.abs().argmax(), full.values.shape)
+    assert value == float(full.values[layer, pos, feature])
+    assert label.startswith(f"L{full.layers[int(layer)]}F{int(feature)} ") and label.endswith(f"@{int(pos)}")
+    frame = full.to_dataframe()
+    assert frame.columns.tolist() == ["layer", "pos", "feature", "label", "value"] and len(frame) == full.values.numel()
+    assert sorted(set(frame["layer"])) == list(range(L))
+    print(full)
+    full.show()
+    assert "feature" in capsys.readouterr().out
+    assert "largest" in str(full.table()) or full.table() is not None
+    assert f"L{full.layers[int(layer)]}F{int(feature)}" in full.to_html()
+    assert full.to_dict()["layers"] == list(range(L))
+
+
+def test_set_refusals(m):
+    kw = dict(answer=ANSWER, wrong=WRONG, what="features", progress=False)
+    L = m.cfg.n_layers
+    s = _set(m)
+    if L >= 3:  # a set without block 1: layers=[1] names what it has
+        gappy = mi_lenses.DictionarySet([s.dictionaries[0], s.dictionaries[2]])
+        with pytest.raises(LensInputError, match=r"no dictionary in block 1: layers= can be any of \[0, 2\]"):
+            mi_lenses.activation_patching(m, CLEAN, CORRUPTED, dictionary=gappy, layers=[1], **kw)
+        assert mi_lenses.activation_patching(m, CLEAN, CORRUPTED, dictionary=gappy, **kw).layers == [0, 2]
+    with pytest.raises(LensInputError, match="eap_ig"):
+        mi_lenses.activation_patching(m, CLEAN, CORRUPTED, dictionary=s, method="eap_ig", **kw)
+    with pytest.raises(LensInputError, match="only with what='features'"):
+        mi_lenses.activation_patching(m, CLEAN, CORRUPTED, what="mlp_out", dictionary=s, answer=ANSWER, wrong=WRONG)
+    # two SAEs on different hooks of one block: which one is the grid's layer 1 is ambiguous
+    twins = mi_lenses.DictionarySet([_sae(m, "blocks.0.hook_resid_post"), _sae(m, "blocks.1.hook_resid_pre", seed=1),
+                                     _sae(m, "blocks.1.hook_resid_post", seed=2)])
+    with pytest.raises(LensInputError, match=r"2 dictionaries writing into block 1 .*for i in \[1, 2\]"):
+        mi_lenses.activation_patching(m, CLEAN, CORRUPTED, dictionary=twins, **kw)
+    # a cross-layer transcoder: refused, naming what to use instead
+    clt = mi_lenses.DictionarySet(_set(m, widths=[N] * L).dictionaries, {(0, L - 1): _rand(N, m.cfg.d_model, seed=3)})
+    with pytest.raises(LensInputError, match=r"cross-layer transcoder.*feature_dla.*clt\.dictionaries\[i\]"):
+        mi_lenses.activation_patching(m, CLEAN, CORRUPTED, dictionary=clt, **kw)
+    with pytest.raises(LensInputError, match="cross-layer transcoder"):
+        mi_lenses.intervene(m, clt, {0: 1.0})
+
+
+def test_intervene_on_a_set_is_each_member_at_its_own_hook(m):
+    s = _set(m)
+    L = m.cfg.n_layers
+    first, last = s.dictionaries[0], s.dictionaries[-1]
+    at = s.offsets[-1]
+    tokens = m.to_tokens(CLEAN)
+    with torch.no_grad():
+        plain = m(tokens)
+        with mi_lenses.intervene(m, s, {3: lambda a: a, at + 2: lambda a: 1.0 * a}):  # a no-op: bit-identical
+            assert torch.equal(m(tokens), plain)
+        with mi_lenses.intervene(m, s, {3: 5.0, f"L{L - 1}F2": lambda a: 3 * a}) as iv:   # an index and a label
+            both = m(tokens)
+        with mi_lenses.intervene(m, first, {3: 5.0}), mi_lenses.intervene(m, last, {2: lambda a: 3 * a}):
+            nested = m(tokens)
+        with mi_lenses.intervene(m, s, {at + 2: lambda a: 3 * a}):
+            only_last = m(tokens)
+        with mi_lenses.intervene(m, last, {2: lambda a: 3 * a}):
+            alone = m(tokens)
+    assert [p.dictionary for p in iv.parts] == [first, last] and f"L{L - 1}F2" in repr(iv)
+    assert torch.equal(both, nested) and torch.equal(only_last, alone)
+    assert float((both - plain).abs().max()) > 1e-4 and float((both - alone).abs().max()) > 1e-4
+    with pytest.raises(LensInputError, match="edited twice"):
+        mi_lenses.intervene(m, s, {at + 2: 1.0, f"L{L - 1}F2": 2.0})
+    with pytest.raises(LensInputError, match="nor a label"):
+        mi_lenses.intervene(m, s, {s.n_features: 1.0})
+    assert active_hooks(m) == []

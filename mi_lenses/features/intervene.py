@@ -11,6 +11,10 @@ that changes nothing leaves the logits bit for bit as they were.
 
 ``edits`` maps a feature index to a number (the activation is set to it: ``0.0`` ablates, a value clamps) or to a
 function of the feature's activations ``[batch, pos]`` (``lambda a: 2 * a`` scales, ``lambda a: a + 3.0`` adds).
+On a :class:`~mi_lenses.features.dictionary.DictionarySet` (per-layer transcoders) a feature is its index in the set's
+features concatenated layer by layer (as :func:`~mi_lenses.features.reading.features` lays them out) or its label
+``"L{layer}F{i}"``; each member edits its own features at its own hook, a later layer reading what the earlier edits
+left (cross-layer transcoders are refused).
 Steering (Templeton et al. 2024) clamps a feature to a multiple of its maximum over some text
 (``features(...).activations[..., i].max()``).
 
@@ -46,7 +50,7 @@ from torch import Tensor
 
 from mi_lenses.errors import LensInputError
 from mi_lenses.features.dictionary import Dictionary, DictionarySet
-from mi_lenses.features.reading import DictionaryInput, as_dictionary, check_dictionary
+from mi_lenses.features.reading import DictionaryInput, as_dictionary, check_dictionary, feature_labels
 from mi_lenses.indexing import IndexSpec, int_list, resolve_indices
 from mi_lenses.models.view import ModelView
 
@@ -58,18 +62,35 @@ class Intervention:
     as a context manager, those hooks active on the model. ``dictionary``, ``edits`` and ``positions`` are what
     :func:`intervene` was given."""
 
-    def __init__(self, view: ModelView, dictionary: Dictionary, edits: dict[int, Edit], positions: IndexSpec):
+    def __init__(self, view: ModelView, dictionary: Dictionary | DictionarySet, edits: dict[int, Edit],
+                 positions: IndexSpec):
         self.view, self.dictionary, self.edits, self.positions = view, dictionary, edits, positions
         self._inputs: list[Tensor] = []
         self._stack: contextlib.ExitStack | None = None
-        d = dictionary
         self.hooks: list[tuple[str, Callable]] = []
+        # a set: one Intervention per member with edits (its own features, indexed from 0), hooks in layer order
+        self.parts: list[Intervention] = []
+        if isinstance(dictionary, DictionarySet):
+            for d, at in zip(dictionary.dictionaries, dictionary.offsets):
+                mine = {f - at: e for f, e in edits.items() if at <= f < at + d.n_features}
+                if mine:
+                    self.parts.append(Intervention(view, d, mine, positions))
+                    self.hooks += self.parts[-1].hooks
+            return
+        d = dictionary
         if d.is_transcoder:
             self.hooks.append((d.hook, self._read))
         self.hooks.append((d.writes, self._write))
 
     def __repr__(self) -> str:
+        if self.parts:
+            return (f"<Intervention on {len(self.parts)} dictionaries of a set: features "
+                    f"{[label for p in self.parts for label in p._labels()]}>")
         return f"<Intervention on {self.dictionary.writes}: features {sorted(self.edits)}>"
+
+    def _labels(self) -> list[str]:
+        layer = self.dictionary.layer
+        return [f"L{layer}F{f}" for f in sorted(self.edits)]
 
     # ------------------------------------------------------------------------------------------ the hooks
     def _read(self, t: Tensor, hook: Any = None) -> None:
@@ -87,7 +108,11 @@ class Intervention:
         return t + delta.to(t.device, t.dtype)
 
     def delta(self, x: Tensor) -> Tensor | None:
-        """What the edits add to the dictionary's output for inputs ``x`` ``[batch, pos, d_in]`` (None: nothing)."""
+        """What the edits add to the dictionary's output for inputs ``x`` ``[batch, pos, d_in]`` (None: nothing); on
+        a set, each member's is its part's (``parts[i].delta``)."""
+        if isinstance(self.dictionary, DictionarySet):
+            raise LensInputError("this intervention edits several dictionaries of a set: each one's delta is "
+                                 "intervention.parts[i].delta(x).")
         d = self.dictionary.to(x.device)
         with torch.no_grad():
             acts = d.encode(x.detach())
@@ -123,11 +148,13 @@ class Intervention:
     def __exit__(self, *exc: Any) -> None:
         stack, self._stack = self._stack, None
         self._inputs.clear()
+        for p in self.parts:
+            p._inputs.clear()
         if stack is not None:
             stack.close()
 
 
-def intervene(model: Any, dictionary: DictionaryInput, edits: Mapping[int, Edit], *,
+def intervene(model: Any, dictionary: DictionaryInput, edits: Mapping[int | str, Edit], *,
               positions: IndexSpec = None) -> Intervention:
     """Edit a dictionary's feature activations in the model's forward passes, keeping the reconstruction error (see
     :mod:`~mi_lenses.features.intervene`): an edit that changes nothing leaves the logits bit-identical.
@@ -135,11 +162,13 @@ def intervene(model: Any, dictionary: DictionaryInput, edits: Mapping[int, Edit]
     Args:
         model: a TransformerLens model, hooked as you like (your hooks stay; ours leave with the ``with`` block,
             also on an exception).
-        dictionary: one :class:`~mi_lenses.features.dictionary.Dictionary` (an SAE or a transcoder; a folder; one
-            member of a :class:`~mi_lenses.features.dictionary.DictionarySet`).
+        dictionary: a :class:`~mi_lenses.features.dictionary.Dictionary` (an SAE or a transcoder), a
+            :class:`~mi_lenses.features.dictionary.DictionarySet` of per-layer dictionaries (not a cross-layer
+            transcoder), or a folder :func:`~mi_lenses.load_dictionary` reads.
         edits: ``{feature: value}``: a number sets the activation (``0.0`` ablates, another value clamps), a
             function of the feature's activations ``[batch, pos]`` returns the new ones (``lambda a: 2 * a`` scales,
-            ``lambda a: a + 1.0`` adds).
+            ``lambda a: a + 1.0`` adds). A feature is an index (on a set: into its features concatenated layer by
+            layer, as ``features(...).activations``) or a label (``"F7"``; on a set ``"L3F7"``).
         positions: the positions edited in each forward pass (default all; negative from the end; generating with a
             KV cache, each step's pass holds the new token only).
 
@@ -149,22 +178,33 @@ def intervene(model: Any, dictionary: DictionaryInput, edits: Mapping[int, Edit]
     view = ModelView(model)
     d = as_dictionary(dictionary)
     if isinstance(d, DictionarySet):
-        if len(d.dictionaries) != 1 or d.cross:
-            raise LensInputError("intervene edits one dictionary: pass a member of the set "
-                                 "(dictionary_set.dictionaries[i]); a cross-layer transcoder's features write into "
-                                 "several layers and are not supported.")
-        d = d.dictionaries[0]
+        if d.cross:
+            raise LensInputError("intervene does not edit a cross-layer transcoder: its features also write into "
+                                 "every later layer through the cross decoders, which the edit would drop. Edit "
+                                 "per-layer dictionaries (a DictionarySet without cross decoders, or one member).")
+        if len(d.dictionaries) == 1:
+            d = d.dictionaries[0]
     check_dictionary(view, d)
     if not isinstance(edits, Mapping) or not edits:
         raise LensInputError("edits must be a non-empty {feature index: number or function} mapping.")
+    n = d.n_features
+    labels = feature_labels(d)
+    index = {label: i for i, label in enumerate(labels)} if any(isinstance(f, str) for f in edits) else {}
     out: dict[int, Edit] = {}
     for f, v in edits.items():
-        if isinstance(f, bool) or not isinstance(f, int) or not -d.n_features <= f < d.n_features:
-            raise LensInputError(f"feature {f!r} is not an index of this dictionary's {d.n_features} features.")
+        if isinstance(f, str) and f in index:
+            i = index[f]
+        elif isinstance(f, bool) or not isinstance(f, int) or not -n <= f < n:
+            raise LensInputError(f"feature {f!r} is not an index of this dictionary's {n} features nor a label "
+                                 f"({labels[0]} .. {labels[-1]}).")
+        else:
+            i = f % n
         if not (callable(v) or (isinstance(v, Real) and not isinstance(v, bool))):
-            raise LensInputError(f"edits[{f}] must be a number (the activation it is set to) or a function of the "
+            raise LensInputError(f"edits[{f!r}] must be a number (the activation it is set to) or a function of the "
                                  f"activations, got {type(v).__name__}.")
-        out[f % d.n_features] = v
+        if i in out:
+            raise LensInputError(f"feature {labels[i]} is edited twice (two keys of edits name it, one {f!r}).")
+        out[i] = v
     if positions is not None:
         int_list(positions)  # the form only: the lengths vary per forward pass
     return Intervention(view, d, out, positions)

@@ -46,8 +46,27 @@ def activation_patching(model: Any, clean: PromptInput, corrupted: PromptInput, 
     the patched block: :mod:`~mi_lenses.patching.exact`); ``"attribution"``, ``"eap_ig"`` (the input embeddings
     interpolated) and ``"ig"`` (each layer's own activation interpolated) estimate the whole grid from gradients
     (:mod:`~mi_lenses.patching.gradients`). ``what="features"`` with ``dictionary=`` patches a dictionary's feature
-    activations, the error kept (:mod:`~mi_lenses.patching.features`). With the default metric a cell's value is 0 for the
-    corrupted run and 1 for the clean one.
+    activations, the error kept (:mod:`~mi_lenses.patching.features`); a
+    :class:`~mi_lenses.features.dictionary.DictionarySet` with one dictionary per block patches every block's (or
+    the ``layers=`` chosen), each layer's slice of the grid equal to patching that block's dictionary alone. With
+    the default metric a cell's value is 0 for the corrupted run and 1 for the clean one.
+
+    Example (a set of two SAEs, blocks 0 and 2; each layer of the grid is its own dictionary's patching):
+
+    >>> D, g = model.cfg.d_model, torch.Generator().manual_seed(0)
+    >>> sae = lambda l: mi_lenses.Dictionary(torch.randn(D, 16, generator=g) / 2, torch.zeros(16),
+    ...                                      torch.randn(16, D, generator=g) / 2, torch.zeros(D),
+    ...                                      hook=f"blocks.{l}.hook_resid_post")
+    >>> saes = mi_lenses.DictionarySet([sae(0), sae(2)])
+    >>> kw = dict(answer=" Paris", wrong=" city", what="features", by="layer_pos_feature", progress=False)
+    >>> res = mi_lenses.activation_patching(model, "The capital of France is", "The capital of Rome is",
+    ...                                     dictionary=saes, **kw)
+    >>> res.layers, res.grid_axes, res.values.shape[2]
+    ([0, 2], ['layer', 'pos', 'feature'], 16)
+    >>> one = mi_lenses.activation_patching(model, "The capital of France is", "The capital of Rome is",
+    ...                                     dictionary=saes.dictionaries[1], **kw)
+    >>> one.layers, bool((res.values[1] - one.values[0]).abs().max() < 1e-5), bool(res.values[1].abs().max() > 0)
+    ([2], True, True)
 
     Args:
         {options}
@@ -88,7 +107,8 @@ def activation_patching(model: Any, clean: PromptInput, corrupted: PromptInput, 
 
 def pair_site(exp: Experiment, what: str, by: str | None, layers: IndexSpec, dictionary: Any = None) -> Site:
     """The site of ``what``/``by`` over the pair's aligned positions (attention patterns need equal lengths;
-    ``dictionary``: the one whose features ``what="features"`` patches, checked against the model)."""
+    ``dictionary``: the dictionary, or the set of per-block dictionaries, whose features ``what="features"``
+    patches, checked against the model)."""
     view, pair = exp.view, exp.pair
     S = pair.base.shape[1]
     heads = view.n_kv_heads if what in ("head_k", "head_v") else view.n_heads
@@ -98,11 +118,8 @@ def pair_site(exp: Experiment, what: str, by: str | None, layers: IndexSpec, dic
                              "head_out, head_q, head_k or head_v instead.")
     if dictionary is not None:
         dictionary = as_dictionary(dictionary)
-        if isinstance(dictionary, DictionarySet):
-            if len(dictionary.dictionaries) != 1 or dictionary.cross:
-                raise LensInputError("what='features' patches one dictionary's features: pass a member of the set "
-                                     "(dictionary_set.dictionaries[i]).")
-            dictionary = dictionary.dictionaries[0]
+        if isinstance(dictionary, DictionarySet) and len(dictionary.dictionaries) == 1:
+            dictionary = dictionary.dictionaries[0]  # a set of one: that dictionary
         check_dictionary(view, dictionary)
     return resolve_site(view, what, by, sizes={"pos": S, "head": heads, "neuron": view.d_mlp, "src": S,
                                                "d": view.d_model}, layers=layers, pos_map=pair.pos_map,

@@ -13,6 +13,13 @@ is the base run (skipped: most features are silent in both).
   dictionary is interpolated between the runs (the error kept): summed over every cell it tends to the exact value
   of patching all features at once (``by="layer"``), the completeness identity.
 
+A :class:`~mi_lenses.features.dictionary.DictionarySet` (one dictionary per block, e.g. per-layer transcoders) is
+patched layer by layer in one call: the grid is ``[layers, *grid]`` and each layer's slice is what patching that
+layer's dictionary alone gives (exact: the cells of every layer share the batched passes, each row patched in its own
+block only; attribution: one backward pass for every layer; ``ig``: each layer's features interpolated on their own,
+the other layers' left at the base run, one pass per layer). With ``feature`` a grid axis and members of different
+widths, a layer's cells past its own features are NaN.
+
 Example:
     >>> D = model.cfg.d_model
     >>> eye = torch.eye(D)        # relu(x) - relu(-x) == x: this SAE reconstructs exactly, its features are x's signs
@@ -44,7 +51,7 @@ from mi_lenses.progress import bar
 
 @dataclass
 class _Runs:
-    """Both runs at the dictionary: ``delta`` ``[B, P, F]`` (source minus base activations at the aligned
+    """Both runs at one dictionary: ``delta`` ``[B, P, F]`` (source minus base activations at the aligned
     positions), ``scale`` ``[B, S, 1]`` (the base run's denormalisation; 1 for a transcoder), the aligned positions
     ``dst`` (base) and the decoder rows."""
 
@@ -55,6 +62,7 @@ class _Runs:
 
 
 def _runs(site: Site, base_x: Tensor, source_x: Tensor) -> _Runs:
+    """``site``: one layer's site (:meth:`~mi_lenses.patching.sites.Site.layer_site`)."""
     d: Dictionary = site.dictionary.to(base_x.device)
     base_x, source_x = (x.flatten(2) if x.ndim > 3 else x for x in (base_x, source_x))  # hook_z: heads flattened
     with torch.no_grad():
@@ -75,6 +83,19 @@ def _grid_reduce(site: Site, t: Tensor) -> Tensor:
     if "feature" not in site.grid_axes:
         t = t.sum(-1, keepdim=True)
     return t.reshape(-1)
+
+
+def _assemble(site: Site, subs: list[Site], per_layer: list[Tensor]) -> Tensor:
+    """The grid ``[layers, *grid]`` of every layer's cells (``per_layer[i]``: ``[cells]`` of ``subs[i]``); a layer
+    with fewer features than the widest leaves its last feature cells NaN."""
+    out = torch.full(site.grid_shape, float("nan"))
+    for i, (sub, v) in enumerate(zip(subs, per_layer)):
+        v = v.reshape(sub.grid_shape[1:])
+        if "feature" in site.grid_axes:
+            out[i, ..., : v.shape[-1]] = v
+        else:
+            out[i] = v
+    return out
 
 
 def _cell_writes(site: Site, runs: _Runs, cells: Tensor, prompts: Tensor, S: int) -> Tensor:
@@ -98,67 +119,122 @@ def _cell_writes(site: Site, runs: _Runs, cells: Tensor, prompts: Tensor, S: int
     return out * runs.scale[prompts]
 
 
+def _add_hook(rows: Tensor, writes: Tensor):
+    """The hook adding ``writes`` ``[R, S, d_out]`` to batch rows ``rows`` of the output hook (all of them: plainly)."""
+
+    def hook(t: Tensor, hook=None) -> Tensor:
+        w = writes.to(t.device, t.dtype)
+        if len(rows) == t.shape[0]:
+            return t + w.view(t.shape)
+        r = rows.to(t.device)
+        out = t.clone()
+        out[r] = t[r] + w.view(len(rows), *t.shape[1:])
+        return out
+
+    return hook
+
+
 @torch.no_grad()
 def feature_exact(exp: Experiment, site: Site) -> ExactRun:
-    """The raw metric of every cell of a features site (``[1, *grid]``), cells with a change only."""
-    d, layer = site.dictionary, site.layers[0]
-    engine = Engine(exp.view, exp.pair.base, [d.hook])
-    src_logits, src_cache = exp.view.run_with_cache(exp.pair.source, {d.hook})
+    """The raw metric of every cell of a features site (``[layers, *grid]``), cells with a change only: one base run
+    and one source run cached at every layer's dictionary, then the cells of all layers batched (sorted by layer),
+    each row replayed from its dictionary's block with its write added there."""
+    names = list(dict.fromkeys(site.hook(l) for l in site.layers))
+    engine = Engine(exp.view, exp.pair.base, names)
+    src_logits, src_cache = exp.view.run_with_cache(exp.pair.source, set(names))
     base_raw = exp.metric.cells(logits=engine.logits)
     exp.measure(base=base_raw, source=exp.metric.cells(logits=src_logits))
-    runs = _runs(site, engine.cache[d.hook], src_cache[d.hook])
-    n_cells = site.cells_per_layer()
-    raw = torch.full((n_cells,), float(base_raw[0]))
-    todo = torch.nonzero(_grid_reduce(site, (runs.delta != 0).float()).cpu() > 0)[:, 0]
+    subs = [site.layer_site(l) for l in site.layers]
+    runs = [_runs(sub, engine.cache[sub.hook(l)], src_cache[sub.hook(l)]) for sub, l in zip(subs, site.layers)]
+    raw = [torch.full((sub.cells_per_layer(),), float(base_raw[0])) for sub in subs]
+    todo = [torch.nonzero(_grid_reduce(sub, (r.delta != 0).float()).cpu() > 0)[:, 0] for sub, r in zip(subs, runs)]
+    layer_idx = torch.cat([torch.full((len(t),), i, dtype=torch.long) for i, t in enumerate(todo)])
+    cell_idx = torch.cat(todo)
+    n_run, n_cells = len(cell_idx), sum(sub.cells_per_layer() for sub in subs)
     B, S = engine.batch.shape[0], engine.batch.shape[1]
     per_pass = engine.cells_per_pass(exp.max_batch)
     passes = 0
-    with bar(len(todo), "feature patching", unit="patch", enabled=exp.progress and len(todo) > 0) as pbar:
-        for a in range(0, len(todo), per_pass):
-            ci = todo[a : a + per_pass]
-            cells, prompts = ci.repeat_interleave(B), torch.arange(B).repeat(len(ci))
-            writes = _cell_writes(site, runs, cells, prompts, S)
+    with bar(n_run, "feature patching", unit="patch", enabled=exp.progress and n_run > 0) as pbar:
+        for a in range(0, n_run, per_pass):
+            li, ci = layer_idx[a : a + per_pass], cell_idx[a : a + per_pass]
+            row_layer, row_cell = li.repeat_interleave(B), ci.repeat_interleave(B)
+            prompts = torch.arange(B).repeat(len(ci))
+            by_block = {}
+            for i in sorted(set(li.tolist())):
+                rows = torch.nonzero(row_layer == i)[:, 0]
+                writes = _cell_writes(subs[i], runs[i], row_cell[rows], prompts[rows], S)
+                by_block[site.layers[i]] = (site.write_hook(site.layers[i]), _add_hook(rows, writes))
 
-            def hook(t: Tensor, hook=None, writes: Tensor = writes) -> Tensor:
-                return t + writes.to(t.device, t.dtype).view(t.shape)
-
-            entry = torch.full((len(cells),), layer)
-            final = engine.run(entry, prompts, lambda k: [(d.writes, hook)] if k == layer else [])
-            raw[ci] = engine.measure(exp.metric, final).cpu().float()
+            entry = torch.tensor(site.layers)[row_layer]
+            final = engine.run(entry, prompts, lambda k: [by_block[k]] if k in by_block else [])
+            got = engine.measure(exp.metric, final).cpu().float()
+            for i in set(li.tolist()):
+                mine = li == i
+                raw[i][ci[mine]] = got[mine]
             passes += 1
             pbar.update(len(ci))
-    return ExactRun(raw.view(site.grid_shape), len(todo), n_cells - len(todo), passes, engine.mode)
+    return ExactRun(_assemble(site, subs, raw), n_run, n_cells - n_run, passes, engine.mode)
 
 
 def feature_gradients(exp: Experiment, site: Site, *, ig_steps: int | None = None) -> Tensor:
-    """Attribution (``ig_steps=None``) or integrated gradients (``ig_steps`` points, every feature interpolated)
-    of every cell of a features site, raw metric units ``[1, *grid]``; the metric measured on both runs."""
-    view, d, B = exp.view, site.dictionary, exp.pair.n_prompts
-    base_logits, base_cache = view.run_with_cache(exp.pair.base, {d.hook})
-    src_logits, src_cache = view.run_with_cache(exp.pair.source, {d.hook})
+    """Attribution (``ig_steps=None``: one backward pass for every layer) or integrated gradients (``ig_steps``
+    points; each layer on its own, every feature of its dictionary interpolated) of every cell of a features site,
+    raw metric units ``[layers, *grid]``; the metric measured on both runs."""
+    view = exp.view
+    names = {site.hook(l) for l in site.layers}
+    base_logits, base_cache = view.run_with_cache(exp.pair.base, names)
+    src_logits, src_cache = view.run_with_cache(exp.pair.source, names)
     exp.measure(base=exp.metric.cells(logits=base_logits), source=exp.metric.cells(logits=src_logits))
-    runs = _runs(site, base_cache[d.hook], src_cache[d.hook])
+    subs = [site.layer_site(l) for l in site.layers]
+    runs = [_runs(sub, base_cache[sub.hook(l)], src_cache[sub.hook(l)]) for sub, l in zip(subs, site.layers)]
+    writes = [site.write_hook(l) for l in site.layers]
+    if ig_steps:
+        grads = [_gradients(exp, [w], [r], ig_steps)[0] for w, r in zip(writes, runs)]
+    else:
+        grads = _gradients(exp, writes, runs, None)
+    out = []
+    for sub, r, grad in zip(subs, runs, grads):
+        # the gradient with respect to each feature's activation: (g * scale) . W_dec'[f], at the aligned positions
+        per_feature = ((grad * r.scale)[:, r.dst]) @ r.rows.T  # [B, P, F]
+        out.append(_grid_reduce(sub, r.delta * per_feature).cpu())
+    return _assemble(site, subs, out)
+
+
+def _gradients(exp: Experiment, writes: list[str], runs: list[_Runs], ig_steps: int | None) -> list[Tensor]:
+    """The metric's gradient (raw units) at each output hook ``writes[i]`` ``[B, S, d_out]``: at the base run
+    (``ig_steps=None``, every hook in one pass), or averaged over ``ig_steps`` points where every hook's features are
+    moved towards the source run's together (the error kept)."""
+    view, B = exp.view, exp.pair.n_prompts
     S = exp.pair.base.shape[1]
-    whole = torch.zeros(B, S, runs.rows.shape[1], device=runs.delta.device)
-    whole[:, runs.dst] = runs.delta @ runs.rows
-    whole = whole * runs.scale  # every feature patched: what the output hook gains
+    wholes = []
+    for r in runs:
+        whole = torch.zeros(B, S, r.rows.shape[1], device=r.delta.device)
+        whole[:, r.dst] = r.delta @ r.rows
+        wholes.append(whole * r.scale)  # every feature patched: what the output hook gains
     m = ig_steps or 1
     per_pass = max(1, (exp.max_batch or max(1, PATCH_TOKENS // S)) // B) if ig_steps else 1
-    grad = torch.zeros(B, S, runs.rows.shape[1], device=whole.device)
+    grads = [torch.zeros(B, S, w.shape[-1], device=w.device) for w in wholes]
     for a in range(0, m, per_pass):
         alphas = ((torch.arange(a, min(m, a + per_pass), dtype=torch.float32) + 0.5) / m) if ig_steps \
             else torch.zeros(1)
         n = len(alphas)
-        shift = alphas.to(whole.device).repeat_interleave(B)[:, None, None] * whole.repeat(n, 1, 1)
         deltas: dict[str, Tensor] = {}
-
-        def move(t: Tensor, hook=None, shift: Tensor = shift) -> Tensor:
-            return t + shift.to(t.device, t.dtype).view(t.shape)
-
-        hooks = ([(d.writes, move)] if ig_steps else []) + [(d.writes, perturb_hook(deltas, d.writes))]
+        hooks = []
+        if ig_steps:
+            for name, whole in zip(writes, wholes):
+                shift = alphas.to(whole.device).repeat_interleave(B)[:, None, None] * whole.repeat(n, 1, 1)
+                hooks.append((name, _shift_hook(shift)))
+        hooks += [(name, perturb_hook(deltas, name)) for name in writes]
         raw = metric_pass(view, exp.metric, exp.pair.base.tokens.repeat(n, 1), hooks)
-        (g,) = torch.autograd.grad(raw.sum() / m, [deltas[d.writes]])
-        grad += g.detach().float().reshape(n, B, *g.shape[1:]).sum(0).reshape(B, S, -1).to(grad.device)
-    # the gradient with respect to each feature's activation: (g * scale) . W_dec'[f], at the aligned positions
-    per_feature = ((grad * runs.scale)[:, runs.dst]) @ runs.rows.T  # [B, P, F]
-    return _grid_reduce(site, runs.delta * per_feature).cpu().view(site.grid_shape)
+        got = torch.autograd.grad(raw.sum() / m, [deltas[name] for name in writes], allow_unused=True)
+        for total, g in zip(grads, got):
+            if g is not None:
+                total += g.detach().float().reshape(n, B, *g.shape[1:]).sum(0).reshape(B, S, -1).to(total.device)
+    return grads
+
+
+def _shift_hook(shift: Tensor):
+    def move(t: Tensor, hook=None) -> Tensor:
+        return t + shift.to(t.device, t.dtype).view(t.shape)
+
+    return move

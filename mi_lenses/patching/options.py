@@ -114,8 +114,12 @@ class ActivationOptions(_Gradients, PairOptions):
     ig_steps: int | None = option(None, f"the points of method='eap_ig' or 'ig' (default {DEFAULT_IG_STEPS})",
                                   cli={"type": int})
     dictionary: Any = option(None, "with what='features': the dictionary (an SAE or a transcoder, or its folder) whose "
-                                   "features are patched", cli={"metavar": "FOLDER"})
-    layers: IndexSpec = option(None, "the layers of the grid (default all)")
+                                   "features are patched, or a DictionarySet with one dictionary per block (per-layer "
+                                   "transcoders): every block's features, the grid's layers those blocks (each "
+                                   "layer's slice equal to patching its dictionary alone; cross-layer transcoders and "
+                                   "two dictionaries in one block are refused)", cli={"metavar": "FOLDER"})
+    layers: IndexSpec = option(None, "the layers of the grid (default all; features: the dictionary's block, or the "
+                                     "set's blocks to patch)")
     position_map: PositionMap | None = option(
         None, "{clean position: corrupted position} for prompts of different lengths (the grid runs over the mapped "
               "pairs; on the command line C:K,... e.g. '0:0,5:6,-1:-1', the last positions at least)",

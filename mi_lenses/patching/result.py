@@ -100,12 +100,14 @@ class PatchingResult(Result):
         return out
 
     def label(self, coords: dict[str, int]) -> str:
-        """``L5``, ``L5H3``, ``L5 'tok'@3``, ``L5H3 'tok'@3``, ``L5N17``..."""
+        """``L5``, ``L5H3``, ``L5 'tok'@3``, ``L5H3 'tok'@3``, ``L5N17``, ``L5F17`` (a feature)..."""
         s = f"L{coords['layer']}"
         if "head" in coords:
             s += f"H{coords['head']}"
         if "neuron" in coords:
             s += f"N{coords['neuron']}"
+        if "feature" in coords:
+            s += f"F{coords['feature']}"
         if "pos" in coords:
             p = coords["pos"]
             s += f" {self.pos_labels[p]!r}@{self.pos_map[p][1 if self.mode == 'denoise' else 0]}"

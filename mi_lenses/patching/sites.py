@@ -21,8 +21,10 @@ cut into grid cells (``by``).
 ================  =================================  =======================================  ==================
 
 ``features`` are a dictionary's feature activations (``dictionary=``: an SAE or a transcoder on one hook, whose block
-is the grid's one layer): a patch replaces the base run's activations of the cell's features by the source run's and
-keeps the base run's reconstruction error (:mod:`~mi_lenses.patching.features`).
+is the grid's one layer; or a :class:`~mi_lenses.features.dictionary.DictionarySet` with one dictionary per block,
+whose blocks are the grid's layers, ``layers=`` choosing among them): a patch replaces the base run's activations of
+the cell's features by the source run's and keeps the base run's reconstruction error
+(:mod:`~mi_lenses.patching.features`). A block's dictionary is the one whose output hook (``writes``) is in it.
 
 ``by`` picks the grid axes after the layer: ``layer_pos``, ``layer_head``, ``layer_pos_head``, ``layer`` (the whole
 activation of a layer), ``layer_neuron``, ``layer_pos_neuron``, ``layer_feature``, ``layer_pos_feature``. An axis that is not a grid axis is patched whole (every
@@ -48,14 +50,14 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Sequence, get_args
 
 import torch
 from torch import Tensor
 
 from mi_lenses.errors import LensInputError
-from mi_lenses.features.dictionary import hook_layer
+from mi_lenses.features.dictionary import Dictionary, DictionarySet, hook_layer
 from mi_lenses.indexing import IndexSpec, resolve_indices
 from mi_lenses.models.view import ModelView
 
@@ -96,7 +98,9 @@ def hook_of(view: ModelView, what: str, layer: int) -> str:
 @dataclass(frozen=True)
 class Site:
     """One activation family cut into cells (see the module docstring). ``sizes`` maps every axis to its length in
-    the base run (``pos``: the number of aligned positions), ``pos_map`` the aligned ``(source, base)`` positions."""
+    the base run (``pos``: the number of aligned positions; ``feature``: the most features of any layer's dictionary),
+    ``pos_map`` the aligned ``(source, base)`` positions; features: ``dictionary`` is what the caller passed (a
+    dictionary or a set), ``members`` the dictionary patched in each of ``layers``."""
 
     view: ModelView = field(repr=False)
     what: str
@@ -106,6 +110,7 @@ class Site:
     pos_map: list[tuple[int, int]] = field(default_factory=list)
     identity_map: bool = True
     dictionary: Any = field(default=None, repr=False)
+    members: dict[int, Dictionary] = field(default_factory=dict, repr=False)
 
     @property
     def axes(self) -> tuple[str, ...]:
@@ -122,7 +127,7 @@ class Site:
     def hook(self, layer: int) -> str:
         """Where the activation is read (cached) in block ``layer`` (features: the dictionary's input)."""
         if self.what == "features":
-            return self.dictionary.hook
+            return self.members[layer].hook
         return hook_of(self.view, self.what, layer)
 
     @property
@@ -134,8 +139,15 @@ class Site:
         """Where a patch is written in block ``layer``: the read hook, ``hook_attn_out`` for ``resid_mid``, the
         dictionary's output hook for features."""
         if self.what == "features":
-            return self.dictionary.writes
+            return self.members[layer].writes
         return self.view.out_hook(layer, "attn") if self.additive else self.hook(layer)
+
+    def layer_site(self, layer: int) -> "Site":
+        """A features site cut down to block ``layer``: its one dictionary, with that dictionary's own number of
+        features (what patching that dictionary alone resolves to)."""
+        d = self.members[layer]
+        return replace(self, layers=[layer], sizes=dict(self.sizes, feature=d.n_features), dictionary=d,
+                       members={layer: d})
 
     def cells_per_layer(self) -> int:
         n = 1
@@ -205,19 +217,59 @@ def resolve_site(view: ModelView, what: str, by: str | None, *, sizes: dict[str,
     if what in ("head_out", "head_q", "head_k", "head_v"):
         check_head_split(view, f"what={what!r}")
     if (what == "features") != (dictionary is not None):
-        raise LensInputError("what='features' patches a dictionary's features: pass dictionary= (an SAE or a "
-                             "transcoder), and only with what='features'.")
+        raise LensInputError("what='features' patches a dictionary's features: pass dictionary= (an SAE, a "
+                             "transcoder, or a DictionarySet of one per block), and only with what='features'.")
+    members: dict[int, Dictionary] = {}
     if what == "features":
-        layer = hook_layer(dictionary.writes)
-        if layer is None:
-            raise LensInputError(f"the dictionary writes {dictionary.writes!r}, outside the blocks: feature patching "
-                                 "needs a dictionary inside a block.")
-        if layers is not None and resolve_indices(layers, view.n_layers, "layer") != [layer]:
-            raise LensInputError(f"the dictionary sits in block {layer}: layers= can only be {layer} (or None).")
-        sizes = dict(sizes, feature=dictionary.n_features)
-        layers = [layer]
+        members = dictionary_blocks(dictionary)
+        if isinstance(dictionary, Dictionary):
+            (layer,) = members
+            if layers is not None and resolve_indices(layers, view.n_layers, "layer") != [layer]:
+                raise LensInputError(f"the dictionary sits in block {layer}: layers= can only be {layer} (or None).")
+            layers = [layer]
+        elif layers is None:
+            layers = sorted(members)
+        else:
+            asked = resolve_indices(layers, view.n_layers, "layer", f"this model has {view.n_layers} blocks")
+            missing = [l for l in asked if l not in members]
+            if missing:
+                raise LensInputError(f"the dictionary set has no dictionary in block{'s' if len(missing) > 1 else ''} "
+                                     f"{', '.join(map(str, missing))}: layers= can be any of {sorted(members)} (or "
+                                     "None for all of them).")
+        members = {l: members[l] for l in sorted(resolve_indices(layers, view.n_layers, "layer"))}
+        sizes = dict(sizes, feature=max(d.n_features for d in members.values()))
     chosen = resolve_indices(layers, view.n_layers, "layer", f"this model has {view.n_layers} blocks")
     n = sizes.get("pos", 0)
     pairs = [(p, p) for p in range(n)] if pos_map is None else [tuple(p) for p in pos_map]
     identity = all(a == b for a, b in pairs) and len(pairs) == n
-    return Site(view, what, by, chosen, dict(sizes, pos=len(pairs)), pairs, identity, dictionary)
+    return Site(view, what, by, chosen, dict(sizes, pos=len(pairs)), pairs, identity, dictionary, members)
+
+
+def dictionary_blocks(dictionary: Dictionary | DictionarySet) -> dict[int, Dictionary]:
+    """``{block: dictionary}`` of what ``what="features"`` patches: a dictionary's block is the one its output hook
+    (``writes``) is in. Refused: a dictionary writing outside the blocks, a cross-layer transcoder (its features also
+    write into later blocks), two members of a set in one block (the grid has one dictionary per layer)."""
+    if isinstance(dictionary, DictionarySet) and dictionary.cross:
+        raise LensInputError(
+            "this is a cross-layer transcoder: a feature of block i also writes into every later block's output "
+            "through the cross decoders, which feature patching (one write per block) does not carry, so it is "
+            "refused. Use mi_lenses.feature_dla(model, prompt, clt) for the features' direct effects, or patch "
+            "clt.dictionaries[i] alone: layer i's encoder and its own decoder, the cross decoders dropped (not the "
+            "transcoder's replacement of the MLPs).")
+    ds = [dictionary] if isinstance(dictionary, Dictionary) else list(dictionary.dictionaries)
+    out: dict[int, Dictionary] = {}
+    for i, d in enumerate(ds):
+        layer = hook_layer(d.writes)
+        name = "the dictionary" if len(ds) == 1 else f"dictionary {i} of the set"
+        if layer is None:
+            raise LensInputError(f"{name} writes {d.writes!r}, outside the blocks: feature patching needs a "
+                                 "dictionary inside a block.")
+        if layer in out:
+            same = [j for j, e in enumerate(ds) if hook_layer(e.writes) == layer]
+            raise LensInputError(
+                f"the dictionary set has {len(same)} dictionaries writing into block {layer} "
+                f"({', '.join(repr(ds[j].writes) for j in same)}): a feature-patching grid has one dictionary per "
+                f"layer. Patch them one call at a time, dictionary=dictionary_set.dictionaries[i] for i in {same}, "
+                "or build a DictionarySet with one dictionary per block.")
+        out[layer] = d
+    return out

@@ -50,7 +50,7 @@ def position_labels(res) -> list[str]:
 def grids(res) -> list[str]:
     """The heat maps of a result: one ``[L, P]`` or ``[L, H]`` map; for ``[L, P, H]`` the heads' maximum over
     positions and the position maps of the four heads with the largest cells; for a layer-only grid a chart; for
-    neurons the largest neuron per layer."""
+    neurons and features the largest cell per layer."""
     axes = res.grid_axes
     v = res.values.float()
     what = html.escape(res.what)
@@ -70,11 +70,11 @@ def grids(res) -> list[str]:
         return out
     if axes == ["layer"]:
         return [line_chart([f"L{l}" for l in res.layers], {res.what: v.tolist()}, "patched metric")]
-    # neurons: the largest per layer
+    # neurons, features: the largest per layer
     flat = v.reshape(v.shape[0], -1)
     best = flat.abs().nan_to_num(0.0).argmax(-1)
-    rows = "".join(f"<tr><td>L{l}</td><td>{int(best[i])}</td><td>{float(flat[i, best[i]]):+.4f}</td></tr>"
-                   for i, l in enumerate(res.layers))
+    rows = "".join(f"<tr><td>L{l}</td><td>{esc(res.label(res.cell(i * flat.shape[1] + int(best[i]))))}</td>"
+                   f"<td>{float(flat[i, best[i]]):+.4f}</td></tr>" for i, l in enumerate(res.layers))
     return [f'<table class="data"><tr><th>layer</th><th>cell</th><th>largest value</th></tr>{rows}</table>']
 
 
