@@ -13,6 +13,16 @@ for every method. Measured in one process, interleaved (TransformerLens, then ou
 * equality: max |ours - TransformerLens| of each exact grid; the rank correlation (Spearman) of attribution with
   exact on each grid.
 
+**Rank correlation with exact** (``--rank-only`` runs only this part): on a factual pair of 10 tokens each,
+clean "The Eiffel Tower is located in the city of" (answer " Paris") and corrupted "The Colosseum is located in the
+city of" (wrong " Rome"), the head grid (``what="head_out"``, every position) is estimated by ``method="attribution"``,
+``"eap_ig"`` (``--eap-ig-steps`` 16: the input embeddings interpolated) and the per-site ``"ig"`` (``--ig-steps`` 10:
+each layer's own head outputs interpolated, one batched pass per layer), and each estimate's Spearman correlation
+with ``method="exact"`` is reported over the heads of three probe layers (``--probe-layers``, together and each
+alone) and over the whole 30 x 9 grid. Each method runs once on the probe layers and once on the whole grid (both
+timed); the probe-layer values must equal the whole grid's rows (checked). entoscope is not installed here: its
+rank correlations are only those reported in issue 28, not measured by this script.
+
 Ours is timed ``--repeats`` times (best kept; the machine is shared), TransformerLens once per grid (its loops take a
 minute). The CPU, its instruction sets and the load average are printed and stored with the numbers in
 ``benchmarks/results/patching.json``. Targets: exact >= 8x faster than TransformerLens on both grids, attribution
@@ -22,6 +32,8 @@ Usage (from the repo root)::
 
     python benchmarks/bench_patching.py               # ~3 minutes on 2 cores
     python benchmarks/bench_patching.py --repeats 1   # quicker
+    python benchmarks/bench_patching.py --rank-only   # only the rank correlations (merged into patching.json)
+    python benchmarks/bench_patching.py --smoke       # seconds: the rank part on one probe layer, few IG steps
 """
 
 from __future__ import annotations
@@ -41,6 +53,9 @@ REPO = Path(__file__).resolve().parent.parent
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPTED = "When John and Mary went to the store, Mary gave a drink to"
 TARGETS = {"exact_vs_tl_min": 8.0, "attribution_vs_exact_min": 100.0}
+FACT_CLEAN, FACT_CORRUPTED = "The Eiffel Tower is located in the city of", "The Colosseum is located in the city of"
+FACT_ANSWER, FACT_WRONG = " Paris", " Rome"
+PROBE_LAYERS = (5, 15, 25)
 
 
 def _bench_ll():
@@ -67,11 +82,84 @@ def timed(fn, repeats: int = 1):
     return best, out
 
 
+def rank_correlations(model, probe_layers, ig_steps: int, eap_ig_steps: int, whole: bool = True) -> dict:
+    """Spearman of attribution, eap_ig and per-site ig with exact on the factual pair's head grid: over the probe
+    layers (together and each alone) and, with ``whole``, over every layer."""
+    import mi_lenses
+
+    ct, xt = model.to_tokens(FACT_CLEAN), model.to_tokens(FACT_CORRUPTED)
+    if ct.shape != xt.shape:
+        raise SystemExit(f"the factual pair must tokenize to equal lengths, got {ct.shape[1]} and {xt.shape[1]}")
+    probe = list(probe_layers)
+    methods = {"exact": {}, "attribution": {}, "eap_ig": {"ig_steps": eap_ig_steps}, "ig": {"ig_steps": ig_steps}}
+
+    def patch(method, layers):
+        return mi_lenses.activation_patching(model, FACT_CLEAN, FACT_CORRUPTED, answer=FACT_ANSWER, wrong=FACT_WRONG,
+                                             what="head_out", method=method, layers=layers, progress=False,
+                                             **methods[method])
+
+    patch("attribution", probe)  # warm-up
+    out: dict = {"clean": FACT_CLEAN, "corrupted": FACT_CORRUPTED, "answer": FACT_ANSWER, "wrong": FACT_WRONG,
+                 "n_tokens": int(ct.shape[1]), "probe_layers": probe, "ig_steps": ig_steps,
+                 "eap_ig_steps": eap_ig_steps, "seconds": {}, "spearman_vs_exact": {},
+                 "entoscope": "not installed: its numbers are those reported in issue 28, not measured here"}
+    vals: dict = {}
+    for scope, layers in (("probe", probe), ("whole", None))[: 2 if whole else 1]:
+        for m in methods:
+            t, res = timed(lambda: patch(m, layers))
+            vals[scope, m] = res.values
+            out["seconds"][f"{m}_{scope}"] = t
+    if whole:
+        idx = torch.tensor([p % model.cfg.n_layers for p in probe])
+        out["probe_vs_whole_rows_max_abs_diff"] = {m: float((vals["probe", m] - vals["whole", m][idx]).abs().max())
+                                                   for m in methods}
+    ex = vals["probe", "exact"]
+    for m in ("attribution", "eap_ig", "ig"):
+        r = {"probe_layers": spearman(vals["probe", m], ex),
+             **{f"layer_{p}": spearman(vals["probe", m][i], ex[i]) for i, p in enumerate(probe)}}
+        if whole:
+            r["whole_grid"] = spearman(vals["whole", m], vals["whole", "exact"])
+        out["spearman_vs_exact"][m] = r
+    shape = list(vals["whole", "exact"].shape) if whole else list(ex.shape)
+    out["grid_shape"] = shape
+    print(f"rank correlation with exact, head_out grid {tuple(shape)} on the factual pair ({out['n_tokens']} tokens; "
+          f"probe layers {probe}):")
+    print(f"  {'method':<12}{'probe layers':>13}" + "".join(f"{'L' + str(p):>8}" for p in probe)
+          + (f"{'whole grid':>12}" if whole else "") + f"{'time probe':>12}" + (f"{'time whole':>12}" if whole else ""))
+    for m in ("attribution", "eap_ig", "ig"):
+        r = out["spearman_vs_exact"][m]
+        label = m + (f" ({methods[m]['ig_steps']})" if methods[m] else "")
+        print(f"  {label:<12}{r['probe_layers']:>+13.3f}" + "".join(f"{r[f'layer_{p}']:>+8.3f}" for p in probe)
+              + (f"{r['whole_grid']:>+12.3f}" if whole else "") + f"{out['seconds'][m + '_probe']:>11.3f}s"
+              + (f"{out['seconds'][m + '_whole']:>11.3f}s" if whole else ""))
+    print(f"  exact takes {out['seconds']['exact_probe']:.3f} s on the probe layers"
+          + (f", {out['seconds']['exact_whole']:.3f} s on the whole grid" if whole else "")
+          + "; entoscope: not installed (see issue 28 for its reported numbers)")
+    if whole:
+        print(f"  probe-layer runs vs the whole grid's rows, max |diff|: {out['probe_vs_whole_rows_max_abs_diff']}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each of ours (best kept)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "patching.json"))
+    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/patching.json; with "
+                                                "--smoke a temporary file)")
+    ap.add_argument("--rank-only", action="store_true", help="run only the rank correlations with exact on the "
+                                                             "factual pair (merged into an existing results file)")
+    ap.add_argument("--no-rank", action="store_true", help="skip the rank correlations (the IOI comparison only)")
+    ap.add_argument("--probe-layers", type=int, nargs="+", default=list(PROBE_LAYERS))
+    ap.add_argument("--ig-steps", type=int, default=10, help="points of the per-site method='ig'")
+    ap.add_argument("--eap-ig-steps", type=int, default=16, help="points of method='eap_ig'")
+    ap.add_argument("--smoke", action="store_true", help="seconds: only the rank part, one probe layer, no whole "
+                                                         "grid, 2 IG points")
     args = ap.parse_args()
+    if args.smoke:
+        import tempfile
+
+        args.rank_only, args.probe_layers, args.ig_steps, args.eap_ig_steps = True, args.probe_layers[:1], 2, 2
+        args.out = args.out or str(Path(tempfile.mkdtemp(prefix="bench_patching_")) / "patching.json")
+    args.out = args.out or str(REPO / "benchmarks" / "results" / "patching.json")
 
     import mi_lenses
     from transformer_lens import patching
@@ -83,6 +171,16 @@ def main() -> None:
           f"{os.getloadavg()[0]:.2f}")
     load0 = os.getloadavg()
     model = mi_lenses.load_model()
+    if args.rank_only:
+        rank = rank_correlations(model, args.probe_layers, args.ig_steps, args.eap_ig_steps, whole=not args.smoke)
+        path = Path(args.out)
+        results = json.loads(path.read_text()) if path.is_file() else {}
+        results["rank_correlation"] = {**rank, "cpu": cpu, "torch_threads": torch.get_num_threads(),
+                                       "load_average": {"start": load0[0], "end": os.getloadavg()[0]}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+        print(f"wrote {path} (rank_correlation)")
+        return
     ct, xt = model.to_tokens(CLEAN), model.to_tokens(CORRUPTED)
     a, w = model.to_single_token(" Mary"), model.to_single_token(" John")
     with torch.no_grad():
@@ -124,6 +222,8 @@ def main() -> None:
     t_tl_at, _ = timed(lambda: attribution_patch(model, ct, xt, metric))
     results["tl_attribution_patch_s"] = t_tl_at
     print(f"TransformerLens 4.3 attribution_patch (node granularity): {t_tl_at:.3f} s")
+    if not args.no_rank:
+        results["rank_correlation"] = rank_correlations(model, args.probe_layers, args.ig_steps, args.eap_ig_steps)
     results["load_average"] = {"start": load0[0], "end": os.getloadavg()[0]}
     results["targets"] = TARGETS
     grids = results["grids"].values()
