@@ -20,6 +20,7 @@ import mi_lenses
 from conftest import PROMPT, PROMPTS
 from mi_lenses import Dictionary, DictionarySet
 from mi_lenses.errors import LensInputError
+from mi_lenses.features.processing import RAW
 
 ROOT = Path(__file__).resolve().parents[1]
 TL3_PYTHON = ROOT / ".venv-tl3" / "bin" / "python"
@@ -235,6 +236,56 @@ def test_refusals_name_both_sides(llama_raw, builder, tmp_path):
                               answer=" city")
 
 
+def test_a_dictionary_read_under_other_weight_processing_is_refused(builder, tmp_path):
+    """Compatibility mode folds each norm's gain into the MLP (``mlp.hook_in`` loses it) and, on LayerNorm models,
+    centres the residual stream: a dictionary read the other way would be silently wrong, so it is refused by name;
+    hooks that processing leaves alone (the MLP's output on an RMSNorm model, ``hook_z``) are not."""
+    raw, compat = builder.get("llama_gqa", "raw").model, builder.get("llama_gqa", "compat").model
+    _, c_raw = raw.run_with_cache(raw.to_tokens(PROMPT))
+    _, c_compat = compat.run_with_cache(compat.to_tokens(PROMPT))
+    assert not torch.allclose(c_raw["blocks.1.mlp.hook_in"], c_compat["blocks.1.mlp.hook_in"], atol=1e-3)
+    tc = _dictionary(raw, "blocks.1.mlp.hook_in", hook_out="blocks.1.mlp.hook_out")
+    raw_path = mi_lenses.save_dictionary(tc, tmp_path / "raw", model=raw)
+    assert mi_lenses.load_dictionary(raw_path).meta["processing"] == RAW
+    mi_lenses.features(raw, PROMPT, raw_path).verify()
+    with pytest.raises(LensInputError, match=r"mlp.hook_in with the norm's gain applied.*compatibility_mode=False"):
+        mi_lenses.features(compat, PROMPT, raw_path)
+    compat_path = mi_lenses.save_dictionary(tc, tmp_path / "compat", model=compat)
+    with pytest.raises(LensInputError, match=r"without the norm's gain.*compatibility_mode=True"):
+        mi_lenses.feature_dla(raw, PROMPT, compat_path, answer=" city")
+    # sparsify reads the Hugging Face modules: its transcoders are raw, refused in compatibility mode
+    d = mi_lenses.Dictionary(tc.W_enc, tc.b_enc, tc.W_dec, tc.b_dec, hook="blocks.1.mlp.hook_in",
+                             hook_out="blocks.1.mlp.hook_out", activation="topk", k=5,
+                             meta={"processing": RAW})
+    with pytest.raises(LensInputError, match="silently wrong"):
+        mi_lenses.features(compat, PROMPT, d)
+    # SAELens says how its model was loaded (from_pretrained's defaults: folded), and we write it back
+    sl = mi_lenses.save_dictionary(_dictionary(raw, "blocks.1.mlp.hook_in", hook_out="blocks.1.mlp.hook_out"),
+                                   tmp_path / "sl", format="saelens", model=compat)
+    cfg = json.loads((sl / "cfg.json").read_text())
+    assert cfg["metadata"]["model_from_pretrained_kwargs"] == {"fold_ln": True, "center_writing_weights": False,
+                                                               "fold_value_biases": True}
+    assert mi_lenses.load_dictionary(sl).meta["processing"]["norm_folded"] is True
+    mi_lenses.features(compat, PROMPT, sl).verify()
+    # an MLP's output on an RMSNorm model and hook_z are the same in both modes: not refused
+    out = mi_lenses.save_dictionary(_dictionary(raw, "blocks.1.hook_mlp_out"), tmp_path / "out", model=raw)
+    mi_lenses.features(compat, PROMPT, out).verify()
+    # a LayerNorm model in compatibility mode has a mean-free residual stream
+    g_raw, g_compat = builder.get("gpt2", "raw").model, builder.get("gpt2", "compat").model
+    res = mi_lenses.save_dictionary(_dictionary(g_compat, "blocks.1.hook_resid_post"), tmp_path / "res",
+                                    model=g_compat)
+    mi_lenses.features(g_compat, PROMPT, res).verify()
+    with pytest.raises(LensInputError, match=r"resid_post mean-free.*compatibility_mode=True"):
+        mi_lenses.features(g_raw, PROMPT, res)
+    z = mi_lenses.save_dictionary(_dictionary(g_compat, "blocks.1.attn.hook_z"), tmp_path / "z", model=g_compat)
+    assert mi_lenses.load_dictionary(z).meta["processing"]["value_bias_folded"] is True
+    mi_lenses.features(g_compat, PROMPT, z).verify()
+    with pytest.raises(LensInputError, match=r"hook_z without the value bias"):  # compat moved b_V into b_O
+        mi_lenses.features(g_raw, PROMPT, z)
+    z = mi_lenses.save_dictionary(_dictionary(raw, "blocks.1.attn.hook_z"), tmp_path / "z_llama", model=raw)
+    mi_lenses.features(compat, PROMPT, z).verify()  # no value biases: hook_z is the same in both modes
+
+
 # ------------------------------------------------------------------------------------------------ oracles
 def test_sparsify_oracle(llama_raw, tmp_path):
     """EleutherAI sparsify's own ``SparseCoder`` (encode: top-k of ReLU, decode, skip) against ours on its files:
@@ -254,6 +305,7 @@ def test_sparsify_oracle(llama_raw, tmp_path):
         sc.save_to_disk(tmp_path / hookpoint)
         d = mi_lenses.load_dictionary(tmp_path / hookpoint)
         assert d.hook == ("blocks.1.mlp.hook_in" if transcode else "blocks.1.hook_resid_post")
+        assert d.meta["processing"] == RAW  # the Hugging Face modules
         x = cache[d.hook].flatten(0, 1)
         with torch.no_grad():
             top_acts, top_idx, _ = sc.encode(x)

@@ -6,10 +6,16 @@ gradients and whole training runs equal EleutherAI sparsify 1.3.3's."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from tolerance import EPS
 
 import mi_lenses
 from mi_lenses import Dictionary, DictionaryEvaluation, evaluate_dictionary, load_dictionary, train_dictionary
@@ -160,11 +166,119 @@ def test_cli_train_and_evaluate(hf_folder, tmp_path, capsys):
     assert main(["evaluate-dictionary", "--model", str(hf_folder), "--dictionary", str(out), "--data", str(text),
                  "--max-tokens", "128", "--seq-len", "32", "--json", str(js), "--no-progress"]) == 0
     got = json.loads(js.read_text())
-    assert got["n_tokens"] == 128 and 0 <= got["dictionaries"][0]["fvu"] < 2
+    assert got["n_tokens"] == 124 and 0 <= got["dictionaries"][0]["fvu"] < 2  # 4 x 32, position 0 left out as trained
+    assert mi_lenses.evaluate_dictionary(mi_lenses.load_model(str(hf_folder)), out, text, max_tokens=128, seq_len=32,
+                                         progress=False).meta["exclude_first"] == 1
     capsys.readouterr()
     assert main(["train-dictionary", "--model", str(hf_folder), "--data", str(text), "--out", str(tmp_path / "t"),
                  "--kind", "transcoder", "--hook", "hook_mlp_out"]) == 2
     assert "leave hook unset" in capsys.readouterr().err
+
+
+def test_cli_feature_contexts_equals_the_python_function(hf_folder, tmp_path, capsys):
+    """``mi-lenses feature-contexts`` takes its flags and defaults from ``FeatureContextsOptions`` (as
+    ``evaluate-dictionary`` from ``DictionaryEvaluationOptions``), prints the table and writes the JSON and the page
+    of the very numbers ``feature_contexts`` gives; a bad ``--dictionary`` is one line and status 2."""
+    from mi_lenses.cli import _parser, main
+
+    for argv, record in ((["feature-contexts", "--dictionary", "d"], mi_lenses.FeatureContextsOptions),
+                         (["evaluate-dictionary", "--dictionary", "d"], mi_lenses.DictionaryEvaluationOptions)):
+        args = _parser().parse_args(argv)
+        for f in dataclasses.fields(record):
+            assert getattr(args, f.name) == f.default, (argv[0], f.name)
+    model = mi_lenses.load_model(str(hf_folder))
+    g, D = torch.Generator().manual_seed(0), model.cfg.d_model
+    sae = Dictionary(torch.randn(D, 24, generator=g) * 0.4, torch.randn(24, generator=g) * 0.1 - 0.3,
+                     torch.randn(24, D, generator=g) * 0.2, torch.zeros(D), hook="blocks.1.hook_resid_post")
+    folder = mi_lenses.save_dictionary(sae, tmp_path / "sae", model=model)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(["The quick brown fox jumps over the lazy dog. Paris is a city."] * 40))
+    js, page = tmp_path / "c.json", tmp_path / "c.html"
+    capsys.readouterr()
+    assert main(["feature-contexts", "--model", str(hf_folder), "--dictionary", str(folder), "--data", str(text),
+                 "--features", "0", "3", "F5", "-1", "--top-k", "4", "--context", "2", "--max-tokens", "256",
+                 "--seq-len", "16", "--batch-size", "3", "--no-progress", "--json", str(js), "--html", str(page)]) == 0
+    out = capsys.readouterr().out
+    ref = mi_lenses.feature_contexts(model, sae, str(text), features=[0, 3, "F5", -1], top_k=4, context=2,
+                                     max_tokens=256, seq_len=16, batch_size=3, progress=False)
+    got = json.loads(js.read_text())
+    assert got == json.loads(ref.to_json(top_k=4))
+    assert [f["feature"] for f in got["features"]] == [0, 3, 5, 23] and got["n_tokens"] == 256
+    fired = [f for f in got["features"] if f["contexts"]]
+    assert fired and all(len(f["contexts"]) == 4 for f in fired)
+    assert fired[0]["contexts"][0]["activation"] == pytest.approx(float(ref.values[ref.row(fired[0]["label"]), 0]))
+    assert "Max-activating contexts" in out and "256 tokens" in out and "<html" in page.read_text()[:200].lower()
+    assert main(["feature-contexts", "--model", str(hf_folder), "--dictionary", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mi-lenses: error:") and "nowhere is not a folder" in err and err.count("\n") == 1
+    assert main(["feature-contexts", "--model", str(hf_folder), "--dictionary", str(folder), "--context", "-1"]) == 2
+    assert "--context must be an int >= 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+DDP_KW = {"sae": dict(layers=[0, 1], n_features=64, k=4, lr=3e-3, dead_tokens=64, checkpoint_every=2),
+          "transcoder": dict(kind="transcoder", layers=[1], skip=True, n_features=64, k=4, lr=3e-3, dead_tokens=64)}
+DDP_SCRIPT = """
+import sys, torch
+import mi_lenses
+from mi_lenses.features.train import train_dictionary
+model = mi_lenses.load_model(sys.argv[1])
+tokens = torch.load(sys.argv[2], weights_only=True)
+for name, kw in {kw!r}.items():
+    train_dictionary(model, tokens, out=sys.argv[3] + "/" + name, seq_len=16, batch_size=8, progress=False, **kw)
+"""
+
+
+def _ddp_atol(kind: str, field: str, lr: float) -> float:
+    """How far two processes may end from one: the gradients are summed over two half-batches instead of one batch,
+    so they are a few roundings apart (measured: at most 2.2e-6 for the SAE). A transcoder starts with a zero decoder
+    and ``b_dec`` at the target's mean, so ``b_dec``'s first gradient is zero up to rounding (about 2e-9) and Adam's
+    first step turns that rounding into a move of up to ``lr`` (``g / (|g| + 1e-8)``; measured 1.8e-4 at lr 3e-3,
+    sparsify's recipe does the same); the other weights move a little with it (measured at most 8.7e-6). A process
+    that used its own half-batch's gradient would move every weight by about ``lr`` per step."""
+    if kind == "sae":
+        return 128 * EPS
+    return lr if field == "b_dec" else lr / 10
+
+
+@pytest.mark.slow  # subprocesses
+def test_torchrun_two_processes_match_single_process(hf_folder, tmp_path):
+    """Two processes (gloo on the CPU), each reading half of every batch, end at the single-process weights: an SAE
+    on two layers (AuxK on: the dead latents and the initial ``b_dec`` are agreed across processes, checkpoints
+    written by the first process only) and a skip transcoder (its ``b_enc`` centred on the global input mean)."""
+    tokens = rand_tokens(32, 16, seed=11)  # 4 steps of 8 sequences
+    torch.save(tokens, tmp_path / "tokens.pt")
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT.format(kw=DDP_KW))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MI_LENSES_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(hf_folder), str(tmp_path / "tokens.pt"),
+         str(tmp_path / "ddp")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = mi_lenses.load_model(str(hf_folder))
+    for name, kw in DDP_KW.items():
+        single = train_dictionary(model, tokens, seq_len=16, batch_size=8, progress=False, **kw)
+        singles = getattr(single, "dictionaries", [single])
+        folders = [tmp_path / "ddp" / name / f"layer_{layer}" for layer in kw["layers"]] if len(singles) > 1 \
+            else [tmp_path / "ddp" / name]
+        for folder, s in zip(folders, singles):
+            ddp = load_dictionary(folder)
+            info = ddp.meta["training"]
+            assert info["world_size"] == 2 and s.meta["training"]["world_size"] == 1
+            assert info["steps"] == 4 and info["train_tokens"] == 4 * 8 * 15  # position 0 of each sequence left out
+            for field in ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip"):
+                a, b = getattr(ddp, field), getattr(s, field)
+                if b is None:
+                    assert a is None, field
+                    continue
+                assert torch.allclose(a, b, rtol=0, atol=_ddp_atol(name, field, kw["lr"])), \
+                    (name, field, float((a - b).abs().max()))
+            assert info["final_fvu"] == pytest.approx(s.meta["training"]["final_fvu"], rel=1e-5)
+            assert s.b_enc.abs().max() > 1e-3 and s.W_dec.abs().max() > 1e-3  # it trained
+    assert (tmp_path / "ddp" / "sae" / "checkpoint" / "state.pt").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- oracle: sparsify 1.3.3

@@ -163,7 +163,7 @@ COMMANDS = {  # command -> the Python entry points whose keywords its flags are
                                                                          "faithfulness"],
     "compare": ["compare_lenses"], "diffusion-lens": ["diffusion_lens"], "tuned-lens train": ["TrainConfig"],
     "tuned-lens eval": ["evaluate_lens"], "train-dictionary": ["DictionaryTrainConfig"],
-    "evaluate-dictionary": ["evaluate_dictionary"],
+    "evaluate-dictionary": ["evaluate_dictionary"], "feature-contexts": ["feature_contexts"],
 }
 
 

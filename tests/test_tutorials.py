@@ -25,6 +25,7 @@ WRITES = {
     "05": {"report.html": 500_000, "attention.html": 1},
     "06": {"compare.html": 10_000, "selfie.html": 1},
     "07": {"ioi_resid_pre.html": 10_000, "ioi_circuit.html": 10_000, "ioi_report_ablated.html": 100_000},
+    "08": {"feature_contexts.html": 10_000},
 }
 
 

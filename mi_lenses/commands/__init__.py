@@ -62,22 +62,23 @@ def check_outputs(args: argparse.Namespace) -> None:
 def add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """One ``--flag`` per field of the dataclass ``cls`` whose ``metadata["cli"]`` is not False/None, default and help
     taken from the field, so the command line and the Python API cannot drift. ``metadata["cli"]`` may be a dict of
-    ``argparse`` settings (``flag``, ``type``, ``choices``, ``action``); otherwise booleans become switches and the
-    type comes from the annotation."""
+    ``argparse`` settings (``flag``, ``type``, ``choices``, ``action``, ``help`` for a switch that says it in its own
+    words, as ``--no-progress``); otherwise booleans become switches and the type comes from the annotation."""
     for f in dataclasses.fields(cls):
         cli = f.metadata.get("cli", True)
         if cli is False or cli is None:
             continue
         settings = dict(cli) if isinstance(cli, dict) else {}
         flag = settings.pop("flag", "--" + f.name.replace("_", "-"))
-        help_text = f.metadata.get("help", "")
+        help_text = settings.pop("help", f.metadata.get("help", ""))  # a switch may say it in its own words
         if f.type in (bool, "bool") and not settings:
             parser.add_argument(flag, dest=f.name, action="store_true", default=f.default, help=help_text)
             continue
         if not settings:
             settings["type"] = {"int": int, "float": float, "str": str}.get(
                 f.type if isinstance(f.type, str) else f.type.__name__)
-        shown = "" if f.default is None else f" (default {f.default})"
+        switch = settings.get("action") in ("store_true", "store_false")  # its help says what it does
+        shown = "" if f.default is None or switch else f" (default {f.default})"
         parser.add_argument(flag, dest=f.name, default=f.default, help=f"{help_text}{shown}", **settings)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float, Int
@@ -36,6 +36,7 @@ from mi_lenses.data import load_tokens
 from mi_lenses.errors import LensInputError
 from mi_lenses.features.dictionary import DictionarySet
 from mi_lenses.features.dla import _where, as_affine_lens, feature_lens, resolve_out
+from mi_lenses.features.options import FeatureContextsOptions
 from mi_lenses.features.reading import (
     DictionaryInput,
     as_dictionary,
@@ -48,6 +49,7 @@ from mi_lenses.features.reading import (
 from mi_lenses.models.batch import check_context
 from mi_lenses.models.interventions import active_hooks, recorded
 from mi_lenses.models.view import ModelView
+from mi_lenses.options import with_options
 from mi_lenses.progress import bar as progress_bar
 from mi_lenses.results import Result, dataframe, jsonable, plural
 from mi_lenses.viz.features import context_fragment, context_table
@@ -94,19 +96,13 @@ def _corpus(view: ModelView, data: Any, seq_len: int, max_tokens: int | None, ba
     return [tokens[i: i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
 
 
+@with_options(FeatureContextsOptions)
 def feature_contexts(
     model: Any,
     dictionary: DictionaryInput,
     data: Any,
     *,
-    features: Sequence[int | str] | None = None,
-    top_k: int = 20,
-    context: int = 8,
-    max_tokens: int | None = 65536,
-    seq_len: int = 128,
-    batch_size: int = 8,
-    lens: Any = None,
-    progress: bool = True,
+    options: FeatureContextsOptions | None = None,
 ) -> FeatureContexts:
     """The ``top_k`` contexts of ``data`` where each feature is most active, with its activation frequency, its
     largest activation and its feature logit lens (see :mod:`mi_lenses.features.contexts`).
@@ -119,35 +115,28 @@ def feature_contexts(
         data: the corpus: text as for :func:`~mi_lenses.data.load_tokens` (a file, a folder, a cached ``datasets``
             name; packed into sequences of ``seq_len``), a list of texts (each one sequence, tokenised as prompts)
             or token ids ``[n_seq, seq_len]``.
-        features: the features to collect (indices over the whole dictionary, or labels such as ``"L1F7"``);
-            ``None``: every feature.
-        top_k: contexts kept per feature.
-        context: tokens shown on each side of the most active token (within its sequence).
-        max_tokens: read at most this many tokens of ``data`` (None: all; text lists are read whole).
-        seq_len: tokens per sequence (text data).
-        batch_size: sequences per forward pass.
-        lens: read the feature logit lens through this lens (a ``TunedLens`` or another affine lens, or its
-            folder) instead of the logit lens.
-        progress: show a progress bar.
+        options: a :class:`~mi_lenses.features.options.FeatureContextsOptions` record; the keywords below override
+            its fields.
+        {options}
 
     Returns:
         :class:`FeatureContexts`: ``values`` ``[feature, top_k]`` (descending, NaN where a feature fired fewer
         times), ``sequences`` and ``positions`` (-1 there), the windows ``window_ids`` / ``window_acts``
         ``[feature, top_k, 2 * context + 1]``, ``frequency`` and ``n_tokens``.
     """
+    opts = options  # with_options merged the keywords into it
     view = ModelView(model)
     hooks = active_hooks(view.model)
     dictionary = as_dictionary(dictionary)
     check_dictionary(view, dictionary)
-    for name, value, least in (("top_k", top_k, 1), ("context", context, 0), ("batch_size", batch_size, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise LensInputError(f"{name} must be an int >= {least}, got {value!r}.")
-    lens = as_affine_lens(view, lens)
+    opts.validate()
+    context = opts.context
+    lens = as_affine_lens(view, opts.lens)
     labels = feature_labels(dictionary)
-    ids = _feature_ids(features, labels)
+    ids = _feature_ids(opts.features, labels)
     sel = torch.tensor(ids)
-    batches = _corpus(view, data, seq_len, max_tokens, batch_size)
-    F, K, W = len(ids), top_k, 2 * context + 1
+    batches = _corpus(view, data, opts.seq_len, opts.max_tokens, opts.batch_size)
+    F, K, W = len(ids), opts.top_k, 2 * context + 1
     values = torch.full((F, 0), -math.inf)
     seqs = torch.zeros(F, 0, dtype=torch.long)
     poss = torch.zeros(F, 0, dtype=torch.long)
@@ -156,7 +145,7 @@ def feature_contexts(
     fired = torch.zeros(F, dtype=torch.float64)
     n_tokens, first_seq = 0, 0
     offsets_w = torch.arange(W)
-    with progress_bar(len(batches), "feature contexts", unit="batch", enabled=progress) as bar:
+    with progress_bar(len(batches), "feature contexts", unit="batch", enabled=opts.progress) as bar:
         for batch in batches:
             with torch.no_grad():
                 enc = encode_run(view, batch, dictionary, what="feature contexts", prepend_bos=None)

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mi_lenses.attribution.directions import (
+    Direction,
     TokenSpec,
     effective_directions,
     resolve_direction,
@@ -48,6 +49,7 @@ from mi_lenses.errors import LensInputError, VerificationError
 from mi_lenses.features.dictionary import Dictionary, DictionarySet, hook_layer
 from mi_lenses.features.reading import (
     DictionaryInput,
+    Encoded,
     as_dictionary,
     dictionary_label,
     encode_run,
@@ -237,66 +239,99 @@ def feature_dla(
     hooks = active_hooks(view.model)
     dictionary = as_dictionary(dictionary)
     lens = as_affine_lens(view, lens)
-    if not isinstance(position, int) or isinstance(position, bool):
-        raise LensInputError(f"position must be an int (negative counts from each prompt's end), got {position!r}.")
-    for d in members(dictionary):
-        _where(view, d.writes)  # refuse a hook without a direct path before the forward pass
+    _check_writes(view, dictionary, position)
     enc = encode_run(view, prompt, dictionary, extra=[*write_hooks(view), view.final_resid_hook], cache=cache,
                      attention_mask=attention_mask, prepend_bos=prepend_bos, beyond_context=beyond_context,
                      what="feature DLA")
-    batch, run = enc.batch, enc.run
+    batch = enc.batch
     pos = resolve_positions([position], batch.lengths, batch.offsets, every_prompt=True).index[:, 0]
-    rows = torch.arange(batch.shape[0])
-
-    def at(t: Tensor) -> Tensor:
-        return t[rows.to(t.device), pos.to(t.device)].float()
-
+    at = _picker(pos)
     dirn = resolve_direction(view, batch.shape[0], answer, wrong, direction, through_final_norm)
-    with torch.no_grad():
-        resid = at(run[view.final_resid_hook])
-        d_eff, _ = effective_directions(view, dirn, resid)
-        dirs = write_directions(view, d_eff, run, at)
-        B = batch.shape[0]
-        values, bias, skip, error, component = [], torch.zeros(B), torch.zeros(B), torch.zeros(B), torch.zeros(B)
-        has_skip = False
-        ws = []
-        for j, (d, (_, h_out)) in enumerate(zip(members(dictionary), enc.hooks)):
-            w = output_directions(view, h_out, d_eff, dirs).to(enc.inputs[j].device)  # [B, d_out]
-            ws.append(w)
-            x, a = at(enc.inputs[j]), at(enc.acts[j])
-            parts = d.parts(a, x, features=torch.zeros(0, dtype=torch.long))
-            proj = w @ d.decoder_rows().to(w.device).T  # [B, n]: each decoder row on the direction
-            values.append((a * proj * parts.scale[:, None]).cpu())
-            bias += (parts.bias * w).sum(-1).cpu()
-            if parts.skip is not None:
-                has_skip = True
-                skip += (parts.skip * w).sum(-1).cpu()
-            error += (at(enc.errors[j]) * w).sum(-1).cpu()
-            component += (at(enc.targets[j]) * w).sum(-1).cpu()
-        if isinstance(dictionary, DictionarySet):  # a feature's writes into later layers' outputs
-            for (i, j), W in dictionary.cross.items():
-                values[i] += (at(enc.acts[i]) * (ws[j] @ W.to(ws[j].device).T)).cpu()
-        values_t = torch.cat(values, -1)
-    labels = feature_labels(dictionary)
+    parts = _attribute(view, dictionary, enc, dirn, at)
     result = FeatureDLA(
         model_name=view.name,
         metric=dirn.label,
         dictionary_name=dictionary_label(dictionary),
         str_tokens=view.str_tokens(batch, known=prompt is not None),
         positions=(pos - torch.tensor(batch.offsets)).tolist(),
-        values=values_t,
-        bias=bias,
-        skip=skip if has_skip else None,
-        error=error,
-        component=component,
-        labels=labels,
-        logit_lens=_logit_lens(view, dictionary, values_t, top_k, lens),
+        values=parts.values,
+        bias=parts.bias,
+        skip=parts.skip,
+        error=parts.error,
+        component=parts.component,
+        labels=feature_labels(dictionary),
+        logit_lens=_logit_lens(view, dictionary, parts.values, top_k, lens),
     )
     if check:
         result.verify()
     return recorded(result, hooks)
 
 
+# ---------------------------------------------------------------------------------------------- prepare
+def _check_writes(view: ModelView, dictionary: Dictionary | DictionarySet, position: Any) -> None:
+    """Refuse a position that is not an int, and a dictionary whose write has no direct path to the logits, before
+    the forward pass."""
+    if not isinstance(position, int) or isinstance(position, bool):
+        raise LensInputError(f"position must be an int (negative counts from each prompt's end), got {position!r}.")
+    for d in members(dictionary):
+        _where(view, d.writes)
+
+
+def _picker(pos: Tensor) -> Callable[[Tensor], Tensor]:
+    """``at(t)``: each prompt's row of ``t`` ``[B, S, ...]`` at its attributed position ``pos[b]``, in float32."""
+    rows = torch.arange(pos.shape[0])
+
+    def at(t: Tensor) -> Tensor:
+        return t[rows.to(t.device), pos.to(t.device)].float()
+
+    return at
+
+
+# ---------------------------------------------------------------------------------------------- reduce
+@dataclass
+class _Parts:
+    """The parts of the attributed quantity: per feature ``values`` ``[B, F]``, and ``[B]`` the bias, the skip (None
+    without a skip transcoder), the error and the component they sum to."""
+
+    values: Tensor
+    bias: Tensor
+    skip: Tensor | None
+    error: Tensor
+    component: Tensor
+
+
+@torch.no_grad()
+def _attribute(view: ModelView, dictionary: Dictionary | DictionarySet, enc: Encoded, dirn: Direction,
+               at: Callable[[Tensor], Tensor]) -> _Parts:
+    """Every part of each member's output dotted with the direction carried back to the hook it writes, plus a
+    cross-layer feature's writes into later members' outputs."""
+    resid = at(enc.run[view.final_resid_hook])
+    d_eff, _ = effective_directions(view, dirn, resid)
+    dirs = write_directions(view, d_eff, enc.run, at)
+    B = enc.batch.shape[0]
+    values, bias, skip, error, component = [], torch.zeros(B), torch.zeros(B), torch.zeros(B), torch.zeros(B)
+    has_skip = False
+    ws = []
+    for j, (d, (_, h_out)) in enumerate(zip(members(dictionary), enc.hooks)):
+        w = output_directions(view, h_out, d_eff, dirs).to(enc.inputs[j].device)  # [B, d_out]
+        ws.append(w)
+        x, a = at(enc.inputs[j]), at(enc.acts[j])
+        parts = d.parts(a, x, features=torch.zeros(0, dtype=torch.long))
+        proj = w @ d.decoder_rows().to(w.device).T  # [B, n]: each decoder row on the direction
+        values.append((a * proj * parts.scale[:, None]).cpu())
+        bias += (parts.bias * w).sum(-1).cpu()
+        if parts.skip is not None:
+            has_skip = True
+            skip += (parts.skip * w).sum(-1).cpu()
+        error += (at(enc.errors[j]) * w).sum(-1).cpu()
+        component += (at(enc.targets[j]) * w).sum(-1).cpu()
+    if isinstance(dictionary, DictionarySet):  # a feature's writes into later layers' outputs
+        for (i, j), W in dictionary.cross.items():
+            values[i] += (at(enc.acts[i]) * (ws[j] @ W.to(ws[j].device).T)).cpu()
+    return _Parts(torch.cat(values, -1), bias, skip if has_skip else None, error, component)
+
+
+# ---------------------------------------------------------------------------------------------- assemble
 def _logit_lens(view: ModelView, dictionary: Dictionary | DictionarySet, values: Tensor, top_k: int, lens: Any = None
                 ) -> dict[int, dict[str, list]]:
     """The feature logit lens of the ``top_k`` largest features of every prompt (5 tokens each way)."""

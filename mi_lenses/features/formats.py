@@ -60,6 +60,7 @@ from torch import Tensor
 from mi_lenses.atomic import write_files_atomic
 from mi_lenses.errors import LensInputError
 from mi_lenses.features.dictionary import Dictionary, DictionarySet
+from mi_lenses.features.processing import RAW, saelens_processing
 from mi_lenses.models.identity import IDENTITY_KEYS, file_sha256
 
 DictionaryFormat = Literal["mi_lenses", "saelens"]
@@ -250,6 +251,11 @@ def _save_saelens(d: Dictionary, path: Path, meta: dict[str, Any]) -> Path:
     metadata = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": SAELENS_VERSION,
                 "hook_name": d.hook, "model_name": meta.get("model_name", d.meta.get("model_name")),
                 "hook_head_index": None, "prepend_bos": True}
+    done = meta.get("processing", d.meta.get("processing"))
+    if isinstance(done, dict):  # how the model was loaded, in HookedTransformer.from_pretrained's words
+        metadata["model_from_pretrained_kwargs"] = {"fold_ln": bool(done.get("norm_folded")),
+                                                    "center_writing_weights": bool(done.get("residual_centered")),
+                                                    "fold_value_biases": bool(done.get("value_bias_folded"))}
     if d.is_transcoder:
         metadata.update({"hook_name_out": d.hook_out, "hook_head_index_out": None})
     cfg: dict[str, Any] = {"d_in": d.d_in, "d_sae": d.n_features, "dtype": "float32", "device": "cpu",
@@ -272,6 +278,14 @@ def _save_saelens(d: Dictionary, path: Path, meta: dict[str, Any]) -> Path:
         tmp.write_text(json.dumps(cfg))
 
     return write_files_atomic(path, [(SAELENS_WEIGHTS, weights), (SAELENS_CFG, config)])
+
+
+def _saelens_processing(cfg: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """``{"processing": ...}`` from the file's ``model_from_pretrained_kwargs`` (v6 metadata or an older top-level
+    key), or nothing when the file does not say how its model was loaded."""
+    kwargs = meta.get("model_from_pretrained_kwargs", cfg.get("model_from_pretrained_kwargs"))
+    done = saelens_processing(kwargs)
+    return {} if done is None else {"processing": done}
 
 
 def _load_saelens(path: Path) -> Dictionary:
@@ -316,7 +330,7 @@ def _load_saelens(path: Path) -> Dictionary:
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", not transcoder)) and not transcoder,
         normalize_activations=norm,
         rescale_acts_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)) and arch == "topk",
-        meta={"format": "saelens", "architecture": arch, **meta})
+        meta={"format": "saelens", "architecture": arch, **meta, **_saelens_processing(cfg, meta)})
 
 
 # ---------------------------------------------------------------------------------------------- sparsify
@@ -351,7 +365,7 @@ def _load_sparsify(path: Path) -> Dictionary:
         path, W_enc=W.T, b_enc=_need(tensors, "encoder.bias", path), W_dec=_need(tensors, "W_dec", path),
         b_dec=_need(tensors, "b_dec", path), hook=hook, hook_out=hook_out, activation="topk", k=int(cfg.get("k", 32)),
         W_skip=tensors.get("W_skip") if cfg.get("skip_connection") else None, apply_b_dec_to_input=not transcode,
-        meta={"format": "sparsify", "hookpoint": path.name, **cfg})
+        meta={"format": "sparsify", "hookpoint": path.name, **cfg, "processing": dict(RAW)})
 
 
 # ---------------------------------------------------------------------------------------------- circuit-tracer
@@ -364,7 +378,8 @@ def _load_circuit_tracer(path: Path) -> DictionarySet:
             raise LensInputError(f"{path / CT_CONFIG} is not valid YAML ({err}).") from err
     hook_in = str(cfg.get("feature_input_hook", "hook_resid_mid"))
     hook_out = str(cfg.get("feature_output_hook", "hook_mlp_out"))
-    meta = {"format": "circuit-tracer", **{k: v for k, v in cfg.items() if isinstance(v, (str, int, float))}}
+    meta = {"format": "circuit-tracer", **{k: v for k, v in cfg.items() if isinstance(v, (str, int, float))},
+            "processing": dict(RAW)}  # circuit-tracer loads its models unprocessed (fold_ln=False, no centring)
     cross_layer = cfg.get("model_kind") == "cross_layer_transcoder" or (path / "W_enc_0.safetensors").is_file()
     if cross_layer:
         return _load_clt(path, hook_in, hook_out, meta)

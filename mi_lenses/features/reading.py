@@ -33,6 +33,7 @@ from torch import Tensor
 from mi_lenses.errors import LensInputError, VerificationError
 from mi_lenses.features.dictionary import Dictionary, DictionarySet, hook_layer
 from mi_lenses.features.formats import load
+from mi_lenses.features.processing import check_processing
 from mi_lenses.models.batch import Batch, Cached, PromptInput, cached_forward
 from mi_lenses.models.identity import check_identity
 from mi_lenses.models.interventions import active_hooks, recorded
@@ -80,11 +81,14 @@ def resolve_hook(view: ModelView, hook: str, what: str) -> str:
 
 
 def check_dictionary(view: ModelView, dictionary: Dictionary | DictionarySet) -> list[tuple[str, str]]:
-    """Check that ``dictionary`` belongs to this model (its hooks exist, its recorded model identity matches) and
+    """Check that ``dictionary`` belongs to this model (its hooks exist, its recorded model identity and weight
+    processing match: :mod:`~mi_lenses.features.processing`) and
     return each member's ``(input hook, output hook)`` as this model names them. Widths are checked on the
     activations (:func:`read_vectors`)."""
     if dictionary.meta.get("unembed_fingerprint") is not None:
         check_identity(dictionary.meta, view, "dictionary")
+    for d in members(dictionary):
+        check_processing(view, d)
     return [(resolve_hook(view, d.hook, "input hook"), resolve_hook(view, d.writes, "output hook"))
             for d in members(dictionary)]
 

@@ -31,7 +31,9 @@ Deliberate differences from sparsify's ``Trainer`` defaults: the learning rate i
 linearly over 1000 steps and decays linearly to 0 at the end, so a run shorter than 1000 steps never reaches the
 nominal rate, and its very first step has lr 0); Adam, not sparsify's default ``signum`` (SignSGD with schedule-free
 momentum, lr ``5e-3 / sqrt(n_features / 2**14)``); ``auxk_alpha`` 1/32 (Gao et al.) where sparsify's default is 0,
-and ``dead_tokens`` a quarter of the run (at most 10M) where sparsify's is 10M. "Tokens since fired" is counted as in
+``dead_tokens`` a quarter of the run (at most 10M) where sparsify's is 10M, and the first position of every sequence
+left out (``exclude_first=1``: the attention sink, where some blocks write vectors thousands of times larger than
+elsewhere; sparsify trains on it). "Tokens since fired" is counted as in
 sparsify (every token of the step added, reset for each latent that fired in the step), except that a latent fires
 only with a *positive* activation: sparsify also counts a TopK pick of value 0 (a token with fewer than ``k``
 positive pre-activations), which can keep a dead latent off the dead list.
@@ -49,8 +51,8 @@ Example:
     ('blocks.1.hook_resid_post', 'topk', 4, 64)
     >>> bool(torch.allclose(d.W_dec.norm(dim=-1), torch.ones(64), atol=1e-5))     # unit decoder rows
     True
-    >>> d.meta["training"]["steps"], d.meta["training"]["train_tokens"]
-    (4, 256)
+    >>> d.meta["training"]["steps"], d.meta["training"]["train_tokens"]      # 16 x 16, position 0 left out
+    (4, 240)
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ from mi_lenses.features.formats import save as save_folder
 from mi_lenses.features.reading import resolve_hook
 from mi_lenses.lenses.tuned.train import TrainingError, _data_id, _Dist, _init_distributed
 from mi_lenses.models.batch import check_context
+from mi_lenses.features.processing import processing
 from mi_lenses.models.identity import model_identity
 from mi_lenses.models.view import ModelView
 from mi_lenses.progress import bar as progress_bar
@@ -110,6 +113,9 @@ class DictionaryTrainConfig:
     skip: bool = _opt(False, "transcoder: add a linear skip connection W_skip")
     max_tokens: int = _opt(8192, "train on this many tokens (each seen once)")
     seq_len: int = _opt(128, "tokens per training sequence")
+    exclude_first: int = _opt(1, "leave the first N positions of every sequence out (the attention sink: the BOS, or "
+                                 "the first token without one, where some blocks write activations thousands of "
+                                 "times larger than elsewhere; 0 keeps them, as sparsify does)")
     batch_size: int = _opt(4, "sequences per forward pass and optimizer step, over all processes")
     lr: float | None = _opt(None, "Adam learning rate (default 2e-4 / sqrt(n_features / 2^14))", type=float)
     auxk_alpha: float = _opt(1 / 32, "weight of the AuxK loss on dead features (0 = off)")
@@ -131,6 +137,9 @@ class DictionaryTrainConfig:
                 raise LensInputError(f"{name} must be a positive int, got {v!r}.")
         if self.k > self.n_features:
             raise LensInputError(f"k ({self.k}) cannot exceed n_features ({self.n_features}).")
+        if not isinstance(self.exclude_first, int) or not 0 <= self.exclude_first < self.seq_len:
+            raise LensInputError(f"exclude_first must be an int in [0, seq_len={self.seq_len}), got "
+                                 f"{self.exclude_first!r}.")
         if self.batch_size % world:
             raise LensInputError(f"batch_size ({self.batch_size}) does not split over {world} processes.")
         if self.kind == "transcoder" and self.hook is not None:
@@ -300,14 +309,15 @@ def _hooks(view: ModelView, cfg: DictionaryTrainConfig) -> tuple[list[int], list
 
 
 @torch.no_grad()
-def _activations(view: ModelView, tokens: Tensor, names: list[str]) -> dict[str, Tensor]:
-    """One forward pass of ``tokens``, stopped once every hook in ``names`` has fired: ``{name: [n_tok, d]}``."""
+def _activations(view: ModelView, tokens: Tensor, names: list[str], exclude_first: int = 0) -> dict[str, Tensor]:
+    """One forward pass of ``tokens``, stopped once every hook in ``names`` has fired: ``{name: [n_tok, d]}``, the
+    first ``exclude_first`` positions of each sequence left out."""
     got: dict[str, Tensor] = {}
 
     def keeper(name: str) -> Any:
         def keep(act: Tensor, hook: Any) -> Tensor:
             t = act.flatten(-2) if act.ndim == 4 else act  # per-head hooks: head-major
-            got[name] = t.reshape(-1, t.shape[-1])
+            got[name] = t[:, exclude_first:].reshape(-1, t.shape[-1])
             if len(got) == len(names):
                 raise _Enough
             return act
@@ -355,16 +365,51 @@ def train_dictionary(
 
     Raises ``TrainingError`` if the loss becomes non-finite (the last good checkpoint is kept, nothing is saved).
     """
+    cfg = _config(config, overrides)
+    view = ModelView(model)
+    dist = _init_distributed(view.device)
+    cfg.validate(dist.world)
+    layers, pairs = _hooks(view, cfg)
+    tokens, steps = _tokens(view, data, cfg)
+    if resume and out is None:
+        raise LensInputError("resume needs the output folder (out=...) that holds the checkpoint.")
+    plan = _prepare(view, cfg, layers, pairs, tokens, steps)
+    folder = None if out is None else Path(out)
+    ckpt = None if folder is None else folder / CHECKPOINT
+    start, history, last_good = _start(ckpt, plan, cfg, dist, resume)
+    t0 = time.perf_counter()
+    _train(view, tokens, plan, cfg, dist, ckpt, start, history, last_good)
+    train_s = time.perf_counter() - t0
+    return _assemble(view, data, plan, cfg, dist, history, train_s, folder)
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+@dataclass
+class _Plan:
+    """Everything decided before the first step."""
+
+    layers: list[int]
+    coders: list[_Coder]  # one per layer, in layer order
+    run_names: list[tuple[str, str]]  # each coder's (input, target) hook as the model names them
+    fetch: list[str]  # the hooks one forward pass captures
+    steps: int
+    n_global: int  # tokens per step, over all processes
+    dead_after: int  # silent tokens after which a latent is dead
+    data_id: str
+
+
+def _config(config: DictionaryTrainConfig | None, overrides: dict[str, Any]) -> DictionaryTrainConfig:
+    """``config`` (or the defaults) with the keyword ``overrides``, refusing a keyword that is no field."""
     names = [f.name for f in dataclasses.fields(DictionaryTrainConfig)]
     unknown = sorted(set(overrides) - set(names))
     if unknown:
         raise LensInputError(f"train_dictionary got unknown options {unknown}: pass DictionaryTrainConfig fields "
                              f"({', '.join(names)}).")
-    cfg = dataclasses.replace(config or DictionaryTrainConfig(), **overrides)
-    view = ModelView(model)
-    dist = _init_distributed(view.device)
-    cfg.validate(dist.world)
-    layers, pairs = _hooks(view, cfg)
+    return dataclasses.replace(config or DictionaryTrainConfig(), **overrides)
+
+
+def _tokens(view: ModelView, data: Any, cfg: DictionaryTrainConfig) -> tuple[Tensor, int]:
+    """The training sequences ``[n_seq, seq_len]`` on the CPU (at most ``max_tokens``) and the number of steps."""
     check_context(view, cfg.seq_len, "each training sequence", fix="Pass a smaller seq_len (--seq-len).")
     tokens = data if isinstance(data, Tensor) else load_tokens(data, view, cfg.seq_len, max_tokens=cfg.max_tokens,
                                                                seed=cfg.seed)
@@ -376,73 +421,107 @@ def train_dictionary(
         raise LensInputError(f"the data holds {tokens.shape[0]} sequences of {cfg.seq_len} tokens (max_tokens "
                              f"{cfg.max_tokens}), fewer than one batch of {cfg.batch_size}: pass more text, a larger "
                              "max_tokens or a smaller batch_size.")
-    if resume and out is None:
-        raise LensInputError("resume needs the output folder (out=...) that holds the checkpoint.")
-    n_global = cfg.batch_size * cfg.seq_len
+    return tokens, steps
+
+
+def _prepare(view: ModelView, cfg: DictionaryTrainConfig, layers: list[int], pairs: list[tuple[str, str | None]],
+             tokens: Tensor, steps: int) -> _Plan:
+    """The hooks to capture, one freshly initialised coder per layer (widths from a probe pass) and the run's
+    constants."""
+    n_global = cfg.batch_size * (cfg.seq_len - cfg.exclude_first)
     dead_after = cfg.dead_tokens or min(10_000_000, max(steps * n_global // 4, 1))
     run_names = [(resolve_hook(view, h, "input hook"), resolve_hook(view, h_out or h, "output hook"))
                  for h, h_out in pairs]
     fetch = list(dict.fromkeys(n for pair in run_names for n in pair))
-    probe = _activations(view, tokens[:1], fetch)
+    probe = _activations(view, tokens[:1], fetch, cfg.exclude_first)
     coders = [_Coder(layer, h, h_out, probe[a].shape[-1], probe[b].shape[-1], cfg)
               for layer, (h, h_out), (a, b) in zip(layers, pairs, run_names)]
-    folder = None if out is None else Path(out)
-    ckpt = None if folder is None else folder / CHECKPOINT
-    data_id = _data_id(tokens[: steps * cfg.batch_size])
-    start, history, last_good = 0, [], None
+    return _Plan(layers, coders, run_names, fetch, steps, n_global, dead_after,
+                 _data_id(tokens[: steps * cfg.batch_size]))
+
+
+def _start(ckpt: Path | None, plan: _Plan, cfg: DictionaryTrainConfig, dist: _Dist, resume: bool
+           ) -> tuple[int, list, int | None]:
+    """The step to start from, the history so far and the step the newest checkpoint holds: 0, none and None, or
+    the checkpoint's with ``resume`` (temp files a killed save left are removed first)."""
     if ckpt is not None and ckpt.is_dir() and dist.primary:
         for stale in ckpt.glob(f".{STATE_FILE}.*"):
             stale.unlink(missing_ok=True)
     if resume and ckpt is not None and (ckpt / STATE_FILE).is_file():
-        start, history = _load_checkpoint(ckpt, coders, cfg, data_id)
-        last_good = start
-    bar = progress_bar(steps, "dictionary", initial=start, leave=True) \
-        if cfg.progress and dist.primary and steps > start else None
-    t0 = time.perf_counter()
+        start, history = _load_checkpoint(ckpt, plan.coders, cfg, plan.data_id)
+        return start, history, start
+    return 0, [], None
+
+
+# ---------------------------------------------------------------------------------------------- forward and update
+def _train(view: ModelView, tokens: Tensor, plan: _Plan, cfg: DictionaryTrainConfig, dist: _Dist, ckpt: Path | None,
+           start: int, history: list, last_good: int | None) -> None:
+    """Steps ``start`` .. the last, appending one record per step to ``history`` and checkpointing every
+    ``checkpoint_every`` steps and at the end (the primary process writes; ``last_good``: the step the newest
+    checkpoint holds)."""
+    bar = progress_bar(plan.steps, "dictionary", initial=start, leave=True) \
+        if cfg.progress and dist.primary and plan.steps > start else None
     try:
-        for step in range(start, steps):
-            rows = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size)[dist.rank:: dist.world]
-            acts = _activations(view, tokens[rows], fetch)
-            rec: dict[str, Any] = {"step": step + 1}
-            for c, (a, b) in zip(coders, run_names):
-                if step == 0:
-                    c.initialise(acts[a], acts[b], dist, n_global)
-                s = c.step(acts[a], acts[b], dist, n_global, dead_after)
-                if not s.get("finite", True):
-                    kept = (f"the last good checkpoint (after step {last_good}) is kept in {ckpt}"
-                            if last_good is not None else "no checkpoint was written")
-                    raise TrainingError(f"the loss became non-finite in step {step + 1} (layer {c.layer}); {kept}; "
-                                        "nothing else was saved. Lower the learning rate (--lr) or check the data.")
-                rec[c.layer] = s
+        for step in range(start, plan.steps):
+            rec = _step(view, tokens, plan, cfg, dist, step, ckpt, last_good)
             history.append(rec)
             if bar is not None:
-                bar.set_postfix(fvu=f"{sum(rec[c.layer]['fvu'] for c in coders) / len(coders):.3f}")
+                bar.set_postfix(fvu=f"{sum(rec[c.layer]['fvu'] for c in plan.coders) / len(plan.coders):.3f}")
                 bar.update(1)
             if ckpt is not None and cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0
-                                                              or step + 1 == steps):
+                                                              or step + 1 == plan.steps):
                 if dist.primary:
-                    _save_checkpoint(ckpt, coders, cfg, step + 1, data_id, history)
+                    _save_checkpoint(ckpt, plan.coders, cfg, step + 1, plan.data_id, history)
                 last_good = step + 1
     finally:
         if bar is not None:
             bar.close()
-    train_s = time.perf_counter() - t0
-    info = {**{k: v for k, v in asdict(cfg).items() if k != "progress"}, "layers": layers,
-            "lr": cfg.learning_rate(), "dead_tokens": dead_after, "steps": steps, "train_tokens": steps * n_global,
-            "world_size": dist.world, "data": "tokens" if isinstance(data, Tensor) else str(data),
-            "data_sha": data_id, "train_s": round(train_s, 3)}
-    dicts = []
-    for c in coders:
+
+
+def _step(view: ModelView, tokens: Tensor, plan: _Plan, cfg: DictionaryTrainConfig, dist: _Dist, step: int,
+          ckpt: Path | None, last_good: int | None) -> dict[Any, Any]:
+    """One forward pass over this process's share of batch ``step`` and one update of every coder; its record
+    (``step`` and per layer the coder's statistics). A non-finite loss raises ``TrainingError``."""
+    rows = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size)[dist.rank:: dist.world]
+    acts = _activations(view, tokens[rows], plan.fetch, cfg.exclude_first)
+    rec: dict[Any, Any] = {"step": step + 1}
+    for c, (a, b) in zip(plan.coders, plan.run_names):
+        if step == 0:
+            c.initialise(acts[a], acts[b], dist, plan.n_global)
+        s = c.step(acts[a], acts[b], dist, plan.n_global, plan.dead_after)
+        if not s.get("finite", True):
+            kept = (f"the last good checkpoint (after step {last_good}) is kept in {ckpt}"
+                    if last_good is not None else "no checkpoint was written")
+            raise TrainingError(f"the loss became non-finite in step {step + 1} (layer {c.layer}); {kept}; "
+                                "nothing else was saved. Lower the learning rate (--lr) or check the data.")
+        rec[c.layer] = s
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------- assemble
+def _assemble(view: ModelView, data: Any, plan: _Plan, cfg: DictionaryTrainConfig, dist: _Dist, history: list,
+              train_s: float, folder: Path | None) -> Dictionary | DictionarySet:
+    """The trained dictionaries with their ``meta["training"]`` record, saved into ``folder`` by the primary
+    process."""
+    info = {**{k: v for k, v in asdict(cfg).items() if k != "progress"}, "layers": plan.layers,
+            "lr": cfg.learning_rate(), "dead_tokens": plan.dead_after, "steps": plan.steps,
+            "train_tokens": plan.steps * plan.n_global, "world_size": dist.world,
+            "data": "tokens" if isinstance(data, Tensor) else str(data), "data_sha": plan.data_id,
+            "train_s": round(train_s, 3)}
+    dicts, done = [], processing(view)  # how the activations were read (refused under other processing)
+    for c in plan.coders:
         last = history[-1][c.layer] if history else {}
         dicts.append(c.dictionary({"training": {**info, "layer": c.layer, "k_aux": c.k_aux,
-                                                "final_fvu": last.get("fvu"), "final_dead": last.get("dead")}}))
+                                                "final_fvu": last.get("fvu"), "final_dead": last.get("dead")},
+                                   "processing": done}))
     if folder is not None and dist.primary:
         identity = model_identity(view)
-        for c, d in zip(coders, dicts):
+        for c, d in zip(plan.coders, dicts):
             save_folder(d, folder if len(dicts) == 1 else folder / f"layer_{c.layer}", meta=identity)
-    return dicts[0] if len(dicts) == 1 else DictionarySet(dicts, meta={"training": info})
+    return dicts[0] if len(dicts) == 1 else DictionarySet(dicts, meta={"training": info, "processing": done})
 
 
+# ---------------------------------------------------------------------------------------------- checkpoints
 def _save_checkpoint(folder: Path, coders: list[_Coder], cfg: DictionaryTrainConfig, step: int, data_id: str,
                      history: list) -> None:
     state = {"step": step, "data_id": data_id, "config": {k: getattr(cfg, k) for k in RESUME_KEYS},
