@@ -377,3 +377,20 @@ def test_training_equals_sparsify_trainer_auxk_included(kind, builder, tmp_path)
                        ("W_dec", ours.W_dec, W_dec), ("b_dec", ours.b_dec, sc.b_dec)):
         assert torch.allclose(a.detach(), b.detach(), atol=2e-5), (name, (a - b).abs().max())
     assert torch.equal(ours.since_fired, trainer.num_tokens_since_fired[point])
+
+
+def test_the_acceptance_call_takes_the_text_itself(llama_raw, tmp_path):
+    """Issue 28's call with ``text`` a string (the text itself), and a list of texts: the same tokens as the file."""
+    m = llama_raw.model
+    text = "The quick brown fox jumps over the lazy dog. Paris is a city in France. " * 60
+    (tmp_path / "text.txt").write_text(text)
+    kw = dict(kind="sae", layers=[1], n_features=64, k=4, max_tokens=512, seq_len=16, progress=False)
+    d = train_dictionary(m, text, out=tmp_path / "sae", **kw)
+    again = train_dictionary(m, tmp_path / "text.txt", **kw)
+    assert torch.equal(d.W_enc, again.W_enc) and d.meta["training"]["data_sha"] == again.meta["training"]["data_sha"]
+    assert d.meta["training"]["data"] == f"a text of {len(text)} characters"
+    assert load_dictionary(tmp_path / "sae").n_features == 64
+    listed = train_dictionary(m, [text], **kw)
+    assert torch.equal(listed.W_enc, d.W_enc) and listed.meta["training"]["data"] == "1 texts"
+    with pytest.raises(LensInputError, match="not an existing file or folder, so read as the text"):
+        train_dictionary(m, "no such file.txt", **kw)

@@ -6,7 +6,9 @@
 * a ``datasets`` name ``"NAME"``, ``"NAME:CONFIG"``, optionally ``"...@SPLIT"`` (default split ``train``), read from the
   local cache first (works offline), with a ``text`` column;
 * ``"model"`` or ``"model:N"``: about ``N`` tokens (default 65536) sampled from the model itself at temperature 1,
-  for when there is no corpus at hand.
+  for when there is no corpus at hand;
+* the text itself: a string holding whitespace that is not an existing file or folder (a dataset name never holds
+  any), one document; or a list of strings, one document each.
 
 Documents are tokenized without special tokens, joined with the end-of-text token as separator, and cut into
 sequences of ``seq_len`` tokens (the tail that does not fill a sequence is dropped), as the ``tuned-lens`` package does.
@@ -15,6 +17,9 @@ Example:
     >>> _ = (tmp / "corpus.txt").write_text("The capital of France is Paris. " * 20)
     >>> load_tokens(tmp / "corpus.txt", model, seq_len=16).shape     # [n_seq, seq_len]
     torch.Size([10, 16])
+    >>> bool((load_tokens("The capital of France is Paris. " * 20, model, seq_len=16)
+    ...       == load_tokens(tmp / "corpus.txt", model, seq_len=16)).all())        # the text itself
+    True
 """
 
 from __future__ import annotations
@@ -35,23 +40,46 @@ TEXT_SUFFIXES = (".txt", ".md")
 
 
 def load_tokens(
-    source: str | os.PathLike, model: Any, seq_len: int, max_tokens: int | None = None, seed: int = 0
+    source: str | os.PathLike | list[str], model: Any, seq_len: int, max_tokens: int | None = None, seed: int = 0
 ) -> Int[Tensor, "n_seq seq_len"]:
     """Packed token sequences ``[n_seq, seq_len]`` from ``source`` (see the module docstring)."""
     view = ModelView(model)
     if not isinstance(seq_len, int) or seq_len < 2:
         raise LensInputError(f"seq_len must be an int >= 2, got {seq_len!r}.")
+    if isinstance(source, (list, tuple)):
+        if not all(isinstance(t, str) for t in source):
+            raise LensInputError("a list of texts must hold strings only: pass a file, a folder or the texts.")
+        return pack(view, list(source), seq_len, max_tokens, what=f"the {len(source)} texts given")
     src = str(source)
     if src == "model" or src.startswith("model:"):
         n = int(src.split(":", 1)[1]) if ":" in src else 65536
         n = min(n, max_tokens) if max_tokens else n
         return sample_from_model(view, n_tokens=n, seq_len=seq_len, seed=seed)
     path = Path(src).expanduser()
-    if path.exists():
+    if _exists(path):
         docs: Iterable[str] = _read_files(path)
+    elif isinstance(source, str) and any(c.isspace() for c in src):
+        return pack(view, [src], seq_len, max_tokens,
+                    what=f"the text given ({src[:40]!r}...: not an existing file or folder, so read as the text)")
     else:
         docs = _dataset_texts(src)
     return pack(view, docs, seq_len, max_tokens, what=src)
+
+
+def data_name(data: Any) -> str:
+    """What a training record says of ``data``: its name or path, or how much text was given."""
+    if isinstance(data, (list, tuple)):
+        return f"{len(data)} texts"
+    text = str(data)
+    return text if len(text) <= 200 and "\n" not in text else f"a text of {len(text)} characters"
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists (a long text read as a path is too long a name: it does not)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def pack(

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mi_lenses.atomic import write_files_atomic
-from mi_lenses.data import load_tokens
+from mi_lenses.data.tokens import data_name, load_tokens
 from mi_lenses.errors import LensInputError
 from mi_lenses.features.dictionary import Dictionary, DictionarySet
 from mi_lenses.features.formats import save as save_folder
@@ -506,7 +506,7 @@ def _assemble(view: ModelView, data: Any, plan: _Plan, cfg: DictionaryTrainConfi
     info = {**{k: v for k, v in asdict(cfg).items() if k != "progress"}, "layers": plan.layers,
             "lr": cfg.learning_rate(), "dead_tokens": plan.dead_after, "steps": plan.steps,
             "train_tokens": plan.steps * plan.n_global, "world_size": dist.world,
-            "data": "tokens" if isinstance(data, Tensor) else str(data), "data_sha": plan.data_id,
+            "data": "tokens" if isinstance(data, Tensor) else data_name(data), "data_sha": plan.data_id,
             "train_s": round(train_s, 3)}
     dicts, done = [], processing(view)  # how the activations were read (refused under other processing)
     for c in plan.coders:

@@ -33,7 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mi_lenses.atomic import write_files_atomic
-from mi_lenses.data import load_tokens
+from mi_lenses.data.tokens import data_name, load_tokens
 from mi_lenses.errors import LensInputError, MiLensesError
 from mi_lenses.lenses.affine import save_lens
 from mi_lenses.lenses.tuned.lens import TunedLens
@@ -451,7 +451,7 @@ class _Trainer:
         self.lens.meta["training"] = {
             **{k: v for k, v in asdict(cfg).items() if k != "progress"},
             "world_size": self.dist.world,
-            "data": str(data) if not isinstance(data, Tensor) else "tokens",
+            "data": data_name(data) if not isinstance(data, Tensor) else "tokens",
             "data_sha": self.data_id,
             "train_tokens": cfg.steps * self.n_global,
             "train_s": round(self.train_s, 3),
