@@ -394,3 +394,25 @@ def test_the_acceptance_call_takes_the_text_itself(llama_raw, tmp_path):
     assert torch.equal(listed.W_enc, d.W_enc) and listed.meta["training"]["data"] == "1 texts"
     with pytest.raises(LensInputError, match="not an existing file or folder, so read as the text"):
         train_dictionary(m, "no such file.txt", **kw)
+
+
+def test_exclude_first_is_kept_by_resume_contexts_and_evaluation(llama_raw, tmp_path):
+    """A dictionary trained without the first position is read the same way by ``feature_contexts`` (no context at
+    position 0, the frequency over the other tokens) and ``evaluate_dictionary``; a checkpoint of another
+    ``exclude_first`` is not resumed; a text that looks like a path or a sampling spec is read as text."""
+    m = llama_raw.model
+    tokens = rand_tokens(16, 16, seed=4)
+    kw = dict(kind="sae", layers=[1], n_features=64, k=4, seq_len=16, batch_size=4, progress=False)
+    d = train_dictionary(m, tokens, out=tmp_path / "sae", checkpoint_every=1, **kw)
+    assert d.meta["training"]["exclude_first"] == 1
+    with pytest.raises(LensInputError, match="exclude_first=1, now 0"):
+        train_dictionary(m, tokens, out=tmp_path / "sae", resume=True, exclude_first=0, **kw)
+    ctx = mi_lenses.feature_contexts(m, d, tokens, top_k=3, progress=False)
+    seen = ctx.positions[ctx.positions >= 0]
+    assert seen.numel() and int(seen.min()) >= 1 and ctx.n_tokens == 16 * 15
+    every = mi_lenses.feature_contexts(m, d, tokens, top_k=3, exclude_first=0, progress=False)
+    assert every.n_tokens == 16 * 16
+    ev = mi_lenses.evaluate_dictionary(m, d, tokens, progress=False)
+    assert ev.n_tokens == 16 * 15 and ev.meta["exclude_first"] == 1
+    for text in ("model: a transformer that reads text " * 8, "~ 5 km away, the city of Paris " * 8):
+        assert mi_lenses.data.load_tokens(text, m, seq_len=8).shape[1] == 8

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -51,12 +52,12 @@ def load_tokens(
             raise LensInputError("a list of texts must hold strings only: pass a file, a folder or the texts.")
         return pack(view, list(source), seq_len, max_tokens, what=f"the {len(source)} texts given")
     src = str(source)
-    if src == "model" or src.startswith("model:"):
+    if re.fullmatch(r"model(:\d+)?", src):
         n = int(src.split(":", 1)[1]) if ":" in src else 65536
         n = min(n, max_tokens) if max_tokens else n
         return sample_from_model(view, n_tokens=n, seq_len=seq_len, seed=seed)
-    path = Path(src).expanduser()
-    if _exists(path):
+    path = _as_path(src)
+    if path is not None:
         docs: Iterable[str] = _read_files(path)
     elif isinstance(source, str) and any(c.isspace() for c in src):
         return pack(view, [src], seq_len, max_tokens,
@@ -74,12 +75,13 @@ def data_name(data: Any) -> str:
     return text if len(text) <= 200 and "\n" not in text else f"a text of {len(text)} characters"
 
 
-def _exists(path: Path) -> bool:
-    """Whether ``path`` exists (a long text read as a path is too long a name: it does not)."""
+def _as_path(src: str) -> Path | None:
+    """``src`` as an existing file or folder, or None (a text read as a path: too long a name, an unknown ``~user``)."""
     try:
-        return path.exists()
-    except OSError:
-        return False
+        path = Path(src).expanduser()
+        return path if path.exists() else None
+    except (OSError, RuntimeError):
+        return None
 
 
 def pack(

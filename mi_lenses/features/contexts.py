@@ -45,6 +45,7 @@ from mi_lenses.features.reading import (
     encode_run,
     feature_labels,
     members,
+    trained_exclude_first,
 )
 from mi_lenses.models.batch import check_context
 from mi_lenses.models.interventions import active_hooks, recorded
@@ -136,6 +137,7 @@ def feature_contexts(
     ids = _feature_ids(opts.features, labels)
     sel = torch.tensor(ids)
     batches = _corpus(view, data, opts.seq_len, opts.max_tokens, opts.batch_size)
+    first = trained_exclude_first(dictionary, opts.exclude_first)  # the attention sink, as the dictionary trained
     F, K, W = len(ids), opts.top_k, 2 * context + 1
     values = torch.full((F, 0), -math.inf)
     seqs = torch.zeros(F, 0, dtype=torch.long)
@@ -150,10 +152,10 @@ def feature_contexts(
             with torch.no_grad():
                 enc = encode_run(view, batch, dictionary, what="feature contexts", prepend_bos=None)
             acts = torch.cat([a.cpu() for a in enc.acts], -1)[..., sel].float()  # [B, S, F]
-            mask = enc.mask.cpu()
             toks = enc.batch.tokens.cpu()
-            B, S = mask.shape
+            B, S = enc.mask.shape
             offs = torch.tensor(enc.batch.offsets)
+            mask = enc.mask.cpu() & (torch.arange(S)[None] - offs[:, None] >= first)
             n_tokens += int(mask.sum())
             fired += ((acts != 0) & mask[..., None]).sum((0, 1)).double()
             ranked = acts.masked_fill(~mask[..., None], -math.inf).reshape(B * S, F).T  # [F, B*S]

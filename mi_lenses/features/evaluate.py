@@ -41,6 +41,7 @@ from mi_lenses.features.reading import (
     check_dictionary,
     dictionary_label,
     members,
+    trained_exclude_first,
 )
 from mi_lenses.models.batch import check_context
 from mi_lenses.models.view import ModelView
@@ -215,9 +216,7 @@ def _tokens(view: ModelView, data: Any, opts: DictionaryEvaluationOptions) -> Te
 
 def _first(ds: list[Dictionary], opts: DictionaryEvaluationOptions, tokens: Tensor) -> int:
     """The leading positions left out: the option, or the most any dictionary was trained without."""
-    first = opts.exclude_first
-    if first is None:
-        first = max(int((d.meta.get("training") or {}).get("exclude_first", 0) or 0) for d in ds)
+    first = opts.exclude_first if opts.exclude_first is not None else max(trained_exclude_first(d) for d in ds)
     if not isinstance(first, int) or not 0 <= first < tokens.shape[1] - 1:
         raise LensInputError(f"exclude_first must be an int in [0, {tokens.shape[1] - 1}) for sequences of "
                              f"{tokens.shape[1]} tokens, got {first!r}.")

@@ -74,6 +74,8 @@ class FeatureContextsOptions(Options):
                                            "read whole)", cli={"type": int})
     seq_len: int = option(128, "tokens per sequence (text data)", cli={"type": int})
     batch_size: int = option(8, "sequences per forward pass", cli={"type": int})
+    exclude_first: int | None = option(None, "leave the first N positions of every sequence out (None: as the "
+                                             "dictionary was trained, 0 if it does not say)", cli={"type": int})
     lens: Any = option(None, "read the feature logit lens through this lens (a TunedLens or another affine lens, or "
                              "its folder) instead of the logit lens", cli={"metavar": "DIR"})
     progress: bool = option(True, "show a progress bar", cli=NO_PROGRESS)

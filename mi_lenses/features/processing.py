@@ -23,8 +23,10 @@ the fix. A dictionary without a record (a folder of ours written without ``model
 Example:
     >>> processing(ModelView(model))                   # the test model: a raw bridge
     {'norm_folded': False, 'residual_centered': False, 'value_bias_folded': False}
-    >>> depends_on("blocks.3.mlp.hook_in"), depends_on("blocks.3.hook_resid_post"), depends_on("blocks.3.hook_mlp_in")
-    (('norm_folded',), ('residual_centered',), ())
+    >>> depends_on("blocks.3.mlp.hook_in"), depends_on("blocks.3.hook_mlp_in"), depends_on("blocks.3.attn.hook_z")
+    (('norm_folded',), ('residual_centered',), ('value_bias_folded',))
+    >>> depends_on("blocks.3.ln2.hook_normalized"), depends_on("blocks.3.mlp.hook_post")    # the same in every mode
+    ((), ())
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ KEYS = ("norm_folded", "residual_centered", "value_bias_folded")
 _NORM_OUTPUTS = ("mlp.hook_in", "attn.hook_in")
 # What is written into (or is) the residual stream: mean-free when TransformerLens centres the writing weights.
 _RESIDUAL = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out", "mlp.hook_out",
-             "attn.hook_out", "hook_embed", "hook_pos_embed")
+             "attn.hook_out", "hook_embed", "hook_pos_embed", "hook_mlp_in", "hook_attn_in", "hook_q_input",
+             "hook_k_input", "hook_v_input", "ln1.hook_in", "ln2.hook_in", "hook_in", "hook_out", "ln_final.hook_in",
+             "embed.hook_out")
 _VALUES = ("attn.hook_z", "attn.hook_v")  # per-head values: without the value bias when it is folded into b_O
 RAW = {"norm_folded": False, "residual_centered": False, "value_bias_folded": False}  # the Hugging Face modules' values (sparsify, circuit-tracer)
 
@@ -54,7 +58,16 @@ RAW = {"norm_folded": False, "residual_centered": False, "value_bias_folded": Fa
 def processing(view: "ModelView") -> dict[str, bool]:
     """The model's side: whether its norms' gains are folded and its residual stream is mean-free."""
     return {"norm_folded": bool(view.is_compat), "residual_centered": residual_is_centered(view),
-            "value_bias_folded": bool(view.is_compat)}
+            "value_bias_folded": _value_bias_folded(view)}
+
+
+def _value_bias_folded(view: "ModelView") -> bool:
+    """A bridge folds value biases exactly in compatibility mode; a ``HookedTransformer`` may fold the norms but not
+    the value biases (``fold_value_biases=False``), so there it is read off the weights: no non-zero ``b_V`` left."""
+    if view.is_bridge:
+        return bool(view.is_compat)
+    b = getattr(view.model, "b_V", None)
+    return not (isinstance(b, torch.Tensor) and bool(b.detach().abs().max() > 0))
 
 
 def saelens_processing(kwargs: Any) -> dict[str, bool] | None:
@@ -76,6 +89,8 @@ def depends_on(hook: str) -> tuple[str, ...]:
         return ("residual_centered",)
     if tail in _VALUES:
         return ("value_bias_folded",)
+    if tail == "attn.hook_result":  # each head's output: its value bias (or not) and its share of the centring
+        return ("residual_centered", "value_bias_folded")
     return ()
 
 

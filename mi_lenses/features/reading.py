@@ -93,6 +93,14 @@ def check_dictionary(view: ModelView, dictionary: Dictionary | DictionarySet) ->
             for d in members(dictionary)]
 
 
+def trained_exclude_first(dictionary: Dictionary | DictionarySet, asked: int | None = None) -> int:
+    """The leading positions of each sequence an evaluation leaves out: ``asked``, or the most any member was trained
+    without (``meta["training"]["exclude_first"]``; 0 where a dictionary does not say)."""
+    if asked is not None:
+        return asked
+    return max(int((d.meta.get("training") or {}).get("exclude_first", 0) or 0) for d in members(dictionary))
+
+
 def read_vectors(cache: Any, hook: str, width: int, what: str, view: ModelView) -> Float[Tensor, "B S d"]:
     """The cached activation of ``hook`` as ``[batch, pos, width]`` (per-head hooks flattened, head-major), float32;
     a width other than the dictionary's is refused naming both."""

@@ -87,8 +87,9 @@ STATE_FILE = "state.pt"
 DictionaryKind = Literal["sae", "transcoder"]
 KINDS = ("sae", "transcoder")
 SAE_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
-RESUME_KEYS = ("kind", "layers", "hook", "n_features", "k", "skip", "max_tokens", "seq_len", "batch_size", "lr",
-               "auxk_alpha", "k_aux", "dead_tokens", "seed")
+RESUME_KEYS = ("kind", "layers", "hook", "n_features", "k", "skip", "max_tokens", "seq_len", "exclude_first",
+               "batch_size", "lr", "auxk_alpha", "k_aux", "dead_tokens", "seed")
+RESUME_DEFAULTS = {"exclude_first": 0}  # checkpoints written before the option existed trained every position
 
 
 def _opt(default: Any, help: str, **cli: Any) -> Any:
@@ -540,8 +541,9 @@ def _load_checkpoint(folder: Path, coders: list[_Coder], cfg: DictionaryTrainCon
     if not isinstance(state, dict) or not {"step", "coders", "config"} <= set(state):
         raise LensInputError(f"{path} is not a dictionary-training checkpoint: delete {folder} to start over.")
     for key in RESUME_KEYS:
-        if state["config"].get(key) != getattr(cfg, key):
-            raise LensInputError(f"cannot resume: the checkpoint was made with {key}={state['config'].get(key)!r}, "
+        if state["config"].get(key, RESUME_DEFAULTS.get(key)) != getattr(cfg, key):
+            raise LensInputError(f"cannot resume: the checkpoint was made with "
+                                 f"{key}={state['config'].get(key, RESUME_DEFAULTS.get(key))!r}, "
                                  f"now {getattr(cfg, key)!r}. Resume with the same options (or a new output folder).")
     if state.get("data_id") != data_id:
         raise LensInputError("cannot resume: the data differs from the data the checkpoint was trained on.")

@@ -393,7 +393,7 @@ def _hooked(folder: Path | str, hf_model: Any, tokenizer: Any, *, device: Any, d
         with _transformer_lens_fails(what):
             return HookedTransformer.from_pretrained(name, hf_model=hf_model, tokenizer=tokenizer, device=device,
                                                      dtype=dtype, fold_ln=compat, center_writing_weights=compat,
-                                                     center_unembed=compat)
+                                                     center_unembed=compat, fold_value_biases=compat)
     hf_cfg = hf_model.config.to_dict()
     with _quiet_transformer_lens(), warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
         warnings.simplefilter("ignore")
