@@ -55,6 +55,7 @@ from mi_lenses.features import (
     save_dictionary,
     train_dictionary,
 )
+from mi_lenses.graphs import AttributionGraph, attribution_graph
 from mi_lenses.lenses import Lens, LensOptions, LensResult, LogitLens, logit_lens, run_lens
 from mi_lenses.lenses.affine import AffineLens, RowMapLens, load_lens, save_lens
 from mi_lenses.lenses.attribute import (
@@ -113,6 +114,7 @@ __all__ = [
     "AffineMap",
     "AttentionResult",
     "AttributeLens",
+    "AttributionGraph",
     "Circuit",
     "DLAResult",
     "Dictionary",
@@ -162,6 +164,7 @@ __all__ = [
     "attention",
     "check_parity",
     "compare_lenses",
+    "attribution_graph",
     "data",
     "diffusion",
     "diffusion_lens",

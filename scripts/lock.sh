@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Regenerate the locks that scripts/setup.sh installs from (so CI and the README's commands get the versions the
-# suite passed on): requirements/lock.txt for .venv (runtime, test and docs extras) and requirements/lock-tl3.txt for
-# .venv-tl3 (TransformerLens 3.9). Each is resolved afresh in a throw-away environment with the newest versions
-# pyproject.toml allows (torch: the 2.13.0 CPU wheel) and frozen. Run the suite on the new lock before committing it:
+# suite passed on): requirements/lock.txt for .venv (runtime, test and docs extras), requirements/lock-tl3.txt for
+# .venv-tl3 (TransformerLens 3.9) and requirements/lock-ct.txt for .venv-ct (circuit-tracer 0.5.0, an oracle). Each is
+# resolved afresh in a throw-away environment with the newest versions pyproject.toml (or setup.sh's pins) allows
+# (torch: the 2.13.0 CPU wheel) and frozen. Run the suite on the new lock before committing it:
 #   bash scripts/lock.sh && bash scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,3 +18,5 @@ MI_LENSES_LOCK=off MI_LENSES_VENV="$work/venv" bash scripts/setup.sh --test
 freeze "$work/venv" requirements/lock.txt
 MI_LENSES_LOCK=off MI_LENSES_VENV="$work/venv-tl3" bash scripts/setup.sh --tl3
 freeze "$work/venv-tl3" requirements/lock-tl3.txt
+MI_LENSES_LOCK=off MI_LENSES_VENV="$work/venv-ct" bash scripts/setup.sh --ct
+freeze "$work/venv-ct" requirements/lock-ct.txt

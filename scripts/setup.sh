@@ -7,6 +7,8 @@
 #   bash scripts/setup.sh --tl3    # .venv-tl3: TransformerLens 3.9 (HookedTransformer) first, then mi_lenses with
 #                                  # pip's resolver and the test extras, then SAELens 6.54.12 (the dictionaries'
 #                                  # oracle; it needs TransformerLens < 4); fails if installing us moved TransformerLens
+#   bash scripts/setup.sh --ct     # .venv-ct: circuit-tracer 0.5.0 with transformers 4.57.3 and TransformerLens 3.x, the
+#                                  # attribution graphs' oracle (tests/oracle_circuit_tracer.py); no mi_lenses there
 # MI_LENSES_LOCK=off installs the newest versions pyproject.toml allows instead (torch stays at the 2.13.0 CPU wheel)
 # and MI_LENSES_VENV names the environment: scripts/drift.sh uses both.
 set -euo pipefail
@@ -15,6 +17,7 @@ PY=${PYTHON:-python3}
 VENV=.venv
 LOCK=requirements/lock.txt
 if [ "${1:-}" = "--tl3" ]; then VENV=.venv-tl3; LOCK=requirements/lock-tl3.txt; fi
+if [ "${1:-}" = "--ct" ]; then VENV=.venv-ct; LOCK=requirements/lock-ct.txt; fi
 VENV=${MI_LENSES_VENV:-$VENV}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 # shellcheck disable=SC1090
@@ -42,6 +45,10 @@ v = version("transformer-lens")
 assert v == "3.9.0", f"installing mi_lenses changed TransformerLens 3.9.0 into {v}"
 print(f"TransformerLens {v} kept (HookedTransformer world)")
 PY
+    ;;
+  --ct)  # the oracle alone: neither mi_lenses nor the embedded model
+    quiet pip install -q "${pins[@]}" "circuit-tracer==0.5.0" "transformers==4.57.3"
+    exit 0
     ;;
   *) quiet pip install -q "${pins[@]}" -e . ;;
 esac

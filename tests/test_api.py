@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerance import TIGHT
 
 import mi_lenses
 from conftest import PROMPT, PROMPTS, hook_counts
 from mi_lenses.errors import VerificationError
 from mi_lenses.models.decode import Decoder
-from tolerance import TIGHT
 
 PACKAGE = Path(mi_lenses.__file__).parent
 
@@ -275,6 +275,7 @@ def results(builder, tmp_path_factory) -> dict[str, mi_lenses.Result]:
         "FeatureDLA": mi_lenses.feature_dla(m, PROMPTS, _tiny_dictionary(m), answer=" city"),
         "DictionaryEvaluation": mi_lenses.evaluate_dictionary(m, _tiny_dictionary(m), tokens, progress=False),
         "FeatureContexts": mi_lenses.feature_contexts(m, _tiny_dictionary(m), tokens, progress=False),
+        "AttributionGraph": mi_lenses.attribution_graph(m, PROMPT, _tiny_transcoders(m), progress=False),
     }
     if importlib.util.find_spec("diffusers") is not None:
         from tiny_diffusion import tiny_pipeline
@@ -290,6 +291,15 @@ def _tiny_dictionary(m) -> mi_lenses.Dictionary:
     g, D = torch.Generator().manual_seed(0), m.cfg.d_model
     return mi_lenses.Dictionary(torch.randn(D, 32, generator=g) * 0.4, torch.zeros(32), torch.randn(32, D, generator=g),
                                 torch.zeros(D), hook="blocks.1.ln2.hook_normalized", hook_out="blocks.1.hook_mlp_out")
+
+
+def _tiny_transcoders(m) -> mi_lenses.DictionarySet:
+    """Random TopK transcoders on every block's MLP (the AttributionGraph instance)."""
+    g, D = torch.Generator().manual_seed(0), m.cfg.d_model
+    return mi_lenses.DictionarySet([
+        mi_lenses.Dictionary(torch.randn(D, 32, generator=g) * 0.4, torch.zeros(32), torch.randn(32, D, generator=g),
+                             torch.zeros(D), hook=f"blocks.{l}.mlp.hook_in", hook_out=f"blocks.{l}.mlp.hook_out",
+                             activation="topk", k=4) for l in range(m.cfg.n_layers)])
 
 
 def _instance(results: dict, kind: str) -> mi_lenses.Result:
@@ -313,7 +323,7 @@ def test_every_result_class_has_a_fixture_instance(results, kind):
 OPTION_VALUES = {"top_k": 3, "max_positions": 3, "max_layers": 2, "max_keys": 4, "patterns": True, "query": 0,
                  "level": 3, ("PatchscopeResult", "layer"): 1, ("AttentionResult", "layer"): 1,
                  ("AttentionResult", "head"): 2, ("DLAResult", "head"): (1, 2), ("FeatureResult", "feature"): 3,
-                 ("FeatureContexts", "feature"): "F3"}
+                 ("FeatureContexts", "feature"): "F3", "node_threshold": 0.5, "edge_threshold": 0.9}
 
 
 def _option_values(cls: type, name: str) -> list:

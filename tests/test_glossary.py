@@ -164,6 +164,7 @@ COMMANDS = {  # command -> the Python entry points whose keywords its flags are
     "compare": ["compare_lenses"], "diffusion-lens": ["diffusion_lens"], "tuned-lens train": ["TrainConfig"],
     "tuned-lens eval": ["evaluate_lens"], "train-dictionary": ["DictionaryTrainConfig"],
     "evaluate-dictionary": ["evaluate_dictionary"], "feature-contexts": ["feature_contexts"],
+    "graph": ["attribution_graph"],
 }
 
 

@@ -13,6 +13,8 @@ SAELens (v6)        ``cfg.json`` (``architecture``: standard, jumprelu, topk, tr
                     (and ``hook_name_out``); configs before 6.0: ``hook_name``/``hook_point`` at the top) +
                     ``sae_weights.safetensors`` (``W_enc`` ``[d_in, d_sae]``, ``b_enc``, ``W_dec`` ``[d_sae, d_out]``,
                     ``b_dec``, ``threshold``, ``W_skip`` ``[d_out, d_in]``)
+a set               a folder of dictionary folders, one dictionary per block (a sparsify run's ``layers.N.mlp``
+                    folders): read as a ``DictionarySet`` in layer order
 sparsify            one hook folder named by its Hugging Face module (``layers.12``, ``layers.12.mlp``):
                     ``cfg.json`` (``d_in``, ``k``, ``num_latents``, ``transcode``, ``skip_connection``,
                     ``activation``) + ``sae.safetensors`` (``encoder.weight`` ``[n, d_in]``, ``encoder.bias``,
@@ -64,7 +66,7 @@ from mi_lenses.features.processing import RAW, saelens_processing
 from mi_lenses.models.identity import IDENTITY_KEYS, file_sha256
 
 DictionaryFormat = Literal["mi_lenses", "saelens"]
-FORMATS = ("mi_lenses", "saelens", "sparsify", "circuit-tracer")
+FORMATS = ("mi_lenses", "saelens", "sparsify", "circuit-tracer", "set")
 OURS, OURS_WEIGHTS, FORMAT_ID, VERSION = "mi_dictionary.json", "dictionary.safetensors", "mi_lenses.dictionary", 1
 SAELENS_CFG, SAELENS_WEIGHTS, SAELENS_VERSION = "cfg.json", "sae_weights.safetensors", "6.54.12"
 SPARSIFY_CFG, SPARSIFY_WEIGHTS = "cfg.json", "sae.safetensors"
@@ -96,6 +98,8 @@ def detect(path: str | os.PathLike) -> str:
         return "sparsify"
     if CT_CONFIG in names or "layer_0.safetensors" in names or "W_enc_0.safetensors" in names:
         return "circuit-tracer"
+    if _member_folders(path):
+        return "set"
     pickled = sorted(n for n in names if n.endswith((".pt", ".pth", ".bin", ".pkl", ".npz")))
     why = f" ({', '.join(pickled)}: mi_lenses reads safetensors only, never pickles)" if pickled else ""
     raise LensInputError(
@@ -108,7 +112,27 @@ def load(path: str | os.PathLike) -> Dictionary | DictionarySet:
     """The dictionary in a folder of any format (see the module docstring)."""
     path = Path(path)
     return {"mi_lenses": _load_ours, "saelens": _load_saelens, "sparsify": _load_sparsify,
-            "circuit-tracer": _load_circuit_tracer}[detect(path)](path)
+            "circuit-tracer": _load_circuit_tracer, "set": _load_set}[detect(path)](path)
+
+
+def _member_folders(path: Path) -> list[Path]:
+    """Subfolders that each hold one dictionary's files (a sparsify run's ``layers.N.mlp`` folders, SAELens or our
+    folders side by side)."""
+    marks = (OURS, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS)
+    return sorted(p for p in path.iterdir() if p.is_dir() and any((p / m).is_file() for m in marks))
+
+
+def _load_set(path: Path) -> DictionarySet:
+    """A folder of one-dictionary folders as a :class:`DictionarySet`, in layer order (one dictionary per layer)."""
+    items = [load(p) for p in _member_folders(path)]
+    if not all(isinstance(d, Dictionary) and d.layer is not None for d in items):
+        raise LensInputError(f"{path} holds folders that are not single dictionaries on a block: load them one by "
+                             "one with mi_lenses.load_dictionary(folder).")
+    items.sort(key=lambda d: d.layer)
+    layers = [d.layer for d in items]
+    if len(set(layers)) != len(layers):
+        raise LensInputError(f"{path} holds two dictionaries on one block ({layers}): keep one folder per block.")
+    return DictionarySet(items, {}, {"format": items[0].meta.get("format", "?"), "folder": str(path)})
 
 
 def save(dictionary: Dictionary | DictionarySet, path: str | os.PathLike, *, format: DictionaryFormat = "mi_lenses",

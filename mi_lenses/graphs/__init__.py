@@ -1,0 +1,6 @@
+"""Attribution graphs through transcoders (Ameisen et al. 2025): :func:`attribution_graph` and its result."""
+
+from mi_lenses.graphs.build import attribution_graph
+from mi_lenses.graphs.result import AttributionGraph, Node
+
+__all__ = ["AttributionGraph", "Node", "attribution_graph"]
