@@ -469,6 +469,40 @@ def test_ragged_dla_and_sweep_equal_single_runs(world):
 
 
 # ------------------------------------------------------------------------------------------------ across worlds
+def _graph_transcoders(m) -> mi_lenses.DictionarySet | None:
+    """Random TopK skip transcoders from ``hook_resid_mid`` to ``hook_mlp_out`` (the same residual stream in both
+    worlds); None on a parallel-attention model, which has no ``resid_mid``."""
+    if getattr(m.cfg, "parallel_attn_mlp", False):
+        return None
+    g, D = torch.Generator().manual_seed(0), m.cfg.d_model
+    return mi_lenses.DictionarySet([
+        mi_lenses.Dictionary(torch.randn(D, 24, generator=g) * 0.4, torch.randn(24, generator=g) * 0.1,
+                             torch.randn(24, D, generator=g) * 0.2, torch.zeros(D), hook=f"blocks.{l}.hook_resid_mid",
+                             hook_out=f"blocks.{l}.hook_mlp_out", activation="topk", k=4,
+                             W_skip=torch.randn(D, D, generator=g) * 0.05) for l in range(m.cfg.n_layers)])
+
+
+def test_attribution_graph_in_this_world(world):
+    """The graph verifies (every node's input is its edges plus its constant, logits reproduced) on this world's
+    model, leaves its hooks as they were, and its edges equal removing each strong source in the frozen model."""
+    ts = _graph_transcoders(world.model)
+    if ts is None:
+        pytest.skip("no resid_mid on a parallel-attention model")
+    before = hook_counts(world.model)
+    g = mi_lenses.attribution_graph(world.model, PROMPT, ts, max_feature_nodes=None, progress=False)
+    assert hook_counts(world.model) == before and g.layout.n_features == g.n_active
+    rep = g.replacement
+    n = rep.sources.n_features + rep.n_layers * rep.n_pos + rep.n_pos
+    logit = rep.logit_vectors(torch.tensor([int(g.nodes_table.feature[-1])]))[0]
+    base = logit @ rep.replay()[1][-1]
+    for col in g.edges[-1].abs().topk(3).indices.tolist():  # the last logit's strongest sources, one at a time
+        scale = torch.ones(n)
+        scale[g.source_index[col]] = 0.0
+        moved = base - logit @ rep.replay(scale)[1][-1]
+        close(moved, g.edges[-1, col], f"{world.id} edge {col}", 1e-4)
+    g.prune().to_json()
+
+
 def _numbers(m) -> dict[str, torch.Tensor]:
     res = mi_lenses.logit_lens(m, RAGGED, targets=[" city"], top_k=5)
     dla = mi_lenses.direct_logit_attribution(m, RAGGED, answer=" city", wrong="Paris")
@@ -499,6 +533,10 @@ def _numbers(m) -> dict[str, torch.Tensor]:
                                                               by="layer_pos_head", method="attribution").values
     more["patch_path"] = mi_lenses.path_patching(m, clean, corrupted, metric=raw, progress=False).values
     more["patch_edges"] = mi_lenses.edge_attribution(m, clean, corrupted, metric=raw).scores.nan_to_num(0.0)
+    ts = _graph_transcoders(m)
+    if ts is not None:
+        more["patch_graph_edges"] = mi_lenses.attribution_graph(m, PROMPT, ts, max_feature_nodes=None,
+                                                                progress=False).edges
     return {**more, "top_ids": res.top_ids, "logp": res.top_logits - res.logsumexp[..., None], "kl": res.kl,
             "entropy": res.entropy, "ce": res.cross_entropy, "dla_heads": dla.heads, "dla_mlps": dla.mlps,
             "dla_neurons": dla.neurons, "dla_actual": dla.actual, "ps_top_ids": ps.top_ids,

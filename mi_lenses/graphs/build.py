@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mi_lenses.errors import LensInputError
+from mi_lenses.errors import LensInputError, VerificationError
 from mi_lenses.features.dictionary import Dictionary, DictionarySet
 from mi_lenses.features.reading import DictionaryInput, as_dictionary, check_dictionary, dictionary_label
 from mi_lenses.graphs.influence import Layout, partial_influence
@@ -50,6 +50,7 @@ def attribution_graph(
     prepend_bos: bool | None = None,
     beyond_context: bool = False,
     progress: bool = True,
+    check: bool = True,
 ) -> AttributionGraph:
     """The attribution graph of ``prompt`` through ``transcoders`` (Ameisen et al. 2025), as circuit-tracer builds it.
 
@@ -72,6 +73,8 @@ def attribution_graph(
         prepend_bos: add the BOS token when tokenising text (default: the model's setting).
         beyond_context: accept a prompt longer than the model's context (``cfg.n_ctx``).
         progress: show a progress bar.
+        check: run ``verify()`` before returning: a model with a non-linear path the replacement model does not
+            freeze (a state-space or linear-attention layer) is refused instead of returning wrong edges.
 
     Returns:
         :class:`~mi_lenses.graphs.result.AttributionGraph`: ``nodes``, ``edges`` ``[features + logits, features +
@@ -104,6 +107,14 @@ def attribution_graph(
     rows, row_sources = _expand(rep, ids, probs, max_feature_nodes, batch_size, update_interval, progress)
     rep.release()
     graph = _assemble(view, rep, batch.tokens[0], ids, probs, rows, row_sources, dictionary)
+    if check:
+        try:
+            graph.verify()
+        except VerificationError as err:
+            raise VerificationError(
+                f"the attribution graph of {view.name} is not exact ({err}): the model has a non-linear path between "
+                "its transcoders that the local replacement model does not freeze (a state-space or linear-attention "
+                "mixer, a gate): attribution graphs are not supported on it (docs/graphs.md).") from err
     return recorded(graph, hooks_before)
 
 

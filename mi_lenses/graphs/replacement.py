@@ -43,6 +43,7 @@ from mi_lenses.errors import LensInputError
 from mi_lenses.features.dictionary import Dictionary, DictionarySet
 from mi_lenses.models.decode import Norm
 from mi_lenses.models.interventions import hook_point_names
+from mi_lenses.models.parity import architecture_of
 from mi_lenses.models.view import ModelView
 
 FROZEN = ("hook_pattern", "hook_scale")  # attention patterns and every norm's scale
@@ -279,10 +280,30 @@ def _check(view: ModelView, dictionary: DictionarySet, hooks: list[tuple[str, st
             raise LensInputError(f"{d.hook} is an SAE (it writes where it reads): attribution graphs need transcoders.")
 
 
+def _check_patterns(view: ModelView, tokens: Tensor, names: list[str]) -> None:
+    """Refuse a model whose attention does not read ``attn.hook_pattern`` (a TransformerBridge computes some
+    architectures' attention without it): its patterns could not be frozen. One forward pass with every pattern
+    reversed along the keys must change the logits."""
+    patterns = [n for n in names if n.endswith("hook_pattern")]
+    if not patterns:
+        raise LensInputError(f"{view.name} exposes no attn.hook_pattern: attention cannot be frozen, so attribution "
+                             "graphs are not supported on it.")
+    with torch.no_grad():
+        base = view.model(tokens)
+        with frozen_run(view.model, [(n, lambda t, hook=None: t.flip(-1)) for n in patterns]):
+            moved = view.model(tokens)
+    if torch.equal(base, moved):
+        raise LensInputError(
+            f"TransformerLens computes the attention of {view.name} ({architecture_of(view.model)}) "
+            "without passing through attn.hook_pattern, so its attention patterns cannot be frozen: attribution "
+            "graphs are not supported on this architecture (docs/graphs.md lists the ones that are).")
+
+
 def record(view: ModelView, tokens: Tensor, dictionary: DictionarySet, hooks: list[tuple[str, str]],
            exclude_first: int) -> Replacement:
     """Run the prompt once through the local replacement model (module docstring) and encode every transcoder."""
     _check(view, dictionary, hooks)
+    _check_patterns(view, tokens, frozen_names(view))
     members, L = dictionary.dictionaries, len(dictionary.dictionaries)
     embed_hook = view.embed_hooks[0][1]
     frozen: dict[str, Tensor] = {}
@@ -330,8 +351,12 @@ def record(view: ModelView, tokens: Tensor, dictionary: DictionarySet, hooks: li
     for j, (h_in, h_out) in enumerate(hooks):
         fwd += [(h_in, read(j, h_in.split(".", 2)[-1] in MLP_INPUTS)), (h_out, write(j))]
     fwd.append((view.final_resid_hook, final))
-    with no_param_grads(view.model), torch.enable_grad(), frozen_run(view.model, fwd):
-        logits = view.model(tokens)
+    try:
+        with no_param_grads(view.model), torch.enable_grad(), frozen_run(view.model, fwd):
+            logits = view.model(tokens)
+    except AttributeError as err:  # TransformerLens 4.3 cannot rebuild a weightless norm whose scale a hook edits
+        raise LensInputError(f"TransformerLens cannot freeze the norm scales of {view.name} ({err}): attribution graphs "
+                             "are not supported on this model (docs/graphs.md lists the architectures that are).") from err
     missing = [h for j, (h_in, h_out) in enumerate(hooks) for h, k in ((h_in, ("in", j)), (h_out, ("out", j)))
                if k not in state] + [h for h, k in ((embed_hook, "embed"), (view.final_resid_hook, "resid"))
                                      if k not in state]
