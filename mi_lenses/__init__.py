@@ -55,7 +55,7 @@ from mi_lenses.features import (
     save_dictionary,
     train_dictionary,
 )
-from mi_lenses.graphs import AttributionGraph, attribution_graph
+from mi_lenses.graphs import AttributionGraph, GraphIntervention, attribution_graph
 from mi_lenses.lenses import Lens, LensOptions, LensResult, LogitLens, logit_lens, run_lens
 from mi_lenses.lenses.affine import AffineLens, RowMapLens, load_lens, save_lens
 from mi_lenses.lenses.attribute import (
@@ -129,6 +129,7 @@ __all__ = [
     "FeatureContextsOptions",
     "FeatureDLA",
     "FeatureResult",
+    "GraphIntervention",
     "FutureLens",
     "FuturePromptLens",
     "JacobianLens",

@@ -250,6 +250,7 @@ def results(builder, tmp_path_factory) -> dict[str, mi_lenses.Result]:
     tokens = torch.randint(3, m.cfg.d_vocab, (2, 16), generator=torch.Generator().manual_seed(0))
     corrupted = PROMPT.replace("France", "Rome")
     edges = mi_lenses.edge_attribution(m, PROMPT, corrupted, answer=" city")
+    graph = mi_lenses.attribution_graph(m, PROMPT, _tiny_transcoders(m), progress=False)
     built = {
         "LensResult": mi_lenses.logit_lens(m, PROMPTS, targets=" city"),
         "DLAResult": mi_lenses.direct_logit_attribution(m, PROMPTS, answer=" city"),
@@ -275,7 +276,8 @@ def results(builder, tmp_path_factory) -> dict[str, mi_lenses.Result]:
         "FeatureDLA": mi_lenses.feature_dla(m, PROMPTS, _tiny_dictionary(m), answer=" city"),
         "DictionaryEvaluation": mi_lenses.evaluate_dictionary(m, _tiny_dictionary(m), tokens, progress=False),
         "FeatureContexts": mi_lenses.feature_contexts(m, _tiny_dictionary(m), tokens, progress=False),
-        "AttributionGraph": mi_lenses.attribution_graph(m, PROMPT, _tiny_transcoders(m), progress=False),
+        "AttributionGraph": graph,
+        "GraphIntervention": graph.intervene({graph.top_features(1)[0]: 0.0}),
     }
     if importlib.util.find_spec("diffusers") is not None:
         from tiny_diffusion import tiny_pipeline

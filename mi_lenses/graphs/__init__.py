@@ -2,5 +2,6 @@
 
 from mi_lenses.graphs.build import attribution_graph
 from mi_lenses.graphs.result import AttributionGraph, Node
+from mi_lenses.graphs.validate import GraphIntervention
 
-__all__ = ["AttributionGraph", "Node", "attribution_graph"]
+__all__ = ["AttributionGraph", "GraphIntervention", "Node", "attribution_graph"]

@@ -183,6 +183,9 @@ class Replacement:
                           torch.einsum("bsd,sd->bs", g_embed, self.sources.embed.to(g_embed.device))], dim=1)
 
     def _feature_columns(self, g_write: list[Tensor]) -> Tensor:
+        """Each active feature's column: the gradient at its write site (and, cross-layer, at every later one) at its
+        position, on its decoder row, times its activation. Per block, the decoder rows of each position's features
+        are stacked ``[positions, slots, d]`` (a few per position) and contracted with that position's gradients."""
         src = self.sources
         B = g_write[0].shape[0]
         out = torch.zeros(B, src.n_features, device=g_write[0].device)
@@ -190,14 +193,17 @@ class Replacement:
             sel = (src.layer == j).nonzero()[:, 0]
             if sel.numel() == 0:
                 continue
-            feats, inv = src.feature[sel].unique(return_inverse=True)
-            pos, act = src.pos[sel], src.activation[sel]
+            pos, feat = src.pos[sel], src.feature[sel]  # sorted by position
+            where, group, counts = pos.unique(return_inverse=True, return_counts=True)
+            slot = torch.arange(pos.numel()) - (torch.cumsum(counts, 0) - counts)[group]
             total = torch.zeros(B, sel.numel(), device=out.device)
-            targets = [(j, d.decoder_rows()[feats])] + [(jj, W[feats]) for (i, jj), W in self.cross.items() if i == j]
-            for jj, rows in targets:  # [B, S, |feats|]: each write site's gradient on each decoder row
-                proj = g_write[jj] @ rows.to(out.device).T
-                total += proj[:, pos, inv]
-            out[:, sel] = total * act
+            writes = [(j, d.decoder_rows())] + [(jj, W) for (i, jj), W in self.cross.items() if i == j]
+            for jj, rows in writes:
+                dec = torch.zeros(where.numel(), int(counts.max()), rows.shape[-1], device=out.device)
+                dec[group, slot] = rows[feat].to(out.device)
+                vals = torch.einsum("bpd,pkd->bpk", g_write[jj][:, where.to(out.device)], dec)
+                total += vals[:, group, slot]
+            out[:, sel] = total * src.activation[sel].to(out.device)
         return out
 
     def _error_columns(self, g_write: list[Tensor]) -> Tensor:
@@ -260,6 +266,55 @@ class Replacement:
         with frozen_run(self.view.model, fwd):
             logits = self.view.model(self.tokens)
         return [reads[j] for j in range(L)], reads[L], logits[0].float()
+
+
+    @torch.no_grad()
+    def run(self, edits: dict[tuple[int, int, int], float] | None = None, keep: list[Tensor] | None = None
+            ) -> Float[Tensor, "S V"]:
+        """The logits of the local replacement model itself: attention patterns and norm scales frozen, each MLP
+        replaced by its transcoder (its features *recomputed* from what it reads) plus the recorded error. ``edits``
+        sets features ``(layer, position, feature)`` to a value (0 ablates); ``keep`` (one ``[S, n_features]`` mask per
+        block) zeroes every other feature. Without either it reproduces the model's logits."""
+        acts: list[Tensor] = []
+        errors, e = self.sources.errors, self.exclude_first
+
+        def substitute(name: str) -> Callable:
+            return lambda t, hook=None: self.frozen[name].to(t.dtype)
+
+        def read(j: int) -> Callable:
+            def hook(t: Tensor, hook: Any = None) -> Tensor:
+                acts.append(t[0].float())  # replaced by the activations in write
+                return t
+            return hook
+
+        def write(j: int) -> Callable:
+            d = self.members[j]
+
+            def hook(t: Tensor, hook: Any = None) -> Tensor:
+                x = acts[j]
+                a = d.encode(x)
+                a[:e] = 0
+                if keep is not None:
+                    a = a * keep[j].to(a.device)
+                for (layer, pos, feature), value in (edits or {}).items():
+                    if layer == j:
+                        a[pos, feature] = value
+                acts[j] = a
+                out = d.decode(a, x) + errors[j].to(x.device)
+                for (i, jj), W in self.cross.items():
+                    if jj == j:
+                        out = out + acts[i] @ W.to(x.device)
+                if e:
+                    out[:e] = self.sources.fixed[j].to(x.device) + (0 if d.W_skip is None else
+                                                                    x[:e] @ d.W_skip.to(x.device).T)
+                return out[None].to(t.dtype)
+            return hook
+
+        fwd = [(n, substitute(n)) for n in self.frozen]
+        for j, (h_in, h_out) in enumerate(self.hooks):
+            fwd += [(h_in, read(j)), (h_out, write(j))]
+        with frozen_run(self.view.model, fwd):
+            return self.view.model(self.tokens)[0].float()
 
 
 # ---------------------------------------------------------------------------------------------- recording

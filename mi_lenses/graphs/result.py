@@ -21,6 +21,7 @@ from mi_lenses.graphs import influence as inf
 from mi_lenses.graphs.export import circuit_tracer_json
 from mi_lenses.graphs.influence import Layout
 from mi_lenses.graphs.nodes import ERROR, FEATURE, KINDS, LOGIT, TOKEN, Node, Nodes
+from mi_lenses.graphs.validate import GraphIntervention, demeaned, run_interventions
 from mi_lenses.results import Result, dataframe, plural
 from mi_lenses.viz.graph import graph_fragment, graph_table
 
@@ -121,25 +122,30 @@ class AttributionGraph(Result):
         on[self.source_index] = 1.0
         on_reads, on_resid, _ = rep.replay(on)
         off_reads, off_resid, _ = rep.replay(torch.zeros(n_sources))
+        lay, t, nf = self.layout, self.nodes_table, self.layout.n_features
+        recorded, delta = torch.zeros(nf), torch.zeros(lay.n_features + lay.n_logits)
+        for l in t.layer[:nf].unique().tolist():
+            sel = (t.layer[:nf] == l).nonzero()[:, 0]
+            d, p, f = rep.members[l], t.pos[sel], t.feature[sel]
+            recorded[sel] = d.pre_activations(reads[l])[p, f]
+            delta[sel] = d.pre_activations(on_reads[l])[p, f] - d.pre_activations(off_reads[l])[p, f]
+        vecs = rep.logit_vectors(t.feature[t.kind == LOGIT])
+        delta[nf:] = vecs @ (on_resid[-1] - off_resid[-1])
+        act = t.value[:nf]
+        off = (recorded - act).abs() > tolerance * act.abs().clamp(min=1.0)
+        if off.any():
+            i = int(off.nonzero()[0])
+            raise VerificationError(f"node {self._label(i)}: the frozen replacement model gives it the pre-activation "
+                                    f"{float(recorded[i]):.6g}, but it was recorded with {float(act[i]):.6g}.")
         rows = self.edges.sum(1)
-        lay, t = self.layout, self.nodes_table
-        for r, node in enumerate(lay.row_nodes().tolist()):
-            if int(t.kind[node]) == FEATURE:
-                l, p, f = int(t.layer[node]), int(t.pos[node]), int(t.feature[node])
-                d = rep.members[l]
-                recorded_pre, act = float(d.pre_activations(reads[l][p])[f]), float(t.value[node])
-                if abs(recorded_pre - act) > tolerance * max(1.0, abs(act)):
-                    raise VerificationError(f"node {self._label(node)}: the frozen replacement model gives it the "
-                                            f"pre-activation {recorded_pre:.6g}, but it was recorded with {act:.6g}.")
-                delta = float(d.pre_activations(on_reads[l][p])[f] - d.pre_activations(off_reads[l][p])[f])
-            else:
-                vec = rep.logit_vectors(torch.tensor([int(t.feature[node])]))[0]
-                delta = float(vec @ (on_resid[-1] - off_resid[-1]))
-            scale = max(1.0, float(self.edges[r].abs().sum()), abs(delta))
-            if abs(delta - float(rows[r])) > tolerance * scale:
-                raise VerificationError(
-                    f"node {self._label(node)}: its edges sum to {float(rows[r]):.6g}, but in the frozen replacement "
-                    f"model its input moves by {delta:.6g} when this graph's sources are switched on.")
+        scale = torch.maximum(self.edges.abs().sum(1), delta.abs()).clamp(min=1.0)
+        bad = (delta - rows).abs() > tolerance * scale
+        if bad.any():
+            r = int(bad.nonzero()[0])
+            raise VerificationError(
+                f"node {self._label(int(lay.row_nodes()[r]))}: its edges sum to {float(rows[r]):.6g}, but in the "
+                f"frozen replacement model its input moves by {float(delta[r]):.6g} when this graph's sources are "
+                "switched on.")
         return self
 
     def _close(self, a: Tensor, b: Tensor, tolerance: float, what_a: str, what_b: str) -> None:
@@ -152,6 +158,51 @@ class AttributionGraph(Result):
             raise LensInputError("this graph has no replacement model attached (it was read from a file): rebuild it "
                                  "with mi_lenses.attribution_graph to verify or intervene.")
         return self.replacement
+
+    # ------------------------------------------------------------------------------------------ interventions
+    def top_features(self, top_k: int = 10) -> list[str]:
+        """The labels of the ``top_k`` feature nodes with the most influence on the logits."""
+        lay = self.layout
+        infl = inf.influence(self.weighted_edges, self.logit_probabilities, lay)[: lay.n_features]
+        return [self._label(int(i)) for i in infl.argsort(descending=True)[:top_k]]
+
+    def _feature_key(self, node: int | str) -> tuple[int, int, int]:
+        t = self.nodes_table
+        if isinstance(node, str):
+            labels = {self._label(i): i for i in range(self.layout.n_features)}
+            if node not in labels:
+                raise LensInputError(f"{node!r} is not a feature node of this graph (labels look like 'L3F120@5'; "
+                                     "g.top_features() lists some).")
+            node = labels[node]
+        if not 0 <= int(node) < self.layout.n_features:
+            raise LensInputError(f"node {node} is not a feature node (0..{self.layout.n_features - 1}).")
+        return int(t.layer[node]), int(t.pos[node]), int(t.feature[node])
+
+    def intervene(self, edits: dict[int | str, float]) -> GraphIntervention:
+        """Set feature nodes (their labels, ``"L3F120@5"``, or node indices) to values (``0.0`` ablates, a multiple of
+        the activation steers) and report each logit node's change in the local replacement model and in the real
+        model (:mod:`~mi_lenses.graphs.validate`)."""
+        rep = self._need_replacement()
+        keyed = {self._feature_key(k): float(v) for k, v in edits.items()}
+        ids = self.nodes_table.feature[self.nodes_table.kind == LOGIT]
+        base, replaced, model = run_interventions(rep, ids, keyed)
+        return GraphIntervention(self.model_name, {f"L{l}F{f}@{p}": v for (l, p, f), v in keyed.items()},
+                                 self.logit_tokens, base, replaced, model, active_hooks=self.active_hooks)
+
+    def faithfulness(self) -> float:
+        """How much of the top logit node's de-meaned logit this graph's feature nodes carry in the local replacement
+        model: ``(graph - empty) / (full - empty)``, where *full* keeps every feature, *graph* only this graph's
+        feature nodes and *empty* none (the error nodes and tokens always stay), as a circuit's faithfulness."""
+        rep = self._need_replacement()
+        t, S = self.nodes_table, rep.n_pos
+        keep = [torch.zeros(S, d.n_features) for d in rep.members]
+        for i in (t.kind == FEATURE).nonzero()[:, 0].tolist():
+            keep[int(t.layer[i])][int(t.pos[i]), int(t.feature[i])] = 1.0
+        top = t.feature[t.kind == LOGIT][:1]
+        full = demeaned(rep.run()[-1], top)
+        graph = demeaned(rep.run(keep=keep)[-1], top)
+        empty = demeaned(rep.run(keep=[torch.zeros_like(k) for k in keep])[-1], top)
+        return float((graph - empty) / (full - empty))
 
     # ------------------------------------------------------------------------------------------ pruning
     def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> AttributionGraph:
