@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float
@@ -44,6 +45,7 @@ from mi_lenses.attribution import DLAResult, direct_logit_attribution
 from mi_lenses.attribution.components import required_hooks as dla_hooks
 from mi_lenses.attribution.sources import pattern_rows_kept
 from mi_lenses.errors import LensInputError
+from mi_lenses.graphs import AttributionGraph, attribution_graph
 from mi_lenses.lenses.affine import load_lens
 from mi_lenses.lenses.lens import Lens
 from mi_lenses.lenses.logit_lens import logit_lens
@@ -59,7 +61,8 @@ from mi_lenses.viz.attention import HEAD_VIEW_WINDOW
 from mi_lenses.viz.lens import best_tokens
 from mi_lenses.viz.report import report_fragment, report_table
 
-Section = Literal["logit_lens", "tuned_lens", "patchscope", "dla", "attention", "patching"]
+Section = Literal["logit_lens", "tuned_lens", "patchscope", "dla", "attention", "patching", "graph"]
+GRAPH_NODES = 512  # the graph section's node budget (features expanded)
 TRAJECTORY_TOKENS = 6  # tokens in the "top tokens per layer" chart
 # Beyond this many tokens the lenses cover the last LONG_PROMPT positions (a grid the page can still show; the lens
 # costs ~1 forward pass per 4k positions on SmolLM2), and the attention section keeps the pattern rows of the last
@@ -80,7 +83,7 @@ class Report(Result):
     prediction); ``dla``: the attribution of ``answer`` (minus ``wrong``) at the last position; ``attention``: every
     head (on a long prompt, the pattern rows of its last queries: see the module docstring); ``patching`` (with a
     corrupted prompt): the exact ``resid_pre`` grid, and ``patching_heads`` the attribution of every head (normalised
-    logit difference of ``answer`` and ``wrong``).
+    logit difference of ``answer`` and ``wrong``); ``graph`` (with transcoders): the prompt's attribution graph.
     """
 
     model_name: str
@@ -105,6 +108,7 @@ class Report(Result):
     attention: AttentionResult | None = field(default=None, repr=False)
     patching: PatchingResult | None = field(default=None, repr=False)
     patching_heads: PatchingResult | None = field(default=None, repr=False)
+    graph: AttributionGraph | None = field(default=None, repr=False)
     corrupted: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -222,6 +226,7 @@ def report(
     patchscope_positions: int = 8,
     induction_length: int | None = None,
     corrupted: PromptInput | None = None,
+    transcoders: Any = None,
     prepend_bos: bool | None = None,
     beyond_context: bool = False,
     progress: bool = True,
@@ -236,8 +241,9 @@ def report(
         answer: the token attributed by DLA and tracked by the lenses (exactly one token; default: the model's own
             next-token prediction).
         wrong: a token subtracted from the answer in DLA (``logit[answer] - logit[wrong]``), also tracked.
-        sections: any of ``"logit_lens"``, ``"tuned_lens"``, ``"patchscope"``, ``"dla"``, ``"attention"``
-            (default: all, ``"tuned_lens"`` only with ``lens``). Skip the Patchscope to save most of the time.
+        sections: any of ``"logit_lens"``, ``"tuned_lens"``, ``"patchscope"``, ``"dla"``, ``"attention"``,
+            ``"patching"``, ``"graph"`` (default: all, ``"tuned_lens"`` only with ``lens``, ``"patching"`` with
+            ``corrupted``, ``"graph"`` with ``transcoders``). Skip the Patchscope to save most of the time.
         top_k: tokens kept per layer and position by the lenses.
         patchscope_positions: the identity Patchscope runs at the prompt's last N positions (each one patched into
             every layer).
@@ -254,7 +260,7 @@ def report(
     t_start = time.perf_counter()
     view = ModelView(model)
     hooks = active_hooks(view.model)
-    chosen = [SECTION_TABLE[name] for name in _sections(sections, lens, corrupted)]
+    chosen = [SECTION_TABLE[name] for name in _sections(sections, lens, corrupted, transcoders)]
     for name, v in (("top_k", top_k), ("patchscope_positions", patchscope_positions)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise LensInputError(f"{name} must be a positive int, got {v!r}.")
@@ -287,7 +293,7 @@ def report(
         targets = list(dict.fromkeys([pred_id, answer_id] + ([wrong_id] if wrong_id is not None else [])))
         ctx = _Context(view, batch.tokens, batch.lengths[0], cache, logits, lens, answer_id, wrong_id, targets, top_k,
                        patchscope_positions, induction_length, prepend_bos, [s.name for s in chosen],
-                       corrupted=corrupted, long=_long(batch))
+                       corrupted=corrupted, long=_long(batch), transcoders=transcoders)
         seconds["forward pass"] = time.perf_counter() - t0
         b.update(1)
         for section in chosen:
@@ -340,6 +346,7 @@ class _Context:
     parts: dict[str, Any] = field(default_factory=dict)
     corrupted: Any = None
     long: bool = False  # a long prompt: the lenses' last positions, the attention's last queries (see LONG_PROMPT)
+    transcoders: Any = None
 
     @property
     def positions(self) -> list[int] | None:
@@ -412,6 +419,12 @@ def _patching(c: _Context) -> dict[str, Any]:
                                                   method="attribution", **kw)}
 
 
+def _graph(c: _Context) -> dict[str, Any]:
+    """The prompt's attribution graph through the transcoders (verified), with ``GRAPH_NODES`` feature nodes."""
+    return {"graph": attribution_graph(c.view, c.tokens, c.transcoders, max_feature_nodes=GRAPH_NODES,
+                                       prepend_bos=c.prepend_bos, progress=False)}
+
+
 def _long(batch: Batch) -> bool:
     return batch.shape[1] > LONG_PROMPT
 
@@ -444,6 +457,7 @@ SECTION_TABLE: dict[str, _Section] = {s.name: s for s in (
     _Section("dla", _dla_hooks, _dla, _dla_reduce),
     _Section("attention", _attention_hooks, _attention, _attention_reduce),
     _Section("patching", lambda view, batch: (), _patching),
+    _Section("graph", lambda view, batch: (), _graph),
 )}
 SECTIONS: tuple[str, ...] = tuple(SECTION_TABLE)  # in page order
 
@@ -462,10 +476,11 @@ def _check_corrupted(view: ModelView, batch: Any, corrupted: PromptInput, prepen
             "activation_patching(..., position_map=...) / mi-lenses patch --position-map C:K,...")
 
 
-def _sections(sections: Sequence[str] | None, lens: Any, corrupted: Any = None) -> list[str]:
+def _sections(sections: Sequence[str] | None, lens: Any, corrupted: Any = None, transcoders: Any = None
+              ) -> list[str]:
+    needs = {"tuned_lens": lens, "patching": corrupted, "graph": transcoders}
     if sections is None:
-        return [s for s in SECTIONS if (s != "tuned_lens" or lens is not None) and (s != "patching" or
-                                                                                    corrupted is not None)]
+        return [s for s in SECTIONS if s not in needs or needs[s] is not None]
     if isinstance(sections, str):
         sections = [sections]
     unknown = [s for s in sections if s not in SECTIONS]
@@ -478,6 +493,9 @@ def _sections(sections: Sequence[str] | None, lens: Any, corrupted: Any = None) 
     if "patching" in sections and corrupted is None:
         raise LensInputError("the patching section needs a corrupted prompt: pass corrupted=PROMPT (or "
                              "--corrupted TEXT), as long as the prompt.")
+    if "graph" in sections and transcoders is None:
+        raise LensInputError("the graph section needs transcoders: pass transcoders=FOLDER (or --transcoders DIR; "
+                             "mi_lenses.load_dictionary() gives the embedded model's).")
     return [s for s in SECTIONS if s in sections]
 
 

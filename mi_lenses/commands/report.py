@@ -16,6 +16,7 @@ import time
 
 from mi_lenses.commands import Parents, add_output, load, write_output, write_outputs
 from mi_lenses.errors import LensInputError
+from mi_lenses.features import load_dictionary
 from mi_lenses.reports import SECTIONS, report
 
 
@@ -36,6 +37,8 @@ def register(sub, parents: Parents) -> None:
     p.add_argument("--corrupted", default=None,
                    help="a corrupted prompt of the same length: adds the patching section (exact resid_pre grid, "
                    "attribution of every head)")
+    p.add_argument("--transcoders", default=None,
+                   help="a transcoder folder, one per block: adds the graph section (the prompt's attribution graph)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -48,12 +51,13 @@ def run(args: argparse.Namespace) -> int:
             raise LensInputError("--sections is empty: name some sections, or leave it out for all.")
     if not args.out:
         raise LensInputError("--out is empty: name the page to write, e.g. --out report.html.")
+    transcoders = None if args.transcoders is None else load_dictionary(args.transcoders)  # before the model
     t0 = time.perf_counter()
     model = load(args)
     t1 = time.perf_counter()
     rep = report(model, args.prompt, lens=args.lens, answer=args.answer, wrong=args.wrong, sections=sections,
                  top_k=args.top_k, patchscope_positions=args.patchscope_positions, corrupted=args.corrupted,
-                 beyond_context=args.beyond_context, progress=not args.no_progress)
+                 transcoders=transcoders, beyond_context=args.beyond_context, progress=not args.no_progress)
     rep.print()
     print(f"model loaded in {t1 - t0:.1f} s, report in {rep.seconds['total']:.1f} s")
     write_output(args.out, rep.to_html)

@@ -197,7 +197,7 @@ def _assemble(view: ModelView, rep: Replacement, tokens: Tensor, ids: Tensor, pr
     selected, order = row_sources[feat_rows].sort()
     row_index = torch.cat([feat_rows[order], torch.arange(n_logits)])
     cols = torch.cat([selected, torch.arange(n_active, n_active + L * S + S)])
-    edges = rows[row_index][:, cols]
+    edges = rows[:, cols][row_index]  # columns first: never a copy of the full-width rows
     layout = Layout(len(selected), L * S, S, n_logits)
     err_l, err_p = torch.arange(L).repeat_interleave(S), torch.arange(S).repeat(L)
     nodes = Nodes.build(layout, features=(src.layer[selected], src.pos[selected], src.feature[selected],

@@ -139,20 +139,24 @@ def scores(E: Float[Tensor, "T S"], weights: Float[Tensor, " n_logits"], layout:
 
 
 def partial_influence(E: Float[Tensor, "T S"], row_nodes: Tensor, weights: Float[Tensor, " n_logits"],
-                      n_features: int, max_iter: int = 128) -> Float[Tensor, " S"]:
+                      n_features: int, max_iter: int = 128, chunk: int = 64) -> Float[Tensor, " S"]:
     """The influence on the logits of every source, from the rows computed so far (``row_nodes``: the source index of
-    each feature row, ``-1`` for a logit row; the logit rows first): how features are ranked for expansion."""
-    A = normalized(E)
+    each feature row, ``-1`` for a logit row): how features are ranked for expansion (circuit-tracer's
+    ``compute_partial_influences``). The influence is propagated within the computed rows (``[T, T]``), then read on
+    every column once, ``(Σ_k w_k) Â`` (the same sum), without a normalised copy of ``E``."""
+    rowsum = torch.cat([E[i:i + chunk].abs().sum(1) for i in range(0, E.shape[0], chunk)]).clamp(min=1e-8)
     is_logit = row_nodes < 0
+    feat_rows = (~is_logit).nonzero()[:, 0]
+    block = E[:, row_nodes[feat_rows]].abs() / rowsum[:, None]  # [T, feature rows]: row r -> that feature's node
     cur = torch.zeros(E.shape[0])
     cur[is_logit] = weights.float()
-    feat_rows = (~is_logit).nonzero()[:, 0]
-    total = torch.zeros(E.shape[1])
+    acc = torch.zeros(E.shape[0])
     for _ in range(max_iter):
-        step = cur @ A
-        if not step.any():
-            return total
-        total += step
-        cur = torch.zeros(E.shape[0])
-        cur[feat_rows] = step[row_nodes[feat_rows]]
+        acc += cur
+        nxt = torch.zeros(E.shape[0])
+        nxt[feat_rows] = cur @ block
+        if not nxt.any():
+            w = acc / rowsum
+            return sum(w[i:i + chunk] @ E[i:i + chunk].abs() for i in range(0, E.shape[0], chunk))
+        cur = nxt
     raise RuntimeError(f"influence did not converge in {max_iter} steps.")

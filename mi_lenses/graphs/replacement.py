@@ -53,9 +53,11 @@ MLP_INPUTS = ("mlp.hook_in", "hook_mlp_in", "ln2.hook_normalized")  # hooks noth
 @contextlib.contextmanager
 def frozen_run(model: Any, fwd: list[tuple[str, Callable]]) -> Iterator[None]:
     """Our hooks on ``model`` (after the user's; removed on leaving, also on an exception), without the bridge's
-    warning that a hook edited a norm's scale (that is the point here)."""
+    warnings that a hook edited a norm's scale (that is the point here) or a pattern it ignores (the probe of
+    :func:`_check_patterns` finds that out and refuses the model)."""
     with warnings.catch_warnings(), model.hooks(fwd_hooks=fwd):
         warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
+        warnings.filterwarnings("ignore", message="A hook on attn.hook_pattern returned a modified tensor")
         yield
 
 

@@ -23,7 +23,7 @@ from mi_lenses.graphs.influence import Layout
 from mi_lenses.graphs.nodes import ERROR, FEATURE, KINDS, LOGIT, TOKEN, Node, Nodes
 from mi_lenses.graphs.validate import GraphIntervention, demeaned, run_interventions
 from mi_lenses.results import Result, dataframe, plural
-from mi_lenses.viz.graph import graph_fragment, graph_table
+from mi_lenses.viz.graph import graph_fragment, graph_table, paths_into
 
 
 @dataclass(eq=False)
@@ -158,6 +158,16 @@ class AttributionGraph(Result):
             raise LensInputError("this graph has no replacement model attached (it was read from a file): rebuild it "
                                  "with mi_lenses.attribution_graph to verify or intervene.")
         return self.replacement
+
+    def paths(self, logit: int | str = 0, top_k: int = 5) -> list[tuple[float, list[str], list[float]]]:
+        """The ``top_k`` strongest paths into a logit node (its rank among the logit nodes, or its token): per path its
+        strength (the product of each edge's share of its target's absolute input), its nodes' labels (source first)
+        and its edge weights; a path starts at a token, an error node or a feature without inputs."""
+        k = self.logit_token_strs.index(logit) if isinstance(logit, str) else int(logit)
+        if not 0 <= k < self.layout.n_logits:
+            raise LensInputError(f"logit {logit!r} is not a logit node of this graph: {self.logit_token_strs}.")
+        return [(s, [self._label(n) for n in nodes], w)
+                for s, nodes, w in paths_into(self, self.layout.n_features + k, top_k)]
 
     # ------------------------------------------------------------------------------------------ interventions
     def top_features(self, top_k: int = 10) -> list[str]:

@@ -28,7 +28,7 @@ from torch import Tensor
 from mi_lenses.features.dictionary import DictionarySet
 from mi_lenses.features.intervene import intervene
 from mi_lenses.results import Result, dataframe, plural
-from mi_lenses.viz.html import esc
+from mi_lenses.viz.graph import intervention_fragment, intervention_table
 
 
 @dataclass(eq=False)
@@ -66,21 +66,11 @@ class GraphIntervention(Result):
 
     def table(self, *, batch: int = 0) -> Table:
         self.check_batch(batch)
-        t = Table(title=f"{self.model_name}: editing {', '.join(f'{k}={v:g}' for k, v in self.edits.items())}")
-        for col in ("logit node", "logit", "Δ replacement model", "Δ model"):
-            t.add_column(col)
-        for r in self._rows():
-            t.add_row(repr(r["token"]), f"{r['logit']:.4g}", f"{r['replacement_delta']:+.4g}",
-                      "-" if r["model_delta"] is None else f"{r['model_delta']:+.4g}")
-        return t
+        return intervention_table(self.model_name, self.edits, self._rows())
 
     def fragment(self, *, batch: int = 0) -> str:
         self.check_batch(batch)
-        rows = "".join(f"<tr><td>{esc(r['token'])}</td><td>{r['logit']:.4g}</td><td>{r['replacement_delta']:+.4g}"
-                       f"</td><td>{'-' if r['model_delta'] is None else format(r['model_delta'], '+.4g')}</td></tr>"
-                       for r in self._rows())
-        return ("<table><tr><th>logit node</th><th>logit</th><th>Δ replacement model</th><th>Δ model</th></tr>"
-                f"{rows}</table>")
+        return intervention_fragment(self._rows())
 
 
 def demeaned(logits: Float[Tensor, " V"], ids: Tensor) -> Float[Tensor, " n"]:

@@ -137,3 +137,23 @@ def graph_fragment(p: Any, lens: dict[int, str], n_expanded: int, node_threshold
   slider.addEventListener("input", draw); draw();
 }})();
 </script>"""
+
+
+def intervention_table(model_name: str, edits: dict[str, float], rows: list[dict[str, Any]]) -> Table:
+    """A ``GraphIntervention``: per logit node its logit and its change in the replacement model and in the model."""
+    t = Table(title=f"{model_name}: editing {', '.join(f'{k}={v:g}' for k, v in edits.items())}")
+    for col in ("logit node", "logit", "Δ replacement model", "Δ model"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(repr(r["token"]), f"{r['logit']:.4g}", f"{r['replacement_delta']:+.4g}",
+                  "-" if r["model_delta"] is None else f"{r['model_delta']:+.4g}")
+    return t
+
+
+def intervention_fragment(rows: list[dict[str, Any]]) -> str:
+    """The same as an HTML table."""
+    body = "".join(f"<tr><td>{esc(r['token'])}</td><td>{r['logit']:.4g}</td><td>{r['replacement_delta']:+.4g}</td>"
+                   f"<td>{'-' if r['model_delta'] is None else format(r['model_delta'], '+.4g')}</td></tr>"
+                   for r in rows)
+    return ("<table><tr><th>logit node</th><th>logit</th><th>Δ replacement model</th><th>Δ model</th></tr>"
+            f"{body}</table>")

@@ -18,9 +18,10 @@ from mi_lenses.viz.terminal import Fitted
 from mi_lenses.viz.tokens import stride, visible
 
 TITLES = {"logit_lens": "Logit lens", "patchscope": "Identity Patchscope vs logit lens",
-          "dla": "Direct logit attribution", "attention": "Attention", "patching": "Activation patching"}
+          "dla": "Direct logit attribution", "attention": "Attention", "patching": "Activation patching",
+          "graph": "Attribution graph"}
 ANCHORS = {"logit_lens": "logit-lens", "patchscope": "patchscope", "dla": "dla", "attention": "attention",
-           "patching": "patching"}
+           "patching": "patching", "graph": "graph"}
 
 
 def _side(*blocks: str) -> str:
@@ -133,8 +134,16 @@ def patching_section(rep) -> str:
         patching_fragment(rep.patching_heads, top_k, level=4)
 
 
+def graph_section(rep) -> str:
+    g = rep.graph
+    note = (f'<p class="note">The prompt traced through {html.escape(g.transcoders_name)}: the features that carry '
+            "the computation into the most probable next tokens, their edges (direct effects in the local replacement "
+            "model), pruned to the nodes and edges that hold most of the influence.</p>")
+    return note + g.fragment()
+
+
 RENDER = {"logit_lens": lens_section, "patchscope": patchscope_section, "dla": dla_section,
-          "attention": attention_section, "patching": patching_section}
+          "attention": attention_section, "patching": patching_section, "graph": graph_section}
 
 
 def report_fragment(rep) -> str:
@@ -197,6 +206,12 @@ def report_table(rep, max_layers: int = 16):
         cells = ", ".join(f"{label} {v:+.2f}" for label, v in rep.patching.top(4))
         heads = ", ".join(f"{label} {v:+.2f}" for label, v in rep.patching_heads.top(4))
         items.append(Text.assemble(("patching ", "bold"), f"resid_pre (exact): {cells} · heads (attribution): {heads}"))
+    if rep.graph is not None:
+        g = rep.graph
+        replacement, completeness = g.scores()
+        items.append(Text.assemble(("graph ", "bold"), f"{g.layout.n_features} of {g.n_active} active features, "
+                                   f"replacement score {replacement:.2f}, completeness {completeness:.2f}; most "
+                                   f"influential: {', '.join(g.top_features(4))}"))
     items.append(Text(f"computed in {rep.seconds.get('total', float('nan')):.1f} s (" + ", ".join(
         f"{k.replace('_', ' ')} {v:.1f} s" for k, v in rep.seconds.items() if k != "total") + ")", style="dim"))
     return Group(*items)
