@@ -426,3 +426,10 @@ def test_circuit_tracer_oracle_on_the_embedded_model(smol, tmp_path):
     assert torch.equal(torch.stack([t.layer, t.pos, t.feature], 1)[: ours.layout.n_features], selected)
     A, B = ours.adjacency, ref["adjacency_matrix"].float()
     assert (A - B).abs().max() < 1e-4 * max(1.0, float(B.abs().max())), float((A - B).abs().max())
+
+
+def test_the_page_survives_a_script_closing_token():
+    from mi_lenses.viz.graph import _script_json
+
+    text = _script_json({"label": "tok '</script><script>alert(1)'@3"})
+    assert "</" not in text and json.loads(text)["label"] == "tok '</script><script>alert(1)'@3"

@@ -65,7 +65,7 @@ def attribution_graph(
         max_n_logits: at most this many logit nodes (without ``targets``).
         desired_logit_prob: logit nodes are added, most probable first, until their probabilities reach this.
         max_feature_nodes: the node budget: at most this many features get rows, the most influential first (None:
-            every active feature).
+            every active feature; circuit-tracer also reads 0 so, which is refused here).
         batch_size: targets per backward pass.
         update_interval: batches between re-rankings of the features by influence.
         exclude_first: the leading positions whose transcoder outputs are constants (no feature or error node; 1:
@@ -108,23 +108,28 @@ def attribution_graph(
     rep.release()
     graph = _assemble(view, rep, batch.tokens[0], ids, probs, rows, row_sources, dictionary)
     if check:
-        try:
-            graph.verify()
+        low = view.dtype not in (torch.float32, torch.float64)
+        try:  # a bfloat16 / float16 model sums in its own precision: a tolerance of a few of its epsilons
+            graph.verify(tolerance=max(1e-4, 4 * torch.finfo(view.dtype).eps) if low else 1e-4)
         except VerificationError as err:
+            why = (f"or {view.dtype} rounding beyond the tolerance (load the model in float32)" if low else
+                   "a state-space or linear-attention mixer, a gate")
             raise VerificationError(
                 f"the attribution graph of {view.name} is not exact ({err}): the model has a non-linear path between "
-                "its transcoders that the local replacement model does not freeze (a state-space or linear-attention "
-                "mixer, a gate): attribution graphs are not supported on it (docs/graphs.md).") from err
+                f"its transcoders that the local replacement model does not freeze ({why}): attribution graphs are "
+                "not supported on it (docs/graphs.md).") from err
     return recorded(graph, hooks_before)
 
 
 def _check_options(max_n_logits: int, desired_logit_prob: float, max_feature_nodes: int | None, batch_size: int,
                    update_interval: int, exclude_first: int) -> None:
     for name, v in (("max_n_logits", max_n_logits), ("batch_size", batch_size), ("update_interval", update_interval)):
-        if not isinstance(v, int) or v < 1:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise LensInputError(f"{name} must be a positive int, got {v!r}.")
-    if max_feature_nodes is not None and (not isinstance(max_feature_nodes, int) or max_feature_nodes < 0):
-        raise LensInputError(f"max_feature_nodes must be an int >= 0 or None (every feature), got {max_feature_nodes!r}.")
+    if max_feature_nodes is not None and (not isinstance(max_feature_nodes, int) or isinstance(max_feature_nodes, bool)
+                                          or max_feature_nodes < 1):
+        raise LensInputError(f"max_feature_nodes must be an int >= 1, or None for every feature, got "
+                             f"{max_feature_nodes!r}.")
     if not 0.0 < desired_logit_prob <= 1.0:
         raise LensInputError(f"desired_logit_prob must be in (0, 1], got {desired_logit_prob!r}.")
     if not isinstance(exclude_first, int) or exclude_first < 0:
@@ -134,7 +139,7 @@ def _check_options(max_n_logits: int, desired_logit_prob: float, max_feature_nod
 def _logit_targets(view: ModelView, rep: Replacement, answer: str | int | Sequence[str | int] | None,
                    max_n_logits: int, desired: float) -> tuple[Tensor, Tensor]:
     """Token ids and probabilities of the logit nodes (circuit-tracer's salient logits, or ``answer``)."""
-    probs = torch.softmax(rep.logits[-1], -1)
+    probs = torch.softmax(rep.logits, -1)
     if answer is not None:
         answer = [answer] if isinstance(answer, (str, int)) else list(answer)
         ids = torch.tensor([view.to_single_token(t) for t in answer], dtype=torch.long)
@@ -170,12 +175,13 @@ def _expand(rep: Replacement, ids: Tensor, probs: Tensor, max_feature_nodes: int
     with bar(budget, "attribution graph: feature rows", unit="feature", enabled=progress) as pb:
         while filled < n_logits + budget:
             left = n_logits + budget - filled
+            queue = update_interval * batch_size  # circuit-tracer's re-ranking interval; B only splits it
             if budget == n_active:
-                pending = (~visited).nonzero()[:, 0][: update_interval * B]
+                pending = (~visited).nonzero()[:, 0][:queue]
             else:
-                inf = partial_influence(rows[:filled], row_sources[:filled], probs, n_active)[:n_active]
+                inf = partial_influence(rows[:filled], row_sources[:filled], probs)[:n_active]
                 order = torch.argsort(inf, descending=True)
-                pending = order[~visited[order]][: min(update_interval * B, left)]
+                pending = order[~visited[order]][: min(queue, left)]
             for chunk in pending.split(B):
                 idx = chunk.tolist()
                 vec = rep.feature_vectors(chunk)
@@ -197,7 +203,7 @@ def _assemble(view: ModelView, rep: Replacement, tokens: Tensor, ids: Tensor, pr
     selected, order = row_sources[feat_rows].sort()
     row_index = torch.cat([feat_rows[order], torch.arange(n_logits)])
     cols = torch.cat([selected, torch.arange(n_active, n_active + L * S + S)])
-    edges = rows[:, cols][row_index]  # columns first: never a copy of the full-width rows
+    edges = (rows if len(cols) == rows.shape[1] else rows[:, cols])[row_index]  # columns first: no full-width copy
     layout = Layout(len(selected), L * S, S, n_logits)
     err_l, err_p = torch.arange(L).repeat_interleave(S), torch.arange(S).repeat(L)
     nodes = Nodes.build(layout, features=(src.layer[selected], src.pos[selected], src.feature[selected],

@@ -50,7 +50,6 @@ def circuit_tracer_json(g: Any, node_threshold: float) -> dict[str, Any]:
     used = [n for i, n in enumerate(nodes) if n["node_id"] in linked or int(t.kind[i]) in (TOKEN, LOGIT)]
     metadata = {"slug": "mi-lenses-graph", "scan": g.transcoders_name, "transcoder_list": [],
                 "prompt_tokens": list(g.str_tokens), "prompt": "".join(g.str_tokens),
-                "node_threshold": node_threshold, "schema_version": 1, "generator": "mi_lenses",
-                "model": g.model_name}
+                "node_threshold": node_threshold, "schema_version": 1}
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": qparams, "nodes": used, "links": links}

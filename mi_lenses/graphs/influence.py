@@ -139,7 +139,7 @@ def scores(E: Float[Tensor, "T S"], weights: Float[Tensor, " n_logits"], layout:
 
 
 def partial_influence(E: Float[Tensor, "T S"], row_nodes: Tensor, weights: Float[Tensor, " n_logits"],
-                      n_features: int, max_iter: int = 128, chunk: int = 64) -> Float[Tensor, " S"]:
+                      max_iter: int = 128, chunk: int = 64) -> Float[Tensor, " S"]:
     """The influence on the logits of every source, from the rows computed so far (``row_nodes``: the source index of
     each feature row, ``-1`` for a logit row): how features are ranked for expansion (circuit-tracer's
     ``compute_partial_influences``). The influence is propagated within the computed rows (``[T, T]``), then read on
@@ -149,7 +149,7 @@ def partial_influence(E: Float[Tensor, "T S"], row_nodes: Tensor, weights: Float
     feat_rows = (~is_logit).nonzero()[:, 0]
     block = E[:, row_nodes[feat_rows]].abs() / rowsum[:, None]  # [T, feature rows]: row r -> that feature's node
     cur = torch.zeros(E.shape[0])
-    cur[is_logit] = weights.float()
+    cur[is_logit] = weights.float().cpu()
     acc = torch.zeros(E.shape[0])
     for _ in range(max_iter):
         acc += cur

@@ -108,7 +108,7 @@ class Replacement:
     hooks: list[tuple[str, str]]
     embed_hook: str
     exclude_first: int
-    logits: Float[Tensor, "S V"]
+    logits: Float[Tensor, " V"]  # the model's logits at the last position (float32, CPU)
     sources: Sources
     inputs: list[Tensor] = field(repr=False)  # what each transcoder reads [1, S, d_in], in the graph
     resid: Tensor = field(repr=False)  # the final residual stream [1, S, d], in the graph
@@ -218,7 +218,7 @@ class Replacement:
                ) -> tuple[list[Tensor], Tensor, Tensor]:
         """A forward pass of the frozen replacement model with each source node's write multiplied by ``scale``
         (default all ones: the recorded run; zeros: only the constants), returning what each transcoder reads
-        ``[S, d_in]``, the final residual stream ``[S, d]`` and the logits ``[S, V]``."""
+        ``[S, d_in]``, the final residual stream ``[S, d]`` and the logits at the last position ``[V]``."""
         src, S, L = self.sources, self.n_pos, self.n_layers
         n_f = src.n_features
         scale = torch.ones(n_f + L * S + S) if scale is None else scale.float().cpu()
@@ -267,16 +267,17 @@ class Replacement:
         fwd += [(self.view.final_resid_hook, final), *hooks]
         with frozen_run(self.view.model, fwd):
             logits = self.view.model(self.tokens)
-        return [reads[j] for j in range(L)], reads[L], logits[0].float()
+        return [reads[j] for j in range(L)], reads[L], logits[0, -1].float().cpu()
 
 
     @torch.no_grad()
     def run(self, edits: dict[tuple[int, int, int], float] | None = None, keep: list[Tensor] | None = None
-            ) -> Float[Tensor, "S V"]:
+            ) -> Float[Tensor, " V"]:
         """The logits of the local replacement model itself: attention patterns and norm scales frozen, each MLP
         replaced by its transcoder (its features *recomputed* from what it reads) plus the recorded error. ``edits``
         sets features ``(layer, position, feature)`` to a value (0 ablates); ``keep`` (one ``[S, n_features]`` mask per
-        block) zeroes every other feature. Without either it reproduces the model's logits."""
+        block) zeroes every other feature. Without either it reproduces the model's logits. Returns the logits at the
+        last position (float32, CPU)."""
         acts: list[Tensor] = []
         errors, e = self.sources.errors, self.exclude_first
 
@@ -316,7 +317,7 @@ class Replacement:
         for j, (h_in, h_out) in enumerate(self.hooks):
             fwd += [(h_in, read(j)), (h_out, write(j))]
         with frozen_run(self.view.model, fwd):
-            return self.view.model(self.tokens)[0].float()
+            return self.view.model(self.tokens)[0, -1].float().cpu()
 
 
 # ---------------------------------------------------------------------------------------------- recording
@@ -342,6 +343,8 @@ def _check_patterns(view: ModelView, tokens: Tensor, names: list[str]) -> None:
     architectures' attention without it): its patterns could not be frozen. One forward pass with every pattern
     reversed along the keys must change the logits."""
     patterns = [n for n in names if n.endswith("hook_pattern")]
+    if tokens.shape[1] < 2:
+        return  # one position: attention is the identity whatever the pattern (verify() checks the rest)
     if not patterns:
         raise LensInputError(f"{view.name} exposes no attn.hook_pattern: attention cannot be frozen, so attribution "
                              "graphs are not supported on it.")
@@ -425,7 +428,7 @@ def record(view: ModelView, tokens: Tensor, dictionary: DictionarySet, hooks: li
     sources = _encode(members, dictionary.cross, inputs, [state["out", j] for j in range(L)], state["embed"],
                       exclude_first)
     return Replacement(view, tokens, members, dict(dictionary.cross), hooks, embed_hook, exclude_first,
-                       logits[0].detach().float(), sources, inputs, state["resid"],
+                       logits[0, -1].detach().float().cpu(), sources, inputs, state["resid"],
                        [state["delta", j] for j in range(L)], state["d_embed"], frozen)
 
 

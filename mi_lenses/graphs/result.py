@@ -46,6 +46,7 @@ class AttributionGraph(Result):
     replacement: Any = field(default=None, repr=False)
     feature_type: str = "per-layer transcoder"
     cumulative: Float[Tensor, " N"] | None = None
+    thresholds: tuple[float, float] | None = None  # a pruned graph's (node_threshold, edge_threshold)
     active_hooks: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------------------------------ reading
@@ -88,7 +89,7 @@ class AttributionGraph(Result):
             return f"err L{l}@{p}"
         if k == TOKEN:
             return f"tok {self.str_tokens[p]!r}@{p}"
-        return f"logit {self.logit_token_strs[int((t.kind[:i] == LOGIT).sum())]!r}"
+        return f"logit {self.logit_token_strs[i - self.layout.n_sources]!r}"  # logits come last
 
     @property
     def adjacency(self) -> Float[Tensor, "N N"]:
@@ -127,10 +128,10 @@ class AttributionGraph(Result):
         for l in t.layer[:nf].unique().tolist():
             sel = (t.layer[:nf] == l).nonzero()[:, 0]
             d, p, f = rep.members[l], t.pos[sel], t.feature[sel]
-            recorded[sel] = d.pre_activations(reads[l])[p, f]
-            delta[sel] = d.pre_activations(on_reads[l])[p, f] - d.pre_activations(off_reads[l])[p, f]
+            recorded[sel] = d.pre_activations(reads[l])[p, f].cpu()
+            delta[sel] = (d.pre_activations(on_reads[l])[p, f] - d.pre_activations(off_reads[l])[p, f]).cpu()
         vecs = rep.logit_vectors(t.feature[t.kind == LOGIT])
-        delta[nf:] = vecs @ (on_resid[-1] - off_resid[-1])
+        delta[nf:] = (vecs @ (on_resid[-1] - off_resid[-1]).to(vecs.device)).cpu()
         act = t.value[:nf]
         off = (recorded - act).abs() > tolerance * act.abs().clamp(min=1.0)
         if off.any():
@@ -209,9 +210,9 @@ class AttributionGraph(Result):
         for i in (t.kind == FEATURE).nonzero()[:, 0].tolist():
             keep[int(t.layer[i])][int(t.pos[i]), int(t.feature[i])] = 1.0
         top = t.feature[t.kind == LOGIT][:1]
-        full = demeaned(rep.run()[-1], top)
-        graph = demeaned(rep.run(keep=keep)[-1], top)
-        empty = demeaned(rep.run(keep=[torch.zeros_like(k) for k in keep])[-1], top)
+        full = demeaned(rep, rep.run(), top)
+        graph = demeaned(rep, rep.run(keep=keep), top)
+        empty = demeaned(rep, rep.run(keep=[torch.zeros_like(k) for k in keep]), top)
         return float((graph - empty) / (full - empty))
 
     # ------------------------------------------------------------------------------------------ pruning
@@ -231,7 +232,8 @@ class AttributionGraph(Result):
             edges=self.edges[rows_keep][:, cols_keep], source_index=self.source_index[cols_keep],
             logit_token_strs=self.logit_token_strs, n_active=self.n_active,
             edge_mask=mask[rows_keep][:, cols_keep], replacement=self.replacement, feature_type=self.feature_type,
-            cumulative=res.cumulative[keep], active_hooks=self.active_hooks)
+            cumulative=res.cumulative[keep], thresholds=(node_threshold, edge_threshold),
+            active_hooks=self.active_hooks)
 
     # ------------------------------------------------------------------------------------------ views
     def _summary(self) -> str:
@@ -248,7 +250,7 @@ class AttributionGraph(Result):
         Neuronpedia open; an unpruned graph is pruned first with the thresholds, as ``create_graph_files`` does."""
         self.check_batch(batch)
         g = self if self.edge_mask is not None else self.prune(node_threshold, edge_threshold)
-        return circuit_tracer_json(g, node_threshold)
+        return circuit_tracer_json(g, g.thresholds[0] if g.thresholds else node_threshold)
 
     def to_dataframe(self) -> Any:
         return dataframe([{**vars(n)} for n in self.nodes])
@@ -262,7 +264,7 @@ class AttributionGraph(Result):
         """The interactive graph (nodes by layer × position, edges by weight, a pruning slider)."""
         self.check_batch(batch)
         p = self if self.edge_mask is not None else self.prune(node_threshold, edge_threshold)
-        return graph_fragment(p, p.feature_lens(), self.layout.n_features, node_threshold, edge_threshold)
+        return graph_fragment(p, p.feature_lens(), *(p.thresholds or (node_threshold, edge_threshold)))
 
     def feature_lens(self, top_k: int = 5) -> dict[int, str]:
         """Per feature node (its index): the tokens its decoder row promotes and suppresses most through the final

@@ -73,9 +73,11 @@ class GraphIntervention(Result):
         return intervention_fragment(self._rows())
 
 
-def demeaned(logits: Float[Tensor, " V"], ids: Tensor) -> Float[Tensor, " n"]:
-    """The logit nodes' quantity: each token's logit less the mean logit."""
-    return logits[ids] - logits.mean()
+def demeaned(rep: Any, logits: Float[Tensor, " V"], ids: Tensor) -> Float[Tensor, " n"]:
+    """The logit nodes' quantity: each token's logit before the soft-cap (Gemma 2's) less the mean logit, as the
+    edges into logit nodes measure it."""
+    z = rep.view.decoder.uncap(logits.float())
+    return z[ids] - z.mean()
 
 
 def edit_functions(edits: dict[tuple[int, int, int], float]) -> dict[str, Callable[[Tensor], Tensor]]:
@@ -98,10 +100,10 @@ def edit_functions(edits: dict[tuple[int, int, int], float]) -> dict[str, Callab
 def run_interventions(rep: Any, ids: Tensor, edits: dict[tuple[int, int, int], float]
                       ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(base, Δ replacement, Δ model)`` of the logit nodes ``ids`` under ``edits``."""
-    base = demeaned(rep.logits[-1], ids)
-    replaced = demeaned(rep.run(edits)[-1], ids) - demeaned(rep.run()[-1], ids)
+    base = demeaned(rep, rep.logits, ids)
+    replaced = demeaned(rep, rep.run(edits), ids) - demeaned(rep, rep.run(), ids)
     if rep.cross:
         return base, replaced, None
     with torch.no_grad(), intervene(rep.view.model, DictionarySet(rep.members), edit_functions(edits)):
-        model = demeaned(rep.view.model(rep.tokens)[0, -1].float(), ids) - base
+        model = demeaned(rep, rep.view.model(rep.tokens)[0, -1].float().cpu(), ids) - base
     return base, replaced, model

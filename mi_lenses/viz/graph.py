@@ -83,16 +83,20 @@ def graph_data(g: Any, lens: dict[int, str]) -> dict[str, Any]:
     return {"nodes": nodes, "edges": edges, "tokens": list(g.str_tokens), "n_layers": g.n_layers}
 
 
-def graph_fragment(p: Any, lens: dict[int, str], n_expanded: int, node_threshold: float, edge_threshold: float
-                   ) -> str:
-    """The page body of the pruned graph ``p`` (module docstring), pruned from ``n_expanded`` feature nodes."""
+def _script_json(data: Any) -> str:
+    """JSON safe inside a ``<script>`` element: no ``</`` (a token ``</script>`` must not end the script)."""
+    return json.dumps(data).replace("</", "<\\/")
+
+
+def graph_fragment(p: Any, lens: dict[int, str], node_threshold: float, edge_threshold: float) -> str:
+    """The page body of the pruned graph ``p`` (module docstring), pruned at the thresholds."""
     g = p
     data = graph_data(p, lens)
     replacement, completeness = p.scores()
     head = (f"<h3>Attribution graph of {html.escape(''.join(g.str_tokens))!s}</h3>"
             f"<p>{html.escape(p.model_name)}, {html.escape(p.transcoders_name)}: {p.layout.n_features} feature nodes, "
-            f"{int((p.edge_mask if p.edge_mask is not None else p.edges != 0).sum())} edges (pruned from "
-            f"{n_expanded} features at node threshold {node_threshold}, edge threshold {edge_threshold}); "
+            f"{int((p.edge_mask if p.edge_mask is not None else p.edges != 0).sum())} edges of the {p.n_active} active "
+            f"features' graph pruned at node threshold {node_threshold}, edge threshold {edge_threshold}; "
             f"replacement score {replacement:.3f}, completeness {completeness:.3f}. Hover a node for its feature "
             "logit lens; the slider hides nodes beyond a share of the cumulative influence.</p>")
     uid = f"mi-graph-{abs(hash(json.dumps(data['edges'][:50]))) % 10**8}"
@@ -104,7 +108,7 @@ def graph_fragment(p: Any, lens: dict[int, str], n_expanded: int, node_threshold
 <pre style="min-height:3em;font-size:12px"></pre></div>
 <script>
 (function() {{
-  const data = {json.dumps(data)}, colors = {colors};
+  const data = {_script_json(data)}, colors = {colors};
   const root = document.getElementById("{uid}"), svg = root.querySelector("svg"), info = root.querySelector("pre");
   const slider = root.querySelector("input"), shown = root.querySelector("label span");
   const S = data.tokens.length, L = data.n_layers, W = Math.max(640, 60 * S), H = 40 * (L + 3);
