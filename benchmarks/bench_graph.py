@@ -44,7 +44,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -61,31 +60,12 @@ def _bench_ll():
     return mod
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-class RssSampler:
-    """The largest resident memory seen while it runs (every 5 ms), as ``tests/oracle_circuit_tracer.py`` samples."""
-
-    def __init__(self):
-        self.before = self.peak = rss_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss_mb())
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mb())
+def _oracle():
+    """``tests/oracle_circuit_tracer.py`` (its ``RssSampler``: both sides measure memory with the same code)."""
+    spec = importlib.util.spec_from_file_location("oracle_circuit_tracer", REPO / "tests" / "oracle_circuit_tracer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 class Log:
@@ -129,14 +109,16 @@ def worker_ours(args) -> None:
         tokens, budget, batch = prompt_tokens(model, args.length), args.scaling_budget, args.batch_size
     mi_lenses.attribution_graph(model, tokens[:, :8], ts, max_feature_nodes=8, progress=False, check=False)  # warm
     t0 = time.perf_counter()
-    with RssSampler() as mem:
+    oracle = _oracle()
+    before = oracle.rss_mb()
+    with oracle.RssSampler() as mem:
         g = mi_lenses.attribution_graph(model, tokens, ts, max_feature_nodes=budget, batch_size=batch,
                                         progress=False, check=False)
     seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     g.verify()
     verify_s = time.perf_counter() - t1
-    out = {"seconds": seconds, "verify_seconds": verify_s, "rss_before_mb": mem.before, "peak_rss_during_mb": mem.peak,
+    out = {"seconds": seconds, "verify_seconds": verify_s, "rss_before_mb": before, "peak_rss_during_mb": mem.peak,
            "n_tokens": int(tokens.shape[1]), "n_active": g.n_active, "feature_nodes": g.layout.n_features,
            "nodes": g.layout.n_nodes, "logits": g.layout.n_logits, "threads": torch.get_num_threads()}
     if args.spec:

@@ -213,26 +213,54 @@ class Replacement:
         return torch.cat([torch.einsum("bsd,sd->bs", g, errs[j].to(g.device)) for j, g in enumerate(g_write)], dim=1)
 
     # ------------------------------------------------------------------------------------------ the check
-    @torch.no_grad()
-    def replay(self, scale: Float[Tensor, " n_sources"] | None = None, *, hooks: Sequence[tuple[str, Callable]] = ()
-               ) -> tuple[list[Tensor], Tensor, Tensor]:
+    def replay(self, scale: Float[Tensor, " n_sources"] | None = None) -> tuple[list[Tensor], Tensor, Tensor]:
         """A forward pass of the frozen replacement model with each source node's write multiplied by ``scale``
-        (default all ones: the recorded run; zeros: only the constants), returning what each transcoder reads
-        ``[S, d_in]``, the final residual stream ``[S, d]`` and the logits at the last position ``[V]``."""
+        (default all ones: the recorded run; zeros: only the constants), the features' activations as recorded,
+        returning what each transcoder reads ``[S, d_in]``, the final residual stream ``[S, d]`` and the logits at the
+        last position ``[V]``."""
         src, S, L = self.sources, self.n_pos, self.n_layers
         n_f = src.n_features
         scale = torch.ones(n_f + L * S + S) if scale is None else scale.float().cpu()
-        f_scale, e_scale, t_scale = scale[:n_f], scale[n_f:n_f + L * S].view(L, S), scale[n_f + L * S:]
+        f_scale = scale[:n_f]
         acts = []
         for j, d in enumerate(self.members):
             a = torch.zeros(S, d.n_features)
             sel = src.layer == j
             a[src.pos[sel], src.feature[sel]] = src.activation[sel] * f_scale[sel]
             acts.append(a)
-        reads: dict[int, Tensor] = {}
+        return self._forward(lambda j, x: acts[j], scale[n_f:n_f + L * S].view(L, S), scale[n_f + L * S:])
 
-        def substitute(name: str) -> Callable:
-            return lambda t, hook=None: self.frozen[name].to(t.dtype)
+    def run(self, edits: dict[tuple[int, int, int], float] | None = None, keep: list[Tensor] | None = None
+            ) -> Float[Tensor, " V"]:
+        """The logits of the local replacement model itself: attention patterns and norm scales frozen, each MLP
+        replaced by its transcoder (its features *recomputed* from what it reads) plus the recorded error. ``edits``
+        sets features ``(layer, position, feature)`` to a value (0 ablates); ``keep`` (one ``[S, n_features]`` mask per
+        block) zeroes every other feature. Without either it reproduces the model's logits. Returns the logits at the
+        last position (float32, CPU)."""
+
+        def activations(j: int, x: Tensor) -> Tensor:
+            a = self.members[j].encode(x)
+            a[: self.exclude_first] = 0
+            if keep is not None:
+                a = a * keep[j].to(a.device)
+            for (layer, pos, feature), value in (edits or {}).items():
+                if layer == j:
+                    a[pos, feature] = value
+            return a
+
+        return self._forward(activations)[2]
+
+    @torch.no_grad()
+    def _forward(self, activations: Callable[[int, Tensor], Tensor], error_scale: Tensor | None = None,
+                 token_scale: Tensor | None = None) -> tuple[list[Tensor], Tensor, Tensor]:
+        """One forward pass of the frozen replacement model: the recorded patterns and norm scales substituted, each
+        block's transcoder output rebuilt from ``activations(block, what it reads)`` (decoded, skip included), the
+        earlier blocks' cross-layer writes and the block's error (times ``error_scale``), the recorded constant at the
+        first ``exclude_first`` positions (plus its skip part); the token embeddings times ``token_scale``. Returns
+        what each transcoder reads, the final residual stream and the last position's logits."""
+        src, L, e = self.sources, self.n_layers, self.exclude_first
+        reads: dict[int, Tensor] = {}
+        acts: dict[int, Tensor] = {}
 
         def read(j: int) -> Callable:
             def hook(t: Tensor, hook: Any = None) -> Tensor:
@@ -241,83 +269,35 @@ class Replacement:
             return hook
 
         def write(j: int) -> Callable:
+            d = self.members[j]
+
             def hook(t: Tensor, hook: Any = None) -> Tensor:
-                d, x = self.members[j], reads[j]
-                out = d.decode(acts[j].to(x.device), x)
+                x = reads[j]
+                acts[j] = a = activations(j, x).to(x.device)
+                out = d.decode(a, x)
                 for (i, jj), W in self.cross.items():
                     if jj == j:
-                        out = out + acts[i].to(x.device) @ W.to(x.device)
-                out = out + src.errors[j].to(x.device) * e_scale[j, :, None].to(x.device)
-                if self.exclude_first:  # a constant there, plus the skip part
-                    e = self.exclude_first
+                        out = out + acts[i] @ W.to(x.device)
+                err = src.errors[j].to(x.device)
+                out = out + (err if error_scale is None else err * error_scale[j, :, None].to(x.device))
+                if e:
                     out[:e] = src.fixed[j].to(x.device) + (0 if d.W_skip is None else x[:e] @ d.W_skip.to(x.device).T)
                 return out[None].to(t.dtype)
             return hook
-
-        def embed(t: Tensor, hook: Any = None) -> Tensor:
-            return t * t_scale[None, :, None].to(t.device, t.dtype)
 
         def final(t: Tensor, hook: Any = None) -> Tensor:
             reads[L] = t[0].float()
             return t
 
-        fwd = [(n, substitute(n)) for n in self.frozen] + [(self.embed_hook, embed)]
+        fwd: list[tuple[str, Callable]] = [(n, lambda t, hook=None, n=n: self.frozen[n].to(t.dtype)) for n in self.frozen]
+        if token_scale is not None:
+            fwd.append((self.embed_hook, lambda t, hook=None: t * token_scale[None, :, None].to(t.device, t.dtype)))
         for j, (h_in, h_out) in enumerate(self.hooks):
             fwd += [(h_in, read(j)), (h_out, write(j))]
-        fwd += [(self.view.final_resid_hook, final), *hooks]
+        fwd.append((self.view.final_resid_hook, final))
         with frozen_run(self.view.model, fwd):
             logits = self.view.model(self.tokens)
         return [reads[j] for j in range(L)], reads[L], logits[0, -1].float().cpu()
-
-
-    @torch.no_grad()
-    def run(self, edits: dict[tuple[int, int, int], float] | None = None, keep: list[Tensor] | None = None
-            ) -> Float[Tensor, " V"]:
-        """The logits of the local replacement model itself: attention patterns and norm scales frozen, each MLP
-        replaced by its transcoder (its features *recomputed* from what it reads) plus the recorded error. ``edits``
-        sets features ``(layer, position, feature)`` to a value (0 ablates); ``keep`` (one ``[S, n_features]`` mask per
-        block) zeroes every other feature. Without either it reproduces the model's logits. Returns the logits at the
-        last position (float32, CPU)."""
-        acts: list[Tensor] = []
-        errors, e = self.sources.errors, self.exclude_first
-
-        def substitute(name: str) -> Callable:
-            return lambda t, hook=None: self.frozen[name].to(t.dtype)
-
-        def read(j: int) -> Callable:
-            def hook(t: Tensor, hook: Any = None) -> Tensor:
-                acts.append(t[0].float())  # replaced by the activations in write
-                return t
-            return hook
-
-        def write(j: int) -> Callable:
-            d = self.members[j]
-
-            def hook(t: Tensor, hook: Any = None) -> Tensor:
-                x = acts[j]
-                a = d.encode(x)
-                a[:e] = 0
-                if keep is not None:
-                    a = a * keep[j].to(a.device)
-                for (layer, pos, feature), value in (edits or {}).items():
-                    if layer == j:
-                        a[pos, feature] = value
-                acts[j] = a
-                out = d.decode(a, x) + errors[j].to(x.device)
-                for (i, jj), W in self.cross.items():
-                    if jj == j:
-                        out = out + acts[i] @ W.to(x.device)
-                if e:
-                    out[:e] = self.sources.fixed[j].to(x.device) + (0 if d.W_skip is None else
-                                                                    x[:e] @ d.W_skip.to(x.device).T)
-                return out[None].to(t.dtype)
-            return hook
-
-        fwd = [(n, substitute(n)) for n in self.frozen]
-        for j, (h_in, h_out) in enumerate(self.hooks):
-            fwd += [(h_in, read(j)), (h_out, write(j))]
-        with frozen_run(self.view.model, fwd):
-            return self.view.model(self.tokens)[0, -1].float().cpu()
 
 
 # ---------------------------------------------------------------------------------------------- recording

@@ -116,12 +116,12 @@ class AttributionGraph(Result):
         ``tolerance`` is relative to the largest of the row's absolute edge sum and the inputs. Raises
         ``VerificationError`` naming the first node that fails; returns the graph."""
         rep = self._need_replacement()
-        reads, _, logits = rep.replay()
+        reads, resid, logits = rep.replay()
         self._close(logits, rep.logits, tolerance, "the frozen replacement model's logits", "the model's logits")
         n_sources = rep.sources.n_features + rep.n_layers * rep.n_pos + rep.n_pos
         on = torch.zeros(n_sources)
         on[self.source_index] = 1.0
-        on_reads, on_resid, _ = rep.replay(on)
+        on_reads, on_resid, _ = (reads, resid, None) if on.all() else rep.replay(on)  # every source: the same run
         off_reads, off_resid, _ = rep.replay(torch.zeros(n_sources))
         lay, t, nf = self.layout, self.nodes_table, self.layout.n_features
         recorded, delta = torch.zeros(nf), torch.zeros(lay.n_features + lay.n_logits)
